@@ -1,0 +1,124 @@
+"""Model architectures: one catalog entry feeds the runtime, the cost model and the planner.
+
+The catalog lives in `data/models.yaml`; each entry carries the numbers of the model's
+published config and the address it came from.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cost_models.paths import DATA_DIR
+
+MODELS_FILE = DATA_DIR / "models.yaml"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling ("llama3" rope type)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The shape of a Llama-family decoder."""
+
+    name: str
+    n_layers: int
+    hidden_size: int
+    ffn_size: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    max_context: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    head_dim: int = 0  # 0 means hidden_size // n_heads
+    rope_scaling: RopeScaling | None = None
+    family: str = "llama"
+    source: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def params_per_layer(self) -> int:
+        """Weights of one decoder block (attention, MLP, two norms)."""
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.ffn_size
+        return attn + mlp + 2 * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_params(self) -> int:
+        """Final norm plus the output projection (zero extra when tied to the embedding)."""
+        return self.hidden_size + (0 if self.tie_embeddings else self.vocab_size * self.hidden_size)
+
+    @property
+    def total_params(self) -> int:
+        return self.embedding_params + self.n_layers * self.params_per_layer + self.head_params
+
+    def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
+        return 2 * self.kv_size * dtype_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["rope_scaling"] = None if self.rope_scaling is None else vars(self.rope_scaling)
+        out["aliases"] = list(self.aliases)
+        return out
+
+
+def arch_from_dict(entry: dict[str, Any]) -> ModelArch:
+    entry = dict(entry)
+    scaling = entry.pop("rope_scaling", None)
+    aliases = tuple(entry.pop("aliases", ()) or ())
+    return ModelArch(
+        **entry,
+        rope_scaling=RopeScaling(**scaling) if scaling else None,
+        aliases=aliases,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def load_model_catalog(path: Path = MODELS_FILE) -> dict[str, ModelArch]:
+    """Returns every catalog model, keyed by its lower-cased name and aliases."""
+    raw = yaml.safe_load(path.read_text())
+    catalog: dict[str, ModelArch] = {}
+    for entry in raw["models"]:
+        arch = arch_from_dict(entry)
+        for key in (arch.name, *arch.aliases):
+            catalog[key.lower()] = arch
+    return catalog
+
+
+def get_model_arch(name: str) -> ModelArch:
+    """Returns the catalog entry for `name` (case-insensitive), or raises KeyError with the choices."""
+    catalog = load_model_catalog()
+    try:
+        return catalog[name.lower()]
+    except KeyError:
+        names = sorted({a.name for a in catalog.values()})
+        raise KeyError(f"unknown model {name!r}; the catalog has: {', '.join(names)}") from None
