@@ -1,0 +1,66 @@
+"""What the gateway needs from an engine: submit a prompt, stream tokens back, abort.
+
+The gateway (agent/gateway/) only speaks this interface, so the local pipeline engine and
+any later one (cluster mode) serve the same OpenAI-compatible API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; temperature 0 means greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """One step of a request's stream: new text, and why it ended when it did."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # detokenised text added by these tokens (stop strings already cut)
+    finish_reason: str | None = None  # "stop" | "length" | "error" | None while running
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+
+
+class EngineError(Exception):
+    """The engine refused or failed a request; `status` says whose fault it was."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+class Engine(Protocol):
+    model_name: str
+    max_context: int
+
+    def encode_prompt(self, prompt: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
+        """Streams events until one has `finish_reason`; closing the iterator early aborts the
+        request and frees its KV blocks. Raises EngineError before the first event when the
+        request can never be served (e.g. prompt + max_tokens exceed the context)."""
+        ...
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def stats(self) -> dict[str, float]: ...

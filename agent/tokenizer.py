@@ -1,0 +1,299 @@
+"""The tokenizer of a GGUF model, built from the file's metadata, and a streaming detokenizer.
+
+A GGUF carries no `tokenizer.json`: it stores the vocabulary, merges, token types, special ids
+and chat template under llama.cpp's `tokenizer.*` keys. We rebuild a `tokenizers` BPE from them
+the way transformers does for the same file (`AutoTokenizer(gguf_file=...)`), except for the
+digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own tokenizer:
+
+    tok = Tokenizer.from_gguf(path)
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    stream = tok.detokenize_stream()
+    text = "".join(stream.push(i) for i in generated) + stream.flush()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+
+# llama.cpp token types (gguf.TokenType): 3 is CONTROL (special tokens like <|im_end|>),
+# 4 is USER_DEFINED (added tokens that are matched whole but are not special).
+_CONTROL, _USER_DEFINED = 3, 4
+
+# `tokenizer.ggml.pre` -> whether digits are isolated before GPT-2's byte-level split. Other
+# values (llama3, qwen2, ...) need their own regex, which we have not built yet: refuse them
+# rather than tokenize subtly wrong.
+# "smollm" isolates digits: SmolLM2's own tokenizer.json is Digits(individual) + ByteLevel, and
+# llama.cpp splits "\p{N}" first for it. transformers (5.24) has no entry for "smollm" and uses
+# plain ByteLevel; ids then differ only where whitespace precedes a digit ("a  1": ours a|ĠĠ|1,
+# transformers a|Ġ|Ġ|1), as no vocabulary token joins a digit to anything. We follow the model.
+_DIGIT_SPLIT_BY_PRE = {"smollm": True, "gpt2": False, "default": False, None: False}
+
+
+@cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character byte-level vocabularies spell it with."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def read_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `tokenizer.*` keys of a GGUF file, as plain Python values."""
+    # The project's own header parser: `gguf.GGUFReader` takes ~3 s on this vocabulary, it ~0.15 s.
+    from agent.loaders.gguf_file import GGUFFile
+
+    meta = GGUFFile(path).metadata
+    return {key: value for key, value in meta.items() if key.startswith("tokenizer.")}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The special token ids the GGUF names (None where it names none)."""
+
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    unk: int | None
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer plus the model's chat template."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        special: SpecialIds,
+        *,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.special = special
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template) if chat_template else None
+
+    @classmethod
+    def from_gguf(
+        cls, path: str | os.PathLike[str], *, digit_split: bool | None = None
+    ) -> Tokenizer:
+        """`digit_split=None` follows the file's `tokenizer.ggml.pre`; False reproduces
+        transformers' GGUF loader exactly (see `_DIGIT_SPLIT_BY_PRE`)."""
+        return cls.from_metadata(read_tokenizer_metadata(path), digit_split=digit_split)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], *, digit_split: bool | None = None) -> Tokenizer:
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(
+                f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model!r}"
+            )
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        alphabet = set(_bytes_to_unicode().values())
+        spelling = _bytes_to_unicode()
+        # A few converters store some tokens as raw text; the BPE model needs every token spelled
+        # in the byte alphabet, as the merges are. (transformers respells the same way.)
+        vocab = {
+            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode()): i
+            for i, tok in enumerate(tokens)
+        }
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+
+        split = [
+            pre_tokenizers.ByteLevel(
+                add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+            )
+        ]
+        if digit_split is None:
+            pre = meta.get("tokenizer.ggml.pre")
+            if pre not in _DIGIT_SPLIT_BY_PRE:
+                raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}")
+            digit_split = _DIGIT_SPLIT_BY_PRE[pre]
+        if digit_split:
+            split.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(split)
+        backend.decoder = decoders.ByteLevel()
+
+        # Control tokens become special tokens so "<|im_start|>" in text maps to its id and
+        # decode(skip_special_tokens=True) drops it. A control token spelled outside the byte
+        # alphabet is a converter mislabel (transformers skips those too).
+        backend.add_special_tokens(
+            [
+                AddedToken(tok, special=True, normalized=False)
+                for tok, kind in zip(tokens, types, strict=True)
+                if kind == _CONTROL and set(tok) <= alphabet
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(tok, special=False, normalized=False)
+                for tok, kind in zip(tokens, types, strict=True)
+                if kind == _USER_DEFINED and tok in vocab
+            ]
+        )
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(f"tokenizer.ggml.{key}")
+            return int(value) if value is not None else None
+
+        special = SpecialIds(
+            bos=token_id("bos_token_id"),
+            eos=token_id("eos_token_id"),
+            pad=token_id("padding_token_id"),
+            unk=token_id("unknown_token_id"),
+        )
+        return cls(
+            backend,
+            special,
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
+
+    # -- ids -------------------------------------------------------------------------------
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.special.bos
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.special.eos
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.special.pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """The decoded text of one token (special tokens included)."""
+        return self.backend.decode([token_id], skip_special_tokens=False)
+
+    # -- text <-> ids ----------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for `text`; special-token strings inside it map to their ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.add_bos_token and self.special.bos is not None:
+                ids.insert(0, self.special.bos)
+            if self.add_eos_token and self.special.eos is not None:
+                ids.append(self.special.eos)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat ------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text for `messages`, rendered as transformers renders the same template."""
+        if self._template is None:
+            raise ValueError("this model has no chat template")
+        if not messages:
+            raise ValueError("cannot apply a chat template to an empty conversation")
+        # Templates may use bos_token/eos_token by name: transformers passes them the same way.
+        ids = {
+            "bos": self.special.bos,
+            "eos": self.special.eos,
+            "pad": self.special.pad,
+            "unk": self.special.unk,
+        }
+        names = {f"{name}_token": self.token_text(i) for name, i in ids.items() if i is not None}
+        return self._template.render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **names,
+        )
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        # The template writes any BOS it wants itself, so no special tokens are added (as transformers).
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
+        )
+
+    def detokenize_stream(self, skip_special_tokens: bool = True) -> DetokenizeStream:
+        return DetokenizeStream(self, skip_special_tokens=skip_special_tokens)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    # Same environment transformers uses: chat templates come from model files, so untrusted.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
+
+
+class DetokenizeStream:
+    """Turns generated ids, one at a time, into text deltas for streaming.
+
+    Byte-level BPE splits a character across tokens (an emoji is often 3 tokens), so a token on its
+    own may decode to U+FFFD. Like vLLM, we decode only a short window: the tokens of the last
+    emitted delta (`prefix`) plus the ones not yet emitted, and emit what the window adds beyond
+    the prefix once it no longer ends in U+FFFD. The window starts at a character boundary, so
+    the deltas concatenate to `decode(all_ids)` (after `flush()`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: first id of the last emitted delta
+        self._read = 0  # first id not yet emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still partial)."""
+        self.ids.append(token_id)
+        prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
+        text = self._tok.decode(self.ids[self._prefix :], self._skip)
+        # A valid character needs at most 4 bytes, so this holds back a few tokens at most,
+        # unless the model emits invalid UTF-8; flush() then releases it.
+        if text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever is still held back (invalid UTF-8 comes out as
+        U+FFFD, as in `decode`)."""
+        prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
+        text = self._tok.decode(self.ids[self._prefix :], self._skip)
+        # An empty window from here on: later ids must not be decoded with a partial character.
+        self._prefix = self._read = len(self.ids)
+        return text[len(prefix_text) :]
