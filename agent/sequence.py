@@ -1,0 +1,49 @@
+"""A request as the engine tracks it: its tokens, how far its KV is computed, its stream."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.engine_api import SamplingParams, TokenEvent
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # admitted to the queue, no KV blocks yet
+    RUNNING = "running"  # holds KV blocks on every stage
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[TokenEvent], None]  # thread-safe delivery to the request's stream
+    arrival_s: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # positions whose KV is in the cache on every stage
+    reserved_blocks: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    inflight: bool = False
+    aborted: bool = False
+    text: str = ""  # detokenised output so far (for stop strings)
+    emitted_chars: int = 0  # how much of `text` has been sent to the client
+    first_token_s: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def next_chunk(self, max_tokens: int) -> tuple[int, list[int]]:
+        """Returns (start position, token ids) of the next step: a prompt chunk or the last token."""
+        if self.in_prefill:
+            end = min(len(self.prompt_ids), self.num_computed + max_tokens)
+            return self.num_computed, self.prompt_ids[self.num_computed : end]
+        return self.num_computed, [self.output_ids[-1]]
