@@ -6,7 +6,7 @@ any later one (cluster mode) serve the same OpenAI-compatible API.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,12 +55,15 @@ class Engine(Protocol):
 
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[TokenEvent]:
-        """Streams events until one has `finish_reason`; closing the iterator early aborts the
-        request and frees its KV blocks. Raises EngineError before the first event when the
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """Streams events until one has `finish_reason`; closing the generator early (aclose, or
+        a cancellation at one of its awaits) aborts the request and frees its KV blocks. Raises EngineError before the first event when the
         request can never be served (e.g. prompt + max_tokens exceed the context)."""
         ...
 
     def health(self) -> tuple[bool, str]: ...
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> dict[str, float]:
+        """Returns numbers for /metrics: `queue_length`, `running`, and `stage_busy_s.<i>`
+        (cumulative seconds, only increasing); other keys are exposed as they are."""
+        ...

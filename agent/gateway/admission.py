@@ -1,0 +1,79 @@
+"""Checks a request against the model before any engine work: name, context, limits.
+
+Each refusal says what was wrong, with the numbers, and what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.engine_api import SamplingParams
+from agent.gateway.errors import APIError
+
+# OpenAI's default for /v1/completions; chat defaults to whatever room the context leaves.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
+def resolve_model(requested: str | None, served: str, aliases: Sequence[str]) -> str:
+    """Returns the name to answer with; raises a 404 `model_not_found` for any other model."""
+    if requested is None or requested == served or requested in aliases:
+        return requested or served
+    names = ", ".join(repr(n) for n in (served, *aliases))
+    raise APIError(
+        f"The model {requested!r} does not exist on this server; it serves {names} "
+        "(GET /v1/models lists them).",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def sampling_params(
+    *,
+    prompt_tokens: int,
+    max_context: int,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+    prompt_name: str = "prompt",
+    ignore_eos: bool = False,
+) -> SamplingParams:
+    """Returns the engine's parameters, or raises a 400 when prompt and output cannot fit.
+
+    `default_max_tokens` None means "all the room the context leaves". `prompt_param` is the
+    request field holding the prompt; `prompt_name` is how messages call it.
+    """
+    if prompt_tokens == 0:
+        raise APIError(f"{prompt_name} is empty: send some text.", param=prompt_param)
+    room = max_context - prompt_tokens
+    if room <= 0:
+        raise APIError(
+            f"{prompt_name} has {prompt_tokens} tokens; the model's context is {max_context} "
+            f"tokens and must also hold the answer: shorten the {prompt_param} to at most "
+            f"{max_context - 1} tokens.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise APIError(
+            f"{prompt_name} has {prompt_tokens} tokens and {max_tokens_param} is {max_tokens}; "
+            f"the model's context is {max_context} tokens: shorten the {prompt_param} or lower "
+            f"{max_tokens_param} (at most {room} with this prompt).",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        ignore_eos=ignore_eos,
+    )

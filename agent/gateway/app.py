@@ -1,0 +1,251 @@
+"""The OpenAI-compatible HTTP API in front of an `Engine`: `create_app(engine)`.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as SSE
+or whole), GET /health, GET /metrics.
+
+An engine failure in the middle of a request (an event with finish_reason "error", or the
+engine raising after its first event) ends a stream with `data: {"error": {...}}` and then
+`data: [DONE]`; a non-streaming request answers 503 `engine_error` instead, because the
+request itself was fine and may succeed when retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent
+from agent.gateway.admission import DEFAULT_COMPLETION_MAX_TOKENS, resolve_model, sampling_params
+from agent.gateway.errors import APIError, install_error_handlers
+from agent.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from agent.gateway.responses import ChatFormat, CompletionFormat, ResponseFormat
+from agent.gateway.stream import (
+    SSE_DONE,
+    ClientGone,
+    EngineStream,
+    EventStreamResponse,
+    sse,
+    until_disconnect,
+)
+from agent.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def engine_failure(message: str | None) -> APIError:
+    """Returns the error for an engine that failed mid-request (see the module docstring)."""
+    return APIError(
+        f"The engine failed while generating: {message or 'no reason given'}. Retry the request.",
+        status=503,
+        code="engine_error",
+    )
+
+
+def create_app(engine: Engine, aliases: Sequence[str] = ()) -> FastAPI:
+    """Returns the gateway app for `engine`; `aliases` are other names clients may use."""
+    app = FastAPI(title="pipeshift", summary="OpenAI-compatible API of a pipeshift deployment")
+    metrics = GatewayMetrics(stats=engine.stats)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    started = int(time.time())
+    served_names = list(dict.fromkeys([engine.model_name, *aliases]))  # once each, in order
+
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=started, max_model_len=engine.max_context)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card(n) for n in served_names])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> ModelCard:
+        return model_card(resolve_model(model_id, engine.model_name, aliases))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            ok, reason = engine.health()
+        except Exception as exc:  # a broken health check is itself a reason to take us out
+            logger.exception("engine.health() failed")
+            ok, reason = False, f"health check failed: {type(exc).__name__}: {exc}"
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival_s = time.perf_counter()
+        model = _check_request(body, engine, aliases)
+        prompt = body.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = engine.encode_prompt(prompt)
+        else:
+            ids = prompt[0] if isinstance(prompt[0], list) else prompt
+            prompt_ids = [int(t) for t in ids]  # type: ignore[arg-type]
+        params = sampling_params(
+            prompt_tokens=len(prompt_ids),
+            max_context=engine.max_context,
+            max_tokens=body.max_tokens,
+            default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_sequences(),
+            ignore_eos=body.ignore_eos,
+            prompt_param="prompt",
+        )
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        fmt = CompletionFormat(request_id, model, int(time.time()), body.include_usage())
+        return await _generate(
+            request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival_s = time.perf_counter()
+        model = _check_request(body, engine, aliases)
+        prompt_ids = engine.encode_chat([m.as_engine_message() for m in body.messages])
+        params = sampling_params(
+            prompt_tokens=len(prompt_ids),
+            max_context=engine.max_context,
+            max_tokens=body.output_limit(),
+            default_max_tokens=None,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_sequences(),
+            ignore_eos=body.ignore_eos,
+            prompt_param="messages",
+            prompt_name="the chat prompt (messages)",
+            max_tokens_param=(
+                "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            ),
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        fmt = ChatFormat(request_id, model, int(time.time()), body.include_usage())
+        return await _generate(
+            request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
+        )
+
+    return app
+
+
+def _check_request(
+    body: CompletionRequest | ChatCompletionRequest, engine: Engine, aliases: Sequence[str]
+) -> str:
+    """Returns the model name to answer with; raises for unknown models and unsupported fields."""
+    model = resolve_model(body.model, engine.model_name, aliases)
+    problems = body.unsupported_fields()
+    if problems:
+        raise APIError(" ".join(m for _, m in problems), param=problems[0][0])
+    return model
+
+
+async def _generate(
+    request: Request,
+    engine: Engine,
+    metrics: GatewayMetrics,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    fmt: ResponseFormat,
+    streaming: bool,
+    arrival_s: float,
+) -> Response:
+    """Runs one admitted request on the engine and answers it, streamed or whole."""
+    try:
+        # An engine may refuse here (a plain function) or at the first event (a generator).
+        events = engine.generate(fmt.request_id, prompt_ids, params)
+    except EngineError as exc:
+        raise APIError.from_engine(exc) from exc
+    timer = metrics.start_request(arrival_s)
+    timer.prompt(len(prompt_ids))
+    stream = EngineStream(events, timer, len(prompt_ids))
+    # The first event is awaited before answering so that a refusal gets its own status.
+    try:
+        first = await until_disconnect(request, stream.next())
+    except EngineError as exc:
+        await stream.close(refused=True)
+        raise APIError.from_engine(exc) from exc
+    except ClientGone:
+        await stream.close()
+        return Response(status_code=499)  # nobody reads it; 499 is nginx's "client closed"
+    except BaseException:
+        await stream.close()
+        raise
+    headers = {"X-Request-Id": fmt.request_id}
+    if streaming:
+        body = _sse_body(request, stream, first, fmt)
+        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return EventStreamResponse(body, on_close=stream.close, headers=headers)
+    try:
+        text, last = await until_disconnect(request, _collect(stream, first))
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await stream.close()
+    if last.finish_reason == "error":
+        raise engine_failure(last.error)
+    usage = Usage.of(stream.prompt_tokens, stream.completion_tokens)
+    whole = fmt.whole(text, last.finish_reason or "stop", usage)
+    return JSONResponse(whole.model_dump(mode="json"), headers=headers)
+
+
+async def _collect(stream: EngineStream, first: TokenEvent) -> tuple[str, TokenEvent]:
+    """Returns the whole text and the final event."""
+    parts = [first.text]
+    event = first
+    while event.finish_reason is None:
+        event = await stream.next()
+        parts.append(event.text)
+    return "".join(parts), event
+
+
+async def _sse_body(
+    request: Request, stream: EngineStream, first: TokenEvent, fmt: ResponseFormat
+) -> AsyncIterator[bytes]:
+    """Yields the SSE chunks of one request; closing it early aborts the engine request."""
+    try:
+        for chunk in fmt.opening():
+            yield chunk
+        event = first
+        while True:
+            if event.text:
+                yield fmt.text(event.text)
+            if event.finish_reason is not None:
+                break
+            # Between events: a client that left must not keep a KV slot busy.
+            if await request.is_disconnected():
+                return
+            event = await stream.next()
+        if event.finish_reason == "error":
+            yield sse(engine_failure(event.error).body())
+        else:
+            yield fmt.finish(event.finish_reason)
+            if fmt.include_usage:
+                yield fmt.usage(Usage.of(stream.prompt_tokens, stream.completion_tokens))
+        yield SSE_DONE
+    except Exception:  # headers are gone; the stream itself must carry the error
+        logger.exception("streaming %s failed", fmt.request_id)
+        yield sse(APIError("Internal server error while streaming.", 500).body())
+        yield SSE_DONE
+    finally:
+        await stream.close()

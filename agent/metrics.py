@@ -1,0 +1,181 @@
+"""Prometheus metrics of the serving path, on one registry per gateway app.
+
+Latencies are measured at the gateway from the arrival times of engine events, which is what
+a client sees; queue length, running requests and per-stage busy time are read from
+`Engine.stats()` at scrape time, so they are never stale and cost nothing between scrapes.
+Tokens per second is `rate(pipeshift_generated_tokens_total[1m])`; a stage's busy fraction is
+`rate(pipeshift_stage_busy_seconds_total[1m])`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+# Keys of Engine.stats() read here. The first name of each tuple is the one agent/engine.py
+# reports; the others are accepted so that a differently written engine still shows up.
+QUEUE_LENGTH_KEYS = ("queue_length", "num_waiting")
+RUNNING_REQUESTS_KEYS = ("running", "running_requests", "num_running")
+STAGE_BUSY_PREFIX = "stage_busy_s."  # cumulative busy seconds of stage i: "stage_busy_s.<i>"
+
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class EngineStatsCollector(Collector):
+    """Turns one `Engine.stats()` call per scrape into gauges and counters."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, float]]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = dict(self._stats())
+        except Exception:  # a scrape must not fail because the engine is mid-restart
+            logger.exception("engine.stats() failed during a metrics scrape")
+            return
+        for name, keys, doc in (
+            ("pipeshift_queue_length", QUEUE_LENGTH_KEYS, "Requests waiting in the engine."),
+            ("pipeshift_running_requests", RUNNING_REQUESTS_KEYS, "Requests being decoded."),
+        ):
+            value = next((stats[k] for k in keys if k in stats), None)
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=float(value))
+        busy = CounterMetricFamily(
+            "pipeshift_stage_busy_seconds",
+            "Seconds each pipeline stage spent computing since the engine started.",
+            labels=["stage"],
+        )
+        others = GaugeMetricFamily(
+            "pipeshift_engine_stat", "Any other number Engine.stats() reports.", labels=["key"]
+        )
+        known = {*QUEUE_LENGTH_KEYS, *RUNNING_REQUESTS_KEYS}
+        for key, value in sorted(stats.items()):
+            if key.startswith(STAGE_BUSY_PREFIX):
+                busy.add_metric([key.removeprefix(STAGE_BUSY_PREFIX)], float(value))
+            elif key not in known:
+                others.add_metric([key], float(value))
+        if busy.samples:
+            yield busy
+        if others.samples:
+            yield others
+
+
+class GatewayMetrics:
+    """All gateway metrics, on a registry of their own so several apps can share a process."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, float]] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft_s = Histogram(
+            "pipeshift_time_to_first_token_seconds",
+            "From request arrival at the gateway to the first generated token.",
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token_latency_s = Histogram(
+            "pipeshift_inter_token_latency_seconds",
+            "Gap between consecutive generated tokens of a request, as seen at the gateway.",
+            buckets=ITL_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_latency_s = Histogram(
+            "pipeshift_e2e_request_latency_seconds",
+            "From request arrival to its last token (or its abort or error).",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "pipeshift_generated_tokens", "Completion tokens streamed to clients.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "pipeshift_prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.requests = Counter(
+            "pipeshift_requests",
+            "Finished requests by finish_reason (stop, length, error, abort = client left).",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.error_responses = Counter(
+            "pipeshift_error_responses",
+            "Requests answered with an HTTP error (bad input, unknown model, engine failure).",
+            ["status"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "pipeshift_gateway_inflight_requests",
+            "Requests the gateway is generating for right now.",
+            registry=r,
+        )
+        if stats is not None:
+            r.register(EngineStatsCollector(stats))
+
+    def start_request(self, arrival_s: float | None = None) -> RequestTimer:
+        """Returns the timer of one admitted request; call its `finish` exactly once."""
+        return RequestTimer(self, time.perf_counter() if arrival_s is None else arrival_s)
+
+    def render(self) -> tuple[bytes, str]:
+        """Returns the exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimer:
+    """Per-request timing: TTFT on the first token, inter-token gaps after it."""
+
+    def __init__(self, metrics: GatewayMetrics, arrival_s: float):
+        self._m = metrics
+        self.arrival_s = arrival_s
+        self._last_token_s: float | None = None
+        self._finished = False
+        metrics.inflight.inc()
+
+    def prompt(self, n_tokens: int) -> None:
+        self._m.prompt_tokens.inc(n_tokens)
+
+    def tokens(self, n_tokens: int, now_s: float | None = None) -> None:
+        """Records an engine event that carried `n_tokens` new tokens."""
+        if n_tokens <= 0:
+            return
+        now_s = time.perf_counter() if now_s is None else now_s
+        if self._last_token_s is None:
+            # Extra tokens of a multi-token first event have no gap of their own to measure.
+            self._m.ttft_s.observe(now_s - self.arrival_s)
+        else:
+            # Several tokens in one event (e.g. held back by detokenisation) split the gap.
+            gap_s = (now_s - self._last_token_s) / n_tokens
+            for _ in range(n_tokens):
+                self._m.inter_token_latency_s.observe(gap_s)
+        self._last_token_s = now_s
+        self._m.generated_tokens.inc(n_tokens)
+
+    def finish(self, finish_reason: str, now_s: float | None = None) -> None:
+        """Records the end of the request; later calls are ignored."""
+        if self._finished:
+            return
+        self._finished = True
+        now_s = time.perf_counter() if now_s is None else now_s
+        self._m.e2e_latency_s.observe(now_s - self.arrival_s)
+        self._m.requests.labels(finish_reason=finish_reason).inc()
+        self._m.inflight.dec()
+
+    def discard(self) -> None:
+        """Forgets a request the engine refused: it ends without latency or finish metrics."""
+        if not self._finished:
+            self._finished = True
+            self._m.inflight.dec()

@@ -1,0 +1,90 @@
+"""A scripted stand-in for the pipeline engine: fixed tokens, recorded calls and aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from agent.engine_api import EngineError, SamplingParams, TokenEvent
+
+SCRIPT = ("Hello", ",", " world", "!")
+
+
+@dataclass
+class FakeEngine:
+    """Each character of a prompt is one token, so prompt lengths are easy to aim at."""
+
+    model_name: str = "fake-model"
+    max_context: int = 64
+    script: tuple[str, ...] = SCRIPT
+    delay_s: float = 0.0
+    error_at: int | None = None  # index of the event that reports finish_reason "error"
+    refuse: EngineError | None = None  # raised before the first event
+    healthy: tuple[bool, str] = (True, "")
+    stats_values: dict[str, float] = field(
+        default_factory=lambda: {
+            "queue_length": 3,
+            "running": 2,  # the key agent/engine.py reports
+            "stage_busy_s.0": 1.5,
+            "stage_busy_s.1": 2.25,
+            "kv_blocks_free": 40,
+        }
+    )
+    calls: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    events_sent: int = 0
+    abort_seen: threading.Event = field(default_factory=threading.Event)
+    chats: list[list[dict[str, str]]] = field(default_factory=list)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [ord(c) % 256 for c in prompt]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self.chats.append(messages)
+        return [t for m in messages for t in [1, *self.encode_prompt(m["content"])]]
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
+        self.calls.append((request_id, prompt_ids, params))
+        if self.refuse is not None:
+            raise self.refuse
+        finished = False
+        try:
+            for i, piece in enumerate(self.script):
+                await asyncio.sleep(self.delay_s)
+                if i == self.error_at:
+                    finished = True
+                    yield TokenEvent(finish_reason="error", error="stage 1 worker died")
+                    return
+                n = i + 1
+                reason = (
+                    "stop"
+                    if n == len(self.script)
+                    else "length"
+                    if n == params.max_tokens
+                    else None
+                )
+                finished = reason is not None
+                self.events_sent += 1
+                yield TokenEvent(
+                    token_ids=[100 + i],
+                    text=piece,
+                    finish_reason=reason,
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=n,
+                )
+                if finished:
+                    return
+        finally:
+            if not finished:  # closed early: the real engine aborts and frees the KV here
+                self.aborted.append(request_id)
+                self.abort_seen.set()
+
+    def health(self) -> tuple[bool, str]:
+        return self.healthy
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.stats_values)

@@ -1,0 +1,214 @@
+"""Every kind of bad input answers 400/404 in OpenAI's shape, saying what to fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.gateway.fake_engine import FakeEngine
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def error_of(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+CASES = [
+    # (path, body, param, words the message must contain)
+    (
+        COMPLETIONS,
+        {"prompt": "x" * 64},
+        "prompt",
+        ["prompt has 64 tokens", "context is 64", "shorten"],
+    ),
+    (
+        COMPLETIONS,
+        {"prompt": "x" * 50, "max_tokens": 20},
+        "max_tokens",
+        [
+            "prompt has 50 tokens and max_tokens is 20",
+            "context is 64 tokens",
+            "lower max_tokens",
+            "at most 14",
+        ],
+    ),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "max_tokens": 10**12},
+        "max_tokens",
+        ["max_tokens is 1000000000000"],
+    ),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "max_tokens": 0},
+        "max_tokens",
+        ["max_tokens", "greater than or equal to 1"],
+    ),
+    (COMPLETIONS, {"prompt": "Hi", "max_tokens": -5}, "max_tokens", ["max_tokens", "got -5"]),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "max_tokens": "ten"},
+        "max_tokens",
+        ["max_tokens", "integer", "'ten'"],
+    ),
+    (COMPLETIONS, {"prompt": "Hi", "max_tokens": 2.5}, "max_tokens", ["max_tokens", "integer"]),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "temperature": -0.1},
+        "temperature",
+        ["temperature", "greater than or equal to 0"],
+    ),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "temperature": 2.5},
+        "temperature",
+        ["temperature", "less than or equal to 2"],
+    ),
+    (COMPLETIONS, {"prompt": "Hi", "top_p": 0}, "top_p", ["top_p", "greater than 0"]),
+    (COMPLETIONS, {"prompt": "Hi", "top_p": 1.5}, "top_p", ["top_p", "less than or equal to 1"]),
+    (COMPLETIONS, {"prompt": "Hi", "n": 2}, "n", ["n=2 is not supported", "n=1"]),
+    (CHAT, {"messages": USER, "n": 3}, "n", ["n=3 is not supported"]),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]},
+        "stop",
+        ["at most 4 stop sequences", "got 5"],
+    ),
+    (COMPLETIONS, {"prompt": "Hi", "stop": [""]}, "stop", ["stop", "empty"]),
+    (COMPLETIONS, {"max_tokens": 5}, "prompt", ["prompt is required"]),
+    (COMPLETIONS, {"prompt": ""}, "prompt", ["prompt is empty"]),
+    (COMPLETIONS, {"prompt": []}, "prompt", ["prompt must be"]),
+    (
+        COMPLETIONS,
+        {"prompt": ["a", "b"]},
+        "prompt",
+        ["batch of 2 prompts", "one prompt per request"],
+    ),
+    (COMPLETIONS, {"prompt": 7}, "prompt", ["prompt must be"]),
+    (COMPLETIONS, {"prompt": [[3, -1]]}, "prompt", ["token ids must be >= 0, got -1"]),
+    (COMPLETIONS, {"prompt": [[]]}, "prompt", ["prompt must be"]),
+    (COMPLETIONS, {"prompt": "Hi", "echo": True}, "echo", ["echo is not supported"]),
+    (
+        COMPLETIONS,
+        {"prompt": "Hi", "stream_options": {"include_usage": True}},
+        "stream_options",
+        ["only allowed when stream is true"],
+    ),
+    (CHAT, {"model": "fake-model"}, "messages", ["messages is required"]),
+    (CHAT, {"messages": []}, "messages", ["messages is empty", "at least one message"]),
+    (
+        CHAT,
+        {"messages": [{"role": "robot", "content": "Hi"}]},
+        "messages[0].role",
+        ["messages[0].role", "'user'", "'robot'"],
+    ),
+    (
+        CHAT,
+        {"messages": [{"role": "tool", "content": "42"}]},
+        "messages",
+        ["tool calling is not supported"],
+    ),
+    (
+        CHAT,
+        {"messages": [{"role": "user"}]},
+        "messages[0].content",
+        ["messages[0].content is required"],
+    ),
+    (CHAT, {"messages": "Hi"}, "messages", ["messages", "list"]),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "x" * 70}]},
+        "messages",
+        ["chat prompt (messages) has 71 tokens", "context is 64", "shorten the messages"],
+    ),
+    (
+        CHAT,
+        {"messages": USER, "max_completion_tokens": 100},
+        "max_completion_tokens",
+        ["max_completion_tokens is 100", "lower max_completion_tokens"],
+    ),
+    (
+        CHAT,
+        {"messages": USER, "tools": [{"type": "function"}]},
+        "tools",
+        ["tool calling is not supported"],
+    ),
+    (CHAT, {"messages": USER, "stream": "yes"}, "stream", ["stream", "boolean"]),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "messages[0].content",
+        ["messages[0].content must be a string or a list of", "images and audio are not supported"],
+    ),
+    (CHAT, {"messages": USER, "stop": 5}, "stop", ["stop must be a string or a list of up to 4"]),
+    (CHAT, {"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty", ["not supported"]),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "words"), CASES)
+def test_bad_input_is_a_400_that_says_what_to_fix(
+    client: TestClient,
+    engine: FakeEngine,
+    path: str,
+    body: dict[str, Any],
+    param: str,
+    words: list[str],
+) -> None:
+    error = error_of(client.post(path, json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"], (word, error["message"])
+    assert engine.calls == []  # refused before any engine work
+
+
+def test_context_message_reads_like_the_example(client: TestClient) -> None:
+    error = error_of(client.post(COMPLETIONS, json={"prompt": "x" * 60, "max_tokens": 20}), 400)
+    assert error["message"] == (
+        "prompt has 60 tokens and max_tokens is 20; the model's context is 64 tokens: "
+        "shorten the prompt or lower max_tokens (at most 4 with this prompt)."
+    )
+    assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "words"),
+    [
+        (b'{"prompt": "Hi", ', "application/json", ["not valid JSON", "send a JSON object"]),
+        (b"", "application/json", ["body is empty"]),
+        (b'["Hi"]', "application/json", ["must be a JSON object"]),
+        (b"prompt=Hi", "application/x-www-form-urlencoded", ["Content-Type: application/json"]),
+    ],
+)
+def test_body_that_is_not_a_json_object(
+    client: TestClient, content: bytes, content_type: str, words: list[str]
+) -> None:
+    r = client.post(COMPLETIONS, content=content, headers={"content-type": content_type})
+    error = error_of(r, 400)
+    for word in words:
+        assert word in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_unknown_model_is_a_404_naming_the_served_one(client: TestClient, path: str) -> None:
+    r = client.post(path, json={"model": "gpt-9", "prompt": "Hi", "messages": USER})
+    error = error_of(r, 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'gpt-9'" in error["message"] and "'fake-model'" in error["message"]
+    assert "/v1/models" in error["message"]
+
+
+def test_rejections_are_counted(client: TestClient) -> None:
+    client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": "ten"})
+    client.post(COMPLETIONS, json={"model": "gpt-9", "prompt": "Hi"})
+    text = client.get("/metrics").text
+    assert 'pipeshift_error_responses_total{status="400"} 1.0' in text
+    assert 'pipeshift_error_responses_total{status="404"} 1.0' in text

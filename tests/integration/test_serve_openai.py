@@ -1,0 +1,73 @@
+"""`pipeshift serve` with 1, 2, 3 and 5 worker processes, driven by the official openai client.
+
+Greedy completions must be identical across splits and identical to transformers' generate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.integration.serve_process import ServeProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "Water boils at a temperature of",
+    "The largest planet in our solar system is",
+    "import numpy as np\n\n# compute the mean of",
+]
+MAX_TOKENS = 64
+
+
+async def _stream_all(base_url: str) -> list[str]:
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+    async def one(prompt: str) -> str:
+        stream = await client.completions.create(
+            model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+        parts = []
+        async for chunk in stream:
+            parts.append(chunk.choices[0].text)
+        return "".join(parts)
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+def transformers_texts(hf_model, gguf_path) -> list[str]:
+    """transformers' greedy continuation of each prompt, from the same prompt token ids."""
+    from agent.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(gguf_path)
+    texts = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+            )
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    return texts
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 5])
+def test_greedy_streams_match_transformers(devices, transformers_texts):
+    with ServeProcess("--devices", str(devices)) as server:
+        texts = asyncio.run(_stream_all(server.base_url))
+    for prompt, got, expected in zip(PROMPTS, texts, transformers_texts, strict=True):
+        assert got == expected, f"{devices} workers, prompt {prompt!r}"
+    assert all(len(t) > 20 for t in texts)
