@@ -28,8 +28,13 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages
 
 
+def format_stages(stages: list[tuple[int, int]]) -> str:
+    return ",".join(f"{s}:{e}" for s, e in stages)
+
+
 def check_stages(stages: list[tuple[int, int]], n_layers: int, n_devices: int) -> None:
     """Raises ValueError unless the stages cover layers [0, n_layers) once, in order, on enough devices."""
+    example = format_stages(even_split(n_layers, min(len(stages), n_layers)))
     if len(stages) > n_devices:
         raise ValueError(f"{len(stages)} stages need at least {len(stages)} devices; --devices is {n_devices}")
     expected = 0
@@ -37,8 +42,11 @@ def check_stages(stages: list[tuple[int, int]], n_layers: int, n_devices: int) -
         if start != expected or end <= start:
             raise ValueError(
                 f"stages must be contiguous and non-empty from layer 0: got [{start}, {end}) where "
-                f"layer {expected} should start (e.g. --stages 0:10,10:20,20:{n_layers})"
+                f"layer {expected} should start (e.g. --stages {example})"
             )
         expected = end
     if expected != n_layers:
-        raise ValueError(f"stages end at layer {expected}, but the model has {n_layers} layers")
+        raise ValueError(
+            f"stages end at layer {expected}, but the model has {n_layers} layers: "
+            f"cover them all (e.g. --stages {example})"
+        )

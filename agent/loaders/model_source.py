@@ -92,7 +92,8 @@ def arch_from_gguf(path: Path) -> ModelArch:
 def arch_from_hf_config(directory: Path) -> ModelArch:
     """Reads the architecture from a Hugging Face `config.json` (Llama family)."""
     cfg = json.loads((directory / "config.json").read_text())
-    scaling = cfg.get("rope_scaling") or None
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); older ones `rope_scaling`.
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
         rope_scaling = RopeScaling(
