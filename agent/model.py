@@ -22,6 +22,8 @@ from torch import nn
 
 from agent.attention_metadata import AttentionMetadata
 from agent.kv_cache import PagedKVCache
+from agent.projection import Projection, onednn_available
+from agent.quantized_embedding import Q8Embedding
 from cost_models.model_catalog import ModelArch
 
 
@@ -69,15 +71,15 @@ class Attention(nn.Module):
         self.split = [arch.q_size, arch.kv_size, arch.kv_size]
         # Stored transposed ([in, out]) and fused: `x @ w` runs ~2x faster on CPU than
         # F.linear's transposed-operand path at small batch.
-        self.qkv_t = nn.Parameter(torch.empty(arch.hidden_size, sum(self.split)))
-        self.o_t = nn.Parameter(torch.empty(arch.q_size, arch.hidden_size))
+        self.qkv = Projection(arch.hidden_size, sum(self.split))
+        self.o = Projection(arch.q_size, arch.hidden_size)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         meta: AttentionMetadata, kv: PagedKVCache,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = (x @ self.qkv_t).split(self.split, dim=-1)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(t, self.n_heads, self.head_dim)
         k = k.view(t, self.n_kv_heads, self.head_dim)
         v = v.contiguous().view(t, self.n_kv_heads, self.head_dim)
@@ -106,18 +108,18 @@ class Attention(nn.Module):
             v_d = v_cache.index_select(0, flat).view(b, c, self.n_kv_heads, self.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q_d, k_d, v_d, attn_mask=meta.decode_mask, enable_gqa=True)
             out[meta.decode_rows] = o.squeeze(2)
-        return out.reshape(t, self.n_heads * self.head_dim) @ self.o_t
+        return self.o(out.reshape(t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
-        self.gate_up_t = nn.Parameter(torch.empty(arch.hidden_size, 2 * arch.ffn_size))
-        self.down_t = nn.Parameter(torch.empty(arch.ffn_size, arch.hidden_size))
+        self.gate_up = Projection(arch.hidden_size, 2 * arch.ffn_size)
+        self.down = Projection(arch.ffn_size, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_t
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def pack_layer_weights(weights: dict[str, torch.Tensor], layers: range) -> dict[str, torch.Tensor]:
@@ -127,11 +129,11 @@ def pack_layer_weights(weights: dict[str, torch.Tensor], layers: range) -> dict[
     for i in layers:
         p = f"layers.{i}."
         qkv = [packed.pop(f"{p}attn.{n}_proj.weight") for n in "qkv"]
-        packed[f"{p}attn.qkv_t"] = torch.cat(qkv).t().contiguous()
-        packed[f"{p}attn.o_t"] = packed.pop(f"{p}attn.o_proj.weight").t().contiguous()
+        packed[f"{p}attn.qkv.weight_t"] = torch.cat(qkv).t().contiguous()
+        packed[f"{p}attn.o.weight_t"] = packed.pop(f"{p}attn.o_proj.weight").t().contiguous()
         gate_up = [packed.pop(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up")]
-        packed[f"{p}mlp.gate_up_t"] = torch.cat(gate_up).t().contiguous()
-        packed[f"{p}mlp.down_t"] = packed.pop(f"{p}mlp.down_proj.weight").t().contiguous()
+        packed[f"{p}mlp.gate_up.weight_t"] = torch.cat(gate_up).t().contiguous()
+        packed[f"{p}mlp.down.weight_t"] = packed.pop(f"{p}mlp.down_proj.weight").t().contiguous()
         del qkv, gate_up
     weights.clear()
     return packed
@@ -153,14 +155,18 @@ class DecoderLayer(nn.Module):
 class LlamaStage(nn.Module):
     """Layers `[start, end)` of a Llama-family model; embeds if first, owns the head if last."""
 
-    def __init__(self, arch: ModelArch, start: int, end: int):
+    def __init__(self, arch: ModelArch, start: int, end: int, quantized_embedding: bool = False):
         super().__init__()
         if not 0 <= start < end <= arch.n_layers:
             raise ValueError(f"stage [{start}, {end}) is not inside the model's {arch.n_layers} layers")
         self.arch, self.start, self.end = arch, start, end
         self.is_first, self.is_last = start == 0, end == arch.n_layers
         needs_embedding = self.is_first or (self.is_last and arch.tie_embeddings)
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size) if needs_embedding else None
+        self.embed: nn.Module | None = None
+        if quantized_embedding:
+            self.embed = Q8Embedding(arch.vocab_size, arch.hidden_size)
+        elif needs_embedding:
+            self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, i) if start <= i < end else nn.Identity() for i in range(arch.n_layers)
         )
@@ -173,14 +179,27 @@ class LlamaStage(nn.Module):
     @classmethod
     def from_weights(
         cls, arch: ModelArch, start: int, end: int, weights: dict[str, torch.Tensor],
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", prepack: bool = True,
     ) -> LlamaStage:
         """Builds the stage without allocating placeholder weights, then adopts `weights`."""
         with torch.device("meta"):
-            stage = cls(arch, start, end)
+            stage = cls(arch, start, end, quantized_embedding="embed.q8_0" in weights)
         stage.load_state_dict(pack_layer_weights(weights, range(start, end)), strict=True, assign=True)
         stage.inv_freq = rope_inv_freq(arch)
-        return stage.to(device).eval()
+        stage = stage.to(device).eval()
+        if prepack and torch.device(device).type == "cpu" and onednn_available():
+            for module in stage.modules():
+                if isinstance(module, Projection):
+                    module.prepack()
+        return stage
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights this stage holds (prepacked projections included)."""
+        dense = sum(p.numel() * p.element_size() for p in self.parameters())
+        packed = sum(m.weight_bytes for m in self.modules() if isinstance(m, Projection) and m._packed is not None)
+        quantized = self.embed.q8_0.numel() if isinstance(self.embed, Q8Embedding) else 0
+        return dense + packed + quantized
 
     @property
     def layer_range(self) -> range:

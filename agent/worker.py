@@ -58,7 +58,7 @@ class Worker:
         dtype = DTYPES[msg.get("dtype", "float32")]
         weights = load_stage_weights(source, start, end, dtype)
         self.stage = LlamaStage.from_weights(source.arch, start, end, weights, self.device)
-        weight_bytes = sum(t.numel() * t.element_size() for t in self.stage.parameters())
+        weight_bytes = self.stage.weight_bytes
         del weights
         release_free_heap()
         arch = source.arch

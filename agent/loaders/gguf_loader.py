@@ -10,6 +10,8 @@ import torch
 from agent.loaders.gguf_file import GGUFFile
 from cost_models.model_catalog import ModelArch
 
+GGML_TYPE_Q8_0 = 8
+
 # GGUF tensor name -> ours, per block.
 BLOCK_NAMES = {
     "attn_norm": "attn_norm",
@@ -46,14 +48,22 @@ def load_gguf_stage(
     for layer in range(start, end):
         for gguf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"blk.{layer}.{gguf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
-    if start == 0 or (end == arch.n_layers and arch.tie_embeddings):
-        wanted["token_embd.weight"] = "embed.weight"
+    head_needs_table = end == arch.n_layers and arch.tie_embeddings
+    lookup_only = start == 0 and not head_needs_table
+    if lookup_only and gguf_file.tensors["token_embd.weight"].ggml_type == GGML_TYPE_Q8_0:
+        # A first stage only looks rows up: keep the Q8_0 blocks (see agent/quantized_embedding.py).
+        raw = np.array(gguf_file.raw("token_embd.weight"), copy=True)
+        weights_q8 = {"embed.q8_0": torch.from_numpy(raw)}
+    else:
+        weights_q8 = {}
+        if start == 0 or head_needs_table:
+            wanted["token_embd.weight"] = "embed.weight"
     if end == arch.n_layers:
         wanted["output_norm.weight"] = "norm.weight"
         if not arch.tie_embeddings:
             wanted["output.weight"] = "lm_head.weight"
 
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = dict(weights_q8)
     for gguf_name, ours in wanted.items():
         if gguf_name not in gguf_file.tensors:
             raise KeyError(f"{path.name} has no tensor {gguf_name!r}")
