@@ -1,0 +1,185 @@
+"""Spec + cost models -> PlanningProblem: every number the solvers need, computed once."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cost_models import latency
+from cost_models.device_catalog import DeviceKind, get_device_kind
+from cost_models.memory import (
+    embedding_bytes,
+    head_bytes,
+    kv_bytes_per_token_per_layer,
+    kv_dtype_bytes_for,
+    layer_weight_bytes,
+)
+from cost_models.model_catalog import get_model_arch
+from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
+from planner.spec import Spec, SpecError
+
+
+def build_problem(spec: Spec) -> PlanningProblem:
+    """Returns the planning problem of a validated spec (raises SpecError on bad references)."""
+    arch = get_model_arch(spec.model)
+    dtype_bytes = spec.dtype_bytes
+    prompt, output = spec.lengths()
+    ttft_prompt = math.ceil(prompt.quantile(spec.slo.ttft_percentile))
+    # decode is costed at the context of the TPOT percentile's request when an SLO is set
+    if spec.slo.tpot_ms is not None:
+        q = spec.slo.tpot_percentile
+        decode_context = math.ceil(prompt.quantile(q) + output.quantile(q) / 2)
+    else:
+        decode_context = math.ceil(prompt.mean + output.mean / 2)
+    kv_context = math.ceil(prompt.mean + output.mean)
+    batch = spec.workload.batch
+
+    excluded = set(spec.pins.exclude_devices)
+    all_names = {n for n, _, _ in spec.device_names()}
+    unknown = sorted(excluded - all_names)
+    if unknown:
+        raise SpecError(
+            [
+                f"pins.exclude_devices: unknown devices {', '.join(unknown)}; "
+                "use names the devices section gives"
+            ]
+        )
+    kind_names: list[str] = []
+    devices: list[Device] = []
+    for name, kind_name, node in spec.device_names():
+        if name in excluded:
+            continue
+        if kind_name not in kind_names:
+            kind_names.append(kind_name)
+        devices.append(Device(name=name, kind=kind_names.index(kind_name), node=node))
+    if not devices:
+        raise SpecError(["pins.exclude_devices: every device is excluded; keep at least one"])
+    dev_kinds: list[DeviceKind] = [get_device_kind(n) for n in kind_names]
+    calibrated = None
+    if spec.calibration is not None:
+        path = Path(spec.base_dir) / spec.calibration
+        try:
+            calibrated = latency.load_efficiencies(path)
+        except (OSError, KeyError, ValueError) as exc:
+            raise SpecError(
+                [
+                    f"calibration: cannot read {path}: {exc}; run `pipeshift calibrate` "
+                    "or drop the field"
+                ]
+            ) from None
+    effs = [latency.efficiency_for(k, calibrated) for k in dev_kinds]
+
+    kinds = tuple(
+        KindCosts(
+            name=k.name,
+            layer_decode_s=latency.layer_decode_s(arch, k, batch, decode_context, dtype_bytes, eff),
+            layer_prefill_s=latency.layer_prefill_s(arch, k, ttft_prompt, dtype_bytes, eff),
+            embed_decode_s=latency.embed_s(arch, k, batch, dtype_bytes, eff),
+            embed_prefill_s=latency.embed_s(arch, k, ttft_prompt, dtype_bytes, eff),
+            head_decode_s=latency.head_s(arch, k, batch, dtype_bytes, eff),
+            # only the last position goes through the head at the end of prefill
+            head_prefill_s=latency.head_s(arch, k, 1, dtype_bytes, eff),
+            memory_bytes=k.memory_bytes * spec.memory_utilization,
+        )
+        for k, eff in zip(dev_kinds, effs, strict=True)
+    )
+    one_node = len({d.node for d in devices}) == 1
+    hop_decode_s = max(
+        latency.hop_s(arch, batch, a, b, one_node, dtype_bytes)
+        for a in dev_kinds
+        for b in dev_kinds
+    )
+    hop_prefill_s = max(
+        latency.hop_s(arch, ttft_prompt, a, b, one_node, dtype_bytes)
+        for a in dev_kinds
+        for b in dev_kinds
+    )
+    kv_token_layer = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(dtype_bytes))
+
+    problem = PlanningProblem(
+        model_name=arch.name,
+        n_layers=arch.n_layers,
+        batch=batch,
+        kinds=kinds,
+        devices=tuple(devices),
+        layer_weight_bytes=layer_weight_bytes(arch, dtype_bytes),
+        embed_weight_bytes=embedding_bytes(arch, dtype_bytes),
+        # a tied head on another stage than the embedding holds its own copy
+        head_weight_bytes=head_bytes(arch, dtype_bytes, has_embedding=False),
+        tied_embeddings=arch.tie_embeddings,
+        kv_bytes_per_seq_per_layer=kv_token_layer * kv_context,
+        hop_decode_s=hop_decode_s,
+        hop_prefill_s=hop_prefill_s,
+        tpot_slo_s=None if spec.slo.tpot_ms is None else spec.slo.tpot_ms / 1000,
+        ttft_slo_s=None if spec.slo.ttft_ms is None else spec.slo.ttft_ms / 1000,
+        objective=spec.objective,
+        demand_tok_s=spec.workload.request_rate_per_s * output.mean,
+        max_stages=min(spec.max_stages, arch.n_layers, len(devices)),
+        dtype_bytes=dtype_bytes,
+        notes={
+            "decode_context_tokens": str(decode_context),
+            "ttft_prompt_tokens": str(ttft_prompt),
+            "kv_context_tokens": str(kv_context),
+        },
+    )
+    if spec.current is not None and spec.current.pipelines:
+        problem = with_current(
+            problem,
+            [[(s.device, s.start, s.end) for s in p.stages] for p in spec.current.pipelines],
+            replan_interval_s=spec.replan_interval_s,
+            move_bandwidth_bytes_per_s=min(k.network_bandwidth_bytes_per_s for k in dev_kinds),
+            keep_required=spec.pins.keep_current,
+        )
+    return problem
+
+
+def with_current(
+    problem: PlanningProblem,
+    pipelines: list[list[tuple[str, int, int]]],
+    replan_interval_s: float,
+    move_bandwidth_bytes_per_s: float,
+    keep_required: list[int] | None = None,
+    reference_tok_s: float | None = None,
+) -> PlanningProblem:
+    """Returns the problem with a current configuration and the migration term's weight.
+
+    Moving X bytes at bandwidth B stalls roughly X / B seconds of the affected capacity; spread
+    over a re-plan interval R that costs `reference_tok_s * X / (B * R)` tokens/s on average,
+    so each byte costs `reference_tok_s / (B * R)` in the objective.
+    """
+    from dataclasses import replace
+
+    from planner.evaluate import config_throughput_tok_s
+
+    current = tuple(tuple(CurrentStage(d, s, e) for d, s, e in p) for p in pipelines)
+    for i, p in enumerate(current):
+        if (
+            p[0].start != 0
+            or p[-1].end != problem.n_layers
+            or any(a.end != b.start for a, b in zip(p, p[1:], strict=False))
+        ):
+            raise SpecError(
+                [
+                    f"current.pipelines.{i}: stages must cover layers 0..{problem.n_layers} "
+                    "in order without gaps"
+                ]
+            )
+    if keep_required:
+        bad = [i for i in keep_required if not 0 <= i < len(current)]
+        if bad:
+            raise SpecError(
+                [f"pins.keep_current: no current pipeline {bad}; there are {len(current)}"]
+            )
+    if reference_tok_s is None:
+        reference_tok_s = config_throughput_tok_s(problem, current) or 1.0
+    kv_per_pipeline = tuple(
+        len(p) * problem.batch * problem.kv_bytes_per_seq_per_layer * problem.n_layers
+        for p in current
+    )
+    migration = MigrationCosts(
+        current=current,
+        tok_s_per_byte=reference_tok_s / (move_bandwidth_bytes_per_s * replan_interval_s),
+        kv_bytes_per_pipeline=kv_per_pipeline,
+        keep_required=frozenset(keep_required or ()),
+    )
+    return replace(problem, migration=migration)

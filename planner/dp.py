@@ -1,0 +1,81 @@
+"""Exact reference optimum for small instances, by exhaustive dynamic programming.
+
+Independent of planner/shapes.py: it enumerates every ordered sequence of stages (which kind
+runs each stage, how many layers it takes) rather than reasoning with per-kind caps.
+
+    g(S, l, r) = least bottleneck covering layers [l, L) with exactly the devices r left
+               = min over kinds k in r, layers j of  max(stage_s(k, j, first=(l=0),
+                 last=(r - e_k = 0)), g(S, l + j, r - e_k)),   subject to stage memory
+    T(c)      = g(|c|, 0, c),  valid when |c| * T(c) <= tpot_slo
+    F(n)      = max(0, max over nonzero c <= n of batch / T(c) + F(n - c))
+
+F(pool) is the best total throughput. It covers the max-throughput objective without a TTFT
+SLO (TTFT is a second sum along the path, which a min-max DP does not track).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+from planner.problem import PlanningProblem
+
+
+def reference_throughput_tok_s(problem: PlanningProblem) -> float:
+    """Returns the optimal total throughput of a small problem (no TTFT SLO, no migration)."""
+    if problem.ttft_slo_s is not None or problem.migration is not None:
+        raise ValueError("the reference DP covers max-throughput without TTFT SLO or migration")
+    L = problem.n_layers
+    K = len(problem.kinds)
+
+    @functools.cache
+    def g(n_stages: int, done: int, rem: tuple[int, ...]) -> float:
+        left = sum(rem)
+        if left == 0:
+            return 0.0 if done == L else math.inf
+        if L - done < left:
+            return math.inf  # every stage needs a layer
+        best = math.inf
+        for k in range(K):
+            if rem[k] == 0:
+                continue
+            rest = rem[:k] + (rem[k] - 1,) + rem[k + 1 :]
+            last = left == 1
+            first = done == 0
+            js = [L - done] if last else range(1, L - done)
+            for j in js:
+                if (
+                    problem.stage_memory_bytes(j, n_stages, first, last)
+                    > problem.kinds[k].memory_bytes
+                ):
+                    break
+                t = problem.stage_decode_s(k, j, first, last)
+                if t >= best:
+                    break
+                best = min(best, max(t, g(n_stages, done + j, rest)))
+        return best
+
+    def value(c: tuple[int, ...]) -> float:
+        s = sum(c)
+        if s > problem.max_stages:
+            return 0.0
+        t = g(s, 0, c)
+        if not math.isfinite(t):
+            return 0.0
+        if problem.tpot_slo_s is not None and s * t > problem.tpot_slo_s * (1 + 1e-9):
+            return 0.0
+        return problem.batch / t
+
+    @functools.cache
+    def best(pool: tuple[int, ...]) -> float:
+        out = 0.0
+        for c in itertools.product(*(range(n + 1) for n in pool)):
+            if sum(c) == 0:
+                continue
+            v = value(c)
+            if v > 0:
+                out = max(out, v + best(tuple(p - x for p, x in zip(pool, c, strict=True))))
+        return out
+
+    return best(problem.kind_counts)

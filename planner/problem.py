@@ -1,0 +1,125 @@
+"""The planning problem as plain numbers: what every formulation and the reference DP read.
+
+A stage of `j` layers on a device of kind `k` in a pipeline of `S` stages takes, per decode
+step of one micro-batch,
+
+    stage_s = j * layer_decode_s[k] + (hop_decode_s if not last) + (embed_decode_s[k] if first)
+              + (head_decode_s[k] if last)
+
+and holds `j * (layer_weight_bytes + S * batch * kv_bytes_per_seq_per_layer)` bytes plus the
+embedding (first stage) and the head (last stage). `S` micro-batches of `batch` sequences are
+in flight, so a pipeline with bottleneck `T` yields `batch / T` tokens/s, and each sequence
+gets a token every `S * T` seconds (its TPOT). TTFT is the prompt's prefill through every
+stage, with hops. Hops are costed at the slowest pair of kinds present, cross-node unless all
+devices share a node, so a plan's real hops are never slower than planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class KindCosts:
+    """Per-kind times (seconds) and usable memory (bytes) at the workload's operating point."""
+
+    name: str
+    layer_decode_s: float
+    layer_prefill_s: float
+    embed_decode_s: float
+    embed_prefill_s: float
+    head_decode_s: float
+    head_prefill_s: float
+    memory_bytes: float  # usable: datasheet memory times the utilisation fraction
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: int  # index into PlanningProblem.kinds
+    node: str
+
+
+@dataclass(frozen=True)
+class CurrentStage:
+    device: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class MigrationCosts:
+    """How moving bytes is weighed against throughput when a current configuration exists."""
+
+    current: tuple[tuple[CurrentStage, ...], ...]  # pipelines of the configuration serving now
+    tok_s_per_byte: float  # objective penalty (tokens/s) per byte a plan moves
+    kv_bytes_per_pipeline: tuple[float, ...]  # in-flight KV a dismantled pipeline must move
+    keep_required: frozenset[int] = frozenset()  # current pipelines pinned to stay
+
+
+@dataclass(frozen=True)
+class PlanningProblem:
+    model_name: str
+    n_layers: int
+    batch: int  # sequences per micro-batch
+    kinds: tuple[KindCosts, ...]
+    devices: tuple[Device, ...]  # usable devices (pinned-out ones already removed)
+    layer_weight_bytes: float
+    embed_weight_bytes: float
+    head_weight_bytes: float  # what the last stage holds for the head (a copy when tied)
+    tied_embeddings: bool
+    kv_bytes_per_seq_per_layer: float
+    hop_decode_s: float
+    hop_prefill_s: float
+    tpot_slo_s: float | None = None
+    ttft_slo_s: float | None = None
+    objective: str = "max_throughput"  # or "min_devices"
+    demand_tok_s: float = 0.0  # output tokens/s the workload asks for
+    max_stages: int = 16
+    migration: MigrationCosts | None = None
+    dtype_bytes: float = 2.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kind_counts(self) -> tuple[int, ...]:
+        counts = [0] * len(self.kinds)
+        for d in self.devices:
+            counts[d.kind] += 1
+        return tuple(counts)
+
+    @property
+    def model_weight_bytes(self) -> float:
+        head = 0.0 if self.tied_embeddings else self.head_weight_bytes
+        return self.n_layers * self.layer_weight_bytes + self.embed_weight_bytes + head
+
+    def stage_memory_bytes(self, n_layers: int, n_stages: int, first: bool, last: bool) -> float:
+        """Returns the bytes a stage of `n_layers` needs in a pipeline of `n_stages` stages."""
+        per_layer = (
+            self.layer_weight_bytes + n_stages * self.batch * self.kv_bytes_per_seq_per_layer
+        )
+        extra = self.embed_weight_bytes if first else 0.0
+        if last and not (first and self.tied_embeddings):
+            extra += self.head_weight_bytes
+        return n_layers * per_layer + extra
+
+    def stage_decode_s(self, kind: int, n_layers: int, first: bool, last: bool) -> float:
+        k = self.kinds[kind]
+        t = n_layers * k.layer_decode_s
+        if first:
+            t += k.embed_decode_s
+        if last:
+            t += k.head_decode_s
+        else:
+            t += self.hop_decode_s
+        return t
+
+    def stage_prefill_s(self, kind: int, n_layers: int, first: bool, last: bool) -> float:
+        k = self.kinds[kind]
+        t = n_layers * k.layer_prefill_s
+        if first:
+            t += k.embed_prefill_s
+        if last:
+            t += k.head_prefill_s
+        else:
+            t += self.hop_prefill_s
+        return t

@@ -1,0 +1,96 @@
+"""The human-readable plan: pipelines as tables, predictions, and Terraform-style changes."""
+
+from __future__ import annotations
+
+from planner.problem import PlanningProblem
+from planner.solution import PlanResult
+
+GIB = 2**30
+
+
+def _pct(gap: float | None) -> str:
+    return "unknown" if gap is None else f"{gap * 100:.3g} %"
+
+
+def device_changes(problem: PlanningProblem, result: PlanResult) -> list[str]:
+    """Returns one `+`/`~`/`-` line per device whose layers change, Terraform style."""
+    if problem.migration is None:
+        return []
+    old = {s.device: (s.start, s.end) for p in problem.migration.current for s in p}
+    new = {s.device: (s.start, s.end) for p in result.pipelines for s in p.stages}
+    w = problem.layer_weight_bytes
+    lines = []
+    for dev in sorted(set(old) | set(new)):
+        o, n = old.get(dev), new.get(dev)
+        if o == n:
+            continue
+        if o is None and n is not None:
+            lines.append(
+                f"  + {dev}: load layers [{n[0]}, {n[1]})  ({(n[1] - n[0]) * w / GIB:.1f} GiB)"
+            )
+        elif n is None and o is not None:
+            gone = "" if dev in {d.name for d in problem.devices} else " (device gone)"
+            lines.append(f"  - {dev}: free layers [{o[0]}, {o[1]}){gone}")
+        elif o is not None and n is not None:
+            fresh = sum(1 for layer in range(*n) if not o[0] <= layer < o[1])
+            lines.append(
+                f"  ~ {dev}: layers [{o[0]}, {o[1]}) -> [{n[0]}, {n[1]})  "
+                f"(load {fresh * w / GIB:.1f} GiB)"
+            )
+    adds = sum(1 for x in lines if x.startswith("  +"))
+    changes = sum(1 for x in lines if x.startswith("  ~"))
+    destroys = sum(1 for x in lines if x.startswith("  -"))
+    lines.append(f"Plan: {adds} to add, {changes} to change, {destroys} to destroy.")
+    return lines
+
+
+def render(problem: PlanningProblem, result: PlanResult) -> str:
+    """Returns the plan as text for a terminal."""
+    out = [
+        f"{problem.model_name} ({problem.n_layers} layers) on {len(problem.devices)} devices - "
+        f"backend {result.backend}: {result.status}, gap {_pct(result.gap)}, "
+        f"{result.solve_s:.2f} s",
+    ]
+    if result.objective is None:
+        out.append(result.message)
+        return "\n".join(out)
+    unit = "devices" if result.objective_kind == "min_devices" else "tokens/s"
+    out.append(
+        f"objective ({result.objective_kind}): {result.objective:.6g} {unit}, "
+        f"bound {result.bound:.6g}"
+        if result.bound is not None
+        else f"objective ({result.objective_kind}): {result.objective:.6g} {unit}"
+    )
+    for i, p in enumerate(result.pipelines):
+        out.append("")
+        out.append(
+            f"pipeline {i}{' (kept)' if p.kept else ''}: {len(p.stages)} stage(s), "
+            f"{p.throughput_tok_s:.1f} tok/s, TTFT {p.ttft_s * 1000:.0f} ms, "
+            f"TPOT {p.tpot_s * 1000:.1f} ms"
+        )
+        out.append(
+            f"  {'stage':<6}{'device':<26}{'layers':<12}{'memory GiB':<16}"
+            f"{'decode ms':>10}{'prefill ms':>12}"
+        )
+        for j, s in enumerate(p.stages):
+            mem = f"{s.memory_bytes / GIB:.1f}/{s.memory_capacity_bytes / GIB:.1f}"
+            out.append(
+                f"  {j:<6}{s.device:<26}{f'[{s.start}, {s.end})':<12}{mem:<16}"
+                f"{s.decode_s * 1000:>10.2f}{s.prefill_s * 1000:>12.1f}"
+            )
+    out.append("")
+    demand = f" (demand {problem.demand_tok_s:.0f})" if problem.demand_tok_s else ""
+    out.append(
+        f"predicted: TTFT {result.ttft_s * 1000:.0f} ms, TPOT {result.tpot_s * 1000:.1f} ms, "
+        f"throughput {result.throughput_tok_s:.0f} tok/s{demand}, "
+        f"{result.devices_used}/{len(problem.devices)} devices used"
+    )
+    m = result.migration
+    if m is not None:
+        out.append(
+            f"migration: {m.weight_bytes / GIB:.1f} GiB of weights to load "
+            f"({m.weight_bytes_from_peer / GIB:.1f} from peers, {m.weight_bytes_from_disk / GIB:.1f} "
+            f"from disk), {m.kv_bytes / GIB:.2f} GiB of KV, {m.kept_pipelines} pipeline(s) kept"
+        )
+        out.extend(device_changes(problem, result))
+    return "\n".join(out)

@@ -1,0 +1,139 @@
+"""plan(problem) -> PlanResult: build the master, solve it, turn the answer into pipelines."""
+
+from __future__ import annotations
+
+import time
+
+from planner.assign import assign_devices, migration_of
+from planner.diagnose import explain_infeasible
+from planner.evaluate import build_pipeline
+from planner.formulation_cpsat import solve_cpsat
+from planner.formulation_pulp import solve_pulp
+from planner.master import (
+    MasterProblem,
+    MasterSolution,
+    build_master,
+    greedy_copies,
+    relative_gap,
+    solution_objective,
+)
+from planner.problem import PlanningProblem
+from planner.shapes import stage_layers
+from planner.solution import Pipeline, PlanResult
+
+BACKENDS = ("cpsat", "highs", "cbc")
+
+
+def solve_master(master: MasterProblem, backend: str, time_limit_s: float) -> MasterSolution:
+    """Returns the master problem solved by one backend."""
+    if backend == "cpsat":
+        return solve_cpsat(master, time_limit_s)
+    if backend in ("highs", "cbc"):
+        return solve_pulp(master, backend, time_limit_s)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def pipelines_of(
+    problem: PlanningProblem, master: MasterProblem, copies: dict[int, int]
+) -> list[Pipeline]:
+    """Returns the concrete pipelines of a master solution: kept ones first, then new ones."""
+    kept: list[Pipeline] = []
+    slots: list[list[tuple[int, int, int]]] = []
+    for i in sorted(copies):
+        col = master.columns[i]
+        if col.keep_pipeline is not None:
+            kept.append(col.keep_pipeline)
+            continue
+        assert col.shape is not None
+        layout = stage_layers(problem, col.shape)
+        for _ in range(copies[i]):
+            start, stages = 0, []
+            for kind, n in layout:
+                stages.append((kind, start, start + n))
+                start += n
+            slots.append(stages)
+    taken = {s.device for p in kept for s in p.stages}
+    new = [build_pipeline(problem, stages) for stages in assign_devices(problem, slots, taken)]
+    return kept + new
+
+
+def plan(
+    problem: PlanningProblem, backend: str = "cpsat", time_limit_s: float = 10.0
+) -> PlanResult:
+    """Returns the best configuration for the problem, with status, bound and gap."""
+    t0 = time.perf_counter()
+    # shapes may take most of the limit; the solver gets the rest (at least 30 %)
+    master = build_master(problem, deadline=t0 + 0.7 * time_limit_s)
+    if not master.columns and master.complete:
+        return PlanResult(
+            status="INFEASIBLE",
+            objective=None,
+            bound=None,
+            gap=None,
+            solve_s=time.perf_counter() - t0,
+            backend=backend,
+            objective_kind=problem.objective,
+            message=explain_infeasible(problem),
+        )
+    remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
+    sol = solve_master(master, backend, remaining_s)
+    if sol.objective is None and sol.status == "UNKNOWN":
+        # out of time without an incumbent: fall back to the greedy plan, gap unknown
+        greedy = greedy_copies(master)
+        if greedy is not None:
+            sol = MasterSolution(
+                "FEASIBLE", solution_objective(master, greedy), None, sol.solve_s, backend, greedy
+            )
+    total_s = time.perf_counter() - t0
+    details = {
+        "shapes_complete": master.complete,
+        "columns": len(master.columns),
+        "shapes": sum(1 for c in master.columns if c.shape is not None),
+        "build_s": round(master.build_s, 4),
+        "solver_s": round(sol.solve_s, 4),
+    }
+    if sol.objective is None:
+        if not master.complete:
+            message = (
+                f"time limit reached while listing pipeline shapes (all up to "
+                f"{master.max_stages_done} stages done) with no plan yet; raise --time-limit"
+            )
+        elif sol.status == "INFEASIBLE":
+            message = explain_infeasible(problem)
+        else:
+            message = f"no plan found within {time_limit_s:g} s; raise --time-limit"
+        return PlanResult(
+            status=sol.status if master.complete else "UNKNOWN",
+            objective=None,
+            bound=sol.bound,
+            gap=None,
+            solve_s=total_s,
+            backend=backend,
+            objective_kind=problem.objective,
+            message=message,
+            details=details,
+        )
+    pipelines = pipelines_of(problem, master, sol.copies)
+    status, bound, message = sol.status, sol.bound, ""
+    if not master.complete:
+        # the columns are a subset: the solver's bound holds for them only
+        status, bound = "FEASIBLE", None
+        message = (
+            f"time limit reached while listing pipeline shapes: every pipeline of up to "
+            f"{master.max_stages_done} stages was considered, not all up to max_stages "
+            f"{problem.max_stages}; gap unknown; raise --time-limit or lower max_stages"
+        )
+    result = PlanResult(
+        status=status,
+        objective=sol.objective,
+        bound=bound,
+        gap=relative_gap(sol.objective, bound),
+        message=message,
+        solve_s=total_s,
+        backend=backend,
+        pipelines=pipelines,
+        migration=migration_of(problem, pipelines),
+        objective_kind=problem.objective,
+        details=details,
+    )
+    return result

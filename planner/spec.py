@@ -1,0 +1,301 @@
+"""The spec file: what to serve, on what, for which workload and SLOs (pydantic at the door).
+
+`load_spec(path)` returns a validated `Spec`, or raises `SpecError` whose lines read
+`FILE:LINE: field.path: what is wrong; what to do`. Lines come from the YAML nodes' marks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cost_models.device_catalog import get_device_kind
+from cost_models.model_catalog import get_model_arch
+
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "q4": 0.5625}
+
+
+class SpecError(Exception):
+    """A spec that cannot be planned as written; `lines` are ready to print."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceGroup(_Strict):
+    kind: str
+    count: int = Field(1, ge=1, le=4096)
+    node: str = "node0"
+    names: list[str] | None = None  # default: NODE/KIND.i
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        try:
+            return get_device_kind(v).name
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+
+    @model_validator(mode="after")
+    def _names_match_count(self) -> DeviceGroup:
+        if self.names is not None and len(self.names) != self.count:
+            raise ValueError(
+                f"names lists {len(self.names)} devices but count is {self.count}; "
+                "give one name per device or drop `names`"
+            )
+        return self
+
+
+class LengthDistribution(_Strict):
+    """Token counts of a request: a mean and any of the percentiles."""
+
+    mean: float = Field(gt=0)
+    p50: float | None = Field(None, gt=0)
+    p90: float | None = Field(None, gt=0)
+    p95: float | None = Field(None, gt=0)
+    p99: float | None = Field(None, gt=0)
+    max: float | None = Field(None, gt=0)
+
+    def quantile(self, percentile: float) -> float:
+        """Returns the least given percentile at or above `percentile` (max, then mean, else)."""
+        for q, value in ((50, self.p50), (90, self.p90), (95, self.p95), (99, self.p99)):
+            if value is not None and q >= percentile:
+                return value
+        return self.max if self.max is not None else self.mean
+
+
+class Workload(_Strict):
+    request_rate_per_s: float = Field(1.0, gt=0)
+    prompt_tokens: LengthDistribution | int | None = None
+    output_tokens: LengthDistribution | int | None = None
+    trace: str | None = None  # CSV or JSONL with prompt_tokens, output_tokens per request
+    batch: int = Field(8, ge=1, le=4096)  # sequences per micro-batch
+
+    @model_validator(mode="after")
+    def _lengths_given(self) -> Workload:
+        if self.trace is None and (self.prompt_tokens is None or self.output_tokens is None):
+            raise ValueError("give `prompt_tokens` and `output_tokens`, or a `trace` file")
+        return self
+
+
+class Slo(_Strict):
+    ttft_ms: float | None = Field(None, gt=0)
+    ttft_percentile: float = Field(99, gt=0, le=100)
+    tpot_ms: float | None = Field(None, gt=0)
+    tpot_percentile: float = Field(99, gt=0, le=100)
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # a plan's JSON output may be fed back
+    device: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    stages: list[StageSpec] = Field(min_length=1)
+
+
+class CurrentConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    pipelines: list[PipelineSpec] = Field(default_factory=list)
+
+
+class Pins(_Strict):
+    exclude_devices: list[str] = Field(default_factory=list)  # never use these
+    keep_current: list[int] = Field(default_factory=list)  # current pipelines that must stay
+
+
+class Spec(_Strict):
+    model: str
+    dtype: Literal["fp32", "bf16", "fp16", "int8", "q4"] = "bf16"
+    devices: list[DeviceGroup] = Field(min_length=1)
+    workload: Workload
+    slo: Slo = Field(default_factory=Slo)
+    objective: Literal["max_throughput", "min_devices"] = "max_throughput"
+    memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_stages: int = Field(16, ge=1, le=256)
+    replan_interval_s: float = Field(600.0, gt=0)
+    calibration: str | None = None  # `pipeshift calibrate` JSON: measured efficiency per kind
+    current: CurrentConfig | None = None
+    pins: Pins = Field(default_factory=Pins)
+    base_dir: str = Field(".", exclude=True)  # where relative paths (trace) resolve
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        try:
+            return get_model_arch(v).name
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+
+    @property
+    def dtype_bytes(self) -> float:
+        return DTYPE_BYTES[self.dtype]
+
+    def device_names(self) -> list[tuple[str, str, str]]:
+        """Returns (name, kind, node) of every device, in spec order."""
+        out = []
+        seen: dict[tuple[str, str], int] = {}
+        for group in self.devices:
+            for i in range(group.count):
+                if group.names is not None:
+                    name = group.names[i]
+                else:
+                    j = seen.get((group.node, group.kind), 0)
+                    seen[(group.node, group.kind)] = j + 1
+                    name = f"{group.node}/{group.kind}.{j}"
+                out.append((name, group.kind, group.node))
+        return out
+
+    def lengths(self) -> tuple[LengthDistribution, LengthDistribution]:
+        """Returns the prompt and output length distributions (from the trace when given)."""
+        if self.workload.trace is not None:
+            return _trace_lengths(Path(self.base_dir) / self.workload.trace)
+        return _as_dist(self.workload.prompt_tokens), _as_dist(self.workload.output_tokens)
+
+
+def _as_dist(value: LengthDistribution | int | None) -> LengthDistribution:
+    if isinstance(value, LengthDistribution):
+        return value
+    assert value is not None
+    return LengthDistribution(mean=float(value))
+
+
+def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
+    if not path.exists():
+        raise SpecError([f"{path}: trace file not found; give a path relative to the spec"])
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise SpecError([f"{path}: trace has no requests"])
+
+    def dist(key: str) -> LengthDistribution:
+        try:
+            values = sorted(float(r[key]) for r in rows)
+        except (KeyError, ValueError):
+            raise SpecError([f"{path}: every row needs a numeric `{key}`"]) from None
+
+        def q(p: float) -> float:
+            return values[min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1)]
+
+        return LengthDistribution(
+            mean=sum(values) / len(values),
+            p50=q(50),
+            p90=q(90),
+            p95=q(95),
+            p99=q(99),
+            max=values[-1],
+        )
+
+    return dist("prompt_tokens"), dist("output_tokens")
+
+
+# --- YAML with line numbers ---------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[(*path, key)] = key_node.start_mark.line + 1
+            _line_map(value_node, (*path, key), out)
+            out[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, (*path, i), out)
+
+
+_HINTS = {
+    "missing": "add it",
+    "extra_forbidden": "remove it or fix its spelling",
+    "int_parsing": "give a whole number",
+    "int_type": "give a whole number",
+    "float_parsing": "give a number",
+    "float_type": "give a number",
+    "string_type": "give a string",
+    "list_type": "give a list",
+    "model_type": "give a mapping of fields",
+    "literal_error": "use one of the listed values",
+    "greater_than": "raise it",
+    "greater_than_equal": "raise it",
+    "less_than": "lower it",
+    "less_than_equal": "lower it",
+    "too_short": "add entries",
+}
+
+
+def _format_error(source: str, err: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> str:
+    # drop union-branch markers (e.g. 'LengthDistribution', 'int') from the location
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not p[:1].isupper() and p != "int")
+    line = 1
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            line = lines[loc[:n]]
+            break
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = ""
+    if err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict):
+        got = f" (got {err.get('input')!r})"
+    hint = _HINTS.get(err["type"])
+    return f"{source}:{line}: {field}: {msg}{got}" + (f"; {hint}" if hint else "")
+
+
+def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
+    """Returns the validated spec in `text`, or raises SpecError with file:line messages."""
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(
+            [f"{source}:{line}: YAML syntax error: {problem}; fix the syntax"]
+        ) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}:1: the spec must be a mapping with model, devices, workload"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if root is not None:
+        _line_map(root, (), lines)
+    try:
+        spec = Spec.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise SpecError([_format_error(source, e, lines) for e in exc.errors()]) from None
+    names = [n for n, _, _ in spec.device_names()]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(
+            [
+                f"{source}:{lines.get(('devices',), 1)}: devices: names repeat: "
+                f"{', '.join(dupes)}; give each device its own name"
+            ]
+        )
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Returns the validated spec in the YAML file `path` (see parse_spec)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError([f"{p}: cannot read the spec: {exc.strerror}"]) from None
+    return parse_spec(text, source=str(p), base_dir=str(p.parent))
