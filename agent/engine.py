@@ -107,9 +107,13 @@ class PipelineEngine:
             capacity, cfg.block_size, self.max_context, max_inflight=len(self.stages),
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
         )
-        for target, name in ((self._run_scheduler, "scheduler"), (self._run_receiver, "receiver"),
-                             (self._run_monitor, "monitor")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self._threads = [
+            threading.Thread(target=target, name=name, daemon=True)
+            for target, name in ((self._run_scheduler, "scheduler"), (self._run_receiver, "receiver"),
+                                 (self._run_monitor, "monitor"))
+        ]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def _accept_workers(self) -> None:
@@ -175,6 +179,10 @@ class PipelineEngine:
                 pass
             conn.close()
         self.launcher.stop()
+        # The receiver's recv fails once the last stage is gone; let the threads end before
+        # the channels are torn down (a thread still inside gloo at exit aborts the process).
+        for thread in getattr(self, "_threads", []):
+            thread.join(timeout=5.0)
         if hasattr(self, "_control"):
             self._control.close()
 

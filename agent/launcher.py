@@ -1,4 +1,4 @@
-"""Starts the worker processes. Local mode runs them on this machine as subprocesses.
+"""Starts the worker processes. Local mode runs them on this machine.
 
 The engine only uses the `Launcher` interface, so a cluster backend (Ray actors placed one per
 GPU) can replace `LocalLauncher` without anything above it knowing.
@@ -6,18 +6,21 @@ GPU) can replace `LocalLauncher` without anything above it knowing.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import subprocess
-import sys
 from typing import Protocol
+
+from agent.worker import main as worker_main
 
 
 class Launcher(Protocol):
     def start(self, n_workers: int, control_address: str) -> None: ...
 
     def exit_codes(self) -> dict[int, int | None]:
-        """Returns each worker's exit code, None while it runs."""
+        """Returns each worker's exit code (negative: killed by that signal), None while it runs."""
         ...
+
+    def pid(self, worker_id: int) -> int: ...
 
     def kill(self, worker_id: int) -> None: ...
 
@@ -25,30 +28,38 @@ class Launcher(Protocol):
 
 
 class LocalLauncher:
-    """One OS process per device on this machine (CPU workers, or one GPU each)."""
+    """One OS process per device on this machine (CPU workers, or one GPU each).
+
+    Workers are forked from a fork server that has already imported torch and the engine's
+    modules: each starts in a fraction of a second, and the ~200 MiB of pages that importing
+    torch writes stay shared between workers (copy-on-write) instead of being private to each.
+    """
 
     def __init__(self, threads_per_worker: int = 1, devices: list[str] | None = None):
         self.threads_per_worker = threads_per_worker
         self.devices = devices
-        self.processes: dict[int, subprocess.Popen] = {}
+        self.processes: dict[int, multiprocessing.Process] = {}
 
     def start(self, n_workers: int, control_address: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads_per_worker)}
+        # Read by OpenMP when the fork server imports torch; set before it starts.
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads_per_worker))
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["agent.worker_preload"])
         for worker_id in range(n_workers):
             device = self.devices[worker_id] if self.devices else "cpu"
-            self.processes[worker_id] = subprocess.Popen(
-                [
-                    sys.executable, "-m", "agent.worker",
-                    "--control", control_address,
-                    "--worker-id", str(worker_id),
-                    "--threads", str(self.threads_per_worker),
-                    "--device", device,
-                ],
-                env=env,
-            )
+            argv = [
+                "--control", control_address,
+                "--worker-id", str(worker_id),
+                "--threads", str(self.threads_per_worker),
+                "--device", device,
+            ]
+            process = ctx.Process(target=worker_main, args=(argv,), name=f"pipeshift-worker-{worker_id}",
+                                  daemon=True)
+            process.start()
+            self.processes[worker_id] = process
 
     def exit_codes(self) -> dict[int, int | None]:
-        return {wid: p.poll() for wid, p in self.processes.items()}
+        return {wid: p.exitcode for wid, p in self.processes.items()}
 
     def pid(self, worker_id: int) -> int:
         return self.processes[worker_id].pid
@@ -58,11 +69,10 @@ class LocalLauncher:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         for p in self.processes.values():
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.terminate()
         for p in self.processes.values():
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+            p.join(timeout_s)
+            if p.exitcode is None:
                 p.kill()
-                p.wait()
+                p.join()

@@ -161,19 +161,16 @@ class LlamaStage(nn.Module):
             raise ValueError(f"stage [{start}, {end}) is not inside the model's {arch.n_layers} layers")
         self.arch, self.start, self.end = arch, start, end
         self.is_first, self.is_last = start == 0, end == arch.n_layers
-        needs_embedding = self.is_first or (self.is_last and arch.tie_embeddings)
         self.embed: nn.Module | None = None
-        if quantized_embedding:
-            self.embed = Q8Embedding(arch.vocab_size, arch.hidden_size)
-        elif needs_embedding:
-            self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        if self.is_first:
+            embedding = Q8Embedding if quantized_embedding else nn.Embedding
+            self.embed = embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, i) if start <= i < end else nn.Identity() for i in range(arch.n_layers)
         )
         if self.is_last:
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-            if not arch.tie_embeddings:
-                self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            self.head = Projection(arch.hidden_size, arch.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     @classmethod
@@ -181,22 +178,33 @@ class LlamaStage(nn.Module):
         cls, arch: ModelArch, start: int, end: int, weights: dict[str, torch.Tensor],
         device: torch.device | str = "cpu", prepack: bool = True,
     ) -> LlamaStage:
-        """Builds the stage without allocating placeholder weights, then adopts `weights`."""
+        """Builds the stage without allocating placeholder weights, then adopts `weights`.
+
+        The head's weight is `lm_head.weight`, or with tied embeddings the embedding table;
+        a stage that both looks rows up in a dense table and projects with it shares one copy.
+        """
+        quantized = "embed.q8_0" in weights
         with torch.device("meta"):
-            stage = cls(arch, start, end, quantized_embedding="embed.q8_0" in weights)
-        stage.load_state_dict(pack_layer_weights(weights, range(start, end)), strict=True, assign=True)
+            stage = cls(arch, start, end, quantized_embedding=quantized)
+        tensors = pack_layer_weights(weights, range(start, end))
+        share_table = stage.is_first and stage.is_last and arch.tie_embeddings and not quantized
+        if stage.is_last:
+            table = tensors["embed.weight"] if share_table else tensors.pop(
+                "embed.weight" if arch.tie_embeddings else "lm_head.weight")
+            tensors["head.weight_t"] = table.t()  # a view: [in, out] without a copy
+        stage.load_state_dict(tensors, strict=True, assign=True)
         stage.inv_freq = rope_inv_freq(arch)
         stage = stage.to(device).eval()
         if prepack and torch.device(device).type == "cpu" and onednn_available():
             for module in stage.modules():
-                if isinstance(module, Projection):
+                if isinstance(module, Projection) and not (share_table and module is stage.head):
                     module.prepack()
         return stage
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this stage holds (prepacked projections included)."""
-        dense = sum(p.numel() * p.element_size() for p in self.parameters())
+        dense = sum(p.numel() * p.element_size() for p in {p.untyped_storage().data_ptr(): p for p in self.parameters()}.values())
         packed = sum(m.weight_bytes for m in self.modules() if isinstance(m, Projection) and m._packed is not None)
         quantized = self.embed.q8_0.numel() if isinstance(self.embed, Q8Embedding) else 0
         return dense + packed + quantized
@@ -226,6 +234,4 @@ class LlamaStage(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Returns vocabulary logits [N, V] (float32) for the given rows of final hidden states."""
-        h = self.norm(hidden)
-        weight = self.embed.weight if self.arch.tie_embeddings else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return self.head(self.norm(hidden)).float()

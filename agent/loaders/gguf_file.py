@@ -7,6 +7,7 @@ Format: magic "GGUF", version, tensor count, KV count, KV pairs, tensor infos, a
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,24 +31,31 @@ class TensorInfo:
     offset_bytes: int  # absolute offset in the file
 
 
+@dataclass(frozen=True)
+class SkippedArray:
+    """A metadata array left unread (`with_arrays=False`); only its length is known."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class GGUFFile:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, with_arrays: bool = True):
+        """Parses the header. `with_arrays=False` skips array values (the vocabulary and merges,
+        ~100k strings) for readers that need only the shapes and tensors."""
         self.path = Path(path)
+        self.with_arrays = with_arrays
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        with open(self.path, "rb") as f:
-            self._buf = f.read(self._header_size_hint(f))
-        self._pos = 0
-        self._parse()
-        del self._buf
-
-    @staticmethod
-    def _header_size_hint(f) -> int:
-        # The header (vocabulary included) is a few MB; read generously, grow if needed.
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(0)
-        return min(size, 64 << 20)
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            self._buf = buf
+            self._pos = 0
+            try:
+                self._parse()
+            finally:
+                del self._buf
 
     def _read(self, fmt: str) -> Any:
         value = struct.unpack_from(fmt, self._buf, self._pos)[0]
@@ -68,9 +76,16 @@ class GGUFFile:
             count = self._read("<Q")
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type])
-                arr = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._pos)
+                values = None
+                if self.with_arrays:
+                    values = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._pos).tolist()
                 self._pos += dtype.itemsize * count
-                return arr.tolist()
+                return values if self.with_arrays else SkippedArray(count)
+            if not self.with_arrays and item_type == _STRING:
+                for _ in range(count):
+                    length = self._read("<Q")
+                    self._pos += length
+                return SkippedArray(count)
             return [self._read_value(item_type) for _ in range(count)]
         return self._read(_SCALARS[vtype])
 

@@ -43,27 +43,24 @@ def load_gguf_stage(
     path: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Returns the tensors of layers `[start, end)` plus embedding/norm/head where the stage needs them."""
-    gguf_file = GGUFFile(path)  # memory-mapped: untouched tensors are never read
+    gguf_file = GGUFFile(path, with_arrays=False)  # memory-mapped: untouched tensors are never read
     wanted: dict[str, str] = {}
     for layer in range(start, end):
         for gguf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"blk.{layer}.{gguf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
     head_needs_table = end == arch.n_layers and arch.tie_embeddings
-    lookup_only = start == 0 and not head_needs_table
-    if lookup_only and gguf_file.tensors["token_embd.weight"].ggml_type == GGML_TYPE_Q8_0:
-        # A first stage only looks rows up: keep the Q8_0 blocks (see agent/quantized_embedding.py).
-        raw = np.array(gguf_file.raw("token_embd.weight"), copy=True)
-        weights_q8 = {"embed.q8_0": torch.from_numpy(raw)}
-    else:
-        weights_q8 = {}
-        if start == 0 or head_needs_table:
-            wanted["token_embd.weight"] = "embed.weight"
+    q8_table = gguf_file.tensors["token_embd.weight"].ggml_type == GGML_TYPE_Q8_0
+    weights: dict[str, torch.Tensor] = {}
+    if start == 0 and q8_table:
+        # Lookups read rows straight from the Q8_0 blocks (see agent/quantized_embedding.py).
+        weights["embed.q8_0"] = torch.from_numpy(np.array(gguf_file.raw("token_embd.weight"), copy=True))
+    if (start == 0 and not q8_table) or head_needs_table:
+        wanted["token_embd.weight"] = "embed.weight"
     if end == arch.n_layers:
         wanted["output_norm.weight"] = "norm.weight"
         if not arch.tie_embeddings:
             wanted["output.weight"] = "lm_head.weight"
 
-    weights: dict[str, torch.Tensor] = dict(weights_q8)
     for gguf_name, ours in wanted.items():
         if gguf_name not in gguf_file.tensors:
             raise KeyError(f"{path.name} has no tensor {gguf_name!r}")

@@ -61,7 +61,7 @@ def resolve_model(model: str) -> ModelSource:
 
 def arch_from_gguf(path: Path) -> ModelArch:
     """Reads the architecture from GGUF metadata (llama family)."""
-    gguf_file = GGUFFile(path)
+    gguf_file = GGUFFile(path, with_arrays=False)
 
     def field(key: str, default=None):
         return gguf_file.metadata.get(key, default)
