@@ -28,7 +28,7 @@ class AttentionMetadata:
     last_rows: torch.Tensor  # [R] row of each request's last token
     decode_rows: torch.Tensor  # [D] rows of the one-token requests
     decode_slots: torch.Tensor | None  # [D, max_context] gather indices (0 where padded)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_context] bool
+    decode_bias: torch.Tensor | None  # [1, D, 1, max_context] float32: 0, or -inf where padded
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -59,20 +59,20 @@ def build_attention_metadata(
             prefills.append(PrefillSpan(slice(row, row + n), context_slots, mask))
         row += n
 
-    decode_slots = decode_mask = None
+    decode_slots = decode_bias = None
     if decode_rows:
         width = max(len(s) for s in decode_slot_rows)
         decode_slots = torch.zeros((len(decode_rows), width), dtype=torch.long)
-        decode_mask = torch.zeros((len(decode_rows), 1, 1, width), dtype=torch.bool)
+        decode_bias = torch.full((1, len(decode_rows), 1, width), float("-inf"))
         for i, slots in enumerate(decode_slot_rows):
             decode_slots[i, : len(slots)] = slots
-            decode_mask[i, 0, 0, : len(slots)] = True
+            decode_bias[0, i, 0, : len(slots)] = 0.0
     return AttentionMetadata(
         positions=torch.cat(positions),
         write_slots=torch.cat(write_slots),
         last_rows=torch.tensor(last_rows, dtype=torch.long),
         decode_rows=torch.tensor(decode_rows, dtype=torch.long),
         decode_slots=decode_slots,
-        decode_mask=decode_mask,
+        decode_bias=decode_bias,
         prefills=prefills,
     )

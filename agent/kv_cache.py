@@ -1,8 +1,9 @@
 """A paged KV cache for the layers of one stage.
 
 Fixed-size blocks of `block_size` token slots; each request owns a block table (the same
-block ids for every layer of the stage). K and V live per layer as flat slot arrays
-`[num_blocks * block_size, n_kv_heads, head_dim]`, so a stage can gain or drop a layer's
+block ids for every layer of the stage). K and V live per layer as head-major slot arrays
+`[n_kv_heads, num_blocks * block_size, head_dim]` (gathering a batch's slots then yields
+`[n_kv_heads, tokens, head_dim]`, contiguous, ready for attention), so a stage can gain or drop a layer's
 storage without touching the others, and a request's cache for any
 `(layer range, token range)` can be exported and imported as one contiguous tensor.
 """
@@ -55,15 +56,19 @@ class PagedKVCache:
             self.add_layer(layer)
         self._free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self.block_tables: dict[str, list[int]] = {}
+        # Reused gather buffers: a fresh multi-MB tensor per layer per step would cost page
+        # faults on every touch (glibc hands large blocks back to the OS on free).
+        self._gather_k = torch.empty(0, dtype=spec.dtype, device=self.device)
+        self._gather_v = torch.empty(0, dtype=spec.dtype, device=self.device)
 
     # ---- layers -------------------------------------------------------------------------
     def add_layer(self, layer: int) -> None:
-        shape = (self.num_blocks * self.spec.block_size, self.spec.n_kv_heads, self.spec.head_dim)
+        shape = (self.spec.n_kv_heads, self.num_blocks * self.spec.block_size, self.spec.head_dim)
         # Pages are touched only when written. Slot 0 is zeroed because padded attention
         # gathers read it (masked out, but NaN garbage would still poison the sum).
         for store in (self.k, self.v):
             store[layer] = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
-            store[layer][: self.spec.block_size].zero_()
+            store[layer][:, : self.spec.block_size].zero_()
 
     def drop_layer(self, layer: int) -> None:
         del self.k[layer], self.v[layer]
@@ -100,8 +105,23 @@ class PagedKVCache:
 
     # ---- data ---------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Stores K and V of tokens `[T, n_kv_heads, head_dim]` at their slots."""
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1))
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns K and V of `slots` as contiguous `[n_kv_heads, len(slots), head_dim]` tensors.
+
+        They live in buffers reused by the next call: use them before gathering again.
+        """
+        n = self.spec.n_kv_heads * slots.numel() * self.spec.head_dim
+        if self._gather_k.numel() < n:
+            self._gather_k = torch.empty(n, dtype=self.spec.dtype, device=self.device)
+            self._gather_v = torch.empty(n, dtype=self.spec.dtype, device=self.device)
+        shape = (self.spec.n_kv_heads, slots.numel(), self.spec.head_dim)
+        k = torch.index_select(self.k[layer], 1, slots, out=self._gather_k[:n].view(shape))
+        v = torch.index_select(self.v[layer], 1, slots, out=self._gather_v[:n].view(shape))
+        return k, v
 
     def export(self, request_id: str, layers: range, tokens: range) -> torch.Tensor:
         """Returns K and V of `(request, layers, tokens)` as one contiguous
@@ -112,8 +132,8 @@ class PagedKVCache:
             dtype=self.spec.dtype,
         )
         for i, layer in enumerate(layers):
-            out[0, i] = self.k[layer].index_select(0, slots)
-            out[1, i] = self.v[layer].index_select(0, slots)
+            out[0, i] = self.k[layer].index_select(1, slots).transpose(0, 1)
+            out[1, i] = self.v[layer].index_select(1, slots).transpose(0, 1)
         return out
 
     def import_(self, request_id: str, layers: range, tokens: range, kv: torch.Tensor) -> None:

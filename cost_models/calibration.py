@@ -12,11 +12,13 @@ Contract:
     save_calibration(path, arch, fits, dtype_bytes, points)    writes the JSON that
         cost_models.latency.load_efficiencies reads back.
 
-The fit: the roofline is n_layers * (max(F / (P c), B / (W m) + K / (W kv)) + o), with F the
+The fit: the roofline is n_layers * (combine(F / (P c), B / (W m) + K / (W kv)) + o), with F the
 FLOPs, B the weight and hidden-state bytes and K the KV-cache bytes of one layer. For every
 (c, m, kv) on a log grid the best overhead o >= 0 has a closed form (weighted least squares
 on relative error, so a 1 ms point counts as much as a 1 s one); the grid is then refined
-around the best cell. A tiny pull towards the defaults decides a factor the points cannot
+around the best cell. combine is max (compute and memory traffic overlap, as on GPUs) or
+the sum (one CPU core does both in turn); both are fitted and the better one kept. A tiny
+pull towards the defaults decides a factor the points cannot
 (compute when every point is memory-bound; kv follows m when no point has much KV).
 With one model, weight streaming (B / (W m)) and overhead (o) are both constant per layer,
 so noise can move time between m and o without changing any prediction for that model;
@@ -131,6 +133,7 @@ def _best_on_grid(
     kvs: np.ndarray,
     prior: Efficiency,
     fixed_overhead_s: float | None = None,
+    overlap: bool = True,
 ) -> tuple[float, float, float, float]:
     """Returns (c, m, kv, o) minimising the sum of squared relative errors over cs x ms x kvs."""
     n, y = pts.n_layers[:, None, None], pts.y[:, None, None]
@@ -139,7 +142,7 @@ def _best_on_grid(
     best: tuple[float, float, float, float, float] | None = None
     for kv in kvs:
         memory = pts.dense_s1[:, None, None] / ms[None, None, :] + pts.kv_s1[:, None, None] / kv
-        roof = np.maximum(compute, memory)  # (N, C, M)
+        roof = np.maximum(compute, memory) if overlap else compute + memory  # (N, C, M)
         # d/do sum(((roof + n o - y) / y)^2) = 0  ->  o = sum(n (y - roof) / y^2) / sum(n^2 / y^2)
         if fixed_overhead_s is None:
             o = np.sum(n * (y - roof) * w**2, axis=0) / np.sum((n * w) ** 2, axis=0)
@@ -186,15 +189,21 @@ def fit_efficiency(
     )
     prior = default_efficiency(device)
 
-    grid = np.geomspace(_GRID_LOW, _GRID_HIGH, _GRID_STEPS)
-    c, m, kv, o = _best_on_grid(pts, grid, grid, grid[::2], prior, overhead_s)
-    for span, steps in ((1.2, 21), (1.03, 21), (1.004, 11)):  # zoom in around the best cell
-        zoom = np.geomspace(1 / span, span, steps)
-        c, m, kv, o = _best_on_grid(pts, c * zoom, m * zoom, kv * zoom, prior, overhead_s)
-
-    eff = Efficiency(compute=c, memory=m, overhead_s=o, kv_memory=kv)
-    predicted = [predict_s(arch, device, p, dtype_bytes, eff) for p in points]
-    errors = np.abs(np.asarray(predicted) - pts.y) / pts.y * 100
+    # Whether the device overlaps compute with memory traffic is decided by the points too.
+    candidates = []
+    for overlap in (True, False):
+        grid = np.geomspace(_GRID_LOW, _GRID_HIGH, _GRID_STEPS)
+        c, m, kv, o = _best_on_grid(pts, grid, grid, grid[::2], prior, overhead_s, overlap)
+        for span, steps in ((1.2, 21), (1.03, 21), (1.004, 11)):  # zoom in around the best cell
+            zoom = np.geomspace(1 / span, span, steps)
+            c, m, kv, o = _best_on_grid(
+                pts, c * zoom, m * zoom, kv * zoom, prior, overhead_s, overlap
+            )
+        eff = Efficiency(compute=c, memory=m, overhead_s=o, kv_memory=kv, overlap=overlap)
+        predicted = np.asarray([predict_s(arch, device, p, dtype_bytes, eff) for p in points])
+        candidates.append((float(np.sum(((predicted - pts.y) / pts.y) ** 2)), eff, predicted))
+    _, eff, predicted = min(candidates, key=lambda c: c[0])
+    errors = np.abs(predicted - pts.y) / pts.y * 100
     return FitResult(device.name, eff, mape(predicted, pts.y), float(errors.max()), len(points))
 
 

@@ -102,7 +102,7 @@ def _nvml_devices() -> tuple[list[DiscoveredDevice], str]:
     try:
         import pynvml  # optional: the `nvidia-ml-py` package
     except ImportError:
-        return [], "pynvml not installed (pip install "pipeshift[gpu]")"
+        return [], "pynvml not installed (pip install 'pipeshift[gpu]')"
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:  # NVMLError_LibraryNotFound without a driver

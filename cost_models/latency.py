@@ -58,6 +58,9 @@ class Efficiency:
     memory: float = 0.8
     overhead_s: float = 25e-6
     kv_memory: float | None = None
+    # True: compute and memory traffic overlap, a layer takes the slower of the two (GPUs);
+    # False: they add up (one CPU core both streams the weights and does the math).
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.compute <= 0 or self.memory <= 0 or self.overhead_s < 0:
@@ -73,12 +76,13 @@ class Efficiency:
 
 # Defaults before calibration. GPUs: dense GEMMs reach ~60 % of peak, decode's weight
 # streaming ~80 % of bandwidth, ~25 us of kernel launches per layer (not measured here).
-# CPU workers: one `pipeshift calibrate` run of SmolLM2-135M fp32 on one core of the
-# project's 2-core dev machine (MAPE ~15 %, the machine was shared): ~0.2 ms of Python
-# dispatch per layer, and KV bytes ~10x dearer than weight bytes, since decode attention
-# gathers the paged cache and expands its KV heads before attending.
+# CPU workers: `pipeshift calibrate --repeats 5` on SmolLM2-135M fp32, one thread of the
+# project's 2-core dev machine (MAPE 7.2 % over batch 1-16 x context 128-4096 and three
+# prefills; docs/results.md): compute and memory time add up on one core, ~0.19 ms of
+# dispatch per layer, and KV bytes cost ~3.5x weight bytes (the paged cache is gathered
+# before attending). The catalog's CPU peak and bandwidth are guesses, hence factors > 1.
 GPU_EFFICIENCY = Efficiency(compute=0.6, memory=0.8, overhead_s=25e-6)
-CPU_EFFICIENCY = Efficiency(compute=0.85, memory=0.9, overhead_s=200e-6, kv_memory=0.1)
+CPU_EFFICIENCY = Efficiency(compute=1.23, memory=1.40, overhead_s=188e-6, kv_memory=0.39, overlap=False)
 
 
 def default_efficiency(device: DeviceKind) -> Efficiency:
@@ -95,6 +99,7 @@ def load_efficiencies(path: str | Path) -> dict[str, Efficiency]:
             memory=float(v["memory"]),
             overhead_s=float(v["overhead_s"]),
             kv_memory=None if v.get("kv_memory") is None else float(v["kv_memory"]),
+            overlap=bool(v.get("overlap", True)),
         )
         for name, v in raw["kinds"].items()
     }
@@ -117,7 +122,8 @@ def roofline_s(
     eff: Efficiency,
     kv_bytes: float = 0.0,
 ) -> float:
-    """Returns max(flops / (peak * compute), bytes / (bw * memory) + kv_bytes / (bw * kv)).
+    """Returns combine(flops / (peak * compute), bytes / (bw * memory) + kv_bytes / (bw * kv)),
+    where combine is max when the device overlaps compute and memory traffic, else the sum.
 
     n_bytes is the dense traffic (weights, hidden states); kv_bytes the KV-cache traffic.
     No per-layer overhead is added here.
@@ -125,7 +131,7 @@ def roofline_s(
     bandwidth = device.memory_bandwidth_bytes_per_s
     compute_s = flops / (device.peak_flops_per_s(dtype_bytes) * eff.compute)
     memory_s = n_bytes / (bandwidth * eff.memory) + kv_bytes / (bandwidth * eff.kv)
-    return max(compute_s, memory_s)
+    return max(compute_s, memory_s) if eff.overlap else compute_s + memory_s
 
 
 def layer_prefill_s(

@@ -54,7 +54,7 @@ def test_cache_built_from_budget_offers_that_many_blocks():
     n = spec.blocks_for_budget(5 * spec.block_bytes(2), 2)
     cache = PagedKVCache(spec, range(0, 2), n)
     assert cache.num_free_blocks == 5
-    assert cache.k[0].shape == (5 * 4, N_KV_HEADS, HEAD_DIM)
+    assert cache.k[0].shape == (N_KV_HEADS, 5 * 4, HEAD_DIM)  # head-major slots
     with pytest.raises(ValueError, match="at least one block"):
         PagedKVCache(spec, range(0, 2), spec.blocks_for_budget(0, 2))
 
@@ -131,8 +131,8 @@ def test_write_lands_at_the_slots_and_export_reads_it_back():
     cache.reserve("other", 5)
     kv = fill(cache, "a", range(0, 2), 10, seed=0)
     slots = cache.slots("a", torch.arange(10))
-    assert torch.equal(cache.k[1][slots], kv[0, 1])
-    assert torch.equal(cache.v[0][slots], kv[1, 0])
+    assert torch.equal(cache.k[1][:, slots].transpose(0, 1), kv[0, 1])
+    assert torch.equal(cache.v[0][:, slots].transpose(0, 1), kv[1, 0])
     assert torch.equal(cache.export("a", range(0, 2), range(0, 10)), kv)
     assert torch.equal(cache.export("a", range(1, 2), range(3, 7)), kv[:, 1:2, 3:7])
 
@@ -190,10 +190,10 @@ def test_add_layer_and_drop_layer():
     cache = make_cache(block_size=4, layers=range(0, 2), num_blocks=3)
     cache.add_layer(5)
     assert sorted(cache.k) == sorted(cache.v) == [0, 1, 5]
-    assert cache.k[5].shape == (3 * 4, N_KV_HEADS, HEAD_DIM)
+    assert cache.k[5].shape == (N_KV_HEADS, 3 * 4, HEAD_DIM)
     assert cache.k[5].dtype == torch.float32
     # Slot 0 is read (masked) by padded decode gathers, so it must not hold garbage.
-    assert torch.count_nonzero(cache.k[5][:4]) == 0 and torch.count_nonzero(cache.v[5][:4]) == 0
+    assert torch.count_nonzero(cache.k[5][:, :4]) == 0 and torch.count_nonzero(cache.v[5][:, :4]) == 0
 
     kv = fill(cache, "a", range(5, 6), 6, seed=4)
     assert torch.equal(cache.export("a", range(5, 6), range(0, 6)), kv)

@@ -74,3 +74,13 @@ def test_mape_and_measurement_validation():
     assert mape([1.1, 0.9], [1.0, 1.0]) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="phase"):
         Measurement("cpu", "train", 1, 1, 1, 1.0)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_fit_tells_overlapping_from_additive_devices(overlap):
+    """A GPU overlaps compute with memory traffic (max); one CPU core does them in turn (sum)."""
+    arch = get_model_arch("smollm2-135m")
+    true = Efficiency(compute=0.8, memory=0.9, overhead_s=100e-6, kv_memory=0.4, overlap=overlap)
+    fit = fit_efficiency(arch, get_device_kind("cpu"), _synthetic(arch, "cpu", true, dtype_bytes=4), 4)
+    assert fit.efficiency.overlap is overlap
+    assert fit.mape < 1.0
