@@ -34,6 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op instead of five
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -79,15 +81,15 @@ class Attention(nn.Module):
         meta: AttentionMetadata, kv: PagedKVCache,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(t, self.n_heads, self.head_dim)
-        k = k.view(t, self.n_kv_heads, self.head_dim)
-        v = v.contiguous().view(t, self.n_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin  # cos/sin: [T, 1, D]
-        k = k * cos + rotate_half(k) * sin
+        heads = self.qkv(x).view(t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        n_qk = self.n_heads + self.n_kv_heads
+        qk = heads[:, :n_qk]
+        qk = qk * cos + rotate_half(qk) * sin  # Q and K rotated together; cos/sin: [T, 1, D]
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        v = heads[:, n_qk:]
         kv.write(self.layer, meta.write_slots, k, v)
 
-        out = torch.empty_like(q)
+        out = torch.empty((t, self.n_heads, self.head_dim), dtype=q.dtype, device=q.device)
         for span in meta.prefills:
             q_r = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, Nh, n, D]
             if span.context_slots is None:  # no past: attend to the fresh keys, causally
