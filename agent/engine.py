@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -44,8 +45,10 @@ class EngineConfig:
     kv_cache_bytes: int = 256 << 20  # per stage
     block_size: int = 16
     threads_per_worker: int = 1
+    device: str = "cpu"  # worker device type (local mode runs CPU workers)
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
+    micro_batches: int | None = None  # in flight at once; None: see PipelineEngine.micro_batches
     host: str = "127.0.0.1"
     startup_timeout_s: float = 180.0
     ping_interval_s: float = 1.0
@@ -104,7 +107,7 @@ class PipelineEngine:
             raise
         capacity = min(s.num_blocks for s in self.stages)
         self.scheduler = Scheduler(
-            capacity, cfg.block_size, self.max_context, max_inflight=len(self.stages),
+            capacity, cfg.block_size, self.max_context, max_inflight=self.micro_batches(),
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
         )
         self._threads = [
@@ -115,6 +118,17 @@ class PipelineEngine:
         for thread in self._threads:
             thread.start()
         return self
+
+    def micro_batches(self) -> int:
+        """Returns how many micro-batches to keep in flight: one per stage, so every stage
+        works while the others do; but CPU workers share the machine's cores, and more
+        micro-batches than can run at once only make every stage re-read its weights."""
+        if self.config.micro_batches:
+            return self.config.micro_batches
+        if self.config.device == "cpu":
+            runnable = max(1, (os.cpu_count() or 1) // self.config.threads_per_worker)
+            return min(len(self.stages), runnable)
+        return len(self.stages)
 
     def _accept_workers(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

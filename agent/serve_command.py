@@ -54,6 +54,8 @@ def engine_config_from_args(args):
 
     if args.devices < 1:
         raise ValueError(f"--devices must be at least 1, got {args.devices}")
+    if args.micro_batches is not None and args.micro_batches < 1:
+        raise ValueError(f"--micro-batches must be at least 1, got {args.micro_batches}")
     if args.kv_cache_mb < 1:
         raise ValueError(f"--kv-cache-mb must be at least 1, got {args.kv_cache_mb}")
     return EngineConfig(

@@ -1,6 +1,6 @@
 """Engine benchmark: model runtime vs transformers, pipeline throughput, transport, memory.
 
-    python bench/engine.py [--threads 1] [--decode-steps 32] [--repeats 3] [--skip-pipeline]
+    python bench/engine.py [--threads 1] [--decode-steps 32] [--repeats 3] [--skip-runtime] [--skip-pipeline]
 
 Prints tables and writes bench/out/engine.json. All timings on the real SmolLM2-135M (fp32).
 """
@@ -152,7 +152,7 @@ def engine_run(n_devices: int, n_requests: int, max_tokens: int) -> dict[str, fl
         # part of what the deployment costs, so the total counts it too.
         fork_server = memory_breakdown(parent_pid(engine.workers[0].pid))["pss_bytes"]
         total_pss = sum(m["pss_bytes"] for m in memory) + fork_server
-        return {"devices": n_devices, "tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
+        return {"devices": n_devices, "micro_batches": engine.micro_batches(), "tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
                 "memory": memory, "fork_server_pss_bytes": fork_server, "total_pss_bytes": total_pss}
     finally:
         engine.stop()
@@ -168,20 +168,8 @@ def parent_pid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each runtime measurement")
-    parser.add_argument("--skip-pipeline", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from agent.loaders import resolve_model
-
-    source = resolve_model("smollm2-135m")
-    report: dict = {"machine": machine(), "threads": args.threads}
-
+def runtime_comparison(source, args) -> list[dict]:
+    """Returns (and prints) decode and prefill rates of our runtime and of transformers."""
     import transformers
 
     gguf = Path(source.path)
@@ -195,8 +183,6 @@ def main() -> None:
             runs["ours"].append(ours_decode_and_prefill(source, batch, args.prompt_len, args.decode_steps))
             runs["transformers"].append(transformers_decode_and_prefill(hf, batch, args.prompt_len, args.decode_steps))
         rows.append({"batch": batch, **{name: median_run(r) for name, r in runs.items()}})
-    report["runtime"] = rows
-    del hf
     print(f"\nModel runtime, {args.threads} thread(s), prompt {args.prompt_len} tokens, "
           f"{args.decode_steps} decode steps, median of {args.repeats} runs")
     print(f"{'batch':>5} | {'decode tok/s ours':>17} | {'transformers':>12} | {'speed-up':>8} | "
@@ -206,10 +192,29 @@ def main() -> None:
         print(f"{r['batch']:>5} | {o['decode_tok_s']:>17.1f} | {t['decode_tok_s']:>12.1f} | "
               f"{o['decode_tok_s'] / t['decode_tok_s']:>7.2f}x | {o['prefill_tok_s']:>18.1f} | "
               f"{t['prefill_tok_s']:>12.1f} | {o['prefill_tok_s'] / t['prefill_tok_s']:>7.2f}x")
+    return rows
 
-    hidden = 576
-    report["transport"] = transport_latency({"decode b8 hidden": (8, hidden),
-                                             "prefill 512 hidden": (512, hidden)})
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each runtime measurement")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-runtime", action="store_true", help="skip the comparison with transformers")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from agent.loaders import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    report: dict = {"machine": machine(), "threads": args.threads}
+
+    if not args.skip_runtime:
+        report["runtime"] = runtime_comparison(source, args)
+
+    report["transport"] = transport_latency({"decode b8 hidden": (8, source.arch.hidden_size),
+                                             "prefill 512 hidden": (512, source.arch.hidden_size)})
     print("\nPer-hop transport (gloo, two processes, loopback): one-way = half the median round trip")
     for label, t in report["transport"].items():
         print(f"  {label:<20} {t['bytes'] / 1024:>8.1f} KiB  {t['one_way_ms']:>7.3f} ms  "
@@ -220,7 +225,8 @@ def main() -> None:
         one, three = report["pipeline"][0], report["pipeline"][-1]
         print("\nPipeline throughput, 16 concurrent requests x 48 tokens (greedy)")
         for r in report["pipeline"]:
-            print(f"  {r['devices']} process(es): {r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['seconds']:.1f} s)")
+            print(f"  {r['devices']} process(es), {r['micro_batches']} micro-batch(es) in flight: "
+                  f"{r['tok_s']:.1f} tok/s ({r['tokens']} tokens in {r['seconds']:.1f} s)")
         print(f"  3 vs 1: {three['tok_s'] / one['tok_s']:.2f}x")
         print("\nResident memory per worker process (MiB): RSS counts shared libraries in every process; "
               "PSS splits them")
