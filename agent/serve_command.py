@@ -35,6 +35,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int =
     parser.add_argument(
         "--max-batch-size", type=int, default=32, help="requests per micro-batch, at most"
     )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches in flight (default: one per stage, at most one per free CPU core)",
+    )
 
 
 def register(subparsers) -> None:
