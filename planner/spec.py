@@ -79,7 +79,9 @@ class Workload(_Strict):
     request_rate_per_s: float = Field(1.0, gt=0)
     prompt_tokens: LengthDistribution | int | None = None
     output_tokens: LengthDistribution | int | None = None
-    trace: str | None = None  # CSV or JSONL with prompt_tokens, output_tokens per request
+    # CSV or JSONL with prompt_tokens, output_tokens per request (or Azure's ContextTokens,
+    # GeneratedTokens)
+    trace: str | None = None
     batch: int = Field(8, ge=1, le=4096)  # sequences per micro-batch
 
     @model_validator(mode="after")
@@ -184,6 +186,11 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
             rows = list(csv.DictReader(f))
     if not rows:
         raise SpecError([f"{path}: trace has no requests"])
+    # The Azure LLM inference traces name the columns ContextTokens / GeneratedTokens.
+    for row in rows:
+        for ours, theirs in (("prompt_tokens", "ContextTokens"), ("output_tokens", "GeneratedTokens")):
+            if ours not in row and theirs in row:
+                row[ours] = row[theirs]
 
     def dist(key: str) -> LengthDistribution:
         try:
