@@ -33,10 +33,10 @@ class StageLoop:
         self.busy_s = 0.0
         self.busy_since: float | None = None
         self.steps = 0
-        self.stopped = False
 
     def run(self) -> None:
-        while not self.stopped:
+        """Serves until a channel fails (a peer died, or the worker is shutting down)."""
+        while True:
             header, tensors = self.inbound.recv()
             self.busy_since = time.monotonic()
             try:
@@ -71,10 +71,6 @@ class StageLoop:
                 self.outbound.send(header)
         elif op == "error":
             self.outbound.send(header)
-        elif op == "stop":
-            self.stopped = True
-            if not self.stage.is_last:
-                self.outbound.send(header)
         else:
             self._pass_error(header, f"unknown op {op!r}")
 

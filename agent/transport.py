@@ -35,7 +35,8 @@ IDLE_TIMEOUT = timedelta(days=7)
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """How two processes find each other: store address, channel name, and which side is rank 0."""
+    """How two processes find each other: the store's address and the channel's name.
+    The sender takes rank 0 and the receiver rank 1."""
 
     store_host: str
     store_port: int
@@ -96,9 +97,6 @@ class Channel:
 
     def _recv(self, t: torch.Tensor) -> None:
         self._pg.recv([t], self.peer, 0).wait()
-
-    def close(self) -> None:
-        self._pg = None  # type: ignore[assignment]
 
 
 class ChannelStore:
