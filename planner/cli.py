@@ -13,6 +13,7 @@ COMMAND_MODULES = {
     "demo": "agent.demo_command",
     "plan": "planner.plan_command",
     "calibrate": "cost_models.calibrate_command",
+    "devices": "cost_models.devices_command",
 }
 
 
