@@ -31,7 +31,7 @@ from agent.loaders import resolve_model
 from agent.scheduler import MicroBatch, Scheduler
 from agent.sequence import Sequence, SequenceStatus
 from agent.stage_layout import check_stages, even_split
-from agent.tokenizer import Tokenizer
+from agent.tokenizer import load_tokenizer
 from agent.transport import Channel, ChannelStore
 
 log = logging.getLogger("pipeshift.engine")
@@ -78,7 +78,7 @@ class PipelineEngine:
         self.arch = self.source.arch
         self.model_name = self.source.name
         self.max_context = self.arch.max_context
-        self.tokenizer = Tokenizer.from_gguf(self.source.path)
+        self.tokenizer = load_tokenizer(self.source.format, self.source.path)
         layout = config.stages or even_split(self.arch.n_layers, config.n_devices)
         check_stages(layout, self.arch.n_layers, config.n_devices)
         self.stages = [StageInfo(i, i, s, e) for i, (s, e) in enumerate(layout)]

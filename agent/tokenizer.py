@@ -13,9 +13,11 @@ digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own toke
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -85,11 +87,14 @@ class Tokenizer:
         add_bos_token: bool = False,
         add_eos_token: bool = False,
         chat_template: str | None = None,
+        backend_adds_special: bool = False,
     ) -> None:
         self.backend = backend
         self.special = special
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
+        # A tokenizer.json carries its own post-processor (e.g. Llama 3's BOS template).
+        self.backend_adds_special = backend_adds_special
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
 
@@ -100,6 +105,37 @@ class Tokenizer:
         """`digit_split=None` follows the file's `tokenizer.ggml.pre`; False reproduces
         transformers' GGUF loader exactly (see `_DIGIT_SPLIT_BY_PRE`)."""
         return cls.from_metadata(read_tokenizer_metadata(path), digit_split=digit_split)
+
+    @classmethod
+    def from_hf_dir(cls, directory: str | os.PathLike[str]) -> Tokenizer:
+        """Loads `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template)
+        from a Hugging Face model directory."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{directory} has no tokenizer.json: save the model's tokenizer next to its weights"
+            )
+        backend = BackendTokenizer.from_file(str(path))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+
+        def token_id(key: str) -> int | None:
+            value = config.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            return backend.token_to_id(value) if isinstance(value, str) else None
+
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        special = SpecialIds(
+            bos=token_id("bos_token"),
+            eos=token_id("eos_token"),
+            pad=token_id("pad_token"),
+            unk=token_id("unk_token"),
+        )
+        return cls(backend, special, chat_template=template, backend_adds_special=True)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], *, digit_split: bool | None = None) -> Tokenizer:
@@ -198,6 +234,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; special-token strings inside it map to their ids."""
+        if self.backend_adds_special:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos_token and self.special.bos is not None:
@@ -297,3 +335,8 @@ class DetokenizeStream:
         # An empty window from here on: later ids must not be decoded with a partial character.
         self._prefix = self._read = len(self.ids)
         return text[len(prefix_text) :]
+
+
+def load_tokenizer(model_format: str, path: str | os.PathLike[str]) -> Tokenizer:
+    """Returns the tokenizer that ships with a model: GGUF metadata, or a HF directory's files."""
+    return Tokenizer.from_gguf(path) if model_format == "gguf" else Tokenizer.from_hf_dir(path)
