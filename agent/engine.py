@@ -399,8 +399,7 @@ class PipelineEngine:
         self.failure = reason
         log.error("pipeline down: %s", reason)
         for seq in list(self._seqs.values()):
-            if seq.inflight:
-                seq.inflight = False
+            seq.inflight = False
             self._finish(seq, "error", error=f"the pipeline is down: {reason}")
         self.scheduler.inflight.clear()
 

@@ -70,10 +70,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
-        self.split = [arch.q_size, arch.kv_size, arch.kv_size]
-        # Stored transposed ([in, out]) and fused: `x @ w` runs ~2x faster on CPU than
-        # F.linear's transposed-operand path at small batch.
-        self.qkv = Projection(arch.hidden_size, sum(self.split))
+        self.qkv = Projection(arch.hidden_size, arch.q_size + 2 * arch.kv_size)  # Q, K, V fused
         self.o = Projection(arch.q_size, arch.hidden_size)
 
     def forward(
@@ -137,17 +134,18 @@ class MLP(nn.Module):
 
 
 def pack_layer_weights(weights: dict[str, torch.Tensor], layers: range) -> dict[str, torch.Tensor]:
-    """Returns the module's tensors from loader tensors: per layer, Q/K/V and gate/up fused and
-    every projection transposed to [in, out]. Consumes `weights` as it goes to bound memory."""
+    """Returns the module's tensors from loader tensors: per layer, Q/K/V and gate/up fused, and
+    every projection as an [in, out] view of its [out, in] weight (`Projection.settle` then lays
+    it out once). Consumes `weights` as it goes to bound memory."""
     packed = dict(weights)
     for i in layers:
         p = f"layers.{i}."
         qkv = [packed.pop(f"{p}attn.{n}_proj.weight") for n in "qkv"]
-        packed[f"{p}attn.qkv.weight_t"] = torch.cat(qkv).t().contiguous()
-        packed[f"{p}attn.o.weight_t"] = packed.pop(f"{p}attn.o_proj.weight").t().contiguous()
+        packed[f"{p}attn.qkv.weight_t"] = torch.cat(qkv).t()
+        packed[f"{p}attn.o.weight_t"] = packed.pop(f"{p}attn.o_proj.weight").t()
         gate_up = [packed.pop(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up")]
-        packed[f"{p}mlp.gate_up.weight_t"] = torch.cat(gate_up).t().contiguous()
-        packed[f"{p}mlp.down.weight_t"] = packed.pop(f"{p}mlp.down_proj.weight").t().contiguous()
+        packed[f"{p}mlp.gate_up.weight_t"] = torch.cat(gate_up).t()
+        packed[f"{p}mlp.down.weight_t"] = packed.pop(f"{p}mlp.down_proj.weight").t()
         del qkv, gate_up
     weights.clear()
     return packed
@@ -209,17 +207,25 @@ class LlamaStage(nn.Module):
         stage.load_state_dict(tensors, strict=True, assign=True)
         stage.inv_freq = rope_inv_freq(arch)
         stage = stage.to(device).eval()
-        if prepack and torch.device(device).type == "cpu" and onednn_available():
-            for module in stage.modules():
-                if isinstance(module, Projection) and not (share_table and module is stage.head):
-                    module.prepack()
+        stage.settle_weights(prepack, keep_head_shared=share_table)
         return stage
+
+    def settle_weights(self, prepack: bool = True, keep_head_shared: bool = False) -> None:
+        """Lays every projection out for the forward pass (oneDNN-packed on CPU when `prepack`).
+
+        A head that shares the embedding table (`keep_head_shared`) stays a view of it.
+        """
+        device = next(self.buffers()).device
+        use_onednn = prepack and device.type == "cpu" and onednn_available()
+        for module in self.modules():
+            if isinstance(module, Projection) and not (keep_head_shared and module is getattr(self, "head", None)):
+                module.settle(use_onednn)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this stage holds (prepacked projections included)."""
         dense = sum(p.numel() * p.element_size() for p in {p.untyped_storage().data_ptr(): p for p in self.parameters()}.values())
-        packed = sum(m.weight_bytes for m in self.modules() if isinstance(m, Projection) and m._packed is not None)
+        packed = sum(m.packed_bytes for m in self.modules() if isinstance(m, Projection))
         quantized = self.embed.q8_0.numel() if isinstance(self.embed, Q8Embedding) else 0
         return dense + packed + quantized
 

@@ -9,19 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import sys
-
-
-def rss_bytes(pid: int | None = None) -> int:
-    """Returns the resident set size of `pid` (default: this process) in bytes."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        if pid is not None:
-            raise
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_breakdown(pid: int | None = None) -> dict[str, int]:

@@ -1,9 +1,9 @@
 """A weight projection `y = x @ W.T`, stored in the layout the CPU runs fastest.
 
-Dense layout keeps `W.T` contiguous ([in, out]): `x @ w` avoids the transposed-operand GEMM
-path, ~1.2x faster than `F.linear` at batch 8 on CPU. On CPUs with oneDNN, `prepack()`
-reorders the weight into oneDNN's blocked layout once, so no GEMM re-packs it per call:
-another ~1.3x at batch 8, since decode at small batch is bound by reading weights.
+Loaded as an [in, out] view of W; `settle()` then lays it out once. On CPUs with oneDNN it
+reorders W into oneDNN's blocked layout, so no GEMM re-packs it per call (~1.3x at batch 8:
+decode at small batch is bound by reading weights). Otherwise it keeps `W.T` contiguous:
+`x @ w` avoids the transposed-operand GEMM path, ~1.2x faster than `F.linear` at batch 8.
 """
 
 from __future__ import annotations
@@ -25,20 +25,19 @@ class Projection(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self._packed: torch.Tensor | None = None
+        self.packed_bytes = 0  # bytes held in oneDNN's layout (not a parameter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         return x @ self.weight_t
 
-    def prepack(self) -> None:
-        """Moves the weight into oneDNN's blocked layout (CPU, float32); frees the dense copy."""
-        weight = self.weight_t.detach().t().contiguous()  # [out, in], what oneDNN expects
+    def settle(self, onednn: bool) -> None:
+        """Lays the weight out once: oneDNN-packed (CPU, float32), else [in, out] contiguous."""
+        if not onednn or self.weight_t.dtype != torch.float32:
+            self.weight_t = nn.Parameter(self.weight_t.detach().contiguous(), requires_grad=False)
+            return
+        weight = self.weight_t.detach().t().contiguous()  # [out, in]: what oneDNN expects; no copy
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_BATCH_HINT)
+        self.packed_bytes = weight.numel() * weight.element_size()
         self.weight_t = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.in_features * self.out_features * 4 if self._packed is not None else (
-            self.weight_t.numel() * self.weight_t.element_size()
-        )

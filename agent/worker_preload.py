@@ -24,6 +24,7 @@ def warm_up() -> None:
     arch = ModelArch("warm-up", n_layers=2, hidden_size=64, ffn_size=128, n_heads=2, n_kv_heads=1,
                      vocab_size=64, max_context=64)
     stage = LlamaStage(arch, 0, 2).eval()
+    stage.settle_weights()
     kv = PagedKVCache(KVCacheSpec(16, arch.n_kv_heads, arch.head_dim), stage.layer_range, 4)
     meta = build_attention_metadata(kv, ["a", "b"], [0, 0], [8, 1])
     stage.logits(stage(torch.zeros(9, dtype=torch.long), meta, kv))

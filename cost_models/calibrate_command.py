@@ -76,6 +76,7 @@ def _build_stage(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any, str]:
     else:
         torch.manual_seed(0)
         stage = LlamaStage(arch, start, end).to(device=args.device, dtype=dtype).eval()
+        stage.settle_weights()  # the layout the engine runs on
         origin = "random weights (timing does not depend on the values)"
     return stage, arch, origin
 
