@@ -7,6 +7,9 @@ Contract (the planner and the diff planner import these names):
         src None means "load from the checkpoint on disk into dst"
     kv_move_bytes(arch, n_tokens, n_layers, dtype_bytes=2)                     -> int
     kv_move_s(arch, n_tokens, n_layers, src, dst, same_node, dtype_bytes=2)    -> float
+    relayout_s(n_bytes, dev)                                                   -> float
+        host-side passes over weights a live move adds (out of the holder's layout, into
+        the receiver's); add it to a weight move's time when it happens on a busy device
 
 Peer to peer: latency + bytes / link bandwidth (cost_models/transfer.py).
 From disk:    DISK_LATENCY_S + bytes / min(disk bandwidth, dst's host link) - the read
@@ -45,6 +48,18 @@ def disk_load_s(
         return 0.0
     bandwidth = min(disk_bandwidth_bytes_per_s, dst.host_link_bandwidth_bytes_per_s)
     return DISK_LATENCY_S + n_bytes / bandwidth
+
+
+# A weight moved between live workers is read out of the holder's layout (a dense copy),
+# then joined and reordered into the receiver's (oneDNN blocked on CPU): about three reads and
+# three writes of its bytes. On one CPU core that is ~7 ms per 14 MiB layer, more than the
+# loopback transfer itself (~5 ms).
+RELAYOUT_PASSES = 6
+
+
+def relayout_s(n_bytes: float, dev: DeviceKind) -> float:
+    """Returns seconds of host-side copying a live weight move adds: passes * bytes / memory bw."""
+    return RELAYOUT_PASSES * n_bytes / dev.memory_bandwidth_bytes_per_s
 
 
 def bytes_move_s(

@@ -29,6 +29,38 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
+def min_cost_assignment(costs: Sequence[Sequence[int]]) -> list[int]:
+    """Returns the column of each row that minimises the summed cost, each column used once.
+
+    Rows are things to place, columns the devices they can go to (`len(rows) <= len(columns)`;
+    spare columns stay unused). Costs are integers. Among assignments of equal cost the one
+    with the smallest sum of column indices wins, so the answer is deterministic: each real
+    row's arc costs `cost * scale + column`, with `scale` larger than any sum of column
+    indices (and the solver itself is deterministic). OR-Tools' linear sum assignment on the
+    square matrix padded with zero-cost rows (a padding row is a device left idle). Raises
+    ValueError for more rows than columns.
+    """
+    n_rows = len(costs)
+    n_cols = len(costs[0]) if costs else 0
+    if n_rows == 0:
+        return []
+    if any(len(row) != n_cols for row in costs):
+        raise ValueError(f"every row needs {n_cols} costs, one per column")
+    if n_rows > n_cols:
+        raise ValueError(f"{n_rows} things to place on {n_cols} devices: give at least {n_rows}")
+    scale = max(4096, n_cols * n_cols)  # a sum of distinct column indices is < n_cols**2
+    solver = linear_sum_assignment.SimpleLinearSumAssignment()
+    for r in range(n_cols):
+        for c in range(n_cols):
+            solver.add_arc_with_cost(r, c, int(costs[r][c]) * scale + c if r < n_rows else 0)
+    status = solver.solve()
+    if status != solver.OPTIMAL:
+        raise RuntimeError(
+            f"min-cost assignment of {n_rows} rows to {n_cols} columns failed ({status})"
+        )
+    return [solver.right_mate(r) for r in range(n_rows)]
+
+
 def assign_devices(
     problem: PlanningProblem, slots: Sequence[Sequence[StageSlot]], taken: set[str]
 ) -> list[list[tuple[str, int, int]]]:
@@ -44,22 +76,13 @@ def assign_devices(
             have = [d for d in free if d.kind == kind]
             if not want:
                 continue
-            n = len(have)  # >= len(want): the master respected the counts
-            solver = linear_sum_assignment.SimpleLinearSumAssignment()
-            for r in range(n):
-                for c, dev in enumerate(have):
-                    if r < len(want):
-                        i, j = want[r]
-                        _, s, e = slots[i][j]
-                        cost = (e - s) - _overlap((s, e), held.get(dev.name, (0, 0)))
-                    else:
-                        cost = 0  # padding rows: a device left idle
-                    solver.add_arc_with_cost(r, c, cost * 4096 + c)  # + c: deterministic ties
-            if solver.solve() != solver.OPTIMAL:
-                raise RuntimeError("device assignment failed")
-            for r, (i, j) in enumerate(want):
+            costs = [
+                [(e - s) - _overlap((s, e), held.get(dev.name, (0, 0))) for dev in have]
+                for _, s, e in (slots[i][j] for i, j in want)
+            ]
+            for (i, j), c in zip(want, min_cost_assignment(costs), strict=True):
                 _, s, e = slots[i][j]
-                out[i][j] = (have[solver.right_mate(r)].name, s, e)
+                out[i][j] = (have[c].name, s, e)
         return out
     used: set[str] = set()
     for i, p in enumerate(slots):
