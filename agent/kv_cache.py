@@ -1,18 +1,29 @@
-"""A paged KV cache for the layers of one stage.
+"""A paged KV cache for the layers one worker holds.
 
 Fixed-size blocks of `block_size` token slots; each request owns a block table (the same
-block ids for every layer of the stage). K and V live per layer as head-major slot arrays
+block ids for every layer of the worker). K and V live per layer as head-major slot arrays
 `[n_kv_heads, num_blocks * block_size, head_dim]` (gathering a batch's slots then yields
-`[n_kv_heads, tokens, head_dim]`, contiguous, ready for attention), so a stage can gain or drop a layer's
-storage without touching the others, and a request's cache for any
+`[n_kv_heads, tokens, head_dim]`, contiguous, ready for attention), so a worker can gain or
+drop a layer's storage without touching the others, and a request's cache for any
 `(layer range, token range)` can be exported and imported as one contiguous tensor.
+
+The pool resizes live (`resize`): a worker that gains layers shrinks it to make room, one
+that loses layers grows it. Shrinking moves only the in-use blocks that lie past the new end
+into free blocks below it; the memory past the end goes back to the OS (see
+`agent/reserved_memory.py`). Every in-flight block survives.
+
+Block bookkeeping is guarded by a lock: the stage loops and the migration threads of a
+worker (KV import, export) reserve and free concurrently.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
+
+from agent.reserved_memory import SlotTensor
 
 
 class CacheFullError(RuntimeError):
@@ -44,14 +55,25 @@ class KVCacheSpec:
 
 
 class PagedKVCache:
-    def __init__(self, spec: KVCacheSpec, layers: range, num_blocks: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        layers: range,
+        num_blocks: int,
+        device: torch.device | str = "cpu",
+        max_blocks: int | None = None,
+    ):
+        """`max_blocks` is the most the pool may ever grow to (default `num_blocks`)."""
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block; raise the memory budget")
         self.spec = spec
         self.num_blocks = num_blocks
+        self.max_blocks = max(num_blocks, max_blocks or num_blocks)
         self.device = torch.device(device)
-        self.k: dict[int, torch.Tensor] = {}
+        self._storage: dict[int, tuple[SlotTensor, SlotTensor]] = {}
+        self.k: dict[int, torch.Tensor] = {}  # views of the slots in use, per layer
         self.v: dict[int, torch.Tensor] = {}
+        self._lock = threading.RLock()
         for layer in layers:
             self.add_layer(layer)
         self._free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
@@ -62,46 +84,117 @@ class PagedKVCache:
         self._gather_v = torch.empty(0, dtype=spec.dtype, device=self.device)
 
     # ---- layers -------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.k)
+
     def add_layer(self, layer: int) -> None:
-        shape = (self.spec.n_kv_heads, self.num_blocks * self.spec.block_size, self.spec.head_dim)
-        # Pages are touched only when written. Slot 0 is zeroed because padded attention
-        # gathers read it (masked out, but NaN garbage would still poison the sum).
-        for store in (self.k, self.v):
-            store[layer] = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
-            store[layer][:, : self.spec.block_size].zero_()
+        """Gives `layer` storage for every block of the pool."""
+        bs = self.spec.block_size
+        pair = tuple(
+            SlotTensor(self.spec.n_kv_heads, self.max_blocks * bs, self.spec.head_dim,
+                       self.spec.dtype, self.device)
+            for _ in range(2)
+        )
+        for store in pair:
+            store.resize(self.num_blocks * bs)
+            # Slot 0 is read (masked) by padded decode gathers: NaN garbage would poison the sum.
+            store.view()[:, :bs].zero_()
+        with self._lock:
+            self._storage[layer] = pair
+            self.k[layer], self.v[layer] = pair[0].view(), pair[1].view()
 
     def drop_layer(self, layer: int) -> None:
-        del self.k[layer], self.v[layer]
+        with self._lock:
+            del self.k[layer], self.v[layer], self._storage[layer]
 
     # ---- blocks -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
         return len(self._free_blocks)
 
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free_blocks)
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes the pool may fill: every block of every layer."""
+        return self.num_blocks * self.spec.block_bytes(len(self.k))
+
     def reserve(self, request_id: str, n_tokens: int) -> None:
         """Makes sure `request_id` owns enough blocks for token positions `[0, n_tokens)`."""
-        table = self.block_tables.setdefault(request_id, [])
-        missing = self.spec.blocks_for_tokens(n_tokens) - len(table)
-        if missing > len(self._free_blocks):
-            if not table:
-                del self.block_tables[request_id]
-            raise CacheFullError(
-                f"request {request_id} needs {missing} more KV blocks; {len(self._free_blocks)} free"
-            )
-        for _ in range(missing):
-            table.append(self._free_blocks.pop())
+        with self._lock:
+            table = self.block_tables.setdefault(request_id, [])
+            missing = self.spec.blocks_for_tokens(n_tokens) - len(table)
+            if missing > len(self._free_blocks):
+                if not table:
+                    del self.block_tables[request_id]
+                raise CacheFullError(
+                    f"request {request_id} needs {missing} more KV blocks; {len(self._free_blocks)} free"
+                )
+            for _ in range(missing):
+                table.append(self._free_blocks.pop())
 
     def free(self, request_id: str) -> int:
         """Returns the blocks of `request_id` to the free list; returns how many."""
-        table = self.block_tables.pop(request_id, [])
-        self._free_blocks.extend(reversed(table))
-        return len(table)
+        with self._lock:
+            table = self.block_tables.pop(request_id, [])
+            self._free_blocks.extend(reversed(table))
+            return len(table)
 
     def slots(self, request_id: str, positions: torch.Tensor) -> torch.Tensor:
         """Returns the flat slot index of each token position of `request_id`."""
-        table = torch.tensor(self.block_tables[request_id], dtype=torch.long)
+        with self._lock:
+            table = torch.tensor(self.block_tables[request_id], dtype=torch.long)
         bs = self.spec.block_size
         return table[positions // bs] * bs + positions % bs
+
+    def resize(self, num_blocks: int) -> int:
+        """Makes the pool `num_blocks` blocks, keeping every block in use; returns how many
+        in-use blocks moved. The caller makes sure no step reads the cache meanwhile."""
+        with self._lock:
+            if num_blocks < max(1, self.num_used_blocks):
+                raise CacheFullError(
+                    f"cannot shrink the KV pool to {num_blocks} blocks: {self.num_used_blocks} are in use"
+                )
+            if num_blocks > self.max_blocks:
+                raise ValueError(f"the pool can grow to {self.max_blocks} blocks, not {num_blocks}")
+            moved = self._compact_below(num_blocks) if num_blocks < self.num_blocks else 0
+            bs = self.spec.block_size
+            for layer, (k, v) in self._storage.items():
+                k.resize(num_blocks * bs)
+                v.resize(num_blocks * bs)
+                self.k[layer], self.v[layer] = k.view(), v.view()
+            if num_blocks > self.num_blocks:
+                self._free_blocks[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)
+            else:
+                self._free_blocks = [b for b in self._free_blocks if b < num_blocks]
+            self.num_blocks = num_blocks
+            return moved
+
+    def _compact_below(self, limit: int) -> int:
+        """Moves in-use blocks at or past `limit` into free blocks below it; returns how many."""
+        spare = sorted(b for b in self._free_blocks if b < limit)
+        moves: dict[int, int] = {}
+        for table in self.block_tables.values():
+            for i, block in enumerate(table):
+                if block >= limit:
+                    moves[block] = table[i] = spare.pop(0)
+        if moves:
+            bs = self.spec.block_size
+            src = torch.tensor(list(moves), dtype=torch.long)
+            dst = torch.tensor(list(moves.values()), dtype=torch.long)
+            offsets = torch.arange(bs)
+            src_slots = (src.unsqueeze(1) * bs + offsets).flatten().to(self.device)
+            dst_slots = (dst.unsqueeze(1) * bs + offsets).flatten().to(self.device)
+            for k, v in self._storage.values():
+                for store in (k.full, v.full):
+                    store.index_copy_(1, dst_slots, store.index_select(1, src_slots))
+            taken = set(moves.values())
+            self._free_blocks = [b for b in self._free_blocks if b not in taken]
+            self._free_blocks.extend(moves)
+        return len(moves)
 
     # ---- data ---------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

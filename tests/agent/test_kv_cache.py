@@ -204,3 +204,61 @@ def test_add_layer_and_drop_layer():
     assert torch.equal(cache.k[1], before)  # other layers keep their storage
     with pytest.raises(KeyError):
         cache.export("a", range(0, 1), range(0, 6))
+
+
+# ---- live resize --------------------------------------------------------------------------
+def test_shrink_moves_only_blocks_past_the_end_and_keeps_every_request_intact():
+    layers = range(0, 2)
+    cache = PagedKVCache(KVCacheSpec(4, N_KV_HEADS, HEAD_DIM), layers, 8, max_blocks=16)
+    kv = {rid: fill(cache, rid, layers, n, seed=i) for i, (rid, n) in enumerate([("a", 6), ("b", 9), ("c", 3)])}
+    cache.free("a")  # blocks 0-1 free, b holds 2-4, c holds 5
+    assert cache.block_tables == {"b": [2, 3, 4], "c": [5]}
+    moved = cache.resize(4)
+    assert moved == 2  # blocks 4 and 5 moved into the free 0 and 1; 2 and 3 stayed
+    assert cache.num_blocks == 4 and cache.num_free_blocks == 0
+    assert all(b < 4 for t in cache.block_tables.values() for b in t)
+    assert cache.block_tables["b"][:2] == [2, 3]
+    assert cache.k[0].shape == (N_KV_HEADS, 16, HEAD_DIM)
+    for rid in ("b", "c"):
+        n = kv[rid].shape[2]
+        assert torch.equal(cache.export(rid, layers, range(0, n)), kv[rid])
+
+
+def test_shrink_below_the_blocks_in_use_raises_and_changes_nothing():
+    cache = PagedKVCache(KVCacheSpec(4, N_KV_HEADS, HEAD_DIM), range(0, 1), 8, max_blocks=8)
+    kv = fill(cache, "a", range(0, 1), 12, seed=0)  # 3 blocks
+    with pytest.raises(CacheFullError, match="3 are in use"):
+        cache.resize(2)
+    assert cache.num_blocks == 8 and cache.num_free_blocks == 5
+    assert torch.equal(cache.export("a", range(0, 1), range(0, 12)), kv)
+
+
+def test_grow_adds_free_blocks_up_to_the_reserved_maximum():
+    cache = PagedKVCache(KVCacheSpec(4, N_KV_HEADS, HEAD_DIM), range(0, 1), 2, max_blocks=6)
+    kv = fill(cache, "a", range(0, 1), 8, seed=0)
+    assert cache.num_free_blocks == 0
+    cache.resize(6)
+    assert cache.num_free_blocks == 4 and cache.k[0].shape == (N_KV_HEADS, 24, HEAD_DIM)
+    cache.reserve("b", 16)
+    assert sorted(cache.block_tables["b"]) == [2, 3, 4, 5]
+    assert torch.equal(cache.export("a", range(0, 1), range(0, 8)), kv)
+    with pytest.raises(ValueError, match="grow to 6 blocks"):
+        cache.resize(7)
+
+
+def test_shrinking_hands_the_pool_memory_back_to_the_os():
+    from agent.process_memory import memory_breakdown
+
+    spec = KVCacheSpec(16, 4, 64)  # 8 KiB per block per layer (K and V)
+    cache = PagedKVCache(spec, range(0, 4), 4096, max_blocks=4096)  # 128 MiB of pool
+    before = memory_breakdown()["rss_bytes"]
+    for layer in range(4):  # touch every page
+        cache.k[layer].fill_(1.0)
+        cache.v[layer].fill_(1.0)
+    touched = memory_breakdown()["rss_bytes"]
+    assert touched - before > 100 << 20
+    cache.resize(16)
+    released = memory_breakdown()["rss_bytes"]
+    assert touched - released > 100 << 20
+    cache.resize(4096)  # growing back costs nothing until written
+    assert memory_breakdown()["rss_bytes"] - released < 8 << 20
