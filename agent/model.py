@@ -169,10 +169,11 @@ class LlamaStage(nn.Module):
 
     def __init__(self, arch: ModelArch, start: int, end: int, quantized_embedding: bool = False):
         super().__init__()
-        if not 0 <= start < end <= arch.n_layers:
+        if not 0 <= start <= end <= arch.n_layers:
             raise ValueError(f"stage [{start}, {end}) is not inside the model's {arch.n_layers} layers")
         self.arch, self.start, self.end = arch, start, end
-        self.is_first, self.is_last = start == 0, end == arch.n_layers
+        # An empty stage (start == end) is a spare device's: no layers yet, no embedding, no head.
+        self.is_first, self.is_last = start == 0 < end, start < end == arch.n_layers
         self.embed: nn.Module | None = None
         if self.is_first:
             embedding = Q8Embedding if quantized_embedding else nn.Embedding
@@ -180,6 +181,8 @@ class LlamaStage(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(arch, i) if start <= i < end else nn.Identity() for i in range(arch.n_layers)
         )
+        self.norm: nn.Module | None = None
+        self.head: nn.Module | None = None
         if self.is_last:
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
             self.head = Projection(arch.hidden_size, arch.vocab_size)
@@ -221,6 +224,25 @@ class LlamaStage(nn.Module):
             if isinstance(module, Projection) and not (keep_head_shared and module is getattr(self, "head", None)):
                 module.settle(use_onednn)
 
+    def part_bytes(self) -> dict[str, int | None]:
+        """Returns bytes held for one decoder layer, the embedding and the norm/head (None
+        for a part this stage does not hold): what moving each part costs."""
+
+        def held(module: nn.Module | None) -> int | None:
+            if module is None or isinstance(module, nn.Identity):
+                return None
+            tensors = {t.untyped_storage().data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+            dense = sum(t.numel() * t.element_size() for t in tensors.values())
+            return dense + sum(m.packed_bytes for m in module.modules() if isinstance(m, Projection))
+
+        layers = self.held_layers
+        head = held(self.head) if self.has_head else None
+        return {
+            "layer": held(self.layers[layers[0]]) if layers else None,
+            "embed": held(self.embed),
+            "head": None if head is None else head + held(self.norm),
+        }
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this stage holds (prepacked projections included)."""
@@ -233,21 +255,118 @@ class LlamaStage(nn.Module):
     def layer_range(self) -> range:
         return range(self.start, self.end)
 
+    # ---- gaining and losing parts in place ----------------------------------------------
+    @property
+    def held_layers(self) -> list[int]:
+        return [i for i, m in enumerate(self.layers) if isinstance(m, DecoderLayer)]
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def has_head(self) -> bool:
+        return getattr(self, "head", None) is not None
+
+    def install(
+        self, tensors: dict[str, torch.Tensor], layers: range, embed: bool = False,
+        head: bool = False, prepack: bool = True,
+    ) -> None:
+        """Adopts `layers` (and the embedding, the norm/head when asked) from loader-named
+        tensors (see agent/loaders), laid out as `from_weights` would; consumes `tensors`."""
+        device = self.inv_freq.device
+        onednn = prepack and device.type == "cpu" and onednn_available()
+        packed = pack_layer_weights(tensors, layers)
+        for i in layers:
+            prefix = f"layers.{i}."
+            with torch.device("meta"):
+                layer = DecoderLayer(self.arch, i)
+            state = {k[len(prefix):]: packed.pop(k) for k in [k for k in packed if k.startswith(prefix)]}
+            layer.load_state_dict(state, strict=True, assign=True)
+            layer = layer.to(device).eval()
+            for module in layer.modules():
+                if isinstance(module, Projection):
+                    module.settle(onednn)
+            self.layers[i] = layer
+        if embed:
+            if "embed.q8_0" in packed:
+                with torch.device("meta"):
+                    table = Q8Embedding(self.arch.vocab_size, self.arch.hidden_size)
+                table.load_state_dict({"q8_0": packed.pop("embed.q8_0")}, assign=True)
+            else:
+                with torch.device("meta"):
+                    table = nn.Embedding(self.arch.vocab_size, self.arch.hidden_size)
+                weight = packed["embed.weight"] if head and self.arch.tie_embeddings else packed.pop("embed.weight")
+                table.load_state_dict({"weight": weight}, assign=True)
+            self.embed = table.to(device).eval()
+        if head:
+            norm = RMSNorm(self.arch.hidden_size, self.arch.rms_norm_eps)
+            norm.load_state_dict({"weight": packed.pop("norm.weight")}, assign=True)
+            with torch.device("meta"):
+                projection = Projection(self.arch.hidden_size, self.arch.vocab_size)
+            table = packed.pop("embed.weight" if self.arch.tie_embeddings else "lm_head.weight")
+            projection.load_state_dict({"weight_t": table.t()}, assign=True)
+            projection.settle(onednn)
+            self.norm, self.head = norm.to(device).eval(), projection.to(device)
+        packed.clear()
+
+    def remove(self, layers: range | list[int], embed: bool = False, head: bool = False) -> None:
+        """Empties the placeholders of `layers` (and drops the embedding, the norm/head)."""
+        for i in layers:
+            self.layers[i] = nn.Identity()
+        if embed:
+            self.embed = None
+        if head:
+            self.norm = self.head = None
+
+    def export(self, layers: range, embed: bool = False, head: bool = False) -> dict[str, torch.Tensor]:
+        """Returns loader-named tensors of `layers` (and the embedding, the norm/head), as
+        `install` takes them: what a peer sends to a device that gains these parts."""
+        out: dict[str, torch.Tensor] = {}
+        for i in layers:
+            layer = self.layers[i]
+            if not isinstance(layer, DecoderLayer):
+                raise KeyError(f"this stage does not hold layer {i}")
+            p = f"layers.{i}."
+            out[f"{p}attn_norm.weight"] = layer.attn_norm.weight.detach()
+            out[f"{p}mlp_norm.weight"] = layer.mlp_norm.weight.detach()
+            qkv = layer.attn.qkv.dense_weight()
+            q, k, v = qkv.split([self.arch.q_size, self.arch.kv_size, self.arch.kv_size])
+            out[f"{p}attn.q_proj.weight"], out[f"{p}attn.k_proj.weight"] = q, k
+            out[f"{p}attn.v_proj.weight"] = v
+            out[f"{p}attn.o_proj.weight"] = layer.attn.o.dense_weight()
+            gate, up = layer.mlp.gate_up.dense_weight().chunk(2)
+            out[f"{p}mlp.gate_proj.weight"], out[f"{p}mlp.up_proj.weight"] = gate, up
+            out[f"{p}mlp.down_proj.weight"] = layer.mlp.down.dense_weight()
+        if embed:
+            if isinstance(self.embed, Q8Embedding):
+                out["embed.q8_0"] = self.embed.q8_0
+            else:
+                out["embed.weight"] = self.embed.weight.detach()
+        if head:
+            out["norm.weight"] = self.norm.weight.detach()
+            out["embed.weight" if self.arch.tie_embeddings else "lm_head.weight"] = self.head.dense_weight()
+        return out
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         return emb.cos(), emb.sin()
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
-        """Returns the hidden states [T, H] after this stage's layers.
+    def forward(
+        self, inputs: torch.Tensor, meta: AttentionMetadata, kv: PagedKVCache,
+        layers: range | None = None,
+    ) -> torch.Tensor:
+        """Returns the hidden states [T, H] after `layers` (default: the stage's range).
 
-        `inputs` is token ids [T] on the first stage, hidden states [T, H] elsewhere.
+        `inputs` is token ids [T] when `layers` starts at 0, hidden states [T, H] elsewhere.
         """
-        h = self.embed(inputs) if self.is_first else inputs
+        layers = self.layer_range if layers is None else layers
+        h = self.embed(inputs) if layers.start == 0 else inputs
         cos, sin = self.rope(meta.positions)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        for i in self.layer_range:
+        for i in layers:
             h = self.layers[i](h, cos, sin, meta, kv)
         return h
 

@@ -32,6 +32,12 @@ class Projection(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         return x @ self.weight_t
 
+    def dense_weight(self) -> torch.Tensor:
+        """Returns W as a plain [out, in] tensor, whatever layout it is stored in."""
+        if self._packed is not None:
+            return self._packed.to_dense()
+        return self.weight_t.detach().t()
+
     def settle(self, onednn: bool) -> None:
         """Lays the weight out once: oneDNN-packed (CPU, float32), else [in, out] contiguous."""
         if not onednn or self.weight_t.dtype != torch.float32:

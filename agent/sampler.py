@@ -41,6 +41,16 @@ class Sampler:
             tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(rid, p.get("seed"))))
         return tokens
 
+    def export_states(self, request_ids: list[str]) -> dict[str, torch.Tensor]:
+        """Returns the generator state of each request that has one (a seeded or sampled
+        request whose last stage moves takes its random stream along)."""
+        return {rid: self._generators[rid].get_state() for rid in request_ids if rid in self._generators}
+
+    def import_state(self, request_id: str, state: torch.Tensor) -> None:
+        gen = torch.Generator()
+        gen.set_state(state)
+        self._generators[request_id] = gen
+
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._generators.pop(rid, None)

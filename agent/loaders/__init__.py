@@ -21,17 +21,26 @@ def stage_needs_embedding(source: ModelSource, start: int, end: int) -> bool:
     return start == 0 or (end == arch.n_layers and arch.tie_embeddings)
 
 
+def load_weights(
+    source: ModelSource, layers: range, embed: bool = False, head: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Returns the tensors of `layers`, plus the embedding and the norm/head when asked,
+    reading nothing else from the file."""
+    if source.format == "gguf":
+        from agent.loaders.gguf_loader import load_gguf_weights
+
+        return load_gguf_weights(Path(source.path), source.arch, layers, embed, head, dtype)
+    from agent.loaders.safetensors_loader import load_safetensors_weights
+
+    return load_safetensors_weights(Path(source.path), source.arch, layers, embed, head, dtype)
+
+
 def load_stage_weights(
     source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Returns the stage's tensors, reading only those of its layers from the file."""
-    if source.format == "gguf":
-        from agent.loaders.gguf_loader import load_gguf_stage
-
-        return load_gguf_stage(Path(source.path), source.arch, start, end, dtype)
-    from agent.loaders.safetensors_loader import load_safetensors_stage
-
-    return load_safetensors_stage(Path(source.path), source.arch, start, end, dtype)
+    """Returns the stage's tensors: its layers, the embedding if first, norm/head if last."""
+    return load_weights(source, range(start, end), start == 0, end == source.arch.n_layers, dtype)
 
 
-__all__ = ["ModelSource", "resolve_model", "load_stage_weights", "stage_needs_embedding"]
+__all__ = ["ModelSource", "resolve_model", "load_weights", "load_stage_weights", "stage_needs_embedding"]

@@ -39,24 +39,25 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def load_gguf_stage(
-    path: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32
+def load_gguf_weights(
+    path: Path, arch: ModelArch, layers: range, embed: bool, head: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Returns the tensors of layers `[start, end)` plus embedding/norm/head where the stage needs them."""
+    """Returns the tensors of `layers`, plus the embedding (`embed`) and norm/head (`head`)."""
     gguf_file = GGUFFile(path, with_arrays=False)  # memory-mapped: untouched tensors are never read
     wanted: dict[str, str] = {}
-    for layer in range(start, end):
+    for layer in layers:
         for gguf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"blk.{layer}.{gguf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
-    head_needs_table = end == arch.n_layers and arch.tie_embeddings
+    head_needs_table = head and arch.tie_embeddings
     q8_table = gguf_file.tensors["token_embd.weight"].ggml_type == GGML_TYPE_Q8_0
     weights: dict[str, torch.Tensor] = {}
-    if start == 0 and q8_table:
+    if embed and q8_table:
         # Lookups read rows straight from the Q8_0 blocks (see agent/quantized_embedding.py).
         weights["embed.q8_0"] = torch.from_numpy(np.array(gguf_file.raw("token_embd.weight"), copy=True))
-    if (start == 0 and not q8_table) or head_needs_table:
+    if (embed and not q8_table) or head_needs_table:
         wanted["token_embd.weight"] = "embed.weight"
-    if end == arch.n_layers:
+    if head:
         wanted["output_norm.weight"] = "norm.weight"
         if not arch.tie_embeddings:
             wanted["output.weight"] = "lm_head.weight"

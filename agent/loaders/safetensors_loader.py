@@ -39,17 +39,19 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def load_safetensors_stage(
-    directory: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32
+def load_safetensors_weights(
+    directory: Path, arch: ModelArch, layers: range, embed: bool, head: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Returns the tensors of layers `[start, end)`, reading nothing else from the shards."""
+    """Returns the tensors of `layers` (plus embedding and norm/head when asked), reading
+    nothing else from the shards."""
     wanted: dict[str, str] = {}
-    for layer in range(start, end):
+    for layer in layers:
         for hf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"model.layers.{layer}.{hf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
-    if start == 0 or (end == arch.n_layers and arch.tie_embeddings):
+    if embed or (head and arch.tie_embeddings):
         wanted["model.embed_tokens.weight"] = "embed.weight"
-    if end == arch.n_layers:
+    if head:
         wanted["model.norm.weight"] = "norm.weight"
         if not arch.tie_embeddings:
             wanted["lm_head.weight"] = "lm_head.weight"
