@@ -26,6 +26,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from agent.engine_api import EngineError
+
 # llama.cpp token types (gguf.TokenType): 3 is CONTROL (special tokens like <|im_end|>),
 # 4 is USER_DEFINED (added tokens that are matched whole but are not special).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -55,6 +57,41 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+# Where transformers 5 saves chat templates beside tokenizer_config.json (transformers.utils.hub).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def _hf_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """Returns the chat template a chat without tools uses, found as transformers 5.x finds it
+    (None: the model has none).
+
+    transformers 5 saves a single template to chat_template.jinja, named ones to
+    additional_chat_templates/NAME.jinja (the default still to chat_template.jinja), and leaves
+    the `chat_template` key out of tokenizer_config.json. Its loader
+    (`PreTrainedTokenizerBase._from_pretrained`, 5.24) reads chat_template.jinja as "default",
+    then each additional_chat_templates/*.jinja under its name (a default.jinja there overwrites
+    it), and if it read any file these replace the config's `chat_template` outright, even when
+    the config has one too; `get_chat_template` then takes "default", and without one refuses.
+    We follow that rule. Only with no such files does the config's key count: a string, or
+    (older transformers) a list of {"name", "template"} of which we take "default".
+    """
+    files: dict[str, str] = {}
+    default_file = directory / CHAT_TEMPLATE_FILE
+    if default_file.is_file():
+        files["default"] = default_file.read_text(encoding="utf-8")
+    named_dir = directory / CHAT_TEMPLATE_DIR
+    if named_dir.is_dir():
+        for path in sorted(named_dir.glob("*.jinja")):
+            files[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    if files:
+        return files.get("default")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def read_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -108,8 +145,8 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, directory: str | os.PathLike[str]) -> Tokenizer:
-        """Loads `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template)
-        from a Hugging Face model directory."""
+        """Returns the tokenizer of a Hugging Face model directory: `tokenizer.json`, special
+        tokens from `tokenizer_config.json`, and the chat template (see `_hf_chat_template`)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.exists():
@@ -126,15 +163,13 @@ class Tokenizer:
                 value = value.get("content")
             return backend.token_to_id(value) if isinstance(value, str) else None
 
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
         special = SpecialIds(
             bos=token_id("bos_token"),
             eos=token_id("eos_token"),
             pad=token_id("pad_token"),
             unk=token_id("unk_token"),
         )
+        template = _hf_chat_template(directory, config)
         return cls(backend, special, chat_template=template, backend_adds_special=True)
 
     @classmethod
@@ -254,7 +289,7 @@ class Tokenizer:
     ) -> str:
         """The prompt text for `messages`, rendered as transformers renders the same template."""
         if self._template is None:
-            raise ValueError("this model has no chat template")
+            raise NoChatTemplate()
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
         # Templates may use bos_token/eos_token by name: transformers passes them the same way.
@@ -276,6 +311,8 @@ class Tokenizer:
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
+        """Returns the prompt ids of a chat; raises `NoChatTemplate` (a 400 `EngineError`) when
+        the model has no chat template."""
         # The template writes any BOS it wants itself, so no special tokens are added (as transformers).
         return self.encode(
             self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
@@ -283,6 +320,25 @@ class Tokenizer:
 
     def detokenize_stream(self, skip_special_tokens: bool = True) -> DetokenizeStream:
         return DetokenizeStream(self, skip_special_tokens=skip_special_tokens)
+
+
+class NoChatTemplate(EngineError, ValueError):
+    """The model ships no chat template, so chat messages cannot be turned into a prompt.
+
+    An `EngineError` with status 400: the client has to change the request (send a plain prompt
+    to /v1/completions, as vLLM also tells it), so any engine that lets this propagate from
+    `encode_chat` gets a 400 from the gateway, never a 500. Still a ValueError, as before.
+    """
+
+    def __init__(
+        self,
+        message: str = (
+            "this model has no chat template, so chat messages cannot be turned into a prompt: "
+            "send a plain prompt to /v1/completions instead (or serve a model whose tokenizer "
+            "has a chat template)"
+        ),
+    ) -> None:
+        super().__init__(message, status=400, param="messages")
 
 
 def _raise_exception(message: str) -> None:

@@ -80,6 +80,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
         at = f" at character {loc[1]}" if len(loc) > 1 else ""
         return f"The request body is not valid JSON ({reason}{at}): send a JSON object.", None
     if not field:  # the body as a whole
+        if kind == "value_error":  # a validator of the whole body says what is wrong
+            return str(error.get("msg", "")).removeprefix("Value error, "), None
         if kind == "missing":
             return "The request body is empty: send a JSON object.", None
         if isinstance(error.get("input"), bytes | str):
