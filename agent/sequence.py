@@ -32,6 +32,9 @@ class Sequence:
     text: str = ""  # detokenised output so far (for stop strings)
     emitted_chars: int = 0  # how much of `text` has been sent to the client
     first_token_s: float | None = None
+    pipeline_id: int | None = None  # where it runs
+    footprint: frozenset[int] = frozenset()  # workers holding its reserved KV blocks
+    held: bool = False  # a reconfiguration is moving it: no step until it is released
 
     @property
     def num_tokens(self) -> int:
@@ -39,11 +42,13 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """Whether more than the last token lacks KV: the prompt's prefill, or a catch-up
+        after KV was dropped (a reconfiguration that fell back recomputes a few positions)."""
+        return self.num_computed < self.num_tokens - 1
 
     def next_chunk(self, max_tokens: int) -> tuple[int, list[int]]:
-        """Returns (start position, token ids) of the next step: a prompt chunk or the last token."""
-        if self.in_prefill:
-            end = min(len(self.prompt_ids), self.num_computed + max_tokens)
-            return self.num_computed, self.prompt_ids[self.num_computed : end]
-        return self.num_computed, [self.output_ids[-1]]
+        """Returns (start position, token ids) of the next step: a chunk of the tokens whose KV
+        is missing, or the last token alone."""
+        tokens = self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+        end = min(self.num_tokens, self.num_computed + max_tokens) if self.in_prefill else self.num_computed + 1
+        return self.num_computed, tokens[self.num_computed : end]

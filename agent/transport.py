@@ -11,6 +11,7 @@ two ranks on one GPU, so gloo is also what a single-GPU pipeline would use.)
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -54,7 +55,9 @@ class Channel:
     """One direction of traffic between two processes: the sender is rank 0, the receiver rank 1."""
 
     def __init__(self, spec: ChannelSpec, is_sender: bool, device: torch.device | str = "cpu",
-                 connect_timeout_s: float = 60.0):
+                 connect_timeout_s: float = 60.0, op_timeout: timedelta = IDLE_TIMEOUT):
+        """`connect_timeout_s` bounds the wait for the peer to show up; `op_timeout` one send
+        or receive (stage channels idle for as long as no request comes: days)."""
         self.spec = spec
         self.is_sender = is_sender
         self.device = torch.device(device)
@@ -64,18 +67,20 @@ class Channel:
         )
         prefixed = dist.PrefixStore(f"channel/{spec.name}", store)
         self.rank, self.peer = (0, 1) if is_sender else (1, 0)
-        self._pg = dist.ProcessGroupGloo(prefixed, self.rank, 2, IDLE_TIMEOUT)
+        self._pg = dist.ProcessGroupGloo(prefixed, self.rank, 2, op_timeout)
         self.bytes_sent = 0
+        self._send_lock = threading.Lock()  # a message is several sends: keep them together
 
     def send(self, header: dict[str, Any], tensors: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()) -> None:
         """Sends a JSON header and the tensors it describes (shapes/dtypes are added to it)."""
         cpu = [t.detach().contiguous().cpu() for t in tensors]
         header = {**header, "tensors": [[list(t.shape), DTYPE_NAMES[t.dtype]] for t in cpu]}
         payload = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
-        self._send(torch.tensor([payload.numel()], dtype=torch.int64))
-        self._send(payload)
-        for t in cpu:
-            self._send(t)
+        with self._send_lock:
+            self._send(torch.tensor([payload.numel()], dtype=torch.int64))
+            self._send(payload)
+            for t in cpu:
+                self._send(t)
         self.bytes_sent += payload.numel() + sum(t.numel() * t.element_size() for t in cpu)
 
     def recv(self) -> tuple[dict[str, Any], list[torch.Tensor]]:

@@ -218,3 +218,85 @@ def test_every_running_request_gets_a_step_within_max_inflight_batches(max_infli
     batches = [sched.next_micro_batch() for _ in range(max_inflight)]
     stepped = {s.request_id for mb in batches if mb is not None for s in mb.seqs}
     assert stepped == {s.request_id for s in seqs}
+
+
+# ---- several pipelines and per-worker blocks ----------------------------------------------
+def two_pipelines(capacity: int = 10) -> Scheduler:
+    sched = Scheduler(block_size=4, max_context=1024)
+    for w in range(4):
+        sched.set_worker_capacity(w, capacity)
+    sched.add_pipeline(0, (0, 1), max_inflight=1)
+    sched.add_pipeline(1, (2, 3), max_inflight=1)
+    return sched
+
+
+def test_new_requests_go_to_the_least_loaded_pipeline():
+    sched = two_pipelines()
+    a, b, c = make_seq("a", 10, 6), make_seq("b", 2, 2), make_seq("c", 2, 2)  # 4, 1, 1 blocks
+    run_all(sched, a, b, c)
+    assert (a.pipeline_id, b.pipeline_id, c.pipeline_id) == (0, 1, 1)
+    assert sched.worker_used == {0: 4, 1: 4, 2: 2, 3: 2}
+    assert sched.capacity_blocks == 10
+
+
+def test_each_pipeline_keeps_its_own_micro_batches_in_flight():
+    sched = two_pipelines()
+    seqs = [decoding(make_seq(f"r{i}", 4, 4)) for i in range(4)]
+    run_all(sched, *seqs)
+    first, second = sched.next_micro_batch(0), sched.next_micro_batch(1)
+    assert first is not None and second is not None
+    assert {s.pipeline_id for s in first.seqs} == {0} and {s.pipeline_id for s in second.seqs} == {1}
+    assert sched.next_micro_batch(0) is None  # max_inflight 1 each
+    sched.complete(first.mb_id)
+    assert sched.next_micro_batch(0) is not None
+
+
+def test_a_request_occupies_every_worker_of_its_footprint_until_vacated():
+    sched = two_pipelines(capacity=6)
+    a = make_seq("a", 10, 6)  # 4 blocks
+    run_all(sched, a)
+    sched.occupy(a, (2, 3))  # a reconfiguration will move it to pipeline 1
+    assert sched.worker_used == {0: 4, 1: 4, 2: 4, 3: 4}
+    b = make_seq("b", 10, 6)
+    sched.add(b)
+    assert sched.admit() == []  # 4 + 4 > 6 on every worker
+    c = make_seq("c", 10, 6)
+    c.reserved_blocks = 4
+    with pytest.raises(ValueError, match="worker 2, which has 2 free"):
+        sched.occupy(c, (2,))
+    sched.move(a, 1)
+    sched.vacate(a, (0, 1))
+    assert a.footprint == {2, 3} and sched.pipelines[1].running == [a]
+    assert sched.admit() == [b] and b.pipeline_id == 0
+    sched.finish(a)
+    assert sched.worker_used == {0: 4, 1: 4, 2: 0, 3: 0}
+
+
+def test_held_requests_get_no_step_and_closed_pipelines_admit_nobody():
+    sched = two_pipelines()
+    a, b = decoding(make_seq("a", 4, 4)), decoding(make_seq("b", 4, 4))
+    run_all(sched, a, b)
+    a.held = b.held = True
+    assert sched.next_micro_batch(a.pipeline_id) is None
+    sched.pipelines[0].admitting = sched.pipelines[1].admitting = False
+    sched.add(make_seq("c", 2, 2))
+    assert sched.admit() == []
+
+
+def test_capacity_cannot_drop_below_what_is_reserved():
+    sched = two_pipelines()
+    run_all(sched, make_seq("a", 10, 6))
+    with pytest.raises(ValueError, match="4 KV blocks are reserved"):
+        sched.set_worker_capacity(0, 3)
+    sched.set_worker_capacity(0, 4)
+
+
+def test_a_request_whose_kv_was_dropped_catches_up_in_one_chunk_then_decodes():
+    seq = decoding(make_seq("a", 6, 8))
+    seq.output_ids += [8, 9]  # three generated tokens, KV for the prompt only...
+    seq.num_computed = 2  # ...and now only for two positions (a fallback dropped the rest)
+    assert seq.in_prefill
+    start, chunk = seq.next_chunk(512)
+    assert (start, chunk) == (2, [2, 3, 4, 5, 7, 8, 9])
+    seq.num_computed = seq.num_tokens - 1
+    assert not seq.in_prefill and seq.next_chunk(1) == (8, [9])
