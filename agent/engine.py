@@ -1,27 +1,37 @@
 """The local pipeline engine: worker processes, one per device, driven by one scheduler thread.
 
+A deployment is data: a configuration of pipelines (replicas), each an ordered list of stages
+`(worker, start, end)`. Every pipeline has its own channels (engine -> first stage -> ... ->
+last stage -> engine), named by the epoch they were opened in, and its own micro-batches in
+flight; the scheduler routes each new request to the least loaded pipeline.
+
 Threads of the engine process:
-  scheduler  owns all request state; reacts to events (new request, abort, result, failure)
-             and keeps up to one micro-batch per stage in flight;
-  receiver   reads results from the last stage and posts them as events;
+  scheduler  owns all request state; reacts to events (new request, abort, result, failure,
+             a function to run for the reconfiguration executor) and keeps micro-batches in
+             flight on every pipeline;
+  receiver   one per pipeline: reads results from its last stage and posts them as events;
   monitor    checks every worker's process and answers to pings; a dead or hung stage fails
-             the affected requests with an error and marks the engine unhealthy.
-The gateway talks to it only through `agent.engine_api.Engine`.
+             the affected requests with an error and marks the engine unhealthy;
+  executor   while a reconfiguration is applied (agent/executor.py).
+The gateway talks to it only through `agent.engine_api.Engine`, the admin API through the
+methods under "deployment".
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 import torch
 
 from agent.control import ControlError, ControlServer, WorkerConnection
@@ -31,43 +41,130 @@ from agent.loaders import resolve_model
 from agent.scheduler import MicroBatch, Scheduler
 from agent.sequence import Sequence, SequenceStatus
 from agent.stage_layout import check_stages, even_split
-from agent.tokenizer import load_tokenizer
+from agent.tokenizer import NoChatTemplate, load_tokenizer
 from agent.transport import Channel, ChannelStore
 
 log = logging.getLogger("pipeshift.engine")
+
+StagePlacement = tuple[int, int, int]  # (worker, start, end)
 
 
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
     n_devices: int = 1
-    stages: list[tuple[int, int]] | None = None  # None: split evenly over all devices
-    kv_cache_bytes: int = 256 << 20  # per stage
+    stages: list[tuple[int, int]] | None = None  # one pipeline on workers 0..; None: even split
+    pipelines: list[list[StagePlacement]] | None = None  # several pipelines; overrides `stages`
+    kv_cache_bytes: int = 256 << 20  # most a worker's KV pool may take
+    memory_budget_bytes: int | None = None  # per worker: weights + KV pool; None: what is free
     block_size: int = 16
     threads_per_worker: int = 1
     device: str = "cpu"  # worker device type (local mode runs CPU workers)
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
-    micro_batches: int | None = None  # in flight at once; None: see PipelineEngine.micro_batches
+    micro_batches: int | None = None  # in flight per pipeline; None: see PipelineEngine.micro_batches
+    max_overhead: float = 0.05  # how much a reconfiguration's background copies may slow serving
     host: str = "127.0.0.1"
     startup_timeout_s: float = 180.0
     ping_interval_s: float = 1.0
     hang_timeout_s: float = 10.0  # a stage busy (or silent) this long is declared hung
 
+    def initial_pipelines(self, n_layers: int) -> list[list[StagePlacement]]:
+        """Returns the starting configuration as (worker, start, end) stages; raises ValueError."""
+        if self.pipelines:
+            used = [w for p in self.pipelines for w, _, _ in p]
+            if len(used) != len(set(used)):
+                raise ValueError("a worker runs at most one stage: the configuration uses one twice")
+            for i, p in enumerate(self.pipelines):
+                bad = [w for w, _, _ in p if not 0 <= w < self.n_devices]
+                if bad:
+                    raise ValueError(f"pipeline {i} uses worker {bad[0]}, but --devices is {self.n_devices}")
+                check_stages([(s, e) for _, s, e in p], n_layers, self.n_devices)
+            return [list(p) for p in self.pipelines]
+        layout = self.stages or even_split(n_layers, self.n_devices)
+        check_stages(layout, n_layers, self.n_devices)
+        return [[(i, s, e) for i, (s, e) in enumerate(layout)]]
+
 
 @dataclass
 class StageInfo:
-    index: int
+    index: int  # position in its pipeline
     worker_id: int
     start: int
     end: int
+    pipeline_id: int = 0
+
+    def describe(self) -> str:
+        return (f"pipeline {self.pipeline_id} stage {self.index} "
+                f"(worker {self.worker_id}, layers {self.start}-{self.end - 1})")
+
+
+@dataclass
+class WorkerInfo:
+    """What the engine knows of a worker (its stages' figures are its figures)."""
+
+    worker_id: int
     num_blocks: int = 0
+    max_blocks: int = 0
     weight_bytes: int = 0
     rss_bytes: int = 0
     busy_s: float = 0.0
+    layers: list[int] = field(default_factory=list)
+    alive: bool = True
 
-    def describe(self) -> str:
-        return f"stage {self.index} (worker {self.worker_id}, layers {self.start}-{self.end - 1})"
+    @property
+    def name(self) -> str:
+        return f"worker-{self.worker_id}"
+
+
+@dataclass
+class PipelineRuntime:
+    """One pipeline as the engine drives it: its stages and the channels of its wiring."""
+
+    pipeline_id: int
+    epoch: int  # the epoch its channels were opened in; its messages carry it
+    stages: list[StageInfo]
+    to_first: Channel | None = None
+    from_last: Channel | None = None
+    # serving: takes steps / standby: open but idle (a reconfiguration's old or not-yet-new
+    # pipeline) / retired: closed, its channels carry nothing more
+    state: str = "standby"
+    broken: str | None = None  # why its channels failed; nothing more is sent on it
+
+    @property
+    def retired(self) -> bool:
+        return self.state == "retired"
+
+    @property
+    def wiring(self) -> str:
+        return f"e{self.epoch}/p{self.pipeline_id}"
+
+    @property
+    def workers(self) -> tuple[int, ...]:
+        return tuple(s.worker_id for s in self.stages)
+
+
+def worker_name(worker_id: int) -> str:
+    return f"worker-{worker_id}"
+
+
+def worker_id_of(name: str) -> int:
+    """Returns N for "worker-N"; raises ValueError for other names."""
+    prefix = "worker-"
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        raise ValueError(f"unknown device {name!r}: this deployment's devices are named worker-0, worker-1, ...")
+    return int(name[len(prefix):])
+
+
+def default_memory_budget_bytes(n_workers: int) -> int:
+    """Returns an equal share of this host's available memory for each CPU worker."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = 8 << 30
+    return int(0.9 * available / max(1, n_workers))
 
 
 class PipelineEngine:
@@ -79,10 +176,14 @@ class PipelineEngine:
         self.model_name = self.source.name
         self.max_context = self.arch.max_context
         self.tokenizer = load_tokenizer(self.source.format, self.source.path)
-        layout = config.stages or even_split(self.arch.n_layers, config.n_devices)
-        check_stages(layout, self.arch.n_layers, config.n_devices)
-        self.stages = [StageInfo(i, i, s, e) for i, (s, e) in enumerate(layout)]
+        self._initial = config.initial_pipelines(self.arch.n_layers)
+        self.memory_budget_bytes = config.memory_budget_bytes or default_memory_budget_bytes(config.n_devices)
         self.epoch = 1
+        self.pipelines: dict[int, PipelineRuntime] = {}
+        self._pipeline_ids = itertools.count()
+        self.worker_info = {w: WorkerInfo(w) for w in range(config.n_devices)}
+        self.part_bytes: dict[str, int] = {}
+        self.kv_bytes_per_token_per_layer = 0
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.failure: str | None = None
         self.tokens_generated = 0
@@ -91,6 +192,13 @@ class PipelineEngine:
         self._detok: dict[str, Any] = {}
         self._stopping = threading.Event()
         self.scheduler: Scheduler | None = None
+        self._receivers: list[threading.Thread] = []
+        # Set by the executor during a switch: called on the scheduler thread with the
+        # requests of each micro-batch that completes.
+        self.step_hook: Callable[[list[Sequence]], None] | None = None
+        self.worker_lost_hook: Callable[[int, str], bool] | None = None
+        self.pipeline_broken_hook: Callable[[int], bool] | None = None
+        self.reconfig: Any = None  # agent.executor.Reconfigurations, set by start()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> PipelineEngine:
@@ -100,35 +208,44 @@ class PipelineEngine:
         self.launcher.start(cfg.n_devices, f"{self._control.host}:{self._control.port}")
         try:
             self._accept_workers()
-            self._configure_stages()
-            self._connect_pipeline()
+            runtimes = [self._new_runtime(p, self.epoch) for p in self._initial]
+            self._configure_workers(runtimes)
+            self.scheduler = Scheduler(
+                cfg.block_size, self.max_context, max_batch_size=cfg.max_batch_size,
+                max_prefill_tokens=cfg.max_prefill_tokens,
+            )
+            for info in self.worker_info.values():
+                self.scheduler.set_worker_capacity(info.worker_id, info.num_blocks if info.layers else 0)
+            with ThreadPoolExecutor(len(runtimes)) as pool:
+                list(pool.map(self.open_pipeline, runtimes))
+            for runtime in runtimes:
+                self.serve_pipeline(runtime)
         except Exception:
             self.stop()
             raise
-        capacity = min(s.num_blocks for s in self.stages)
-        self.scheduler = Scheduler(
-            capacity, cfg.block_size, self.max_context, max_inflight=self.micro_batches(),
-            max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
-        )
+        from agent.reconfigurations import Reconfigurations
+
+        self.reconfig = Reconfigurations(self)
         self._threads = [
             threading.Thread(target=target, name=name, daemon=True)
-            for target, name in ((self._run_scheduler, "scheduler"), (self._run_receiver, "receiver"),
-                                 (self._run_monitor, "monitor"))
+            for target, name in ((self._run_scheduler, "scheduler"), (self._run_monitor, "monitor"))
         ]
         for thread in self._threads:
             thread.start()
         return self
 
-    def micro_batches(self) -> int:
-        """Returns how many micro-batches to keep in flight: one per stage, so every stage
-        works while the others do; but CPU workers share the machine's cores, and more
+    def micro_batches(self, n_stages: int | None = None) -> int:
+        """Returns how many micro-batches a pipeline keeps in flight: one per stage, so every
+        stage works while the others do; but CPU workers share the machine's cores, and more
         micro-batches than can run at once only make every stage re-read its weights."""
         if self.config.micro_batches:
             return self.config.micro_batches
+        n_stages = n_stages if n_stages is not None else max((len(p.stages) for p in self.pipelines.values()), default=1)
         if self.config.device == "cpu":
-            runnable = max(1, (os.cpu_count() or 1) // self.config.threads_per_worker)
-            return min(len(self.stages), runnable)
-        return len(self.stages)
+            n_pipelines = max(1, len(self.serving_pipelines()))
+            runnable = max(1, (os.cpu_count() or 1) // self.config.threads_per_worker // n_pipelines)
+            return min(n_stages, runnable)
+        return n_stages
 
     def _accept_workers(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -144,42 +261,81 @@ class PipelineEngine:
                 continue
             self.workers[conn.worker_id] = conn
 
-    def _configure_stages(self) -> None:
+    def _configure_workers(self, runtimes: list[PipelineRuntime]) -> None:
+        """Loads every stage's layers; spare workers start empty, ready to gain layers."""
         cfg = self.config
+        ranges = {s.worker_id: (s.start, s.end) for r in runtimes for s in r.stages}
 
-        def configure(stage: StageInfo) -> None:
-            reply = self.workers[stage.worker_id].call(
-                "configure", timeout_s=cfg.startup_timeout_s, epoch=self.epoch, model=cfg.model,
-                start=stage.start, end=stage.end, kv_budget_bytes=cfg.kv_cache_bytes,
+        def configure(worker_id: int) -> None:
+            start, end = ranges.get(worker_id, (0, 0))
+            reply = self.workers[worker_id].call(
+                "configure", timeout_s=cfg.startup_timeout_s, model=cfg.model, start=start, end=end,
+                kv_cap_bytes=cfg.kv_cache_bytes, memory_budget_bytes=self.memory_budget_bytes,
                 block_size=cfg.block_size, dtype="float32",
             )
-            stage.num_blocks, stage.weight_bytes = reply["num_blocks"], reply["weight_bytes"]
-            stage.rss_bytes = reply["rss_bytes"]
-            if stage.num_blocks < 1:
-                raise RuntimeError(f"{stage.describe()}: the KV budget holds no block; raise --kv-cache-mb")
+            info = self.worker_info[worker_id]
+            info.num_blocks, info.max_blocks = reply["num_blocks"], reply["max_blocks"]
+            info.weight_bytes, info.rss_bytes = reply["weight_bytes"], reply["rss_bytes"]
+            info.layers = list(range(start, end))
+            for part, n in reply["part_bytes"].items():
+                if n is not None:
+                    self.part_bytes[part] = n
+            self.kv_bytes_per_token_per_layer = reply["kv_bytes_per_token_per_layer"]
 
-        with ThreadPoolExecutor(len(self.stages)) as pool:
-            list(pool.map(configure, self.stages))
+        with ThreadPoolExecutor(len(self.workers)) as pool:
+            list(pool.map(configure, sorted(self.workers)))
 
-    def _connect_pipeline(self) -> None:
-        """Opens engine -> stage 0 -> ... -> stage N-1 -> engine, one channel per hop."""
-        n = len(self.stages)
-        names = [f"epoch{self.epoch}/hop{i}" for i in range(n + 1)]
+    def _new_runtime(self, placements: list[StagePlacement], epoch: int) -> PipelineRuntime:
+        pid = next(self._pipeline_ids)
+        stages = [StageInfo(i, w, s, e, pid) for i, (w, s, e) in enumerate(placements)]
+        return PipelineRuntime(pid, epoch, stages)
+
+    def open_pipeline(self, runtime: PipelineRuntime) -> None:
+        """Opens engine -> stage 0 -> ... -> stage N-1 -> engine, one channel per hop, and
+        starts each worker's loop for this wiring."""
+        n = len(runtime.stages)
+        names = [f"{runtime.wiring}/hop{i}" for i in range(n + 1)]
         timeout = self.config.startup_timeout_s
         with ThreadPoolExecutor(n + 2) as pool:
             inbound = pool.submit(Channel, self._store.spec(names[0]), True, "cpu", timeout)
             outbound = pool.submit(Channel, self._store.spec(names[n]), False, "cpu", timeout)
             calls = [
                 pool.submit(
-                    self.workers[s.worker_id].call, "connect", timeout_s=timeout, epoch=self.epoch,
+                    self.workers[s.worker_id].call, "open_wiring", timeout_s=timeout,
+                    wiring=runtime.wiring, epoch=runtime.epoch, start=s.start, end=s.end,
                     inbound=self._store.spec(names[i]).to_json(),
                     outbound=self._store.spec(names[i + 1]).to_json(),
                 )
-                for i, s in enumerate(self.stages)
+                for i, s in enumerate(runtime.stages)
             ]
             for c in calls:
                 c.result()
-            self._to_first, self._from_last = inbound.result(), outbound.result()
+            runtime.to_first, runtime.from_last = inbound.result(), outbound.result()
+        # Read its last stage from now on, so that a `close` gets through even if it never serves.
+        receiver = threading.Thread(target=self._run_receiver, args=(runtime,), name=f"receiver-{runtime.wiring}",
+                                    daemon=True)
+        self._receivers.append(receiver)
+        receiver.start()
+
+    def serve_pipeline(self, runtime: PipelineRuntime, admitting: bool = True) -> None:
+        """Makes an opened pipeline take requests (call on the scheduler thread once running)."""
+        runtime.state = "serving"
+        self.pipelines[runtime.pipeline_id] = runtime
+        self.scheduler.add_pipeline(runtime.pipeline_id, runtime.workers,
+                                    self.micro_batches(len(runtime.stages)), admitting)
+        for slot in self.scheduler.pipelines.values():  # CPU cores are shared among pipelines
+            slot.max_inflight = self.micro_batches(len(self.pipelines[slot.pipeline_id].stages))
+
+    def close_pipeline(self, runtime: PipelineRuntime) -> None:
+        """Retires a pipeline: a `close` travels down its channels and every loop on it ends.
+        Call on the scheduler thread (it owns the sending end)."""
+        if runtime.retired:
+            return
+        runtime.state = "retired"
+        try:
+            runtime.to_first.send({"op": "close", "epoch": runtime.epoch})
+        except Exception as exc:  # a stage on it died: its loops end on their own
+            log.info("closing %s: %s", runtime.wiring, exc)
 
     def stop(self) -> None:
         if self._stopping.is_set():
@@ -193,24 +349,52 @@ class PipelineEngine:
                 pass
             conn.close()
         self.launcher.stop()
-        # The receiver's recv fails once the last stage is gone; let the threads end before
+        # The receivers' recv fails once the last stages are gone; let the threads end before
         # the channels are torn down (a thread still inside gloo at exit aborts the process).
-        for thread in getattr(self, "_threads", []):
+        for thread in [*getattr(self, "_threads", []), *self._receivers]:
             thread.join(timeout=5.0)
         if hasattr(self, "_control"):
             self._control.close()
+
+    # ---- the serving configuration ------------------------------------------------------
+    @property
+    def stages(self) -> list[StageInfo]:
+        """Every stage of every serving pipeline, pipeline by pipeline."""
+        return [s for p in self.serving_pipelines() for s in p.stages]
+
+    def serving_pipelines(self) -> list[PipelineRuntime]:
+        return [p for p in sorted(self.pipelines.values(), key=lambda p: p.pipeline_id) if p.state == "serving"]
+
+    def on_scheduler(self, fn: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+        """Runs `fn` on the scheduler thread (which owns all request state); returns its result."""
+        future: Future = Future()
+        self.events.put(("call", (fn, future)))
+        return future.result(timeout=timeout_s)
 
     # ---- Engine protocol (called from the gateway's event loop) -------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode_chat(messages)
+        """Returns the prompt ids of a chat; raises EngineError (400) when the model cannot
+        format it: no chat template (as vLLM: use /v1/completions), or the template refuses."""
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except NoChatTemplate:
+            raise EngineError(
+                f"the model {self.model_name} has no chat template, so chat messages cannot be turned into a "
+                "prompt: send a plain prompt to /v1/completions instead (or serve a model whose tokenizer has a "
+                "chat template)", param="messages",
+            ) from None
+        except jinja2.exceptions.TemplateError as exc:
+            raise EngineError(f"the model's chat template refused these messages: {exc}", param="messages") from None
 
     def health(self) -> tuple[bool, str]:
         if self.failure:
             return False, self.failure
-        return True, f"serving epoch {self.epoch} on {len(self.stages)} stages"
+        serving = self.serving_pipelines()
+        return True, (f"serving epoch {self.epoch} on {len(serving)} pipeline(s), "
+                      f"{sum(len(p.stages) for p in serving)} stage(s)")
 
     def stats(self) -> dict[str, float]:
         sched = self.scheduler
@@ -220,9 +404,13 @@ class PipelineEngine:
             "tokens_generated": float(self.tokens_generated),
             "kv_blocks_used": float(sched.used_blocks) if sched else 0.0,
             "kv_blocks_capacity": float(sched.capacity_blocks) if sched else 0.0,
+            "epoch": float(self.epoch),
+            "pipelines": float(len(self.serving_pipelines())),
         }
-        for s in self.stages:
-            out[f"stage_busy_s.{s.index}"] = s.busy_s
+        for i, s in enumerate(self.stages):
+            out[f"stage_busy_s.{i}"] = self.worker_info[s.worker_id].busy_s
+        if self.reconfig is not None:
+            out.update(self.reconfig.stats())
         return out
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -243,10 +431,11 @@ class PipelineEngine:
             )
         sched = self.scheduler
         need = sched.blocks_needed(n, params.max_tokens)
-        if need > sched.capacity_blocks:
+        capacity = sched.capacity_blocks
+        if need > capacity:
             raise EngineError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {need * sched.block_size} "
-                f"tokens of KV cache; each stage holds {sched.capacity_blocks * sched.block_size}: lower "
+                f"tokens of KV cache; each stage holds {capacity * sched.block_size}: lower "
                 "max_tokens or start the server with a larger --kv-cache-mb",
                 param="max_tokens",
             )
@@ -305,7 +494,15 @@ class PipelineEngine:
                 if not seq.inflight:
                     self._release(seq)
         elif kind == "message":
-            self._on_message(payload)
+            self._on_message(*payload)
+        elif kind == "call":
+            fn, future = payload
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+        elif kind == "worker_lost":
+            self._on_worker_lost(*payload)
         elif kind == "failure":
             self._fail_pipeline(payload)
 
@@ -313,27 +510,36 @@ class PipelineEngine:
         if self.failure:
             return
         self.scheduler.admit()
-        while (mb := self.scheduler.next_micro_batch()) is not None:
-            self._send_step(mb)
+        for runtime in list(self.pipelines.values()):
+            if runtime.retired or runtime.broken or runtime.pipeline_id not in self.scheduler.pipelines:
+                continue
+            while (mb := self.scheduler.next_micro_batch(runtime.pipeline_id)) is not None:
+                try:
+                    self._send_step(runtime, mb)
+                except Exception as exc:  # its first stage is gone
+                    self.scheduler.fail(mb.mb_id)
+                    self._on_pipeline_broken(runtime, f"cannot reach its first stage: {exc}")
+                    break
 
-    def _send_step(self, mb: MicroBatch) -> None:
+    def _send_step(self, runtime: PipelineRuntime, mb: MicroBatch) -> None:
         sample = {}
         for seq, start, chunk in zip(mb.seqs, mb.start_pos, mb.tokens, strict=True):
             if start + len(chunk) == seq.num_tokens:  # this step yields the request's next token
                 p = seq.params
                 sample[seq.request_id] = {"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed}
         header = {
-            "op": "step", "epoch": self.epoch, "mb": mb.mb_id,
+            "op": "step", "epoch": runtime.epoch, "mb": mb.mb_id,
             "ids": [s.request_id for s in mb.seqs], "start": mb.start_pos, "n_new": mb.num_new,
             "sample": sample,
         }
         flat = torch.tensor([t for chunk in mb.tokens for t in chunk], dtype=torch.int64)
-        self._to_first.send(header, [flat])
+        runtime.to_first.send(header, [flat])
 
-    def _on_message(self, header: dict[str, Any]) -> None:
+    def _on_message(self, pipeline_id: int, header: dict[str, Any]) -> None:
         op = header.get("op")
         mb_id = header.get("mb")
-        if mb_id not in self.scheduler.inflight:
+        mb = self.scheduler.inflight.get(mb_id)
+        if mb is None or mb.pipeline_id != pipeline_id:
             log.warning("dropping a %s for unknown micro-batch %s", op, mb_id)
             return
         if op == "error":
@@ -348,6 +554,8 @@ class PipelineEngine:
                 self._release(seq)
             elif seq.request_id in tokens:
                 self._on_token(seq, int(tokens[seq.request_id]))
+        if self.step_hook is not None:
+            self.step_hook(mb.seqs)
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -385,13 +593,18 @@ class PipelineEngine:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Forgets a request and frees its KV blocks on every stage."""
+        """Forgets a request and frees its KV blocks on every stage of its pipeline (blocks a
+        reconfiguration left elsewhere are freed by its cleanup)."""
         had_blocks = seq.status is SequenceStatus.RUNNING
+        runtime = self.pipelines.get(seq.pipeline_id) if seq.pipeline_id is not None else None
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
-        if had_blocks and not self.failure:
-            self._to_first.send({"op": "free", "epoch": self.epoch, "ids": [seq.request_id]})
+        if had_blocks and not self.failure and runtime is not None and not runtime.retired:
+            try:
+                runtime.to_first.send({"op": "free", "epoch": runtime.epoch, "ids": [seq.request_id]})
+            except Exception as exc:  # its first stage died: the failure path reports it
+                log.warning("could not free %s on %s: %s", seq.request_id, runtime.wiring, exc)
 
     def _fail_pipeline(self, reason: str) -> None:
         if self.failure:
@@ -402,40 +615,71 @@ class PipelineEngine:
             seq.inflight = False
             self._finish(seq, "error", error=f"the pipeline is down: {reason}")
         self.scheduler.inflight.clear()
+        for slot in self.scheduler.pipelines.values():
+            slot.inflight.clear()
+
+    def _on_pipeline_broken(self, runtime: PipelineRuntime, reason: str) -> None:
+        """Stops scheduling on a pipeline whose channels failed. A reconfiguration that opened
+        it falls back when it learns which worker is gone; otherwise the engine fails."""
+        runtime.broken = reason
+        log.warning("pipeline %s: %s", runtime.wiring, reason)
+        if self.pipeline_broken_hook is not None and self.pipeline_broken_hook(runtime.pipeline_id):
+            return
+        self._fail_pipeline(f"pipeline {runtime.pipeline_id} {reason}")
+
+    def _on_worker_lost(self, worker_id: int, reason: str) -> None:
+        """A worker died or hung: a reconfiguration may absorb it (abort, fall back); a
+        spare's loss costs nothing; a serving stage's fails the engine."""
+        info = self.worker_info[worker_id]
+        if not info.alive:
+            return
+        info.alive = False
+        if self.worker_lost_hook is not None and self.worker_lost_hook(worker_id, reason):
+            return
+        serving = [s for p in self.serving_pipelines() for s in p.stages if s.worker_id == worker_id]
+        if serving:
+            self._fail_pipeline(f"{serving[0].describe()} {reason}")
+        else:
+            log.warning("spare worker %d %s; it is no longer available", worker_id, reason)
 
     # ---- receiver and monitor threads ---------------------------------------------------
-    def _run_receiver(self) -> None:
+    def _run_receiver(self, runtime: PipelineRuntime) -> None:
         while not self._stopping.is_set():
             try:
-                header, _ = self._from_last.recv()
+                header, _ = runtime.from_last.recv()
             except Exception as exc:
-                if not self._stopping.is_set():
-                    self.events.put(("failure", f"lost the connection from the last stage: {exc}"))
+                if not self._stopping.is_set() and not runtime.retired:
+                    log.warning("lost the connection from the last stage of %s: %s", runtime.wiring, exc)
                 return
-            self.events.put(("message", header))
+            op = header.get("op")
+            if op == "close":
+                return
+            self.events.put(("message", (runtime.pipeline_id, header)))
 
     def _run_monitor(self) -> None:
         cfg = self.config
-        by_worker = {s.worker_id: s for s in self.stages}
         while not self._stopping.wait(cfg.ping_interval_s):
             if self.failure:
                 return
-            for worker_id, code in self.launcher.exit_codes().items():
-                if code is not None and worker_id in by_worker:
-                    self.events.put(("failure", f"{by_worker[worker_id].describe()} died (exit code {code})"))
-                    return
-            for stage in self.stages:
+            codes = self.launcher.exit_codes()
+            for worker_id, info in self.worker_info.items():
+                if not info.alive:
+                    continue
+                if codes.get(worker_id) is not None:
+                    self.events.put(("worker_lost", (worker_id, f"died (exit code {codes[worker_id]})")))
+                    continue
                 try:
-                    reply = self.workers[stage.worker_id].call("ping", timeout_s=cfg.hang_timeout_s)
+                    reply = self.workers[worker_id].call("ping", timeout_s=cfg.hang_timeout_s)
                 except ControlError as exc:
                     if not self._stopping.is_set():
-                        self.events.put(("failure", f"{stage.describe()} is not answering: {exc}"))
-                    return
-                stage.busy_s, stage.rss_bytes = reply["busy_s"], reply["rss_bytes"]
+                        self.events.put(("worker_lost", (worker_id, f"is not answering: {exc}")))
+                    continue
+                info.busy_s, info.rss_bytes = reply["busy_s"], reply["rss_bytes"]
+                info.layers, info.num_blocks = reply["layers"], reply["num_blocks"]
+                info.weight_bytes = reply["weight_bytes"]
                 if reply["busy_for_s"] > cfg.hang_timeout_s:
-                    self.events.put(("failure", f"{stage.describe()} is hung: one step has run "
-                                                f"{reply['busy_for_s']:.0f} s"))
-                    return
+                    self.events.put(("worker_lost", (worker_id, f"is hung: one step has run "
+                                                                f"{reply['busy_for_s']:.0f} s")))
 
 
 def _find_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:

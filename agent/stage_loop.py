@@ -1,21 +1,30 @@
-"""The data-plane loop of one stage: receive a micro-batch, run its layers, pass it on.
+"""The data-plane loop of one wiring of a worker: receive a micro-batch, run its layers, pass it on.
 
-Messages (JSON header + tensors, see transport.py), all carrying the serving `epoch`:
+A worker runs one loop per pipeline wiring it belongs to: normally one, two for a moment
+while a reconfiguration switches (the old epoch's channels and the new one's). The loops
+share the worker's weights, KV cache and sampler (`StageHost`) and take turns computing.
+
+Messages (JSON header + tensors, see transport.py), all carrying the wiring's `epoch`:
   step   {mb, ids, start, n_new, sample: {id: params}} + [token ids | hidden states]
   free   {ids}                        release these requests' KV blocks
   result {mb, tokens: {id: token}}    from the last stage back to the engine
   error  {mb, message}                a stage failed this micro-batch; passed on to the engine
+  close  {}                           the wiring is retired: pass it on, then stop
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from agent.attention_metadata import build_attention_metadata
+from agent.handoff import Handoffs
 from agent.kv_cache import PagedKVCache
 from agent.model import LlamaStage
 from agent.sampler import Sampler
@@ -24,70 +33,100 @@ from agent.transport import Channel
 log = logging.getLogger(__name__)
 
 
-class StageLoop:
-    def __init__(self, stage: LlamaStage, kv: PagedKVCache, inbound: Channel, outbound: Channel, epoch: int):
+class StageHost:
+    """What a worker's loops share: the model parts it holds, its KV cache, its sampler."""
+
+    def __init__(self, stage: LlamaStage, kv: PagedKVCache, worker_id: int = 0, xfer=None):
         self.stage, self.kv = stage, kv
-        self.inbound, self.outbound = inbound, outbound
-        self.epoch = epoch
-        self.sampler = Sampler() if stage.is_last else None
+        self.sampler = Sampler()
+        self.handoffs = Handoffs(worker_id, kv, self.sampler, xfer or (lambda name: None))
+        self.compute_lock = threading.Lock()
         self.busy_s = 0.0
         self.busy_since: float | None = None
         self.steps = 0
 
-    def run(self) -> None:
-        """Serves until a channel fails (a peer died, or the worker is shutting down)."""
-        while True:
-            header, tensors = self.inbound.recv()
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        with self.compute_lock:
             self.busy_since = time.monotonic()
             try:
-                self.handle(header, tensors)
+                yield
             finally:
                 self.busy_s += time.monotonic() - self.busy_since
                 self.busy_since = None
 
-    def handle(self, header: dict, tensors: list[torch.Tensor]) -> None:
+
+class StageLoop:
+    def __init__(self, host: StageHost, wiring: str, epoch: int, layers: range, is_last: bool,
+                 inbound: Channel, outbound: Channel):
+        self.host = host
+        self.wiring, self.epoch, self.layers, self.is_last = wiring, epoch, layers, is_last
+        self.inbound, self.outbound = inbound, outbound
+        self.closed = threading.Event()
+
+    def run(self) -> None:
+        """Serves until `close` arrives or a channel fails (a peer died, or shutdown)."""
+        try:
+            while True:
+                header, tensors = self.inbound.recv()
+                if header["op"] == "close":
+                    self.outbound.send(header)
+                    return
+                out = self.handle(header, tensors)
+                if out is not None:
+                    self.outbound.send(*out)
+                if header["op"] == "step":  # replicate these positions where a reconfiguration wants them
+                    ends = [s + n for s, n in zip(header["start"], header["n_new"], strict=True)]
+                    self.host.handoffs.wrote(self.epoch, header["ids"], ends)
+        finally:
+            self.closed.set()
+
+    def handle(self, header: dict, tensors: list[torch.Tensor]) -> tuple | None:
+        """Returns the (header, tensors) to pass on, or None."""
         op = header["op"]
         if op == "step":
             if header["epoch"] != self.epoch:
-                self._pass_error(header, f"stage serves epoch {self.epoch}, got a step of epoch {header['epoch']}")
-                return
+                return self._error(header, f"wiring {self.wiring} serves epoch {self.epoch}, got a step of epoch {header['epoch']}")
             try:
-                out = self.step(header, tensors[0])
+                # A request just moved here may still lack KV its old owner is sending.
+                self.host.handoffs.wait_for(self.epoch, header["ids"], header["start"])
+                with self.host.computing():
+                    out = self.step(header, tensors[0])
+                    self.host.steps += 1
             except Exception as exc:  # report, keep serving: the engine fails this micro-batch
                 log.error("step failed: %s", traceback.format_exc())
-                self._pass_error(header, f"stage [{self.stage.start}, {self.stage.end}): {exc}")
-                return
-            self.steps += 1
-            if self.stage.is_last:
-                self.outbound.send({"op": "result", "epoch": self.epoch, "mb": header["mb"], "tokens": out})
-            else:
-                self.outbound.send(header, [out])
-        elif op == "free":
-            for rid in header["ids"]:
-                self.kv.free(rid)
-            if self.sampler:
-                self.sampler.forget(header["ids"])
-            else:
-                self.outbound.send(header)
-        elif op == "error":
-            self.outbound.send(header)
-        else:
-            self._pass_error(header, f"unknown op {op!r}")
+                return self._error(header, f"stage [{self.layers.start}, {self.layers.stop}): {exc}")
+            if self.is_last:
+                return {"op": "result", "epoch": self.epoch, "mb": header["mb"], "tokens": out}, []
+            return header, [out]
+        if op == "free":
+            with self.host.computing():
+                for rid in header["ids"]:
+                    self.host.kv.free(rid)
+            self.host.handoffs.forget(header["ids"])
+            if self.is_last:
+                self.host.sampler.forget(header["ids"])
+                return None
+            return header, []
+        if op == "error":
+            return header, []
+        return self._error(header, f"unknown op {op!r}")
 
     def step(self, header: dict, inputs: torch.Tensor):
         ids, start, n_new = header["ids"], header["start"], header["n_new"]
-        meta = build_attention_metadata(self.kv, ids, start, n_new)
-        hidden = self.stage(inputs, meta, self.kv)
-        if not self.stage.is_last:
+        kv, stage = self.host.kv, self.host.stage
+        meta = build_attention_metadata(kv, ids, start, n_new)
+        hidden = stage(inputs, meta, kv, self.layers)
+        if not self.is_last:
             return hidden
         sample = header["sample"]  # only requests whose next token is wanted now
         rows = [i for i, rid in enumerate(ids) if rid in sample]
         if not rows:
             return {}
-        logits = self.stage.logits(hidden[meta.last_rows[rows]])
+        logits = stage.logits(hidden[meta.last_rows[rows]])
         chosen = [ids[i] for i in rows]
-        tokens = self.sampler.sample(logits, chosen, [sample[rid] for rid in chosen])
+        tokens = self.host.sampler.sample(logits, chosen, [sample[rid] for rid in chosen])
         return dict(zip(chosen, tokens, strict=True))
 
-    def _pass_error(self, header: dict, message: str) -> None:
-        self.outbound.send({"op": "error", "epoch": header.get("epoch"), "mb": header.get("mb"), "message": message})
+    def _error(self, header: dict, message: str) -> tuple:
+        return {"op": "error", "epoch": header.get("epoch"), "mb": header.get("mb"), "message": message}, []

@@ -49,10 +49,10 @@ def test_client_leaving_mid_stream_frees_its_kv_blocks(engine):
     for stage in engine.stages:
         while time.monotonic() < deadline:
             free = engine.workers[stage.worker_id].call("ping")["free_blocks"]
-            if free == stage.num_blocks:
+            if free == engine.worker_info[stage.worker_id].num_blocks:
                 break
             time.sleep(0.05)
-        assert free == stage.num_blocks
+        assert free == engine.worker_info[stage.worker_id].num_blocks
 
     async def full() -> str:
         parts = []
