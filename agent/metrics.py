@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +22,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
@@ -76,10 +82,42 @@ class EngineStatsCollector(Collector):
             yield others
 
 
+class ApplyCollector(Collector):
+    """Reconfigurations at scrape time: the epoch, applies by outcome, phase durations, bytes
+    moved and the stall of each apply's switch (`applies` is agent.reconfigurations.Reconfigurations)."""
+
+    def __init__(self, applies: Any):
+        self._applies = applies
+
+    def collect(self) -> Iterator[Metric]:
+        records = [r for r in self._applies.history() if r.state == "done"]
+        yield GaugeMetricFamily("pipeshift_epoch", "The epoch (configuration) serving now.",
+                                value=float(self._applies.engine.epoch))
+        outcomes = CounterMetricFamily("pipeshift_applies", "Finished applies by outcome.", labels=["outcome"])
+        for outcome in ("applied", "aborted", "rolled_back", "failed"):
+            outcomes.add_metric([outcome], float(sum(r.outcome == outcome for r in records)))
+        yield outcomes
+        phases = SummaryMetricFamily("pipeshift_apply_phase_seconds", "Duration of each apply phase.",
+                                     labels=["phase"])
+        for name in ("prepare", "prefetch", "precopy", "switch", "cleanup"):
+            took = [p.measured_s for r in records if (p := r.phases[name]).ended_at is not None]
+            phases.add_metric([name], count_value=len(took), sum_value=float(sum(took)))
+        yield phases
+        yield CounterMetricFamily("pipeshift_apply_bytes_moved", "Weight and KV bytes moved by applies.",
+                                  value=float(sum(r.bytes_moved for r in records)))
+        stalls = [r.stall_ms / 1000 for r in records if r.stall_ms is not None]
+        yield SummaryMetricFamily("pipeshift_apply_stall_seconds",
+                                  "Longest time a request was held at an apply's switch.",
+                                  count_value=len(stalls), sum_value=float(sum(stalls)))
+        if stalls:
+            yield GaugeMetricFamily("pipeshift_apply_last_stall_seconds",
+                                    "The last apply's longest hold at its switch.", value=stalls[-1])
+
+
 class GatewayMetrics:
     """All gateway metrics, on a registry of their own so several apps can share a process."""
 
-    def __init__(self, stats: Callable[[], Mapping[str, float]] | None = None):
+    def __init__(self, stats: Callable[[], Mapping[str, float]] | None = None, applies: Any = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft_s = Histogram(
@@ -125,6 +163,8 @@ class GatewayMetrics:
         )
         if stats is not None:
             r.register(EngineStatsCollector(stats))
+        if applies is not None:
+            r.register(ApplyCollector(applies))
 
     def start_request(self, arrival_s: float | None = None) -> RequestTimer:
         """Returns the timer of one admitted request; call its `finish` exactly once."""

@@ -1,13 +1,17 @@
-"""`pipeshift serve`: start N local workers, split the model over them, serve the OpenAI API."""
+"""`pipeshift serve`: start N local workers, split the model over them, serve the OpenAI API
+(and, on this host, the admin API that reconfigures the deployment live)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int = 1) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int | None = None) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m",
@@ -17,16 +21,33 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int =
         "--devices",
         type=int,
         default=default_devices,
-        help="number of worker devices (local CPU worker processes)",
+        help="number of worker devices (local CPU worker processes); default: what --stages or "
+        "--plan uses, else 1",
     )
-    parser.add_argument(
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
         "--stages",
         default=None,
-        help="layer ranges of the first pipeline, e.g. 0:10,10:20,20:30; "
+        help="layer ranges of one pipeline, e.g. 0:10,10:20,20:30; "
         "default: split evenly over all devices; extra devices idle as spares",
     )
+    layout.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.json",
+        help="start from a configuration: `pipeshift plan --json` output or "
+        '{"pipelines": [{"stages": [{"device", "start", "end"}]}]}; its devices map to workers in order',
+    )
     parser.add_argument(
-        "--kv-cache-mb", type=int, default=256, help="KV cache budget per stage (MiB)"
+        "--kv-cache-mb", type=int, default=256, help="most KV cache a worker holds (MiB)"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="memory per worker for weights plus KV pool (MiB); a worker that gains layers shrinks "
+        "its pool to stay inside it (default: an equal share of the memory this host has free)",
     )
     parser.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens)")
     parser.add_argument(
@@ -39,7 +60,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int =
         "--micro-batches",
         type=int,
         default=None,
-        help="micro-batches in flight (default: one per stage, at most one per free CPU core)",
+        help="micro-batches in flight per pipeline (default: one per stage, at most one per free CPU core)",
+    )
+    parser.add_argument(
+        "--max-overhead",
+        type=float,
+        default=0.05,
+        help="share of serving time a live reconfiguration's background copies may take (default 0.05)",
     )
 
 
@@ -50,7 +77,32 @@ def register(subparsers) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
+        help="let other hosts use the admin API with `Authorization: Bearer TOKEN` "
+        "(default $PIPESHIFT_ADMIN_TOKEN; without one it answers this host only)",
+    )
     parser.set_defaults(func=run)
+
+
+def load_plan_pipelines(path: str, n_devices: int | None) -> tuple[list[list[tuple[int, int, int]]], int]:
+    """Returns the plan file's pipelines as (worker, start, end) stages and the devices it needs."""
+    from planner.configuration import Configuration
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--plan {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--plan {path}: not JSON ({exc})") from None
+    config = Configuration.from_json(obj)
+    n = len(config.devices())
+    n_devices = n if n_devices is None else n_devices
+    if n > n_devices:
+        raise ValueError(f"--plan {path} uses {n} devices; --devices is {n_devices}")
+    mapped = config.map_devices([f"worker-{i}" for i in range(n_devices)])
+    return [[(int(s.device.removeprefix("worker-")), s.start, s.end) for s in p.stages] for p in mapped.pipelines], n_devices
 
 
 def engine_config_from_args(args):
@@ -58,20 +110,36 @@ def engine_config_from_args(args):
     from agent.engine import EngineConfig
     from agent.stage_layout import parse_stages
 
-    if args.devices < 1:
-        raise ValueError(f"--devices must be at least 1, got {args.devices}")
+    devices = args.devices
+    stages = pipelines = None
+    if args.stages:
+        stages = parse_stages(args.stages)
+        devices = len(stages) if devices is None else devices
+    elif getattr(args, "plan", None):
+        pipelines, devices = load_plan_pipelines(args.plan, devices)
+    devices = 1 if devices is None else devices
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
     if args.micro_batches is not None and args.micro_batches < 1:
         raise ValueError(f"--micro-batches must be at least 1, got {args.micro_batches}")
     if args.kv_cache_mb < 1:
         raise ValueError(f"--kv-cache-mb must be at least 1, got {args.kv_cache_mb}")
+    if args.memory_budget is not None and args.memory_budget < 1:
+        raise ValueError(f"--memory-budget must be at least 1 MiB, got {args.memory_budget}")
+    if not 0 < args.max_overhead <= 1:
+        raise ValueError(f"--max-overhead must be in (0, 1], got {args.max_overhead}")
     return EngineConfig(
         model=args.model,
-        n_devices=args.devices,
-        stages=parse_stages(args.stages) if args.stages else None,
+        n_devices=devices,
+        stages=stages,
+        pipelines=pipelines,
         kv_cache_bytes=args.kv_cache_mb << 20,
+        memory_budget_bytes=None if args.memory_budget is None else args.memory_budget << 20,
         block_size=args.block_size,
         threads_per_worker=args.threads_per_worker,
         max_batch_size=args.max_batch_size,
+        micro_batches=args.micro_batches,
+        max_overhead=args.max_overhead,
     )
 
 
@@ -80,13 +148,22 @@ def start_engine(args):
     from agent.engine import PipelineEngine
 
     engine = PipelineEngine(engine_config_from_args(args)).start()
-    spares = args.devices - len(engine.stages)
-    print(f"pipeshift: {engine.model_name} on {len(engine.stages)} stage(s)"
-          + (f", {spares} spare device(s)" if spares else ""), flush=True)
-    for s in engine.stages:
-        print(f"  {s.describe()}: {s.weight_bytes / 2**20:.0f} MiB weights, "
-              f"{s.num_blocks} KV blocks of {args.block_size} tokens", flush=True)
+    print_deployment(engine)
     return engine
+
+
+def print_deployment(engine) -> None:
+    serving = engine.serving_pipelines()
+    used = {s.worker_id for p in serving for s in p.stages}
+    spares = len(engine.worker_info) - len(used)
+    print(f"pipeshift: {engine.model_name}, epoch {engine.epoch}: {len(serving)} pipeline(s), "
+          f"{len(used)} stage(s)" + (f", {spares} spare device(s)" if spares else ""), flush=True)
+    for i, p in enumerate(serving):
+        for s in p.stages:
+            info = engine.worker_info[s.worker_id]
+            print(f"  pipeline {i}: worker-{s.worker_id} layers {s.start}-{s.end - 1}: "
+                  f"{info.weight_bytes / 2**20:.0f} MiB weights, {info.num_blocks} KV blocks of "
+                  f"{engine.config.block_size} tokens", flush=True)
 
 
 def model_aliases(engine, requested: str) -> list[str]:
@@ -99,16 +176,20 @@ def model_aliases(engine, requested: str) -> list[str]:
 def run(args) -> int:
     from agent.gateway.app import create_app
     from agent.gateway.server import run_server
+    from planner.configuration import ConfigurationError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = start_engine(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, ConfigurationError) as exc:
         print(f"pipeshift serve: error: {exc}", file=sys.stderr)
         return 2
     try:
-        print(f"  OpenAI-compatible API at http://{args.host}:{args.port}/v1", flush=True)
-        run_server(create_app(engine, aliases=model_aliases(engine, args.model)), args.host, args.port)
+        print(f"  OpenAI-compatible API at http://{args.host}:{args.port}/v1; admin API at "
+              f"http://{args.host}:{args.port}/admin/v1"
+              + ("" if args.admin_token else " (this host only)"), flush=True)
+        app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token)
+        run_server(app, args.host, args.port)
     finally:
         engine.stop()
     return 0

@@ -147,7 +147,7 @@ def engine_run(n_devices: int, n_requests: int, max_tokens: int) -> dict[str, fl
         for stage in engine.stages:
             m = memory_breakdown(engine.workers[stage.worker_id].pid)
             memory.append({"stage": stage.index, "layers": [stage.start, stage.end],
-                           "weight_bytes": stage.weight_bytes, **m})
+                           "weight_bytes": engine.worker_info[stage.worker_id].weight_bytes, **m})
         # The workers are forked from one fork server; its share of their common pages is
         # part of what the deployment costs, so the total counts it too.
         fork_server = memory_breakdown(parent_pid(engine.workers[0].pid))["pss_bytes"]

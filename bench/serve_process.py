@@ -1,4 +1,4 @@
-"""Test helper: run `pipeshift serve` as a real subprocess on a free loopback port."""
+"""Run `pipeshift serve` as a real subprocess on a free loopback port (tests and benchmarks)."""
 
 from __future__ import annotations
 

@@ -52,10 +52,12 @@ def engine_failure(message: str | None) -> APIError:
     )
 
 
-def create_app(engine: Engine, aliases: Sequence[str] = ()) -> FastAPI:
-    """Returns the gateway app for `engine`; `aliases` are other names clients may use."""
+def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | None = None) -> FastAPI:
+    """Returns the gateway app for `engine`; `aliases` are other names clients may use. An
+    engine that reconfigures live also gets the admin API (agent/gateway/admin.py)."""
     app = FastAPI(title="pipeshift", summary="OpenAI-compatible API of a pipeshift deployment")
-    metrics = GatewayMetrics(stats=engine.stats)
+    reconfig = getattr(engine, "reconfig", None)
+    metrics = GatewayMetrics(stats=engine.stats, applies=reconfig)
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -80,9 +82,10 @@ def create_app(engine: Engine, aliases: Sequence[str] = ()) -> FastAPI:
         except Exception as exc:  # a broken health check is itself a reason to take us out
             logger.exception("engine.health() failed")
             ok, reason = False, f"health check failed: {type(exc).__name__}: {exc}"
+        epoch = {"epoch": engine.epoch} if isinstance(getattr(engine, "epoch", None), int) else {}
         if ok:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+            return JSONResponse({"status": "ok", **epoch})
+        return JSONResponse({"status": "unavailable", "reason": reason, **epoch}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -146,6 +149,10 @@ def create_app(engine: Engine, aliases: Sequence[str] = ()) -> FastAPI:
             request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
         )
 
+    if reconfig is not None:
+        from agent.gateway.admin import install_admin_api
+
+        install_admin_api(app, reconfig, admin_token)
     return app
 
 

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from tests.integration.serve_process import ServeProcess
+from bench.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,137 @@
+"""The admin API of a serving process, beside the OpenAI one: see and change the deployment.
+
+  GET  /admin/v1/deployment            configuration, epoch, devices, memory
+  POST /admin/v1/applies               a target configuration; answers with the diff and an
+                                       apply id (202), or only the diff with `dry_run`
+  GET  /admin/v1/applies               every apply, oldest first
+  GET  /admin/v1/applies/{id}          phases with start/end, bytes, predicted and measured figures
+  POST /admin/v1/applies/{id}/cancel   stop an apply (before its switch it aborts)
+
+It answers clients on this host only, unless the server was given a token; then every admin
+request must carry `Authorization: Bearer TOKEN`, from anywhere. Errors have the same shape
+as the OpenAI API's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.gateway.errors import APIError
+from agent.reconfigurations import ApplyRefused, Reconfigurations, deployment_json
+from planner.configuration import Configuration, ConfigurationError
+from planner.spec import PipelineSpec, StageSpec
+
+
+class StageBody(StageSpec):
+    device: str | None = None  # None: the planner picks the worker that has to load least
+
+
+class PipelineBody(PipelineSpec):
+    stages: list[StageBody] = Field(min_length=1)
+
+
+class TargetBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    pipelines: list[PipelineBody] = Field(min_length=1)
+
+
+class ApplyBody(BaseModel):
+    """A target: `target` (pipelines of stages, devices optional) or `stages` ("0:10,10:30")."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: TargetBody | None = None
+    stages: str | None = Field(None, examples=["0:10,10:20,20:30"])
+    dry_run: bool = False
+    max_overhead: float | None = Field(None, gt=0, le=1, description="share of serving time background copies may take")
+    expected_epoch: int | None = Field(None, description="refuse (409) unless the deployment is still at this epoch")
+    kv: Literal["copy", "recompute"] = Field(
+        "copy", description="copy running requests' KV to their new stages, or drop it and recompute it there"
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ApplyBody:
+        if (self.target is None) == (self.stages is None):
+            raise ValueError("give exactly one of `target` (pipelines of stages) or `stages` (e.g. \"0:10,10:20,20:30\")")
+        return self
+
+    def configuration(self) -> Configuration:
+        if self.stages is not None:
+            return Configuration.from_stages_text(self.stages)
+        return Configuration.from_json(self.target.model_dump())
+
+
+def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | None = None) -> None:
+    """Adds the admin routes to `app`, guarded as the module docstring says."""
+
+    def authorize(request: Request) -> None:
+        if token:
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+                raise APIError("the admin API needs `Authorization: Bearer TOKEN` (the server's --admin-token)",
+                               status=401, code="unauthorized")
+            return
+        host = request.client.host if request.client else ""
+        if not _is_loopback(host):
+            raise APIError("the admin API answers only on this host; start the server with --admin-token "
+                           "to allow other hosts", status=403, code="forbidden")
+
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authorize)], tags=["admin"])
+
+    @router.get("/deployment")
+    async def deployment() -> JSONResponse:
+        return JSONResponse(deployment_json(reconfig.engine))
+
+    @router.post("/applies", status_code=202)
+    async def create_apply(body: ApplyBody) -> JSONResponse:
+        try:
+            target = body.configuration()
+            if body.dry_run:
+                plan = reconfig.plan(target, body.max_overhead)
+                return JSONResponse({"plan": plan.to_json(), "text": plan.render(), "feasible": plan.feasible},
+                                    status_code=200)
+            record = reconfig.start(target, body.max_overhead, body.expected_epoch, body.kv)
+        except ConfigurationError as exc:
+            raise APIError(str(exc), param="target" if body.target is not None else "stages") from None
+        except ApplyRefused as exc:
+            error = APIError(exc.message, status=exc.status, code="apply_refused")
+            content = error.body()
+            if exc.plan is not None:
+                content["plan"] = exc.plan.to_json()
+                content["text"] = exc.plan.render()
+            return JSONResponse(content, status_code=exc.status)
+        return JSONResponse({"id": record.apply_id, "text": record.text, "apply": record.to_json()}, status_code=202,
+                            headers={"Location": f"/admin/v1/applies/{record.apply_id}"})
+
+    @router.get("/applies")
+    async def list_applies() -> JSONResponse:
+        return JSONResponse({"data": [r.to_json() for r in reconfig.history()]})
+
+    @router.get("/applies/{apply_id}")
+    async def get_apply(apply_id: str) -> JSONResponse:
+        record = reconfig.get(apply_id)
+        if record is None:
+            raise APIError(f"no apply {apply_id!r}; GET /admin/v1/applies lists them", status=404, code="not_found")
+        return JSONResponse(record.to_json())
+
+    @router.post("/applies/{apply_id}/cancel", status_code=202)
+    async def cancel_apply(apply_id: str) -> JSONResponse:
+        record = reconfig.cancel(apply_id)
+        if record is None:
+            raise APIError(f"no apply {apply_id!r}; GET /admin/v1/applies lists them", status=404, code="not_found")
+        return JSONResponse(record.to_json(), status_code=202)
+
+    app.include_router(router)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
