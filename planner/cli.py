@@ -12,6 +12,7 @@ COMMAND_MODULES = {
     "serve": "agent.serve_command",
     "demo": "agent.demo_command",
     "plan": "planner.plan_command",
+    "apply": "planner.apply_command",
     "calibrate": "cost_models.calibrate_command",
     "devices": "cost_models.devices_command",
 }

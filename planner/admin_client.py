@@ -1,0 +1,76 @@
+"""A small client of a serving process's admin API (`/admin/v1/...`), over plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+class AdminError(RuntimeError):
+    """The server refused (`status` set, `body` its JSON) or could not be reached (status None)."""
+
+    def __init__(self, message: str, status: int | None = None, body: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status, self.body = status, body or {}
+
+
+class AdminClient:
+    def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout_s: float = 60.0):
+        self.server = server.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def deployment(self) -> dict[str, Any]:
+        return self._request("GET", "/admin/v1/deployment")
+
+    def plan(self, target: dict[str, Any], max_overhead: float | None = None) -> dict[str, Any]:
+        """Returns the dry-run answer: {"plan", "text", "feasible"}."""
+        return self._request("POST", "/admin/v1/applies", {**target, "dry_run": True, "max_overhead": max_overhead})
+
+    def apply(self, target: dict[str, Any], max_overhead: float | None = None,
+              expected_epoch: int | None = None, kv: str | None = None) -> dict[str, Any]:
+        return self._request("POST", "/admin/v1/applies",
+                             {**target, "max_overhead": max_overhead, "expected_epoch": expected_epoch, "kv": kv})
+
+    def wait(self, apply_id: str, poll_s: float = 0.1, timeout_s: float = 1800.0) -> dict[str, Any]:
+        """Returns the apply's record once it is done."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            record = self.get_apply(apply_id)
+            if record["state"] == "done":
+                return record
+            time.sleep(poll_s)
+        raise AdminError(f"apply {apply_id} did not finish in {timeout_s:.0f} s")
+
+    def get_apply(self, apply_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/admin/v1/applies/{apply_id}")
+
+    def cancel(self, apply_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/admin/v1/applies/{apply_id}/cancel")
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.server + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read() or b"{}")
+            except json.JSONDecodeError:
+                payload = {}
+            message = (payload.get("error") or {}).get("message") or f"HTTP {exc.code}"
+            raise AdminError(message, exc.code, payload) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"no pipeshift server answers at {self.server} ({reason}): start one with "
+                             "`pipeshift serve`, or point --server at it") from None

@@ -1,0 +1,248 @@
+"""`pipeshift apply`: change a running deployment's configuration live.
+
+    pipeshift apply --stages 0:10,10:20,20:30 [--server URL] [--auto-approve]
+    pipeshift apply --plan PLAN.json            (the planner's --json output; devices map to workers in order)
+    pipeshift apply -f SPEC.yaml                (plans with the migration term from what serves now)
+
+It prints the diff the server plans, asks for `yes` (unless --auto-approve), follows the
+apply's phases with a progress bar each, then prints measured beside predicted figures.
+Exit status: 0 applied (or nothing to change), 1 failed, aborted or rolled back (the old
+configuration still serves, and it says so), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+POLL_S = 0.1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "apply",
+        help="change a running deployment's pipelines live",
+        description="Plan the change from the running deployment's configuration to a target, "
+        "show it, and apply it while every request keeps streaming.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--stages", help="one pipeline's layer ranges, e.g. 0:10,10:20,20:30")
+    target.add_argument("--plan", metavar="PLAN.json", help="a configuration (`pipeshift plan --json` output)")
+    target.add_argument("-f", "--file", metavar="SPEC.yaml", help="a spec to plan from what serves now")
+    p.add_argument("--server", default=os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000"),
+                   help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
+                   help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)")
+    p.add_argument("--auto-approve", action="store_true", help="apply without asking for `yes`")
+    p.add_argument("--max-overhead", type=float, default=None,
+                   help="share of serving time the background copies may take (default: the server's)")
+    p.add_argument("--time-limit", type=float, default=30.0, metavar="S",
+                   help="solver time limit for -f (default 30 s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.admin_client import AdminClient, AdminError
+
+    client = AdminClient(args.server, args.token)
+    try:
+        deployment = client.deployment()
+        target = build_target(args, deployment)
+        dry = client.plan(target, args.max_overhead)
+    except (AdminError, ValueError) as exc:
+        print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, AdminError) else 2
+    print(dry["text"])
+    if not dry["feasible"]:
+        print(f"\nNothing was changed; epoch {deployment['epoch']} still serves.", file=sys.stderr)
+        return 1
+    if not dry["plan"].get("has_changes", True):
+        return 0
+    if not args.auto_approve and not confirm():
+        print("\nApply cancelled.")
+        return 1
+    interrupts = Interrupts()  # from here Ctrl-C asks the server to cancel, whenever it comes
+    with interrupts:
+        try:
+            started = client.apply(target, args.max_overhead, expected_epoch=deployment["epoch"])
+        except AdminError as exc:
+            print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+            return 1
+        record = follow(client, started["id"], interrupts)
+    print(summary(record))
+    return 0 if record["outcome"] == "applied" else 1
+
+
+class Interrupts:
+    """Counts Ctrl-C instead of raising: the first asks the server to cancel the apply, a
+    second stops following it (the apply goes on, on the server)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> Interrupts:
+        import rich.progress  # noqa: F401  (imported before any Ctrl-C can land inside it)
+
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+
+def build_target(args: argparse.Namespace, deployment: dict[str, Any]) -> dict[str, Any]:
+    """Returns the admin API's target body from --stages, --plan or -f; raises ValueError."""
+    from planner.configuration import Configuration
+
+    names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
+    if args.stages:
+        return {"stages": args.stages}
+    if args.plan:
+        try:
+            obj = json.loads(Path(args.plan).read_text())
+        except OSError as exc:
+            raise ValueError(f"--plan {args.plan}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--plan {args.plan}: not JSON ({exc})") from None
+        config = Configuration.from_json(obj)
+        if set(config.devices()) <= set(names):  # already named as the server names its workers
+            return {"target": config.to_json()}
+        return {"target": config.map_devices(names).to_json()}
+    return {"target": plan_from_spec(args.file, deployment, names, args.time_limit).to_json()}
+
+
+def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float):
+    """Plans the spec with the server's configuration as the current one (the migration
+    term then prices what moves); the spec's devices stand for the server's, in order."""
+    from planner.build_problem import build_problem
+    from planner.configuration import Configuration
+    from planner.solve import plan
+    from planner.spec import CurrentConfig, SpecError, load_spec
+
+    try:
+        spec = load_spec(path)
+    except SpecError as exc:
+        raise ValueError("\n".join(exc.lines)) from None
+    spec_names = [n for n, _, _ in spec.device_names()]
+    if len(spec_names) != len(names):
+        raise ValueError(f"{path} lists {len(spec_names)} devices; the server has {len(names)} "
+                         f"({', '.join(names)}): list one device per worker")
+    to_spec, to_server = dict(zip(names, spec_names, strict=True)), dict(zip(spec_names, names, strict=True))
+    current = deployment["configuration"]
+    spec.current = CurrentConfig.model_validate({"pipelines": [
+        {"stages": [{**s, "device": to_spec[s["device"]]} for s in p["stages"]]} for p in current["pipelines"]
+    ]})
+    try:
+        result = plan(build_problem(spec), time_limit_s=time_limit_s)
+    except SpecError as exc:
+        raise ValueError("\n".join(exc.lines)) from None
+    if result.objective is None:
+        raise ValueError(f"{path}: {result.message}")
+    planned = Configuration.from_json(result.to_json())
+    return Configuration.from_json({"pipelines": [
+        {"stages": [{"device": to_server[s.device], "start": s.start, "end": s.end} for s in p.stages]}
+        for p in planned.pipelines
+    ]})
+
+
+def confirm() -> bool:
+    print("\nDo you want to perform these actions?\n  Only 'yes' will be accepted to approve.\n")
+    try:
+        return input("  Enter a value: ").strip() == "yes"
+    except EOFError:
+        return False
+
+
+def follow(client, apply_id: str, interrupts: Interrupts | None = None) -> dict[str, Any]:
+    """Shows one progress bar per phase until the apply ends; the first Ctrl-C asks the
+    server to cancel it (before its switch it aborts; after, it completes)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.admin_client import AdminError
+
+    columns = (TextColumn("{task.description:<9}"), BarColumn(), TextColumn("{task.fields[note]}"),
+               TimeElapsedColumn())
+    cancelled = False
+    with Progress(*columns, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+        while True:
+            if interrupts is not None and interrupts.count and not cancelled:
+                cancelled = True
+                progress.console.print("Interrupt received: asking the server to cancel the apply "
+                                       "(Ctrl-C again stops following it; the server goes on)")
+                try:
+                    client.cancel(apply_id)
+                except AdminError as exc:
+                    progress.console.print(f"cancel failed: {exc}")
+            record = client.get_apply(apply_id)
+            for phase in record["phases"]:
+                name = phase["name"]
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=1.0, note="")
+                progress.update(tasks[name], completed=_done_fraction(phase), note=_note(phase))
+            if record["state"] == "done":
+                return record
+            time.sleep(POLL_S)
+
+
+def _done_fraction(phase: dict[str, Any]) -> float:
+    if phase["state"] in ("done", "skipped", "failed"):
+        return 1.0
+    if phase["state"] == "running" and phase["bytes_expected"]:
+        return min(0.99, phase["bytes"] / phase["bytes_expected"])
+    return 0.0
+
+
+def _note(phase: dict[str, Any]) -> str:
+    if phase["state"] == "pending":
+        return ""
+    moved = f"{phase['bytes'] / 2**20:.1f} MiB" if phase["bytes"] else ""
+    return f"{phase['state']} {moved}".strip()
+
+
+def summary(record: dict[str, Any]) -> str:
+    """Returns the measured-beside-predicted table and the outcome line."""
+    measured, predicted = record["measured"], record["predicted"]
+
+    def fmt(value: float | None, unit: str) -> str:
+        if value is None:
+            return "-"
+        if unit == "MiB":
+            return f"{value / 2**20:.1f} MiB"
+        if unit == "ms":
+            return f"{value:.1f} ms"
+        return f"{value:.2f} s"
+
+    rows = [
+        ("bytes moved", fmt(measured["bytes_moved"], "MiB"), fmt(predicted["bytes_moved"], "MiB")),
+        ("prefetch", fmt(measured["prefetch_s"], "s"), fmt(predicted["prefetch_s"], "s")),
+        ("KV pre-copy", fmt(measured["precopy_s"], "s"), fmt(predicted["precopy_s"], "s")),
+        ("stall", fmt(measured["stall_ms"], "ms"), fmt(predicted["stall_ms"], "ms")),
+    ]
+    lines = ["", f"{'':<12}{'measured':>14}{'predicted':>14}"]
+    lines += [f"{name:<12}{m:>14}{p:>14}" for name, m, p in rows]
+    outcome = record["outcome"]
+    if outcome == "applied":
+        lines.append(f"\nApply complete: epoch {record['epoch_to']} serves.")
+    elif outcome == "aborted":
+        lines.append(f"\nApply aborted ({record['error']}): nothing changed, epoch {record['epoch_from']} "
+                     "still serves.")
+    elif outcome == "rolled_back":
+        lines.append(f"\nApply rolled back after its switch ({record['error']}): requests returned to the old "
+                     f"pipelines; epoch {record['epoch_from']} serves.")
+    else:
+        lines.append(f"\nApply failed: {record['error']}")
+    return "\n".join(lines)
