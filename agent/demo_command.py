@@ -1,23 +1,35 @@
-"""`pipeshift demo`: serve the real model on local workers and stream one completion through
-the OpenAI-compatible API, as a client would see it."""
+"""`pipeshift demo`: serve the real model on local workers, stream several requests through the
+OpenAI-compatible API, re-split the pipeline live in the middle of them, and show what the
+clients saw: the stall, and that every text equals the same request's text without a change."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import threading
 import time
 import urllib.request
+
+PROMPTS = [
+    "What is pipeline parallelism? Answer in two sentences.",
+    "Write a haiku about GPUs.",
+    "Name three uses of a hash map.",
+    "Why is the sky blue? One sentence.",
+]
 
 
 def register(subparsers) -> None:
     from agent.serve_command import add_engine_arguments
 
-    parser = subparsers.add_parser("demo", help="serve on local workers and stream one completion")
-    add_engine_arguments(parser, default_devices=3)
-    parser.add_argument(
-        "--prompt", default="What is pipeline parallelism? Answer in two sentences."
+    parser = subparsers.add_parser(
+        "demo", help="serve on local workers, stream requests and re-split the pipeline live"
     )
-    parser.add_argument("--max-tokens", type=int, default=64)
+    add_engine_arguments(parser, default_devices=3)
+    parser.set_defaults(stages="0:15,15:30")
+    parser.add_argument("--to", default="0:10,10:20,20:30", metavar="STAGES",
+                        help="the split to change to while the requests stream (default 0:10,10:20,20:30)")
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.set_defaults(func=run)
 
 
@@ -47,33 +59,99 @@ def stream_chat(base_url: str, model: str, prompt: str, max_tokens: int):
             yield choice["delta"].get("content") or "", choice.get("finish_reason")
 
 
+class StreamRecord:
+    """One request's text and the arrival time of each of its chunks."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.times: list[float] = []
+        self.error: str | None = None
+
+    def stall_ms(self, window: tuple[float, float]) -> float | None:
+        """Returns the largest gap between chunks inside `window` minus the median gap before it."""
+        gaps = [(b, b - a) for a, b in zip(self.times, self.times[1:], strict=False)]
+        before = [g for t, g in gaps if t < window[0]]
+        inside = [g for t, g in gaps if window[0] <= t <= window[1]]
+        if not before or not inside:
+            return None
+        return 1000 * (max(inside) - statistics.median(before))
+
+
+def stream_all(base_url: str, model: str, max_tokens: int, started: threading.Event | None = None) -> list[StreamRecord]:
+    records = [StreamRecord() for _ in PROMPTS]
+
+    def one(prompt: str, record: StreamRecord) -> None:
+        try:
+            for delta, _ in stream_chat(base_url, model, prompt, max_tokens):
+                if delta:
+                    record.text += delta
+                    record.times.append(time.monotonic())
+                    if started is not None and all(len(r.times) >= 4 for r in records):
+                        started.set()
+        except Exception as exc:  # shown in the summary; the demo then fails
+            record.error = str(exc)
+
+    threads = [threading.Thread(target=one, args=(p, r)) for p, r in zip(PROMPTS, records, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
+
+
 def run(args) -> int:
     from agent.gateway.app import create_app
     from agent.gateway.server import ServerThread
     from agent.serve_command import model_aliases, start_engine
+    from planner.admin_client import AdminClient
+    from planner.apply_command import follow, summary
+    from planner.configuration import ConfigurationError
 
     try:
         engine = start_engine(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, ConfigurationError) as exc:
         print(f"pipeshift demo: error: {exc}", file=sys.stderr)
         return 2
     server = ServerThread(create_app(engine, aliases=model_aliases(engine, args.model))).start()
+    admin = AdminClient(server.base_url)
     try:
-        print(f"  OpenAI-compatible API at {server.base_url}/v1\n\nuser: {args.prompt}\nassistant: ", end="", flush=True)
-        t0 = time.monotonic()
-        first = None
-        n_chunks = 0
-        finish = None
-        for delta, finish_reason in stream_chat(server.base_url, args.model, args.prompt, args.max_tokens):
-            if delta and first is None:
-                first = time.monotonic() - t0
-            n_chunks += bool(delta)
-            finish = finish_reason or finish
-            print(delta, end="", flush=True)
-        total = time.monotonic() - t0
-        print(f"\n\n[streamed {n_chunks} chunks; time to first token {1000 * (first or total):.0f} ms; "
-              f"{total:.1f} s in all; finish_reason={finish}]")
+        print(f"  OpenAI-compatible API at {server.base_url}/v1\n")
+        print(f"Streaming {len(PROMPTS)} chat completions; once each has a few tokens, the split "
+              f"changes to {args.to}.\n")
+        started = threading.Event()
+        result: list[StreamRecord] = []
+        streaming = threading.Thread(target=lambda: result.extend(
+            stream_all(server.base_url, args.model, args.max_tokens, started)))
+        streaming.start()
+        if not started.wait(300):
+            print("pipeshift demo: error: the requests did not start streaming", file=sys.stderr)
+            return 1
+        dry = admin.plan({"stages": args.to})
+        print(dry["text"])
+        begin = time.monotonic()
+        record = follow(admin, admin.apply({"stages": args.to})["id"])
+        end = time.monotonic()
+        print(summary(record))
+        streaming.join()
+        if record["outcome"] != "applied" or any(r.error for r in result):
+            print("pipeshift demo: error: " + (record["error"] or next(r.error for r in result if r.error)),
+                  file=sys.stderr)
+            return 1
+
+        print("\nThe same requests again on the new split, with no change in the middle:")
+        control = stream_all(server.base_url, args.model, args.max_tokens)
+        print()
+        same = 0
+        for prompt, live, still in zip(PROMPTS, result, control, strict=True):
+            equal = live.text == still.text
+            same += equal
+            stall = live.stall_ms((begin, end))
+            stall_text = "n/a" if stall is None else f"{stall:+.0f} ms"
+            print(f"  {'=' if equal else '!'} {prompt[:40]:<40}  {len(live.times):>3} chunks, "
+                  f"stall {stall_text}: {live.text[:50]!r}...")
+        print(f"\n{same}/{len(PROMPTS)} texts streamed through the change equal the run without it; "
+              f"the longest hold at the switch was {record['measured']['stall_ms']:.1f} ms.")
+        return 0 if same == len(PROMPTS) else 1
     finally:
         server.stop()
         engine.stop()
-    return 0
