@@ -122,6 +122,7 @@ class ApplyRecord:
             "phases": [p.to_json() for p in self.phases.values()],
             "measured": {
                 "stall_ms": self.stall_ms,
+                "requests_moved": len(self.stall_ms_by_request),
                 "bytes_moved": self.bytes_moved,
                 "prefetch_s": self.phases["prefetch"].measured_s,
                 "precopy_s": self.phases["precopy"].measured_s,
