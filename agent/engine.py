@@ -187,6 +187,7 @@ class PipelineEngine:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.failure: str | None = None
         self.tokens_generated = 0
+        self.active_requests = 0  # streams open through `generate` (the event loop's count)
         self.workers: dict[int, WorkerConnection] = {}
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, Any] = {}
@@ -447,12 +448,14 @@ class PipelineEngine:
         seq = Sequence(request_id, list(prompt_ids), params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         self.events.put(("add", seq))
         finished = False
+        self.active_requests += 1
         try:
             while not finished:
                 event = await events.get()
                 finished = event.finish_reason is not None
                 yield event
         finally:
+            self.active_requests -= 1
             if not finished:
                 self.events.put(("abort", request_id))
 

@@ -41,6 +41,7 @@ from planner.reconfig import ReconfigPlan, layer_handoffs
 log = logging.getLogger("pipeshift.executor")
 
 FIRST_TOKENS_TIMEOUT_S = 60.0
+PACE_POLL_S = 0.1  # how often the apply looks whether anything is being served
 CALL_TIMEOUT_S = 600.0
 
 
@@ -85,13 +86,20 @@ class ApplyExecutor:
         self.xfers: dict[tuple[int, int], str] = {}
         self.xfer_locks: dict[tuple[int, int], threading.Lock] = defaultdict(threading.Lock)
         self.changes = {worker_id_of(c.device): c for c in plan.device_changes}
+        self.copying = threading.Event()  # set while prefetch and pre-copy run
+        self.idle_s = 0.0  # of those, the time nothing was served (copies ran unpaced)
 
     # ---- the whole apply --------------------------------------------------------------------
     def run(self) -> None:
         try:
             self.prepare()
-            self.prefetch()
-            self.precopy()
+            self.copying.set()
+            threading.Thread(target=self._pace_by_load, name="apply-pace", daemon=True).start()
+            try:
+                self.prefetch()
+                self.precopy()
+            finally:
+                self.copying.clear()
             self._check()
             self.switch()
         except Exception as exc:
@@ -210,6 +218,25 @@ class ApplyExecutor:
             self.engine.open_pipeline(runtime)
         self.record.bytes_moved += phase.bytes
         self.record.end("prefetch")
+
+    def _pace_by_load(self) -> None:
+        """While copies run: gives them all of the time whenever no request is being served
+        (nothing to slow down), and `max_overhead` of it again as soon as one is."""
+        share = self.max_overhead
+        while self.copying.is_set():
+            idle = self.engine.active_requests == 0
+            wanted = 1.0 if idle else self.max_overhead
+            if wanted != share:
+                share = wanted
+                for w in self._involved():
+                    try:
+                        self._call(w, "pace", timeout_s=5.0, apply=self.record.apply_id, max_overhead=share)
+                    except Exception as exc:  # a lost worker fails the apply elsewhere
+                        log.debug("pace worker %d: %s", w, exc)
+            if idle:
+                self.idle_s += PACE_POLL_S
+            time.sleep(PACE_POLL_S)
+        self.record.phases["prefetch"].detail["idle_s"] = round(self.idle_s, 2)
 
     def _open_xfers(self) -> None:
         pairs = {(worker_id_of(load.source), w) for w, c in self.changes.items() for load in c.loads

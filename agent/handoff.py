@@ -76,7 +76,7 @@ class Handoffs:
         self.bytes_in = self.bytes_out = 0
 
     # ---- the old owner ------------------------------------------------------------------------
-    def replicate(self, apply: str, entries: dict[str, Any], max_overhead: float,
+    def replicate(self, apply: str, entries: dict[str, Any], max_overhead: float | Callable[[], float],
                   cancel: threading.Event | None = None) -> None:
         """Starts keeping the new owners of these requests' runs (those this worker is the
         source of) up to date. `entries`: request -> {"epoch": its old wiring's epoch,

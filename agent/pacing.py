@@ -6,14 +6,19 @@ that the work takes at most 5 % of the wall time: a piece that used t seconds of
 followed by t * (1 - f) / f seconds of rest. On a CPU worker this bounds how much the copy
 slows serving. Work is the thread's CPU time, not wall time: on a busy host a piece waits for
 a core, and counting that wait would make the copy rest for the serving it yielded to.
+
+The share may change while the work runs (`max_overhead` given as a function): a deployment
+with nothing to serve lets the copy run at full speed, and a rest in progress ends early.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+REST_SLICE_S = 0.05  # how soon a rest notices that the share changed
 
 
 class Cancelled(RuntimeError):
@@ -21,13 +26,19 @@ class Cancelled(RuntimeError):
 
 
 class Pacer:
-    def __init__(self, max_overhead: float = 1.0, cancel: threading.Event | None = None):
-        if not 0 < max_overhead <= 1:
-            raise ValueError(f"max_overhead must be in (0, 1], got {max_overhead}")
-        self.max_overhead = max_overhead
+    def __init__(self, max_overhead: float | Callable[[], float] = 1.0, cancel: threading.Event | None = None):
+        self._share = max_overhead if callable(max_overhead) else (lambda: max_overhead)
+        _ = self.max_overhead  # raises on a share outside (0, 1]
         self.cancel = cancel or threading.Event()
         self.work_s = 0.0  # time spent working (not resting)
         self._owed = 0.0
+
+    @property
+    def max_overhead(self) -> float:
+        share = float(self._share())
+        if not 0 < share <= 1:
+            raise ValueError(f"max_overhead must be in (0, 1], got {share}")
+        return share
 
     def check(self) -> None:
         if self.cancel.is_set():
@@ -43,12 +54,17 @@ class Pacer:
         yield
         took = time.thread_time() - start
         self.work_s += took
-        self._owed += took * (1 - self.max_overhead) / self.max_overhead
+        share = self.max_overhead
+        self._owed += took * (1 - share) / share
         if rest:
             self.rest()
 
     def rest(self) -> None:
-        """Sleeps the rest the work so far has earned; raises Cancelled if cancelled meanwhile."""
+        """Sleeps the rest the work so far has earned (less, if the share rises to all of the
+        time meanwhile); raises Cancelled if cancelled meanwhile."""
         owed, self._owed = self._owed, 0.0
-        if owed > 0 and self.cancel.wait(owed):
-            raise Cancelled("cancelled")
+        until = time.monotonic() + owed
+        while (left := until - time.monotonic()) > 0 and self.max_overhead < 1:
+            if self.cancel.wait(min(left, REST_SLICE_S)):
+                raise Cancelled("cancelled")
+        self.check()

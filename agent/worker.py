@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -68,6 +69,7 @@ class Worker:
         self.kv_cap_bytes = 0
         self.memory_budget_bytes: int | None = None
         self._cancel: dict[str, threading.Event] = {}
+        self._overheads: dict[str, float] = {}  # apply -> share of time its copies may take
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         op = msg["op"]
@@ -175,7 +177,19 @@ class Worker:
         return {}
 
     def _pacer(self, msg: dict[str, Any]) -> Pacer:
-        return Pacer(float(msg.get("max_overhead") or 1.0), self._cancel_event(msg.get("apply", "")))
+        apply = msg.get("apply", "")
+        return Pacer(self._share(apply, msg.get("max_overhead")), self._cancel_event(apply))
+
+    def _share(self, apply: str, requested: float | None) -> Callable[[], float]:
+        """Returns the current share of time `apply`'s background work may take: the one it
+        asked for, until the engine says otherwise (`pace`)."""
+        self._overheads.setdefault(apply, float(requested or 1.0))
+        return lambda: self._overheads[apply]
+
+    def op_pace(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Sets the share of time `apply`'s copies may take: all of it while nothing is served."""
+        self._overheads[msg["apply"]] = float(msg["max_overhead"])
+        return {}
 
     def _cancel_event(self, apply: str) -> threading.Event:
         return self._cancel.setdefault(apply, threading.Event())
@@ -188,10 +202,11 @@ class Worker:
             for piece in _parts(int(msg["start"]), int(msg["end"]), bool(msg["embed"]), bool(msg["head"])):
                 # Only the copy out of the stage counts as work: time blocked in `send` is the
                 # receiver's (its own pacing), and counting it here would pace twice.
-                with pacer.piece():
+                with pacer.piece(rest=False):
                     tensors = {n: t.contiguous() for n, t in stage.export(**piece).items()}
                 names = list(tensors)
                 channel.send({"op": "parts", "part": piece_json(piece), "names": names}, [tensors[n] for n in names])
+                pacer.rest()  # after the send: the receiver installs while this side rests
                 sent += sum(t.numel() * t.element_size() for t in tensors.values())
         except Cancelled:
             channel.send({"op": "abort"})
@@ -235,7 +250,8 @@ class Worker:
 
     def op_replicate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Keeps the new owners of moving requests' runs up to date (agent/handoff.py)."""
-        self._host().handoffs.replicate(msg["apply"], msg["entries"], float(msg.get("max_overhead") or 1.0),
+        self._host().handoffs.replicate(msg["apply"], msg["entries"],
+                                        self._share(msg["apply"], msg.get("max_overhead")),
                                         self._cancel_event(msg["apply"]))
         return {"behind": self._host().handoffs.behind()}
 

@@ -55,3 +55,21 @@ def test_max_overhead_must_be_a_share():
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="max_overhead"):
             Pacer(bad)
+
+
+def test_a_share_raised_to_all_of_the_time_ends_the_rest_in_progress():
+    share = {"now": 0.01}
+    pacer = Pacer(max_overhead=lambda: share["now"])
+    with pacer.piece(rest=False):
+        _burn(0.02)  # earns ~2 s of rest at 1 %
+    threading.Timer(0.1, lambda: share.update(now=1.0)).start()
+    began = time.perf_counter()
+    pacer.rest()
+    assert time.perf_counter() - began < 0.5
+
+
+def test_a_share_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="max_overhead"):
+        Pacer(max_overhead=0.0)
+    with pytest.raises(ValueError, match="max_overhead"):
+        Pacer(max_overhead=lambda: 1.5)
