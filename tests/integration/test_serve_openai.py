@@ -64,7 +64,7 @@ def transformers_texts(hf_model, gguf_path) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("devices", [1, 2, 3, 5])
+@pytest.mark.parametrize("devices", [1, 2, 5])  # 5: first, middle and last stages
 def test_greedy_streams_match_transformers(devices, transformers_texts):
     with ServeProcess("--devices", str(devices)) as server:
         texts = asyncio.run(_stream_all(server.base_url))
