@@ -241,6 +241,9 @@ def run_context(context: int, repeats: int, clients: int, prompts: list[list[int
                 record = admin.wait(started["id"])
                 end = time.monotonic()
                 windows.append(Window(name if kv == "copy" else f"{name} (recompute KV)", begin, end, record))
+                print(f"  context {context}, {name} ({kv} KV): {record['outcome']} in {end - begin:.1f} s, "
+                      f"hold {record['measured']['stall_ms']} ms, {record['measured']['requests_moved']} moved",
+                      flush=True)
                 time.sleep(end - begin)  # a control window as long as the apply, right after it
                 windows.append(Window("control", end, end + (end - begin)))
         load.stop()

@@ -17,7 +17,7 @@ from planner.admin_client import AdminClient
 
 pytestmark = pytest.mark.slow
 
-PROMPT_LENGTHS = [64, 200, 400, 600, 800, 1000, 1200, 1400]
+PROMPT_LENGTHS = [128, 300, 500, 700, 900, 1200, 1600, 2000]
 SECOND_WAVE_LENGTHS = [128, 256, 512, 160]
 MAX_TOKENS = 160
 # Background copies may take a quarter of the time here (the default is 5 %): applies are
