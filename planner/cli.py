@@ -13,6 +13,9 @@ COMMAND_MODULES = {
     "demo": "agent.demo_command",
     "plan": "planner.plan_command",
     "apply": "planner.apply_command",
+    "init": "planner.init_command",
+    "history": "planner.history_command",
+    "force-unlock": "planner.force_unlock_command",
     "calibrate": "cost_models.calibrate_command",
     "devices": "cost_models.devices_command",
 }

@@ -1,0 +1,105 @@
+"""Where the store lives and how its schema is made: the URL, Alembic, and opening it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Engine, make_url
+
+URL_VARIABLE = "PIPESHIFT_DATABASE_URL"
+
+
+class NoStore(RuntimeError):
+    """The store does not exist or its schema is not the one this pipeshift needs."""
+
+
+def data_dir() -> Path:
+    """Returns the user's pipeshift data directory ($XDG_DATA_HOME/pipeshift by default)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pipeshift"
+
+
+def database_url() -> str:
+    """Returns $PIPESHIFT_DATABASE_URL, or a SQLite file in the user's data directory."""
+    return os.environ.get(URL_VARIABLE) or f"sqlite:///{data_dir() / 'pipeshift.db'}"
+
+
+def migrations_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def shown(url: str) -> str:
+    """Returns the URL with any password hidden, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return create_engine(url)
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["url"] = url
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    if "alembic_version" not in inspect(engine).get_table_names():
+        return None
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def init_schema(url: str | None = None) -> tuple[str | None, str]:
+    """Creates the store or upgrades its schema to this pipeshift's; returns (before, after)
+    revisions."""
+    from alembic import command
+
+    url = url or database_url()
+    engine = make_engine(url)
+    try:
+        before = current_revision(engine)
+    except Exception as exc:
+        raise NoStore(f"cannot reach the store at {shown(url)}: {exc}") from exc
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(url), "head")
+    return before, head_revision()
+
+
+def open_store(url: str | None = None):
+    """Returns the Store at `url` (default database_url()); raises NoStore, saying what to
+    run, when it is missing or its schema is older than this pipeshift's."""
+    from planner.store.records import Store
+
+    url = url or database_url()
+    engine = make_engine(url)
+    try:
+        revision = current_revision(engine)
+    except Exception as exc:
+        engine.dispose()
+        raise NoStore(f"cannot reach the store at {shown(url)}: {exc}") from exc
+    head = head_revision()
+    if revision != head:
+        engine.dispose()
+        if revision is None:
+            raise NoStore(f"no pipeshift store at {shown(url)}: run `pipeshift init` to create it")
+        raise NoStore(f"the store at {shown(url)} has schema {revision}, this pipeshift needs {head}: "
+                      "run `pipeshift init` to upgrade it")
+    return Store(engine)

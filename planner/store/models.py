@@ -1,0 +1,109 @@
+"""The store's tables, as SQLAlchemy 2.0 typed ORM classes. Alembic's migrations
+(`migrations/versions/`) must produce exactly these; `alembic check` says when they do not."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class DeviceRow(Base):
+    """A device the deployment has seen, and what it does now."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(100))
+    node: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20))  # serving | spare | gone
+    first_seen: Mapped[datetime] = mapped_column(default=utc_now)
+    last_seen: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class ConfigurationRow(Base):
+    """One configuration a deployment served or was told to serve. Configurations of one
+    deployment share a lineage and count up by serial; a plan names the pair it was made
+    against, so a plan made against an older serial is stale."""
+
+    __tablename__ = "configurations"
+    __table_args__ = (UniqueConstraint("lineage", "serial", name="uq_configurations_lineage_serial"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lineage: Mapped[str] = mapped_column(String(36), index=True)
+    serial: Mapped[int]
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("configurations.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    pipelines: Mapped[list[Any]]  # [{"stages": [{"device", "start", "end"}]}]
+    epoch: Mapped[int | None]  # the serving process's epoch, when it served it
+    predicted: Mapped[dict[str, Any] | None]  # the planner's figures for it
+    spec: Mapped[dict[str, Any] | None]  # the spec it was planned from
+    source: Mapped[str] = mapped_column(String(20))  # observed | apply | rollback
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class PlanRow(Base):
+    """A saved plan: what it changes, and the configuration it was made against."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    against_id: Mapped[int] = mapped_column(ForeignKey("configurations.id"))
+    lineage: Mapped[str] = mapped_column(String(36))
+    serial: Mapped[int]
+    target: Mapped[list[Any]]  # pipelines, as in ConfigurationRow
+    spec: Mapped[dict[str, Any] | None]
+    diff: Mapped[dict[str, Any]]  # the reconfiguration plan as JSON
+    prediction: Mapped[dict[str, Any]]
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class ApplyRow(Base):
+    """One apply, written as it progresses: a process killed mid-apply leaves a row in state
+    `running` that the next reader marks `interrupted`."""
+
+    __tablename__ = "applies"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id"))
+    from_id: Mapped[int | None] = mapped_column(ForeignKey("configurations.id"))
+    to_id: Mapped[int | None] = mapped_column(ForeignKey("configurations.id"))
+    server_apply_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(20))  # running | done | interrupted
+    outcome: Mapped[str | None] = mapped_column(String(20))  # applied | aborted | rolled_back | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    holder: Mapped[str] = mapped_column(String(200))  # host:pid of the process applying
+    phases: Mapped[list[Any]]
+    bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)
+    stall_ms: Mapped[float | None]
+    serving: Mapped[dict[str, Any] | None]  # TTFT/TPOT before, during and after
+    started_at: Mapped[datetime] = mapped_column(default=utc_now)
+    finished_at: Mapped[datetime | None]
+
+
+class LockRow(Base):
+    """Who may change a deployment now. One row per locked deployment."""
+
+    __tablename__ = "locks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # what is locked
+    holder: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(String(200))
+    since: Mapped[datetime] = mapped_column(default=utc_now)

@@ -1,0 +1,265 @@
+"""Reading and writing the store: one transaction per user action.
+
+Configurations of one deployment form a lineage counted by serial; a saved plan remembers the
+(lineage, serial) it was made against and is refused once another serial serves. An apply's
+row is written when it begins and as it progresses, so a killed process leaves a `running` row
+that the next reader marks `interrupted`. A lock row says who may change a deployment now.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from planner.store.models import ApplyRow, ConfigurationRow, DeviceRow, LockRow, PlanRow, utc_now
+
+
+class UnknownId(LookupError):
+    """No row has this id."""
+
+
+class StalePlan(RuntimeError):
+    """A saved plan was made against a configuration that no longer serves."""
+
+
+class LockHeld(RuntimeError):
+    """Someone else is changing this deployment."""
+
+    def __init__(self, lock: LockRow):
+        self.lock_id, self.holder, self.since, self.reason = lock.id, lock.holder, lock.since, lock.reason
+        super().__init__(
+            f"the deployment is locked: held by {lock.holder} since {_when(lock.since)} ({lock.reason}); "
+            f"if that process is gone, run `pipeshift force-unlock {lock.id}`"
+        )
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(holder: str) -> bool | None:
+    """Returns whether the process `host:pid` runs; None when it is on another host."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment.tzinfo is None else moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+class Store:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One user action: commits at the end, rolls back on an exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # ---- devices ----------------------------------------------------------------------------
+    def record_devices(self, devices: list[dict[str, Any]]) -> None:
+        """Upserts the devices a server reports ({"name", "kind", "node", "state"}); devices
+        it no longer reports become `gone`."""
+        with self.transaction() as s:
+            known = {d.name: d for d in s.scalars(select(DeviceRow))}
+            now = utc_now()
+            for d in devices:
+                row = known.pop(d["name"], None)
+                if row is None:
+                    row = DeviceRow(name=d["name"], first_seen=now)
+                    s.add(row)
+                row.kind, row.node, row.state = d.get("kind", "cpu"), d.get("node", "local"), d.get("state", "serving")
+                row.last_seen = now
+            for row in known.values():
+                row.state = "gone"
+
+    def devices(self) -> list[DeviceRow]:
+        with self.transaction() as s:
+            return list(s.scalars(select(DeviceRow).order_by(DeviceRow.id)))
+
+    # ---- configurations ---------------------------------------------------------------------
+    def current(self, lineage: str | None = None) -> ConfigurationRow | None:
+        """Returns the newest configuration (of `lineage`, when given)."""
+        with self.transaction() as s:
+            query = select(ConfigurationRow).order_by(ConfigurationRow.id.desc()).limit(1)
+            if lineage is not None:
+                query = query.where(ConfigurationRow.lineage == lineage)
+            return s.scalars(query).first()
+
+    def record_configuration(self, model: str, pipelines: list[Any], source: str, epoch: int | None = None,
+                             predicted: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
+                             lineage: str | None = None) -> ConfigurationRow:
+        """Adds a configuration after the newest of its lineage (a new lineage when none is
+        given and the store has none)."""
+        with self.transaction() as s:
+            parent = s.scalars(
+                select(ConfigurationRow).order_by(ConfigurationRow.id.desc()).limit(1)
+                .where(*([ConfigurationRow.lineage == lineage] if lineage else []))
+            ).first()
+            row = ConfigurationRow(
+                lineage=lineage or (parent.lineage if parent else str(uuid.uuid4())),
+                serial=(parent.serial + 1) if parent else 1,
+                parent_id=parent.id if parent else None,
+                model=model, pipelines=pipelines, epoch=epoch, predicted=predicted, spec=spec, source=source,
+            )
+            s.add(row)
+            s.flush()
+            return row
+
+    def configuration(self, configuration_id: int) -> ConfigurationRow:
+        with self.transaction() as s:
+            row = s.get(ConfigurationRow, configuration_id)
+            if row is None:
+                raise UnknownId(f"no configuration {configuration_id}: `pipeshift history` lists them")
+            return row
+
+    def configurations(self) -> list[ConfigurationRow]:
+        with self.transaction() as s:
+            return list(s.scalars(select(ConfigurationRow).order_by(ConfigurationRow.id)))
+
+    # ---- plans ------------------------------------------------------------------------------
+    def save_plan(self, against: ConfigurationRow, target: list[Any], diff: dict[str, Any],
+                  prediction: dict[str, Any], text: str, spec: dict[str, Any] | None = None) -> PlanRow:
+        with self.transaction() as s:
+            row = PlanRow(id=str(uuid.uuid4()), against_id=against.id, lineage=against.lineage,
+                          serial=against.serial, target=target, spec=spec, diff=diff,
+                          prediction=prediction, text=text)
+            s.add(row)
+            return row
+
+    def plan(self, plan_id: str) -> PlanRow:
+        with self.transaction() as s:
+            row = s.get(PlanRow, plan_id)
+            if row is None:
+                raise UnknownId(f"no plan {plan_id}")
+            return row
+
+    def check_fresh(self, plan: PlanRow) -> None:
+        """Raises StalePlan unless the configuration the plan was made against still serves."""
+        now = self.current(plan.lineage)
+        if now is None or now.serial != plan.serial:
+            raise StalePlan(
+                f"Saved plan is stale: it was made against serial {plan.serial} of lineage {plan.lineage}, "
+                f"and serial {now.serial if now else '?'} is the current one. Run `pipeshift plan` again."
+            )
+
+    # ---- applies ----------------------------------------------------------------------------
+    def begin_apply(self, plan_id: str | None, from_id: int | None) -> ApplyRow:
+        with self.transaction() as s:
+            row = ApplyRow(id=f"a-{uuid.uuid4().hex[:12]}", plan_id=plan_id, from_id=from_id, state="running",
+                           holder=this_process(), phases=[], bytes_moved=0)
+            s.add(row)
+            return row
+
+    def update_apply(self, apply_id: str, **fields: Any) -> ApplyRow:
+        """Writes an apply's progress (phases, server_apply_id, bytes_moved, ...)."""
+        with self.transaction() as s:
+            row = s.get(ApplyRow, apply_id)
+            if row is None:
+                raise UnknownId(f"no apply {apply_id}")
+            for name, value in fields.items():
+                setattr(row, name, value)
+            return row
+
+    def finish_apply(self, apply_id: str, outcome: str, error: str | None = None, **fields: Any) -> ApplyRow:
+        return self.update_apply(apply_id, state="done", outcome=outcome, error=error, finished_at=utc_now(), **fields)
+
+    def reap_interrupted(self) -> list[str]:
+        """Marks `interrupted` every running apply whose process on this host is gone."""
+        reaped = []
+        with self.transaction() as s:
+            for row in s.scalars(select(ApplyRow).where(ApplyRow.state == "running")):
+                if process_alive(row.holder) is False:
+                    row.state, row.finished_at = "interrupted", utc_now()
+                    row.error = (f"the process applying it ({row.holder}) ended before the apply did; "
+                                 "check the deployment with `pipeshift plan`")
+                    reaped.append(row.id)
+        return reaped
+
+    def apply(self, apply_id: str) -> ApplyRow:
+        self.reap_interrupted()
+        with self.transaction() as s:
+            row = s.get(ApplyRow, apply_id)
+            if row is None:
+                raise UnknownId(f"no apply {apply_id}: `pipeshift history` lists them")
+            return row
+
+    def applies(self) -> list[ApplyRow]:
+        self.reap_interrupted()
+        with self.transaction() as s:
+            return list(s.scalars(select(ApplyRow).order_by(ApplyRow.started_at, ApplyRow.id)))
+
+    # ---- locks ------------------------------------------------------------------------------
+    def lock(self, name: str, reason: str, holder: str | None = None) -> LockRow:
+        """Takes the lock on `name`, or raises LockHeld saying who holds it."""
+        row = LockRow(id=str(uuid.uuid4()), name=name, holder=holder or this_process(), reason=reason)
+        try:
+            with self.transaction() as s:
+                s.add(row)
+        except IntegrityError:
+            with self.transaction() as s:
+                held = s.scalars(select(LockRow).where(LockRow.name == name)).first()
+            if held is None:  # released meanwhile
+                return self.lock(name, reason, holder)
+            raise LockHeld(held) from None
+        return row
+
+    def unlock(self, lock_id: str) -> None:
+        with self.transaction() as s:
+            row = s.get(LockRow, lock_id)
+            if row is not None:
+                s.delete(row)
+
+    def force_unlock(self, lock_id: str) -> LockRow:
+        with self.transaction() as s:
+            row = s.get(LockRow, lock_id)
+            if row is None:
+                held = [lock.id for lock in s.scalars(select(LockRow))]
+                raise UnknownId(f"no lock {lock_id}" + (f"; held now: {', '.join(held)}" if held else "; nothing is locked"))
+            s.delete(row)
+            return row
+
+    def locks(self) -> list[LockRow]:
+        with self.transaction() as s:
+            return list(s.scalars(select(LockRow)))
+
+    # ---- history ----------------------------------------------------------------------------
+    def history(self) -> list[dict[str, Any]]:
+        """Returns configurations and applies in the order they happened."""
+        events: list[tuple[datetime, int, dict[str, Any]]] = []
+        for c in self.configurations():
+            events.append((c.created_at, 0, {
+                "type": "configuration", "id": c.id, "serial": c.serial, "lineage": c.lineage,
+                "source": c.source, "epoch": c.epoch, "at": c.created_at.isoformat(),
+                "pipelines": c.pipelines, "model": c.model,
+            }))
+        for a in self.applies():
+            events.append((a.started_at, 1, {
+                "type": "apply", "id": a.id, "state": a.state, "outcome": a.outcome, "error": a.error,
+                "from": a.from_id, "to": a.to_id, "plan": a.plan_id, "at": a.started_at.isoformat(),
+                "bytes_moved": a.bytes_moved, "stall_ms": a.stall_ms,
+            }))
+        return [e for _, _, e in sorted(events, key=lambda e: (e[0].replace(tzinfo=None), e[1]))]
