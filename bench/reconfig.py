@@ -85,7 +85,13 @@ class ClosedLoop:
     async def _run(self) -> None:
         import openai
 
-        client = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+        clients: dict[str, openai.AsyncOpenAI] = {}
+
+        def client_now() -> openai.AsyncOpenAI:  # the restart baseline moves the server
+            if self.base_url not in clients:
+                clients[self.base_url] = openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused",
+                                                            max_retries=0, timeout=1800)
+            return clients[self.base_url]
 
         async def one_client(c: int) -> None:
             n = 0
@@ -98,7 +104,7 @@ class ClosedLoop:
                 stream = Stream(len(prompt), started_s=time.monotonic())
                 self.streams.append(stream)
                 try:
-                    response = await client.completions.create(
+                    response = await client_now().completions.create(
                         model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
                         extra_body={"ignore_eos": True},
                     )
@@ -113,7 +119,8 @@ class ClosedLoop:
                     await asyncio.sleep(0.5)
 
         await asyncio.gather(*(one_client(c) for c in range(self.clients)))
-        await client.close()
+        for client in clients.values():
+            await client.close()
 
 
 # ---- windows ---------------------------------------------------------------------------------
@@ -315,11 +322,56 @@ def print_table(context: int, result: dict[str, Any]) -> None:
               f"{fmt(e.get('ttft_ms')):>9}{fmt(e.get('bytes_moved'), 'MiB'):>11}{fmt(e.get('bytes_minimum'), 'MiB'):>8}"
               f"{fmt(e.get('prefetch_s')):>11}{fmt(e.get('prefetch_predicted_s')):>6}{fmt(e.get('hold_ms')):>8}"
               f"{fmt(e.get('stall_predicted_ms')):>6}")
+    restart = result.get("restart (stop, drain, restart)")
+    if restart:
+        print(f"restart baseline: drain {restart['drain_s']:.1f} s, then no token for {restart['no_tokens_s']:.1f} s "
+              f"(new server start to first token), TTFT after {fmt(restart['ttft_ms'])} ms")
     if control.get("tpot_ms"):
         applies = [e for k, e in result.items() if not k.startswith("_") and e.get("outcomes")]
         worst = max((e["tpot_ms"] / control["tpot_ms"] - 1 for e in applies if e.get("tpot_ms")), default=None)
         if worst is not None:
             print(f"worst TPOT overhead in an apply window: {100 * worst:+.1f} % (control {control['tpot_ms']:.1f} ms)")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Returns the report's tables in Markdown, for docs/results.md."""
+
+    def ratio(e: dict[str, Any]) -> str:
+        if not e.get("bytes_minimum"):
+            return "-"
+        return f"{e['bytes_moved'] / e['bytes_minimum']:.2f}x"
+
+    out = []
+    results = [(f"context {c} tokens", r) for c, r in report["contexts"].items()]
+    if "full_budget" in report:
+        results.append(("every worker's memory budget full (context "
+                        f"{report['full_budget']['_meta']['context']})", report["full_budget"]))
+    for title, result in results:
+        meta, control = result["_meta"], result.get("control", {})
+        out += [f"**{title}**: {meta['requests']} requests, {meta['failed']} failed", "",
+                "| window | applies | stall p50 ms | stall p99 ms | TPOT ms (vs control) | MiB moved / minimum "
+                "| prefetch s measured / predicted | longest hold ms / predicted stall ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for kind, e in result.items():
+            if kind.startswith("_") or kind.startswith("restart"):
+                continue
+            tpot = fmt(e.get("tpot_ms"))
+            if e.get("tpot_ms") and control.get("tpot_ms") and kind != "control":
+                tpot += f" ({100 * (e['tpot_ms'] / control['tpot_ms'] - 1):+.0f} %)"
+            moved = "-" if e.get("bytes_moved") is None else (
+                f"{fmt(e['bytes_moved'], 'MiB')} / {fmt(e['bytes_minimum'], 'MiB')} ({ratio(e)})")
+            prefetch = "-" if e.get("prefetch_s") is None else f"{fmt(e['prefetch_s'])} / {fmt(e['prefetch_predicted_s'])}"
+            hold = "-" if e.get("hold_ms") is None else f"{fmt(e['hold_ms'])} / {fmt(e['stall_predicted_ms'])}"
+            stall_p50 = fmt(e.get("stall_p50_ms")) + ("" if e.get("stall_samples") else " (no sample)")
+            out.append(f"| {kind} | {e['windows']} | {stall_p50} | {fmt(e.get('stall_p99_ms'))} | {tpot} | {moved} "
+                       f"| {prefetch} | {hold} |")
+        restart = result.get("restart (stop, drain, restart)")
+        if restart:
+            out += ["", f"Stop, drain, restart (mean of {restart['windows']}): {restart['drain_s']:.1f} s draining "
+                    f"(no new request admitted), then {restart['no_tokens_s']:.1f} s with no token at all until the "
+                    f"new server's first; TTFT right after {fmt(restart['ttft_ms'])} ms."]
+        out.append("")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -329,14 +381,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--skip-full-budget", action="store_true")
+    parser.add_argument("--only-full-budget", action="store_true", help="run only the memory-full transitions")
+    parser.add_argument("--out", default=str(OUT / "reconfig.json"), help="where to write the JSON")
+    parser.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     from agent.loaders import resolve_model
     from agent.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(resolve_model("smollm2-135m").path)
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "contexts": {}}
     print(f"machine: {report['machine']}")
-    for context in [int(c) for c in args.contexts.split(",")]:
+    out = Path(args.out)
+    for context in [] if args.only_full_budget else [int(c) for c in args.contexts.split(",")]:
         prompts = [prompt_token_ids(tokenizer, context, seed=s) for s in range(4 * args.clients)]
         # Room for every client's request on a 20-layer stage, with half again to spare.
         kv_mb = max(256, (context + MAX_TOKENS) * args.clients * 1536 * 20 * 3 // 2 // 2**20)
@@ -349,8 +408,8 @@ def main() -> None:
             result |= run_restart_baseline(context, args.clients, prompts, serve_args)
         report["contexts"][str(context)] = result
         print_table(context, result)
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "reconfig.json").write_text(json.dumps(report, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
     if not args.skip_full_budget:
         context = int(args.contexts.split(",")[0])
         prompts = [prompt_token_ids(tokenizer, context, seed=s) for s in range(4 * args.clients)]
@@ -360,9 +419,9 @@ def main() -> None:
         report["full_budget"] = full
         print_table(context, {**full, "_meta": full["_meta"]})
         print(f"worker RSS after (MiB): {[round(r / 2**20) for r in full['_meta']['worker_rss_bytes']]}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "reconfig.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {OUT / 'reconfig.json'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
