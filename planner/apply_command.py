@@ -3,9 +3,13 @@
     pipeshift apply --stages 0:10,10:20,20:30 [--server URL] [--auto-approve]
     pipeshift apply --plan PLAN.json            (the planner's --json output; devices map to workers in order)
     pipeshift apply -f SPEC.yaml                (plans with the migration term from what serves now)
+    pipeshift apply PLANFILE                    (exactly a plan saved by `pipeshift plan -out`)
 
-It prints the diff the server plans, asks for `yes` (unless --auto-approve), follows the
-apply's phases with a progress bar each, then prints measured beside predicted figures.
+It prints the diff the server plans, asks for `yes` (unless --auto-approve, or a saved plan,
+which was reviewed when it was made), follows the apply's phases with a progress bar each,
+then prints measured beside predicted figures. With a store (`pipeshift init`) it refreshes
+the recorded configuration from the server, refuses a saved plan made against another
+configuration, holds the deployment's lock while it applies, and records the apply as it goes.
 Exit status: 0 applied (or nothing to change), 1 failed, aborted or rolled back (the old
 configuration still serves, and it says so), 2 bad arguments.
 """
@@ -18,10 +22,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 POLL_S = 0.1
+DEFAULT_SERVER = os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,10 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "show it, and apply it while every request keeps streaming.",
     )
     target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("planfile", nargs="?", metavar="PLANFILE", help="a plan saved by `pipeshift plan -out`")
     target.add_argument("--stages", help="one pipeline's layer ranges, e.g. 0:10,10:20,20:30")
     target.add_argument("--plan", metavar="PLAN.json", help="a configuration (`pipeshift plan --json` output)")
     target.add_argument("-f", "--file", metavar="SPEC.yaml", help="a spec to plan from what serves now")
-    p.add_argument("--server", default=os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000"),
+    p.add_argument("--server", default=DEFAULT_SERVER,
                    help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
     p.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
                    help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)")
@@ -44,37 +51,110 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of serving time the background copies may take (default: the server's)")
     p.add_argument("--time-limit", type=float, default=30.0, metavar="S",
                    help="solver time limit for -f (default 30 s)")
+    from planner.init_command import add_database_argument
+
+    add_database_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.deployment_state import read_plan_file
+    from planner.store import NoStore, open_store
+    from planner.store.database import database_url
+
+    saved = None
+    if args.planfile:
+        try:
+            saved = read_plan_file(args.planfile)
+        except ValueError as exc:
+            print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+            return 2
+        if args.server == DEFAULT_SERVER and saved.get("server"):
+            args.server = saved["server"]
+    try:
+        store = open_store(args.database_url or database_url())
+    except NoStore as exc:
+        if saved is not None:
+            print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+            return 1
+        store = None  # no history kept: say so, and apply
+        print(f"Note: {exc}; this apply is not recorded.\n", file=sys.stderr)
+    try:
+        return _apply(args, store, saved)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollback_to=None) -> int:
+    """Applies a saved plan, a configuration of the store (`rollback_to`), or the target of
+    --stages / --plan / -f. With a store: holds the deployment's lock throughout (taken first,
+    as Terraform does, so that what is planned is what is applied) and records the apply."""
+    from planner.deployment_state import lock_name
+    from planner.store import LockHeld
+
+    if store is None:
+        return _apply_locked(args, None, saved, rollback_to)
+    try:
+        lock = store.lock(lock_name(args.server), reason="pipeshift apply")
+    except LockHeld as exc:
+        print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _apply_locked(args, store, saved, rollback_to)
+    finally:
+        store.unlock(lock.id)
+
+
+def _apply_locked(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollback_to) -> int:
     from planner.admin_client import AdminClient, AdminError
+    from planner.deployment_state import ApplyRecorder, refresh
+    from planner.store import StalePlan, UnknownId
 
     client = AdminClient(args.server, args.token)
+    plan_id = None
     try:
         deployment = client.deployment()
-        target = build_target(args, deployment)
+        refreshed = refresh(store, deployment) if store is not None else None
+        if refreshed is not None and refreshed.drift:
+            print(f"Note: {refreshed.drift}.\n")
+        if saved is not None:
+            plan_row = store.plan(saved["plan_id"])
+            store.check_fresh(plan_row)
+            plan_id, target = plan_row.id, {"target": {"pipelines": plan_row.target}}
+        elif rollback_to is not None:
+            target = {"target": {"pipelines": rollback_to.pipelines}}
+        else:
+            target = build_target(args, deployment)
         dry = client.plan(target, args.max_overhead)
-    except (AdminError, ValueError) as exc:
+    except (AdminError, UnknownId, StalePlan, ValueError) as exc:
         print(f"pipeshift apply: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, AdminError) else 2
+        return 2 if isinstance(exc, ValueError) else 1
     print(dry["text"])
     if not dry["feasible"]:
         print(f"\nNothing was changed; epoch {deployment['epoch']} still serves.", file=sys.stderr)
         return 1
     if not dry["plan"].get("has_changes", True):
         return 0
-    if not args.auto_approve and not confirm():
+    if saved is None and not args.auto_approve and not confirm():
         print("\nApply cancelled.")
         return 1
+    source = "rollback" if rollback_to is not None else "apply"
+    recorder = ApplyRecorder(store, refreshed.current, plan_id, source=source) if store is not None else None
     interrupts = Interrupts()  # from here Ctrl-C asks the server to cancel, whenever it comes
     with interrupts:
         try:
             started = client.apply(target, args.max_overhead, expected_epoch=deployment["epoch"])
         except AdminError as exc:
             print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+            if recorder is not None:
+                recorder.failed(str(exc))
             return 1
-        record = follow(client, started["id"], interrupts)
+        if recorder is not None:
+            recorder.started(started["id"])
+        record = follow(client, started["id"], interrupts, on_update=recorder.progress if recorder else None)
+    if recorder is not None:
+        recorder.finished(record, deployment.get("model", "?"))
     print(summary(record))
     return 0 if record["outcome"] == "applied" else 1
 
@@ -166,7 +246,8 @@ def confirm() -> bool:
         return False
 
 
-def follow(client, apply_id: str, interrupts: Interrupts | None = None) -> dict[str, Any]:
+def follow(client, apply_id: str, interrupts: Interrupts | None = None,
+           on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Shows one progress bar per phase until the apply ends; the first Ctrl-C asks the
     server to cancel it (before its switch it aborts; after, it completes)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -188,6 +269,8 @@ def follow(client, apply_id: str, interrupts: Interrupts | None = None) -> dict[
                 except AdminError as exc:
                     progress.console.print(f"cancel failed: {exc}")
             record = client.get_apply(apply_id)
+            if on_update is not None:
+                on_update(record)
             for phase in record["phases"]:
                 name = phase["name"]
                 if name not in tasks:

@@ -16,6 +16,7 @@ COMMAND_MODULES = {
     "init": "planner.init_command",
     "history": "planner.history_command",
     "force-unlock": "planner.force_unlock_command",
+    "rollback": "planner.rollback_command",
     "calibrate": "cost_models.calibrate_command",
     "devices": "cost_models.devices_command",
 }

@@ -18,12 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.store import NoStore, UnknownId, open_store
+    from planner.init_command import open_store_or_say
+    from planner.store import UnknownId
 
-    try:
-        store = open_store(args.database_url)
-    except NoStore as exc:
-        print(f"pipeshift force-unlock: error: {exc}", file=sys.stderr)
+    store = open_store_or_say("force-unlock", args.database_url)
+    if store is None:
         return 1
     try:
         lock = store.force_unlock(args.lock_id)

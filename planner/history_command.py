@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,12 +22,10 @@ def layout(pipelines: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.store import NoStore, open_store
+    from planner.init_command import open_store_or_say
 
-    try:
-        store = open_store(args.database_url)
-    except NoStore as exc:
-        print(f"pipeshift history: error: {exc}", file=sys.stderr)
+    store = open_store_or_say("history", args.database_url)
+    if store is None:
         return 1
     try:
         events = store.history()

@@ -12,6 +12,18 @@ def add_database_argument(parser: argparse.ArgumentParser) -> None:
                              "or a SQLite file in the user's data directory)")
 
 
+def open_store_or_say(command: str, url: str | None):
+    """Returns the store at `url` (default: the configured one), or None after printing to
+    stderr why it cannot be used and what to run."""
+    from planner.store import NoStore, open_store
+
+    try:
+        return open_store(url)
+    except NoStore as exc:
+        print(f"pipeshift {command}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "init", help="create the store of configurations, plans and applies, or upgrade it",

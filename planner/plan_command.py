@@ -1,9 +1,17 @@
-"""`pipeshift plan -f SPEC.yaml [--json] [--backend cpsat|highs|cbc] [--time-limit S]`."""
+"""`pipeshift plan -f SPEC.yaml [--json] [--backend cpsat|highs|cbc] [--time-limit S]`: the plan
+for a spec from scratch.
+
+`pipeshift plan -f SPEC.yaml --server URL [-out PLANFILE] [--detailed-exitcode]`: the change from
+what the running deployment serves (refreshed into the store; a difference from the record is
+reported as drift) to the spec's plan, printed as `pipeshift apply` would carry it out;
+`-out` saves it for `pipeshift apply PLANFILE`. With --detailed-exitcode: 0 no changes,
+1 error, 2 changes."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -24,11 +32,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="solver time limit in seconds (default 30)",
     )
+    p.add_argument("--server", default=None,
+                   help="plan the change from this running deployment (default with -out: "
+                        "$PIPESHIFT_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("-out", "--out", dest="out", metavar="PLANFILE",
+                   help="save the change for `pipeshift apply PLANFILE`")
+    p.add_argument("--detailed-exitcode", action="store_true",
+                   help="exit 0 when nothing changes, 2 when something does, 1 on error")
+    p.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
+                   help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)")
+    from planner.init_command import add_database_argument
+
+    add_database_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Plans the spec; returns 0 with a plan, 1 when the spec is malformed or infeasible."""
+    if args.server or args.out:
+        return run_against_server(args)
     from planner.build_problem import build_problem
     from planner.report import render
     from planner.solve import plan
@@ -49,3 +71,53 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_against_server(args: argparse.Namespace) -> int:
+    """Refreshes the store from the server, plans the spec from what serves, prints the change;
+    with -out saves it. Returns 0 / 2 (changes, with --detailed-exitcode) / 1."""
+    from planner.init_command import open_store_or_say
+    from planner.store.database import database_url
+
+    url = args.database_url or database_url()
+    store = open_store_or_say("plan", url)
+    if store is None:
+        return 1
+    try:
+        return _plan_change(args, store, url)
+    finally:
+        store.close()
+
+
+def _plan_change(args: argparse.Namespace, store, url: str) -> int:
+    from planner.admin_client import AdminClient, AdminError
+    from planner.apply_command import plan_from_spec
+    from planner.deployment_state import refresh, write_plan_file
+    from planner.spec import load_spec
+    from planner.store.database import shown
+
+    server = args.server or os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000")
+    try:
+        client = AdminClient(server, args.token)
+        deployment = client.deployment()
+        refreshed = refresh(store, deployment)
+        if refreshed.drift:
+            print(f"Note: {refreshed.drift}.\n")
+        names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
+        target = plan_from_spec(args.file, deployment, names, args.time_limit)
+        dry = client.plan({"target": target.to_json()})
+    except (AdminError, ValueError) as exc:
+        print(f"pipeshift plan: error: {exc}", file=sys.stderr)
+        return 1
+    print(dry["text"])
+    if not dry["feasible"]:
+        return 1
+    changes = bool(dry["plan"].get("has_changes", True))
+    if args.out:
+        spec = load_spec(args.file).model_dump(mode="json")
+        saved = store.save_plan(refreshed.current, target.to_json()["pipelines"], dry["plan"],
+                                dry["plan"].get("prediction", {}), dry["text"], spec=spec)
+        write_plan_file(args.out, saved, server, shown(url))
+        print(f"\nSaved the plan to: {args.out}\n\nTo perform exactly these actions, run:\n"
+              f"    pipeshift apply {args.out}")
+    return 2 if (changes and args.detailed_exitcode) else 0

@@ -10,6 +10,21 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_store(tmp_path_factory):
+    """Every test, and every command a test runs, uses a store of its own, never the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("store") / "pipeshift.db"
+    previous = os.environ.get("PIPESHIFT_DATABASE_URL")
+    os.environ["PIPESHIFT_DATABASE_URL"] = f"sqlite:///{path}"
+    yield
+    if previous is None:
+        os.environ.pop("PIPESHIFT_DATABASE_URL", None)
+    else:
+        os.environ["PIPESHIFT_DATABASE_URL"] = previous
+
+
 @pytest.fixture(scope="session")
 def model_source():
     from agent.loaders import resolve_model
@@ -36,3 +51,27 @@ def hf_model(gguf_path):
 def hf_tokenizer(gguf_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this test run's own (tests/postgres_server.py)."""
+    from tests.postgres_server import PostgresServer, find_bin_dir
+
+    if find_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed here")
+    pytest.importorskip("psycopg")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+_database_names = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty database's URL: a SQLite file, or a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres").create_database(f"t{next(_database_names)}")

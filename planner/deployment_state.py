@@ -1,0 +1,104 @@
+"""What the CLI (and the REST API) do with the store around a running deployment: refresh the
+recorded configuration from the server (reporting drift), save a plan to a file, load one back
+and refuse it when stale, and record an apply as it progresses."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.store import Store
+from planner.store.models import ConfigurationRow, PlanRow
+
+PLAN_FILE_FORMAT = "pipeshift-plan/1"
+PROGRESS_WRITE_S = 1.0  # how often an apply's row is rewritten while it runs
+
+
+def lock_name(server: str) -> str:
+    return f"deployment at {server.rstrip('/')}"
+
+
+def _layout(pipelines: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
+    return [[(s["device"], int(s["start"]), int(s["end"])) for s in p["stages"]] for p in pipelines]
+
+
+@dataclass
+class Refreshed:
+    current: ConfigurationRow
+    drift: str | None  # what differs from the record, when something does
+
+
+def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
+    """Makes the store's current configuration the one the server serves (recording it when it
+    differs) and its devices the server's; says what drifted from the record."""
+    store.record_devices([{"name": d["name"], "kind": d.get("kind", "cpu"), "node": d.get("node", "local"),
+                           "state": d["state"]} for d in deployment["devices"]])
+    served = deployment["configuration"]["pipelines"]
+    recorded = store.current()
+    if recorded is not None and _layout(recorded.pipelines) == _layout(served):
+        return Refreshed(recorded, None)
+    drift = None
+    if recorded is not None:
+        drift = (f"the deployment serves epoch {deployment['epoch']} with a configuration other than the one "
+                 f"recorded last (serial {recorded.serial}); recorded it as serial {recorded.serial + 1}")
+    row = store.record_configuration(deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"])
+    return Refreshed(row, drift)
+
+
+def write_plan_file(path: str | Path, plan: PlanRow, server: str, database: str) -> None:
+    Path(path).write_text(json.dumps({
+        "format": PLAN_FILE_FORMAT, "plan_id": plan.id, "lineage": plan.lineage, "serial": plan.serial,
+        "server": server, "database": database, "target": {"pipelines": plan.target},
+    }, indent=2) + "\n")
+
+
+def read_plan_file(path: str | Path) -> dict[str, Any]:
+    """Returns a saved plan file's content; raises ValueError saying what is wrong with it."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a saved plan (not JSON: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != PLAN_FILE_FORMAT:
+        raise ValueError(f"{path}: not a saved plan (`pipeshift plan -f SPEC -out {path}` writes one)")
+    return obj
+
+
+class ApplyRecorder:
+    """Writes one apply's row as the server reports it: begun, its phases while it runs (at
+    most once a second), and its end with the configuration it produced."""
+
+    def __init__(self, store: Store, current: ConfigurationRow, plan_id: str | None = None,
+                 spec: dict[str, Any] | None = None, source: str = "apply"):
+        self.store, self.current, self.spec, self.source = store, current, spec, source
+        self.row = store.begin_apply(plan_id, current.id)
+        self._written = 0.0
+
+    def started(self, server_apply_id: str) -> None:
+        self.store.update_apply(self.row.id, server_apply_id=server_apply_id)
+
+    def progress(self, record: dict[str, Any]) -> None:
+        if time.monotonic() - self._written >= PROGRESS_WRITE_S:
+            self._written = time.monotonic()
+            self.store.update_apply(self.row.id, phases=record["phases"],
+                                    bytes_moved=int(record["measured"]["bytes_moved"] or 0))
+
+    def finished(self, record: dict[str, Any], model: str) -> ConfigurationRow | None:
+        """Records the outcome; returns the new configuration when the apply took effect."""
+        new = None
+        if record["outcome"] == "applied" and record.get("target"):
+            new = self.store.record_configuration(model, record["target"]["pipelines"], self.source,
+                                                  epoch=record["epoch_to"], predicted=record["predicted"],
+                                                  spec=self.spec, lineage=self.current.lineage)
+        measured = record["measured"]
+        self.store.finish_apply(self.row.id, record["outcome"], record.get("error"),
+                                to_id=new.id if new else None, phases=record["phases"],
+                                bytes_moved=int(measured["bytes_moved"] or 0), stall_ms=measured["stall_ms"])
+        return new
+
+    def failed(self, error: str) -> None:
+        self.store.finish_apply(self.row.id, "failed", error)
