@@ -5,11 +5,12 @@ clients saw: the stall, and that every text equals the same request's text witho
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import threading
 import time
 import urllib.request
+
+from agent.stream_record import Stream
 
 PROMPTS = [
     "What is pipeline parallelism? Answer in two sentences.",
@@ -59,28 +60,10 @@ def stream_chat(base_url: str, model: str, prompt: str, max_tokens: int):
             yield choice["delta"].get("content") or "", choice.get("finish_reason")
 
 
-class StreamRecord:
-    """One request's text and the arrival time of each of its chunks."""
+def stream_all(base_url: str, model: str, max_tokens: int, started: threading.Event | None = None) -> list[Stream]:
+    records = [Stream(prompt_tokens=0) for _ in PROMPTS]
 
-    def __init__(self) -> None:
-        self.text = ""
-        self.times: list[float] = []
-        self.error: str | None = None
-
-    def stall_ms(self, window: tuple[float, float]) -> float | None:
-        """Returns the largest gap between chunks inside `window` minus the median gap before it."""
-        gaps = [(b, b - a) for a, b in zip(self.times, self.times[1:], strict=False)]
-        before = [g for t, g in gaps if t < window[0]]
-        inside = [g for t, g in gaps if window[0] <= t <= window[1]]
-        if not before or not inside:
-            return None
-        return 1000 * (max(inside) - statistics.median(before))
-
-
-def stream_all(base_url: str, model: str, max_tokens: int, started: threading.Event | None = None) -> list[StreamRecord]:
-    records = [StreamRecord() for _ in PROMPTS]
-
-    def one(prompt: str, record: StreamRecord) -> None:
+    def one(prompt: str, record: Stream) -> None:
         try:
             for delta, _ in stream_chat(base_url, model, prompt, max_tokens):
                 if delta:
@@ -119,7 +102,7 @@ def run(args) -> int:
         print(f"Streaming {len(PROMPTS)} chat completions; once each has a few tokens, the split "
               f"changes to {args.to}.\n")
         started = threading.Event()
-        result: list[StreamRecord] = []
+        result: list[Stream] = []
         streaming = threading.Thread(target=lambda: result.extend(
             stream_all(server.base_url, args.model, args.max_tokens, started)))
         streaming.start()
@@ -145,8 +128,8 @@ def run(args) -> int:
         for prompt, live, still in zip(PROMPTS, result, control, strict=True):
             equal = live.text == still.text
             same += equal
-            stall = live.stall_ms((begin, end))
-            stall_text = "n/a" if stall is None else f"{stall:+.0f} ms"
+            stall = live.stall_s((begin, end))
+            stall_text = "n/a" if stall is None else f"{1000 * stall:+.0f} ms"
             print(f"  {'=' if equal else '!'} {prompt[:40]:<40}  {len(live.times):>3} chunks, "
                   f"longest gap vs usual {stall_text}: {live.text[:40]!r}...")
         measured = record["measured"]

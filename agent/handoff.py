@@ -253,6 +253,8 @@ class Handoffs:
     def wait_for(self, epoch: int, request_ids: list[str], starts: list[int]) -> None:
         """Blocks a step of `epoch` until this worker holds every position before each
         request's start (and its sampler state as of it); no-op for other requests."""
+        if not self._in:  # every step calls this; nothing is on its way except during an apply
+            return
         began = time.perf_counter()
         deadline = began + WAIT_TIMEOUT_S
         with self._changed:

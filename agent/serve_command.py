@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int | None = None) -> None:
@@ -88,15 +86,9 @@ def register(subparsers) -> None:
 
 def load_plan_pipelines(path: str, n_devices: int | None) -> tuple[list[list[tuple[int, int, int]]], int]:
     """Returns the plan file's pipelines as (worker, start, end) stages and the devices it needs."""
-    from planner.configuration import Configuration
+    from planner.configuration import Configuration, read_json_file
 
-    try:
-        obj = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"--plan {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--plan {path}: not JSON ({exc})") from None
-    config = Configuration.from_json(obj)
+    config = Configuration.from_json(read_json_file(path, f"--plan {path}"))
     n = len(config.devices())
     n_devices = n if n_devices is None else n_devices
     if n > n_devices:

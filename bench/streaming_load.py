@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+
+from agent.stream_record import Stream
 
 WORDS = (
     "the pipeline moves layers between devices while requests keep streaming and every token "
@@ -27,42 +27,6 @@ def prompt_token_ids(tokenizer, n_tokens: int, seed: int) -> list[int]:
         sentence = " ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ". "
         ids.extend(tokenizer.encode(sentence))
     return ids[:n_tokens]
-
-
-@dataclass
-class Stream:
-    """One streamed completion: its text, and when each chunk with text arrived."""
-
-    prompt_tokens: int
-    text: str = ""
-    times: list[float] = field(default_factory=list)
-    started_s: float = 0.0
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.times[0] - self.started_s if self.times else None
-
-    def gaps(self) -> list[tuple[float, float]]:
-        """Returns (time, gap since the previous chunk) for every chunk after the first."""
-        return [(b, b - a) for a, b in zip(self.times, self.times[1:], strict=False)]
-
-    def stall_s(self, window: tuple[float, float]) -> float | None:
-        """Returns the largest gap inside `window` minus the median gap before it (None when
-        the stream has no gap before or inside the window)."""
-        gaps = self.gaps()
-        before = [g for t, g in gaps if t < window[0]]
-        inside = [g for t, g in gaps if window[0] <= t <= window[1]]
-        if not before or not inside:
-            return None
-        return max(inside) - statistics.median(before)
-
-    def tpot_s(self, window: tuple[float, float]) -> float | None:
-        """Returns the mean gap between chunks inside `window`."""
-        inside = [g for t, g in self.gaps() if window[0] <= t <= window[1]]
-        return statistics.fmean(inside) if inside else None
 
 
 async def stream_completions(

@@ -17,13 +17,11 @@ configuration still serves, and it says so), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 POLL_S = 0.1
@@ -42,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--stages", help="one pipeline's layer ranges, e.g. 0:10,10:20,20:30")
     target.add_argument("--plan", metavar="PLAN.json", help="a configuration (`pipeshift plan --json` output)")
     target.add_argument("-f", "--file", metavar="SPEC.yaml", help="a spec to plan from what serves now")
-    p.add_argument("--server", default=DEFAULT_SERVER,
-                   help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("--server", default=None,
+                   help="the serving process (default: a saved plan's, else $PIPESHIFT_SERVER or "
+                        "http://127.0.0.1:8000)")
     p.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
                    help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)")
     p.add_argument("--auto-approve", action="store_true", help="apply without asking for `yes`")
@@ -69,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"pipeshift apply: error: {exc}", file=sys.stderr)
             return 2
-        if args.server == DEFAULT_SERVER and saved.get("server"):
-            args.server = saved["server"]
+    args.server = args.server or (saved or {}).get("server") or DEFAULT_SERVER
     try:
         store = open_store(args.database_url or database_url())
     except NoStore as exc:
@@ -185,57 +183,19 @@ class Interrupts:
 
 def build_target(args: argparse.Namespace, deployment: dict[str, Any]) -> dict[str, Any]:
     """Returns the admin API's target body from --stages, --plan or -f; raises ValueError."""
-    from planner.configuration import Configuration
+    from planner.configuration import Configuration, read_json_file
 
     names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
     if args.stages:
         return {"stages": args.stages}
     if args.plan:
-        try:
-            obj = json.loads(Path(args.plan).read_text())
-        except OSError as exc:
-            raise ValueError(f"--plan {args.plan}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--plan {args.plan}: not JSON ({exc})") from None
-        config = Configuration.from_json(obj)
+        config = Configuration.from_json(read_json_file(args.plan, f"--plan {args.plan}"))
         if set(config.devices()) <= set(names):  # already named as the server names its workers
             return {"target": config.to_json()}
         return {"target": config.map_devices(names).to_json()}
+    from planner.deployment_state import plan_from_spec
+
     return {"target": plan_from_spec(args.file, deployment, names, args.time_limit).to_json()}
-
-
-def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float):
-    """Plans the spec with the server's configuration as the current one (the migration
-    term then prices what moves); the spec's devices stand for the server's, in order."""
-    from planner.build_problem import build_problem
-    from planner.configuration import Configuration
-    from planner.solve import plan
-    from planner.spec import CurrentConfig, SpecError, load_spec
-
-    try:
-        spec = load_spec(path)
-    except SpecError as exc:
-        raise ValueError("\n".join(exc.lines)) from None
-    spec_names = [n for n, _, _ in spec.device_names()]
-    if len(spec_names) != len(names):
-        raise ValueError(f"{path} lists {len(spec_names)} devices; the server has {len(names)} "
-                         f"({', '.join(names)}): list one device per worker")
-    to_spec, to_server = dict(zip(names, spec_names, strict=True)), dict(zip(spec_names, names, strict=True))
-    current = deployment["configuration"]
-    spec.current = CurrentConfig.model_validate({"pipelines": [
-        {"stages": [{**s, "device": to_spec[s["device"]]} for s in p["stages"]]} for p in current["pipelines"]
-    ]})
-    try:
-        result = plan(build_problem(spec), time_limit_s=time_limit_s)
-    except SpecError as exc:
-        raise ValueError("\n".join(exc.lines)) from None
-    if result.objective is None:
-        raise ValueError(f"{path}: {result.message}")
-    planned = Configuration.from_json(result.to_json())
-    return Configuration.from_json({"pipelines": [
-        {"stages": [{"device": to_server[s.device], "start": s.start, "end": s.end} for s in p.stages]}
-        for p in planned.pipelines
-    ]})
 
 
 def confirm() -> bool:

@@ -10,8 +10,10 @@ this module adds what spans pipelines: devices, and which device runs what.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.stage_layout import check_stages, format_stages, parse_stages
@@ -56,6 +58,17 @@ class PipelineConfig:
     def describe(self) -> str:
         """Returns `worker-0 0-14 | worker-1 15-29`."""
         return " | ".join(s.describe() for s in self.stages)
+
+
+def read_json_file(path: str | Path, label: str) -> Any:
+    """Returns the JSON in `path`; raises ValueError starting with `label` when it cannot be
+    read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{label}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{label}: not JSON ({exc})") from None
 
 
 @dataclass(frozen=True)

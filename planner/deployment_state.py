@@ -1,6 +1,6 @@
-"""What the CLI (and the REST API) do with the store around a running deployment: refresh the
-recorded configuration from the server (reporting drift), save a plan to a file, load one back
-and refuse it when stale, and record an apply as it progresses."""
+"""What the CLI (and the REST API) do around a running deployment: plan a spec from what it
+serves, refresh the store's record from the server (reporting drift), save a plan to a file and
+load it back, and record an apply as it progresses."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.configuration import Configuration, read_json_file
 from planner.store import Store
 from planner.store.models import ConfigurationRow, PlanRow
 
@@ -48,6 +49,39 @@ def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
     return Refreshed(row, drift)
 
 
+def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float) -> Configuration:
+    """Plans the spec with the server's configuration as the current one (the migration
+    term then prices what moves); the spec's devices stand for the server's, in order."""
+    from planner.build_problem import build_problem
+    from planner.solve import plan
+    from planner.spec import CurrentConfig, SpecError, load_spec
+
+    try:
+        spec = load_spec(path)
+    except SpecError as exc:
+        raise ValueError("\n".join(exc.lines)) from None
+    spec_names = [n for n, _, _ in spec.device_names()]
+    if len(spec_names) != len(names):
+        raise ValueError(f"{path} lists {len(spec_names)} devices; the server has {len(names)} "
+                         f"({', '.join(names)}): list one device per worker")
+    to_spec, to_server = dict(zip(names, spec_names, strict=True)), dict(zip(spec_names, names, strict=True))
+    current = deployment["configuration"]
+    spec.current = CurrentConfig.model_validate({"pipelines": [
+        {"stages": [{**s, "device": to_spec[s["device"]]} for s in p["stages"]]} for p in current["pipelines"]
+    ]})
+    try:
+        result = plan(build_problem(spec), time_limit_s=time_limit_s)
+    except SpecError as exc:
+        raise ValueError("\n".join(exc.lines)) from None
+    if result.objective is None:
+        raise ValueError(f"{path}: {result.message}")
+    planned = Configuration.from_json(result.to_json())
+    return Configuration.from_json({"pipelines": [
+        {"stages": [{"device": to_server[s.device], "start": s.start, "end": s.end} for s in p.stages]}
+        for p in planned.pipelines
+    ]})
+
+
 def write_plan_file(path: str | Path, plan: PlanRow, server: str, database: str) -> None:
     Path(path).write_text(json.dumps({
         "format": PLAN_FILE_FORMAT, "plan_id": plan.id, "lineage": plan.lineage, "serial": plan.serial,
@@ -57,12 +91,7 @@ def write_plan_file(path: str | Path, plan: PlanRow, server: str, database: str)
 
 def read_plan_file(path: str | Path) -> dict[str, Any]:
     """Returns a saved plan file's content; raises ValueError saying what is wrong with it."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a saved plan (not JSON: {exc})") from None
+    obj = read_json_file(path, str(path))
     if not isinstance(obj, dict) or obj.get("format") != PLAN_FILE_FORMAT:
         raise ValueError(f"{path}: not a saved plan (`pipeshift plan -f SPEC -out {path}` writes one)")
     return obj

@@ -91,12 +91,12 @@ def run_against_server(args: argparse.Namespace) -> int:
 
 def _plan_change(args: argparse.Namespace, store, url: str) -> int:
     from planner.admin_client import AdminClient, AdminError
-    from planner.apply_command import plan_from_spec
-    from planner.deployment_state import refresh, write_plan_file
+    from planner.apply_command import DEFAULT_SERVER
+    from planner.deployment_state import plan_from_spec, refresh, write_plan_file
     from planner.spec import load_spec
     from planner.store.database import shown
 
-    server = args.server or os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000")
+    server = args.server or DEFAULT_SERVER
     try:
         client = AdminClient(server, args.token)
         deployment = client.deployment()

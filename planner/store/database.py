@@ -89,6 +89,11 @@ def open_store(url: str | None = None):
     from planner.store.records import Store
 
     url = url or database_url()
+    missing = f"no pipeshift store at {shown(url)}: run `pipeshift init` to create it"
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not Path(parsed.database).exists():  # do not leave an empty file behind
+        raise NoStore(missing)
     engine = make_engine(url)
     try:
         revision = current_revision(engine)
@@ -99,7 +104,7 @@ def open_store(url: str | None = None):
     if revision != head:
         engine.dispose()
         if revision is None:
-            raise NoStore(f"no pipeshift store at {shown(url)}: run `pipeshift init` to create it")
+            raise NoStore(missing)
         raise NoStore(f"the store at {shown(url)} has schema {revision}, this pipeshift needs {head}: "
                       "run `pipeshift init` to upgrade it")
     return Store(engine)

@@ -61,6 +61,22 @@ def process_alive(holder: str) -> bool | None:
     return True
 
 
+def _newest(s: Session, lineage: str | None) -> ConfigurationRow | None:
+    """Returns the newest configuration (of `lineage`, when given)."""
+    query = select(ConfigurationRow).order_by(ConfigurationRow.id.desc()).limit(1)
+    if lineage is not None:
+        query = query.where(ConfigurationRow.lineage == lineage)
+    return s.scalars(query).first()
+
+
+def _get(s: Session, row_type: type, key: Any, missing: str) -> Any:
+    """Returns the row of `row_type` with primary key `key`; raises UnknownId(missing)."""
+    row = s.get(row_type, key)
+    if row is None:
+        raise UnknownId(missing)
+    return row
+
+
 def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment.tzinfo is None else moment.strftime("%Y-%m-%d %H:%M:%S %Z")
 
@@ -104,10 +120,7 @@ class Store:
     def current(self, lineage: str | None = None) -> ConfigurationRow | None:
         """Returns the newest configuration (of `lineage`, when given)."""
         with self.transaction() as s:
-            query = select(ConfigurationRow).order_by(ConfigurationRow.id.desc()).limit(1)
-            if lineage is not None:
-                query = query.where(ConfigurationRow.lineage == lineage)
-            return s.scalars(query).first()
+            return _newest(s, lineage)
 
     def record_configuration(self, model: str, pipelines: list[Any], source: str, epoch: int | None = None,
                              predicted: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
@@ -115,10 +128,7 @@ class Store:
         """Adds a configuration after the newest of its lineage (a new lineage when none is
         given and the store has none)."""
         with self.transaction() as s:
-            parent = s.scalars(
-                select(ConfigurationRow).order_by(ConfigurationRow.id.desc()).limit(1)
-                .where(*([ConfigurationRow.lineage == lineage] if lineage else []))
-            ).first()
+            parent = _newest(s, lineage)
             row = ConfigurationRow(
                 lineage=lineage or (parent.lineage if parent else str(uuid.uuid4())),
                 serial=(parent.serial + 1) if parent else 1,
@@ -131,10 +141,8 @@ class Store:
 
     def configuration(self, configuration_id: int) -> ConfigurationRow:
         with self.transaction() as s:
-            row = s.get(ConfigurationRow, configuration_id)
-            if row is None:
-                raise UnknownId(f"no configuration {configuration_id}: `pipeshift history` lists them")
-            return row
+            return _get(s, ConfigurationRow, configuration_id,
+                        f"no configuration {configuration_id}: `pipeshift history` lists them")
 
     def configurations(self) -> list[ConfigurationRow]:
         with self.transaction() as s:
@@ -152,10 +160,7 @@ class Store:
 
     def plan(self, plan_id: str) -> PlanRow:
         with self.transaction() as s:
-            row = s.get(PlanRow, plan_id)
-            if row is None:
-                raise UnknownId(f"no plan {plan_id}")
-            return row
+            return _get(s, PlanRow, plan_id, f"no plan {plan_id}")
 
     def check_fresh(self, plan: PlanRow) -> None:
         """Raises StalePlan unless the configuration the plan was made against still serves."""
@@ -177,9 +182,7 @@ class Store:
     def update_apply(self, apply_id: str, **fields: Any) -> ApplyRow:
         """Writes an apply's progress (phases, server_apply_id, bytes_moved, ...)."""
         with self.transaction() as s:
-            row = s.get(ApplyRow, apply_id)
-            if row is None:
-                raise UnknownId(f"no apply {apply_id}")
+            row = _get(s, ApplyRow, apply_id, f"no apply {apply_id}")
             for name, value in fields.items():
                 setattr(row, name, value)
             return row
@@ -202,10 +205,7 @@ class Store:
     def apply(self, apply_id: str) -> ApplyRow:
         self.reap_interrupted()
         with self.transaction() as s:
-            row = s.get(ApplyRow, apply_id)
-            if row is None:
-                raise UnknownId(f"no apply {apply_id}: `pipeshift history` lists them")
-            return row
+            return _get(s, ApplyRow, apply_id, f"no apply {apply_id}: `pipeshift history` lists them")
 
     def applies(self) -> list[ApplyRow]:
         self.reap_interrupted()
