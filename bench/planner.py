@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cost_models.device_catalog import get_device_kind  # noqa: E402
+from cost_models.paths import specs_dir  # noqa: E402
 from planner.assign import migration_of  # noqa: E402
 from planner.build_problem import build_problem, with_current  # noqa: E402
 from planner.dp import reference_throughput_tok_s  # noqa: E402
@@ -40,7 +41,7 @@ from planner.solution import PlanResult  # noqa: E402
 from planner.solve import BACKENDS, plan  # noqa: E402
 from planner.spec import load_spec  # noqa: E402
 
-CLUSTER_SPEC = ROOT / "data/specs/cluster-64-llama2-70b.yaml"
+CLUSTER_SPEC = specs_dir() / "cluster-64-llama2-70b.yaml"
 OUT = ROOT / "bench/out/planner.json"
 RESULTS = ROOT / "docs/results.md"
 MACHINE = "2-core x86_64 CPU, no GPU"
@@ -214,7 +215,7 @@ def bench_cluster(limit_s: float) -> dict:
             plan(replace(eight, max_stages=stages), "cpsat", limit_s)
         )
     return {
-        "spec": str(CLUSTER_SPEC.relative_to(ROOT)),
+        "spec": str(CLUSTER_SPEC.relative_to(ROOT) if CLUSTER_SPEC.is_relative_to(ROOT) else CLUSTER_SPEC),
         "layers": problem.n_layers,
         "devices": len(problem.devices),
         "kinds": {k.name: c for k, c in zip(problem.kinds, problem.kind_counts, strict=True)},

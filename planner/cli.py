@@ -12,6 +12,7 @@ COMMAND_MODULES = {
     "serve": "agent.serve_command",
     "demo": "agent.demo_command",
     "plan": "planner.plan_command",
+    "examples": "planner.examples_command",
     "apply": "planner.apply_command",
     "init": "planner.init_command",
     "history": "planner.history_command",

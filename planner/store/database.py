@@ -8,6 +8,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine, make_url
 
+from cost_models.paths import migrations_dir
+
 URL_VARIABLE = "PIPESHIFT_DATABASE_URL"
 
 
@@ -24,10 +26,6 @@ def data_dir() -> Path:
 def database_url() -> str:
     """Returns $PIPESHIFT_DATABASE_URL, or a SQLite file in the user's data directory."""
     return os.environ.get(URL_VARIABLE) or f"sqlite:///{data_dir() / 'pipeshift.db'}"
-
-
-def migrations_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def shown(url: str) -> str:
