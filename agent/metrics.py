@@ -30,6 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agent.token_log import TokenLog
+
 logger = logging.getLogger(__name__)
 
 # Keys of Engine.stats() read here. The first name of each tuple is the one agent/engine.py
@@ -161,6 +163,7 @@ class GatewayMetrics:
             "Requests the gateway is generating for right now.",
             registry=r,
         )
+        self.token_log = TokenLog()  # token times, for the serving figures around an apply
         if stats is not None:
             r.register(EngineStatsCollector(stats))
         if applies is not None:
@@ -183,6 +186,8 @@ class RequestTimer:
         self.arrival_s = arrival_s
         self._last_token_s: float | None = None
         self._finished = False
+        self._to_unix_s = time.time() - time.perf_counter()  # perf_counter -> unix time
+        self._log = metrics.token_log.open(arrival_s + self._to_unix_s)
         metrics.inflight.inc()
 
     def prompt(self, n_tokens: int) -> None:
@@ -203,6 +208,7 @@ class RequestTimer:
                 self._m.inter_token_latency_s.observe(gap_s)
         self._last_token_s = now_s
         self._m.generated_tokens.inc(n_tokens)
+        self._m.token_log.tokens(self._log, n_tokens, now_s + self._to_unix_s)
 
     def finish(self, finish_reason: str, now_s: float | None = None) -> None:
         """Records the end of the request; later calls are ignored."""
@@ -213,9 +219,11 @@ class RequestTimer:
         self._m.e2e_latency_s.observe(now_s - self.arrival_s)
         self._m.requests.labels(finish_reason=finish_reason).inc()
         self._m.inflight.dec()
+        self._m.token_log.close(self._log, now_s + self._to_unix_s)
 
     def discard(self) -> None:
         """Forgets a request the engine refused: it ends without latency or finish metrics."""
         if not self._finished:
             self._finished = True
             self._m.inflight.dec()
+            self._m.token_log.close(self._log, time.perf_counter() + self._to_unix_s)

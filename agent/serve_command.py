@@ -81,6 +81,15 @@ def register(subparsers) -> None:
         help="let other hosts use the admin API with `Authorization: Bearer TOKEN` "
         "(default $PIPESHIFT_ADMIN_TOKEN; without one it answers this host only)",
     )
+    parser.add_argument(
+        "--planner-api",
+        action="store_true",
+        help="also serve the planner REST API (plans, applies, history over the store) under /planner; "
+        "its mutations need PIPESHIFT_API_TOKEN unless it listens on this host only",
+    )
+    from planner.init_command import add_database_argument
+
+    add_database_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -171,6 +180,11 @@ def run(args) -> int:
     from planner.configuration import ConfigurationError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    store = None
+    if args.planner_api:
+        store = open_planner_store(args)
+        if store is None:
+            return 2
     try:
         engine = start_engine(args)
     except (ValueError, KeyError, FileNotFoundError, ConfigurationError) as exc:
@@ -181,7 +195,37 @@ def run(args) -> int:
               f"http://{args.host}:{args.port}/admin/v1"
               + ("" if args.admin_token else " (this host only)"), flush=True)
         app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token)
+        if store is not None:
+            mount_planner_api(app, store, args)
         run_server(app, args.host, args.port)
     finally:
         engine.stop()
+        if store is not None:
+            store.close()
     return 0
+
+
+def open_planner_store(args):
+    """Returns the store for --planner-api, or None after saying why it cannot serve."""
+    from planner.api.app import TOKEN_VARIABLE
+    from planner.init_command import open_store_or_say
+    from planner.planner_command import check_exposure
+
+    refusal = check_exposure(args.host, os.environ.get(TOKEN_VARIABLE), "the planner API (--planner-api)")
+    if refusal:
+        print(f"pipeshift serve: error: {refusal}", file=sys.stderr)
+        return None
+    return open_store_or_say("serve", args.database_url)
+
+
+def mount_planner_api(app, store, args) -> None:
+    """Mounts the planner REST API at /planner, changing this very deployment."""
+    from planner.api import create_planner_app
+    from planner.api.app import TOKEN_VARIABLE, is_loopback
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") or is_loopback(args.host) else args.host
+    planner = create_planner_app(store, f"http://{host}:{args.port}", args.admin_token,
+                                 os.environ.get(TOKEN_VARIABLE) or None)
+    app.mount("/planner", planner)
+    print(f"  planner API at http://{args.host}:{args.port}/planner/v1 (OpenAPI at /planner/openapi.json)",
+          flush=True)

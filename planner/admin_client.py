@@ -51,6 +51,10 @@ class AdminClient:
     def get_apply(self, apply_id: str) -> dict[str, Any]:
         return self._request("GET", f"/admin/v1/applies/{apply_id}")
 
+    def serving(self, apply_id: str) -> dict[str, Any]:
+        """Returns TTFT/TPOT before, during and after the apply, and its streams' token times."""
+        return self._request("GET", f"/admin/v1/applies/{apply_id}/serving")
+
     def cancel(self, apply_id: str) -> dict[str, Any]:
         return self._request("POST", f"/admin/v1/applies/{apply_id}/cancel")
 

@@ -88,72 +88,42 @@ def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollba
     """Applies a saved plan, a configuration of the store (`rollback_to`), or the target of
     --stages / --plan / -f. With a store: holds the deployment's lock throughout (taken first,
     as Terraform does, so that what is planned is what is applied) and records the apply."""
-    from planner.deployment_state import lock_name
-    from planner.store import LockHeld
+    from planner.admin_client import AdminClient
+    from planner.operations import ApplyRun, OperationError
 
-    if store is None:
-        return _apply_locked(args, None, saved, rollback_to)
+    run = ApplyRun(store, AdminClient(args.server, args.token),
+                   source="rollback" if rollback_to is not None else "apply")
     try:
-        lock = store.lock(lock_name(args.server), reason="pipeshift apply")
-    except LockHeld as exc:
-        print(f"pipeshift apply: error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        return _apply_locked(args, store, saved, rollback_to)
-    finally:
-        store.unlock(lock.id)
-
-
-def _apply_locked(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollback_to) -> int:
-    from planner.admin_client import AdminClient, AdminError
-    from planner.deployment_state import ApplyRecorder, refresh
-    from planner.store import StalePlan, UnknownId
-
-    client = AdminClient(args.server, args.token)
-    plan_id = None
-    try:
-        deployment = client.deployment()
-        refreshed = refresh(store, deployment) if store is not None else None
-        if refreshed is not None and refreshed.drift:
-            print(f"Note: {refreshed.drift}.\n")
-        if saved is not None:
-            plan_row = store.plan(saved["plan_id"])
-            store.check_fresh(plan_row)
-            plan_id, target = plan_row.id, {"target": {"pipelines": plan_row.target}}
-        elif rollback_to is not None:
-            target = {"target": {"pipelines": rollback_to.pipelines}}
-        else:
-            target = build_target(args, deployment)
-        dry = client.plan(target, args.max_overhead)
-    except (AdminError, UnknownId, StalePlan, ValueError) as exc:
-        print(f"pipeshift apply: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    print(dry["text"])
-    if not dry["feasible"]:
-        print(f"\nNothing was changed; epoch {deployment['epoch']} still serves.", file=sys.stderr)
-        return 1
-    if not dry["plan"].get("has_changes", True):
-        return 0
-    if saved is None and not args.auto_approve and not confirm():
-        print("\nApply cancelled.")
-        return 1
-    source = "rollback" if rollback_to is not None else "apply"
-    recorder = ApplyRecorder(store, refreshed.current, plan_id, source=source) if store is not None else None
-    interrupts = Interrupts()  # from here Ctrl-C asks the server to cancel, whenever it comes
-    with interrupts:
-        try:
-            started = client.apply(target, args.max_overhead, expected_epoch=deployment["epoch"])
-        except AdminError as exc:
-            print(f"pipeshift apply: error: {exc}", file=sys.stderr)
-            if recorder is not None:
-                recorder.failed(str(exc))
+        dry = run.prepare(plan_id=saved["plan_id"] if saved is not None else None,
+                          configuration_id=rollback_to.id if rollback_to is not None else None,
+                          target=lambda deployment: build_target(args, deployment),
+                          max_overhead=args.max_overhead)
+        if run.drift:
+            print(f"Note: {run.drift}.\n")
+        print(dry["text"])
+        if not dry["feasible"]:
+            print(f"\nNothing was changed; epoch {run.deployment['epoch']} still serves.", file=sys.stderr)
             return 1
-        if recorder is not None:
-            recorder.started(started["id"])
-        record = follow(client, started["id"], interrupts, on_update=recorder.progress if recorder else None)
-    if recorder is not None:
-        recorder.finished(record, deployment.get("model", "?"))
+        if not run.has_changes:
+            return 0
+        if saved is None and not args.auto_approve and not confirm():
+            print("\nApply cancelled.")
+            return 1
+        interrupts = Interrupts()  # from here Ctrl-C asks the server to cancel, whenever it comes
+        with interrupts:
+            run.start()
+            record, _ = run.follow(lambda client, apply_id, on_update: follow(client, apply_id, interrupts, on_update))
+    except OperationError as exc:
+        print(f"pipeshift apply: error: {exc}", file=sys.stderr)
+        return 2 if exc.status == 422 and saved is None and rollback_to is None else 1
+    finally:
+        run.close()
     print(summary(record))
+    if run.recorder is not None:
+        from planner.show_command import render_serving
+
+        row = store.apply(run.recorder.row.id)
+        print("\n".join(render_serving(row.serving)[1:]) + f"\n\n`pipeshift show {row.id}` shows it again.")
     return 0 if record["outcome"] == "applied" else 1
 
 

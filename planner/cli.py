@@ -18,6 +18,8 @@ COMMAND_MODULES = {
     "history": "planner.history_command",
     "force-unlock": "planner.force_unlock_command",
     "rollback": "planner.rollback_command",
+    "planner": "planner.planner_command",
+    "show": "planner.show_command",
     "calibrate": "cost_models.calibrate_command",
     "devices": "cost_models.devices_command",
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.configuration import Configuration, read_json_file
+from planner.spec import Spec
 from planner.store import Store
 from planner.store.models import ConfigurationRow, PlanRow
 
@@ -22,7 +23,7 @@ def lock_name(server: str) -> str:
     return f"deployment at {server.rstrip('/')}"
 
 
-def _layout(pipelines: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
+def layout(pipelines: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
     return [[(s["device"], int(s["start"]), int(s["end"])) for s in p["stages"]] for p in pipelines]
 
 
@@ -39,7 +40,7 @@ def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
                            "state": d["state"]} for d in deployment["devices"]])
     served = deployment["configuration"]["pipelines"]
     recorded = store.current()
-    if recorded is not None and _layout(recorded.pipelines) == _layout(served):
+    if recorded is not None and layout(recorded.pipelines) == layout(served):
         return Refreshed(recorded, None)
     drift = None
     if recorded is not None:
@@ -50,19 +51,37 @@ def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
 
 
 def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float) -> Configuration:
-    """Plans the spec with the server's configuration as the current one (the migration
-    term then prices what moves); the spec's devices stand for the server's, in order."""
-    from planner.build_problem import build_problem
-    from planner.solve import plan
-    from planner.spec import CurrentConfig, SpecError, load_spec
+    """plan_spec of the spec file at `path`; raises ValueError saying what is wrong."""
+    from planner.spec import SpecError, load_spec
 
     try:
         spec = load_spec(path)
     except SpecError as exc:
         raise ValueError("\n".join(exc.lines)) from None
+    return plan_spec(spec, deployment, names, time_limit_s, source=path)
+
+
+def plan_spec(spec: Spec, deployment: dict[str, Any], names: list[str], time_limit_s: float,
+              source: str = "the spec") -> Configuration:
+    """Plans the spec with the server's configuration as the current one (the migration
+    term then prices what moves); the spec's devices stand for the server's, in order.
+    Raises ValueError saying what is wrong (device count, infeasible)."""
+    from cost_models.model_catalog import get_model_arch
+    from planner.build_problem import build_problem
+    from planner.solve import plan
+    from planner.spec import CurrentConfig, SpecError
+
+    spec = spec.model_copy(deep=True)
+    served = deployment.get("model") or ""
+    try:
+        served_arch = get_model_arch(served).name
+    except KeyError:  # a model the catalog does not know (a local directory): nothing to compare
+        served_arch = spec.model
+    if served_arch != spec.model:
+        raise ValueError(f"{source} plans {spec.model}; the deployment serves {served}")
     spec_names = [n for n, _, _ in spec.device_names()]
     if len(spec_names) != len(names):
-        raise ValueError(f"{path} lists {len(spec_names)} devices; the server has {len(names)} "
+        raise ValueError(f"{source} lists {len(spec_names)} devices; the server has {len(names)} "
                          f"({', '.join(names)}): list one device per worker")
     to_spec, to_server = dict(zip(names, spec_names, strict=True)), dict(zip(spec_names, names, strict=True))
     current = deployment["configuration"]
@@ -74,7 +93,7 @@ def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time
     except SpecError as exc:
         raise ValueError("\n".join(exc.lines)) from None
     if result.objective is None:
-        raise ValueError(f"{path}: {result.message}")
+        raise ValueError(f"{source}: {result.message}")
     planned = Configuration.from_json(result.to_json())
     return Configuration.from_json({"pipelines": [
         {"stages": [{"device": to_server[s.device], "start": s.start, "end": s.end} for s in p.stages]}
@@ -116,8 +135,10 @@ class ApplyRecorder:
             self.store.update_apply(self.row.id, phases=record["phases"],
                                     bytes_moved=int(record["measured"]["bytes_moved"] or 0))
 
-    def finished(self, record: dict[str, Any], model: str) -> ConfigurationRow | None:
-        """Records the outcome; returns the new configuration when the apply took effect."""
+    def finished(self, record: dict[str, Any], model: str,
+                 serving: dict[str, Any] | None = None) -> ConfigurationRow | None:
+        """Records the outcome (and the serving figures around the apply); returns the new
+        configuration when the apply took effect."""
         new = None
         if record["outcome"] == "applied" and record.get("target"):
             new = self.store.record_configuration(model, record["target"]["pipelines"], self.source,
@@ -126,7 +147,8 @@ class ApplyRecorder:
         measured = record["measured"]
         self.store.finish_apply(self.row.id, record["outcome"], record.get("error"),
                                 to_id=new.id if new else None, phases=record["phases"],
-                                bytes_moved=int(measured["bytes_moved"] or 0), stall_ms=measured["stall_ms"])
+                                bytes_moved=int(measured["bytes_moved"] or 0), stall_ms=measured["stall_ms"],
+                                serving=serving)
         return new
 
     def failed(self, error: str) -> None:

@@ -90,34 +90,33 @@ def run_against_server(args: argparse.Namespace) -> int:
 
 
 def _plan_change(args: argparse.Namespace, store, url: str) -> int:
-    from planner.admin_client import AdminClient, AdminError
+    from planner.admin_client import AdminClient
     from planner.apply_command import DEFAULT_SERVER
-    from planner.deployment_state import plan_from_spec, refresh, write_plan_file
-    from planner.spec import load_spec
+    from planner.deployment_state import write_plan_file
+    from planner.operations import OperationError, plan_change, save_plan
+    from planner.spec import SpecError, load_spec
     from planner.store.database import shown
 
     server = args.server or DEFAULT_SERVER
     try:
-        client = AdminClient(server, args.token)
-        deployment = client.deployment()
-        refreshed = refresh(store, deployment)
-        if refreshed.drift:
-            print(f"Note: {refreshed.drift}.\n")
-        names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
-        target = plan_from_spec(args.file, deployment, names, args.time_limit)
-        dry = client.plan({"target": target.to_json()})
-    except (AdminError, ValueError) as exc:
+        spec = load_spec(args.file)
+    except SpecError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    try:
+        change = plan_change(store, AdminClient(server, args.token), spec, args.time_limit)
+    except OperationError as exc:
         print(f"pipeshift plan: error: {exc}", file=sys.stderr)
         return 1
-    print(dry["text"])
-    if not dry["feasible"]:
+    if change.refreshed.drift:
+        print(f"Note: {change.refreshed.drift}.\n")
+    print(change.dry["text"])
+    if not change.dry["feasible"]:
         return 1
-    changes = bool(dry["plan"].get("has_changes", True))
     if args.out:
-        spec = load_spec(args.file).model_dump(mode="json")
-        saved = store.save_plan(refreshed.current, target.to_json()["pipelines"], dry["plan"],
-                                dry["plan"].get("prediction", {}), dry["text"], spec=spec)
+        saved = save_plan(store, change, spec.model_dump(mode="json"))
         write_plan_file(args.out, saved, server, shown(url))
         print(f"\nSaved the plan to: {args.out}\n\nTo perform exactly these actions, run:\n"
               f"    pipeshift apply {args.out}")
-    return 2 if (changes and args.detailed_exitcode) else 0
+    return 2 if (change.has_changes and args.detailed_exitcode) else 0

@@ -1,0 +1,75 @@
+"""A spec as the REST API takes it: the YAML file's fields that make sense over the network,
+with every constraint the planner enforces written into the schema (catalog names as enums,
+bounds on numbers), so a body the OpenAPI document allows is a spec the planner can read.
+
+Left out: `workload.trace` and `calibration` (files of the planner's host), device `names` and
+`pins` (the deployment's workers name the devices), `current` (the deployment says what serves).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cost_models.device_catalog import load_device_catalog
+from cost_models.model_catalog import load_model_catalog
+from planner.spec import Spec
+
+MAX_TOKENS = 10_000_000
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+
+
+def _names(catalog: dict) -> tuple[str, ...]:
+    return tuple(sorted({entry.name for entry in catalog.values()} | {a for e in catalog.values() for a in e.aliases}))
+
+
+ModelName = Literal[_names(load_model_catalog())]  # type: ignore[valid-type]
+DeviceKindName = Literal[_names(load_device_catalog())]  # type: ignore[valid-type]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Lengths(_Body):
+    mean: float = Field(gt=0, le=MAX_TOKENS)
+    p50: float | None = Field(None, gt=0, le=MAX_TOKENS)
+    p90: float | None = Field(None, gt=0, le=MAX_TOKENS)
+    p95: float | None = Field(None, gt=0, le=MAX_TOKENS)
+    p99: float | None = Field(None, gt=0, le=MAX_TOKENS)
+    max: float | None = Field(None, gt=0, le=MAX_TOKENS)
+
+
+class DeviceGroupBody(_Body):
+    kind: DeviceKindName
+    count: int = Field(1, ge=1, le=4096)
+    node: str = Field("local", min_length=1, max_length=100)
+
+
+class WorkloadBody(_Body):
+    request_rate_per_s: float = Field(1.0, gt=0, le=1e6)
+    prompt_tokens: Lengths | TokenCount
+    output_tokens: Lengths | TokenCount
+    batch: int = Field(8, ge=1, le=4096)
+
+
+class SloBody(_Body):
+    ttft_ms: float | None = Field(None, gt=0, le=1e9)
+    ttft_percentile: float = Field(99, gt=0, le=100)
+    tpot_ms: float | None = Field(None, gt=0, le=1e9)
+    tpot_percentile: float = Field(99, gt=0, le=100)
+
+
+class SpecBody(_Body):
+    model: ModelName
+    dtype: Literal["fp32", "bf16", "fp16", "int8", "q4"] = "bf16"
+    devices: list[DeviceGroupBody] = Field(min_length=1, max_length=64)
+    workload: WorkloadBody
+    slo: SloBody = Field(default_factory=SloBody)
+    objective: Literal["max_throughput", "min_devices"] = "max_throughput"
+    memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_stages: int = Field(16, ge=1, le=256)
+
+    def to_spec(self) -> Spec:
+        return Spec.model_validate(self.model_dump(mode="json", exclude_none=True))
