@@ -4,6 +4,8 @@ Contract:
     link_bandwidth_bytes_per_s(src, dst, same_node) -> float
     link_latency_s(src, dst, same_node)            -> float
     transfer_s(n_bytes, src, dst, same_node)       -> float
+    Link(bandwidth_bytes_per_s, latency_s)         a path a spec describes (planner/topology.py)
+    link_transfer_s(n_bytes, link)                 -> float
 
 Same node: the slower end of the intra-node link (NVLink, or PCIe through the host).
 Different nodes: the slower end of the network. A transfer costs
@@ -13,7 +15,24 @@ where latency is the larger of the two ends' fixed per-message costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from cost_models.device_catalog import DeviceKind
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a path between two devices: bandwidth and fixed cost per message."""
+
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
+def link_transfer_s(n_bytes: float, link: Link) -> float:
+    """Returns seconds to send n_bytes over `link`: latency + n_bytes / bandwidth."""
+    if n_bytes <= 0:
+        return 0.0
+    return link.latency_s + n_bytes / link.bandwidth_bytes_per_s
 
 
 def link_bandwidth_bytes_per_s(src: DeviceKind, dst: DeviceKind, same_node: bool) -> float:

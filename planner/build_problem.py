@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind, get_device_kind
+from cost_models.layer_work import hidden_bytes
 from cost_models.memory import (
     embedding_bytes,
     head_bytes,
@@ -17,6 +18,7 @@ from cost_models.memory import (
 from cost_models.model_catalog import get_model_arch
 from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
 from planner.spec import Spec, SpecError
+from planner.topology import build_topology, node_links
 
 
 def build_problem(spec: Spec) -> PlanningProblem:
@@ -44,17 +46,20 @@ def build_problem(spec: Spec) -> PlanningProblem:
                 "use names the devices section gives"
             ]
         )
-    kind_names: list[str] = []
+    # with a topology the solver's "kinds" are pools: one per (device kind, node)
+    topology_given = spec.nodes is not None
+    pool_keys: list[tuple[str, str | None]] = []
     devices: list[Device] = []
     for name, kind_name, node in spec.device_names():
         if name in excluded:
             continue
-        if kind_name not in kind_names:
-            kind_names.append(kind_name)
-        devices.append(Device(name=name, kind=kind_names.index(kind_name), node=node))
+        key = (kind_name, node if topology_given else None)
+        if key not in pool_keys:
+            pool_keys.append(key)
+        devices.append(Device(name=name, kind=pool_keys.index(key), node=node))
     if not devices:
         raise SpecError(["pins.exclude_devices: every device is excluded; keep at least one"])
-    dev_kinds: list[DeviceKind] = [get_device_kind(n) for n in kind_names]
+    dev_kinds: list[DeviceKind] = [get_device_kind(n) for n, _ in pool_keys]
     calibrated = None
     if spec.calibration is not None:
         path = Path(spec.base_dir) / spec.calibration
@@ -80,8 +85,9 @@ def build_problem(spec: Spec) -> PlanningProblem:
             # only the last position goes through the head at the end of prefill
             head_prefill_s=latency.head_s(arch, k, 1, dtype_bytes, eff),
             memory_bytes=k.memory_bytes * spec.memory_utilization,
+            node=node,
         )
-        for k, eff in zip(dev_kinds, effs, strict=True)
+        for k, eff, (_, node) in zip(dev_kinds, effs, pool_keys, strict=True)
     )
     one_node = len({d.node for d in devices}) == 1
     hop_decode_s = max(
@@ -94,6 +100,26 @@ def build_problem(spec: Spec) -> PlanningProblem:
         for a in dev_kinds
         for b in dev_kinds
     )
+    topology = None
+    move_bandwidth_bytes_per_s = min(k.network_bandwidth_bytes_per_s for k in dev_kinds)
+    if spec.nodes is not None:
+        kinds_on_node: dict[str, list[DeviceKind]] = {}
+        for d in devices:
+            kinds_on_node.setdefault(d.node, []).append(dev_kinds[d.kind])
+        links = node_links(spec.nodes, spec.links, kinds_on_node)
+        topology = build_topology(
+            links,
+            decode_bytes=hidden_bytes(arch, batch, dtype_bytes),
+            prefill_bytes=hidden_bytes(arch, ttft_prompt, dtype_bytes),
+        )
+        used = {d.node for d in devices}
+        pairs = [(a, b) for a in used for b in used]
+        # the scalars stay the worst hop in use (what a topology-blind reader would assume)
+        hop_decode_s = max(topology.decode_s(a, b) for a, b in pairs)
+        hop_prefill_s = max(topology.prefill_s(a, b) for a, b in pairs)
+        # weights moved between nodes cross the slowest network path in use
+        cross = [links[(a, b)].bandwidth_bytes_per_s for a, b in pairs if a != b]
+        move_bandwidth_bytes_per_s = min(cross) if cross else links[pairs[0]].bandwidth_bytes_per_s
     kv_token_layer = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(dtype_bytes))
 
     problem = PlanningProblem(
@@ -121,13 +147,14 @@ def build_problem(spec: Spec) -> PlanningProblem:
             "ttft_prompt_tokens": str(ttft_prompt),
             "kv_context_tokens": str(kv_context),
         },
+        topology=topology,
     )
     if spec.current is not None and spec.current.pipelines:
         problem = with_current(
             problem,
             [[(s.device, s.start, s.end) for s in p.stages] for p in spec.current.pipelines],
             replan_interval_s=spec.replan_interval_s,
-            move_bandwidth_bytes_per_s=min(k.network_bandwidth_bytes_per_s for k in dev_kinds),
+            move_bandwidth_bytes_per_s=move_bandwidth_bytes_per_s,
             keep_required=spec.pins.keep_current,
         )
     return problem

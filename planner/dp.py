@@ -11,11 +11,25 @@ runs each stage, how many layers it takes) rather than reasoning with per-kind c
 
 F(pool) is the best total throughput. It covers the max-throughput objective without a TTFT
 SLO (TTFT is a second sum along the path, which a min-max DP does not track).
+
+With a topology (kinds are pools (kind, node)) a stage's hop depends on the next stage's
+node, so the state also holds the pool p of the stage placed next and the nodes already left:
+
+    h(S, l, r, p, V) = min over layers j, next pool q in r - e_p (none if r = e_p), with
+                       node(q) = node(p) or node(q) not in V, of
+                       max(stage_s(p, j, first=(l=0), last=(r = e_p),
+                                   hop_s = topology.decode_s(node(p), node(q))),
+                           h(S, l + j, r - e_p, q, V + {node(q)}))
+    T(c)   = min over p in c of h(|c|, 0, c, p, {node(p)})
+
+A pipeline enters each node once (V), as planner/shapes_topology.py assumes; within that,
+every ordered sequence of stages is tried.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import itertools
 import math
 
@@ -28,6 +42,8 @@ def reference_throughput_tok_s(problem: PlanningProblem) -> float:
         raise ValueError("the reference DP covers max-throughput without TTFT SLO or migration")
     L = problem.n_layers
     K = len(problem.kinds)
+    if problem.topology is not None:
+        return _best_total(problem, _topology_bottleneck(problem))
 
     @functools.cache
     def g(n_stages: int, done: int, rem: tuple[int, ...]) -> float:
@@ -56,11 +72,58 @@ def reference_throughput_tok_s(problem: PlanningProblem) -> float:
                 best = min(best, max(t, g(n_stages, done + j, rest)))
         return best
 
+    return _best_total(problem, lambda c: g(sum(c), 0, c))
+
+
+def _topology_bottleneck(problem: PlanningProblem) -> Callable[[tuple[int, ...]], float]:
+    """Returns T(c) under the topology: h of the docstring, minimised over the first pool."""
+    L = problem.n_layers
+    K = len(problem.kinds)
+    node = [k.node for k in problem.kinds]
+
+    @functools.cache
+    def h(n_stages: int, done: int, rem: tuple[int, ...], p: int, left: frozenset[str]) -> float:
+        rest = rem[:p] + (rem[p] - 1,) + rem[p + 1 :]
+        n_rest = sum(rest)
+        if L - done < n_rest + 1:
+            return math.inf  # every stage needs a layer
+        first, last = done == 0, n_rest == 0
+        nexts = [q for q in range(K) if rest[q] > 0 and (node[q] == node[p] or node[q] not in left)]
+        if last:
+            nexts = [-1]
+        best = math.inf
+        for q in nexts:
+            hop_s = 0.0 if q < 0 else problem.hop_decode_between_s(node[p], node[q])
+            for j in [L - done] if last else range(1, L - done):
+                if (
+                    problem.stage_memory_bytes(j, n_stages, first, last)
+                    > problem.kinds[p].memory_bytes
+                ):
+                    break
+                t = problem.stage_decode_s(p, j, first, last, hop_s)
+                if t >= best:
+                    break
+                after = 0.0 if q < 0 else h(n_stages, done + j, rest, q, left | {node[q]})
+                best = min(best, max(t, after))
+        return best
+
+    def bottleneck(c: tuple[int, ...]) -> float:
+        return min(
+            (h(sum(c), 0, c, p, frozenset({node[p]})) for p in range(K) if c[p] > 0),
+            default=math.inf,
+        )
+
+    return bottleneck
+
+
+def _best_total(problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]], float]) -> float:
+    """Returns F(pool): the best sum of batch / T(c) over pipelines that share the pool."""
+
     def value(c: tuple[int, ...]) -> float:
         s = sum(c)
         if s > problem.max_stages:
             return 0.0
-        t = g(s, 0, c)
+        t = bottleneck(c)
         if not math.isfinite(t):
             return 0.0
         if problem.tpot_slo_s is not None and s * t > problem.tpot_slo_s * (1 + 1e-9):

@@ -18,6 +18,10 @@ def build_pipeline(
     for i, (name, start, end) in enumerate(stages):
         dev = by_name[name]
         first, last = i == 0, i == n - 1
+        # the hop to the next stage runs over the link between the two stages' nodes
+        nxt = by_name[stages[i + 1][0]].node if not last else dev.node
+        hop_decode_s = problem.hop_decode_between_s(dev.node, nxt)
+        hop_prefill_s = problem.hop_prefill_between_s(dev.node, nxt)
         out.append(
             Stage(
                 device=name,
@@ -27,8 +31,10 @@ def build_pipeline(
                 end=end,
                 memory_bytes=problem.stage_memory_bytes(end - start, n, first, last),
                 memory_capacity_bytes=problem.kinds[dev.kind].memory_bytes,
-                decode_s=problem.stage_decode_s(dev.kind, end - start, first, last),
-                prefill_s=problem.stage_prefill_s(dev.kind, end - start, first, last),
+                decode_s=problem.stage_decode_s(dev.kind, end - start, first, last, hop_decode_s),
+                prefill_s=problem.stage_prefill_s(
+                    dev.kind, end - start, first, last, hop_prefill_s
+                ),
             )
         )
     return Pipeline(stages=tuple(out), batch=problem.batch, kept=kept)

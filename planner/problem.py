@@ -10,13 +10,23 @@ and holds `j * (layer_weight_bytes + S * batch * kv_bytes_per_seq_per_layer)` by
 embedding (first stage) and the head (last stage). `S` micro-batches of `batch` sequences are
 in flight, so a pipeline with bottleneck `T` yields `batch / T` tokens/s, and each sequence
 gets a token every `S * T` seconds (its TPOT). TTFT is the prompt's prefill through every
-stage, with hops. Hops are costed at the slowest pair of kinds present, cross-node unless all
-devices share a node, so a plan's real hops are never slower than planned.
+stage, with hops.
+
+Without a topology, hops are costed at the slowest pair of kinds present, cross-node unless
+all devices share a node, so a plan's real hops are never slower than planned. With one
+(`topology`, from a spec's `nodes`), `kinds` are *pools* - one per (device kind, node) - and
+a stage's hop is the one to the next stage's node:
+
+    hop_decode_s(stage i) = topology.decode_s(node(i), node(i + 1))
+
+(the link inside the node, or the network between the two; planner/topology.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from planner.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class KindCosts:
     head_decode_s: float
     head_prefill_s: float
     memory_bytes: float  # usable: datasheet memory times the utilisation fraction
+    node: str | None = None  # with a topology: the node of this pool of devices
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,27 @@ class PlanningProblem:
     migration: MigrationCosts | None = None
     dtype_bytes: float = 2.0
     notes: dict[str, str] = field(default_factory=dict)
+    topology: Topology | None = None  # None: every hop costs hop_decode_s / hop_prefill_s
+
+    def hop_decode_between_s(self, src_node: str, dst_node: str) -> float:
+        """Returns one decode hop's seconds from a stage on src_node to one on dst_node."""
+        if self.topology is None:
+            return self.hop_decode_s
+        return self.topology.decode_s(src_node, dst_node)
+
+    def hop_prefill_between_s(self, src_node: str, dst_node: str) -> float:
+        """Returns one prefill hop's seconds from a stage on src_node to one on dst_node."""
+        if self.topology is None:
+            return self.hop_prefill_s
+        return self.topology.prefill_s(src_node, dst_node)
+
+    def out_hops_decode_s(self, kind: int) -> list[float]:
+        """Returns every decode hop a non-last stage of this kind (pool) can pay."""
+        if self.topology is None:
+            return [self.hop_decode_s]
+        src = self.kinds[kind].node
+        used = {k.node for k in self.kinds}
+        return sorted({self.topology.decode_s(src, dst) for dst in used})  # type: ignore[arg-type]
 
     @property
     def kind_counts(self) -> tuple[int, ...]:
@@ -102,7 +134,11 @@ class PlanningProblem:
             extra += self.head_weight_bytes
         return n_layers * per_layer + extra
 
-    def stage_decode_s(self, kind: int, n_layers: int, first: bool, last: bool) -> float:
+    def stage_decode_s(
+        self, kind: int, n_layers: int, first: bool, last: bool, hop_s: float | None = None
+    ) -> float:
+        """Returns one decode step of a stage; `hop_s` is its outgoing hop (default: the
+        problem's uniform hop)."""
         k = self.kinds[kind]
         t = n_layers * k.layer_decode_s
         if first:
@@ -110,10 +146,13 @@ class PlanningProblem:
         if last:
             t += k.head_decode_s
         else:
-            t += self.hop_decode_s
+            t += self.hop_decode_s if hop_s is None else hop_s
         return t
 
-    def stage_prefill_s(self, kind: int, n_layers: int, first: bool, last: bool) -> float:
+    def stage_prefill_s(
+        self, kind: int, n_layers: int, first: bool, last: bool, hop_s: float | None = None
+    ) -> float:
+        """Returns a stage's prefill of the TTFT prompt; `hop_s` as in stage_decode_s."""
         k = self.kinds[kind]
         t = n_layers * k.layer_prefill_s
         if first:
@@ -121,5 +160,5 @@ class PlanningProblem:
         if last:
             t += k.head_prefill_s
         else:
-            t += self.hop_prefill_s
+            t += self.hop_prefill_s if hop_s is None else hop_s
         return t

@@ -18,6 +18,9 @@ items). `T*(c)` is the least feasible candidate (feasibility is monotone in T), 
 binary search. A vector `c` is *minimal* when removing any one device raises `T*`; only
 minimal vectors can be needed by an optimal plan (a non-minimal one is a minimal one plus
 idle devices), so they are the columns of the master problem.
+
+With a topology the kinds are pools (kind, node) and a stage's hop depends on where the next
+stage runs; planner/shapes_topology.py finds those shapes' bottlenecks and layouts.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class PipelineShape:
     layers_per_kind: tuple[int, ...]
     ttft_s: float  # prefill of the prompt through every stage
     batch: int
+    stages: tuple[tuple[int, int], ...] = ()  # (kind, layers) in order, where the shape fixes it
 
     @property
     def n_stages(self) -> int:
@@ -63,9 +67,11 @@ def candidate_bottlenecks_s(problem: PlanningProblem) -> list[float]:
     """Returns every value a stage's decode time can take, sorted and unique."""
     values: set[float] = set()
     for k in range(len(problem.kinds)):
+        hops = problem.out_hops_decode_s(k)
         for j in range(1, problem.n_layers + 1):
             for first, last in ((False, False), (True, False), (False, True), (True, True)):
-                values.add(problem.stage_decode_s(k, j, first, last))
+                for hop_s in [0.0] if last else hops:
+                    values.add(problem.stage_decode_s(k, j, first, last, hop_s))
     return sorted(values)
 
 
@@ -96,11 +102,22 @@ class CapTable:
             self._mem[key] = cap
         return cap
 
-    def cap(self, kind: int, bottleneck_s: float, n_stages: int, flags: tuple[bool, bool]) -> int:
-        """Returns the most layers a stage on `kind` takes within `bottleneck_s` and memory."""
-        time_cap = _floor(
-            (bottleneck_s - self.fixed_s[(kind, flags)]) / self.problem.kinds[kind].layer_decode_s
+    def cap(
+        self,
+        kind: int,
+        bottleneck_s: float,
+        n_stages: int,
+        flags: tuple[bool, bool],
+        hop_s: float | None = None,
+    ) -> int:
+        """Returns the most layers a stage on `kind` takes within `bottleneck_s` and memory
+        (`hop_s`: its outgoing hop, default the problem's uniform one)."""
+        fixed_s = (
+            self.fixed_s[(kind, flags)]
+            if hop_s is None
+            else self.problem.stage_decode_s(kind, 0, *flags, hop_s)
         )
+        time_cap = _floor((bottleneck_s - fixed_s) / self.problem.kinds[kind].layer_decode_s)
         return max(0, min(time_cap, self.mem_cap(kind, n_stages, flags), self.problem.n_layers))
 
 
@@ -116,6 +133,10 @@ def shape_at(
     With `any_fit` it returns the first pipeline that fits (enough to test feasibility).
     """
     table = table or CapTable(problem)
+    if problem.topology is not None:
+        from planner.shapes_topology import path_shape_at
+
+        return path_shape_at(problem, counts, bottleneck_s, table)
     n_stages = sum(counts)
     n_layers = problem.n_layers
     if n_stages == 0 or n_stages > n_layers:
@@ -299,6 +320,8 @@ def minimal_shapes(shapes: dict[tuple[int, ...], PipelineShape]) -> list[Pipelin
 
 def stage_layers(problem: PlanningProblem, shape: PipelineShape) -> list[tuple[int, int]]:
     """Returns (kind, layers) per stage in pipeline order for a shape, balanced within kinds."""
+    if shape.stages:
+        return list(shape.stages)
     order = [shape.first_kind]
     rest = list(shape.counts)
     rest[shape.first_kind] -= 1

@@ -57,6 +57,29 @@ class DeviceGroup(_Strict):
         return self
 
 
+class NodeSpec(_Strict):
+    """A host: its network card, and optionally its GPU-to-GPU link if not the catalog's.
+
+    Units are the ones network people use: Gbit/s and microseconds.
+    """
+
+    name: str
+    nic_gbps: float = Field(gt=0)  # one direction, Gbit/s
+    nic_latency_us: float = Field(10.0, ge=0)
+    region: str | None = None  # nodes of one region may share `links` entries
+    intra_gbps: float | None = Field(None, gt=0)  # default: the catalog kinds' link
+    intra_latency_us: float | None = Field(None, ge=0)
+
+
+class LinkSpec(_Strict):
+    """The path between two nodes (or between every node of two regions), where it is not
+    simply the slower of the two NICs: a slow WAN link, a switch with less capacity."""
+
+    between: list[str] = Field(min_length=2, max_length=2)  # node or region names
+    gbps: float = Field(gt=0)
+    latency_us: float = Field(ge=0)
+
+
 class LengthDistribution(_Strict):
     """Token counts of a request: a mean and any of the percentiles."""
 
@@ -124,6 +147,10 @@ class Spec(_Strict):
     model: str
     dtype: Literal["fp32", "bf16", "fp16", "int8", "q4"] = "bf16"
     devices: list[DeviceGroup] = Field(min_length=1)
+    # topology: with `nodes`, each hop is costed on the link it uses (planner/topology.py);
+    # without, every hop is costed at the slowest link of the cluster
+    nodes: list[NodeSpec] | None = None
+    links: list[LinkSpec] = Field(default_factory=list)
     workload: Workload
     slo: Slo = Field(default_factory=Slo)
     objective: Literal["max_throughput", "min_devices"] = "max_throughput"
@@ -188,7 +215,10 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
         raise SpecError([f"{path}: trace has no requests"])
     # The Azure LLM inference traces name the columns ContextTokens / GeneratedTokens.
     for row in rows:
-        for ours, theirs in (("prompt_tokens", "ContextTokens"), ("output_tokens", "GeneratedTokens")):
+        for ours, theirs in (
+            ("prompt_tokens", "ContextTokens"),
+            ("output_tokens", "GeneratedTokens"),
+        ):
             if ours not in row and theirs in row:
                 row[ours] = row[theirs]
 
@@ -286,6 +316,7 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
         spec = Spec.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:
         raise SpecError([_format_error(source, e, lines) for e in exc.errors()]) from None
+    _check_topology(spec, source, lines)
     names = [n for n, _, _ in spec.device_names()]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -296,6 +327,65 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
             ]
         )
     return spec
+
+
+def _check_topology(spec: Spec, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """Raises SpecError when devices, nodes and links do not name each other consistently."""
+    errors: list[str] = []
+    if spec.nodes is None:
+        if spec.links:
+            errors.append(
+                f"{source}:{lines.get(('links',), 1)}: links: needs a `nodes` section; "
+                "describe each node's NIC under `nodes` first"
+            )
+        if errors:
+            raise SpecError(errors)
+        return
+    node_names = [n.name for n in spec.nodes]
+    for i, n in enumerate(spec.nodes):
+        if node_names.index(n.name) != i:
+            errors.append(
+                f"{source}:{lines.get(('nodes', i), 1)}: nodes.{i}.name: node {n.name!r} "
+                "is listed twice; list each node once"
+            )
+    regions = {n.region for n in spec.nodes if n.region is not None}
+    clash = sorted(regions & set(node_names))
+    if clash:
+        errors.append(
+            f"{source}:{lines.get(('nodes',), 1)}: nodes: {', '.join(clash)} name both a node "
+            "and a region; rename one"
+        )
+    for i, g in enumerate(spec.devices):
+        if g.node not in node_names:
+            errors.append(
+                f"{source}:{lines.get(('devices', i, 'node'), lines.get(('devices', i), 1))}: "
+                f"devices.{i}.node: node {g.node!r} is not in `nodes` "
+                f"({', '.join(node_names)}); add it there or fix the name"
+            )
+    seen: dict[frozenset[str], int] = {}
+    for i, link in enumerate(spec.links):
+        line = lines.get(("links", i), 1)
+        for end in link.between:
+            if end not in node_names and end not in regions:
+                errors.append(
+                    f"{source}:{line}: links.{i}.between: {end!r} is neither a node nor a "
+                    f"region of `nodes`; use one of {', '.join(node_names + sorted(regions))}"
+                )
+        a, b = link.between
+        if a == b and a in node_names:
+            errors.append(
+                f"{source}:{line}: links.{i}.between: a link joins two different nodes; "
+                f"set nodes.intra_gbps for links inside {a!r}"
+            )
+        key = frozenset(link.between)
+        if key in seen:
+            errors.append(
+                f"{source}:{line}: links.{i}: {a} - {b} is already given by links.{seen[key]}; "
+                "keep one"
+            )
+        seen.setdefault(key, i)
+    if errors:
+        raise SpecError(errors)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -1,0 +1,198 @@
+"""Pipeline shapes on a topology: which node each run of stages sits on, in which order.
+
+With a topology the kinds of planner/shapes.py are pools p = (device kind, node), and a
+count vector c over pools fixes a pipeline up to its order. A pipeline enters each node it
+uses once (a *segment* of consecutive stages per node): the hops inside a segment run over
+the node's link, one hop per pair of consecutive segments over the network between them.
+
+At a candidate bottleneck T a stage of pool p holds at most
+
+    cap_p(T, first, last, hop_s) = min(floor((T - embed[first] - head[last] - hop_s)
+                                             / layer_decode_s[p]), memory cap)
+
+layers. A segment s, given whether it opens the pipeline, and the hop its exit stage pays
+(the network to the next segment's node, or none when it closes the pipeline), holds
+
+    seg_s(first, exit_hop_s) = max over entry pool a (if first) and exit pool b of
+        sum_p c_sp * cap_p(T, mid) - cap_a(mid) - cap_b(mid) + cap_a(T, first) + cap_b(T, exit)
+
+(a single-stage segment is both at once), and -inf when any of its stages gets no layer.
+The pipeline exists at T iff, over the orders of its segments,
+
+    max_order  sum_s seg_s(first = s opens, exit_hop_s = network(node(s), node(next)))  >= L
+
+a longest Hamiltonian path over the segments, solved exactly by DP over subsets
+(2^m * m^2 for m nodes). TTFT is computed on that order with the free layers given to the
+fastest prefill; with a TTFT SLO, a multi-node pipeline is checked on the order with the
+most room (sound: no pipeline over the SLO is planned; one that only meets it in another
+order is missed). planner/dp.py checks all of this against every ordered sequence of stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from planner.problem import PlanningProblem
+from planner.shapes import CapTable, PipelineShape
+
+_EPS = 1e-9
+_NONE = -math.inf
+
+
+def _segment_best(
+    problem: PlanningProblem,
+    table: CapTable,
+    seg: Sequence[tuple[int, int]],
+    bottleneck_s: float,
+    n_stages: int,
+    first: bool,
+    last: bool,
+    exit_hop_s: float,
+) -> tuple[float, tuple[int, ...]]:
+    """Returns (most layers, pool of each stage in order) of one node's run of stages."""
+    node = problem.kinds[seg[0][0]].node
+    intra_s = problem.hop_decode_between_s(node, node)  # type: ignore[arg-type]
+    size = sum(c for _, c in seg)
+    if size == 1:
+        ((p, _),) = seg
+        cap = table.cap(p, bottleneck_s, n_stages, (first, last), None if last else exit_hop_s)
+        return (float(cap), (p,)) if cap >= 1 else (_NONE, ())
+    mid = {p: table.cap(p, bottleneck_s, n_stages, (False, False), intra_s) for p, _ in seg}
+    counts = dict(seg)
+    best: tuple[float, tuple[int, ...]] = (_NONE, ())
+    entries = [p for p, _ in seg] if first else [None]
+    for a in entries:
+        for b, _ in seg:
+            if a == b and counts[b] < 2:
+                continue
+            left = dict(counts)
+            left[b] -= 1
+            exit_hop = None if last else exit_hop_s
+            caps = [table.cap(b, bottleneck_s, n_stages, (False, last), exit_hop)]
+            if a is not None:
+                left[a] -= 1
+                caps.append(table.cap(a, bottleneck_s, n_stages, (True, False), intra_s))
+            caps.extend(mid[p] for p, n in left.items() for _ in range(n))
+            if min(caps) < 1:
+                continue
+            value = float(sum(caps))
+            if value > best[0]:
+                order = (
+                    ([a] if a is not None else [])
+                    + [p for p, n in sorted(left.items()) for _ in range(n)]
+                    + [b]
+                )
+                best = (value, tuple(order))
+    return best
+
+
+def path_shape_at(
+    problem: PlanningProblem,
+    counts: tuple[int, ...],
+    bottleneck_s: float,
+    table: CapTable,
+) -> PipelineShape | None:
+    """Returns the pipeline with these pool counts and every stage within `bottleneck_s`."""
+    n_stages = sum(counts)
+    n_layers = problem.n_layers
+    if n_stages == 0 or n_stages > n_layers:
+        return None
+    by_node: dict[str, list[tuple[int, int]]] = {}
+    for p, c in enumerate(counts):
+        if c > 0:
+            by_node.setdefault(problem.kinds[p].node, []).append((p, c))  # type: ignore[arg-type]
+    nodes = sorted(by_node)
+    m = len(nodes)
+
+    memo: dict[tuple[int, bool, int], tuple[float, tuple[int, ...]]] = {}
+
+    def seg(s: int, first: bool, nxt: int) -> tuple[float, tuple[int, ...]]:
+        """Segment s opening (first) or not, followed by segment nxt (-1: closes)."""
+        key = (s, first, nxt)
+        if key not in memo:
+            last = nxt < 0
+            hop_s = 0.0 if last else problem.hop_decode_between_s(nodes[s], nodes[nxt])
+            memo[key] = _segment_best(
+                problem, table, by_node[nodes[s]], bottleneck_s, n_stages, first, last, hop_s
+            )
+        return memo[key]
+
+    # f[mask][s]: most layers of the segments in mask except s, on a path through mask ending
+    # at s (s's own layers wait for its successor, which sets its exit hop)
+    full = (1 << m) - 1
+    f: dict[tuple[int, int], float] = {(1 << s, s): 0.0 for s in range(m)}
+    parent: dict[tuple[int, int], int] = {}
+    for mask in range(1, full + 1):
+        for s in range(m):
+            here = f.get((mask, s))
+            if here is None or here == _NONE or not mask >> s & 1:
+                continue
+            opens = mask == 1 << s
+            for t in range(m):
+                if mask >> t & 1:
+                    continue
+                value = here + seg(s, opens, t)[0]
+                key = (mask | 1 << t, t)
+                if value > f.get(key, _NONE):
+                    f[key] = value
+                    parent[key] = s
+    best_end, best_value = -1, _NONE
+    for s in range(m):
+        here = f.get((full, s), _NONE)
+        if here == _NONE:
+            continue
+        value = here + seg(s, full == 1 << s, -1)[0]
+        if value > best_value:
+            best_end, best_value = s, value
+    if best_value < n_layers:
+        return None
+
+    # the order of segments, then every stage's pool and outgoing hop
+    path = [best_end]
+    mask = full
+    while mask != 1 << path[-1]:
+        prev = parent[(mask, path[-1])]
+        mask &= ~(1 << path[-1])
+        path.append(prev)
+    path.reverse()
+    order: list[int] = []
+    for i, s in enumerate(path):
+        order.extend(seg(s, i == 0, path[i + 1] if i + 1 < m else -1)[1])
+    node_of = [problem.kinds[p].node for p in order]
+    caps, prefill_hops_s = [], []
+    for i, p in enumerate(order):
+        first, last = i == 0, i == n_stages - 1
+        hop_s = None if last else problem.hop_decode_between_s(node_of[i], node_of[i + 1])  # type: ignore[arg-type]
+        caps.append(table.cap(p, bottleneck_s, n_stages, (first, last), hop_s))
+        if not last:
+            prefill_hops_s.append(problem.hop_prefill_between_s(node_of[i], node_of[i + 1]))  # type: ignore[arg-type]
+    # each stage one layer, the rest where prefill is fastest (exact: unit items)
+    layers = [1] * n_stages
+    free = n_layers - n_stages
+    kinds = problem.kinds
+    for i in sorted(range(n_stages), key=lambda i: (kinds[order[i]].layer_prefill_s, i)):
+        add = min(free, caps[i] - 1)
+        layers[i] += add
+        free -= add
+    ttft_s = (
+        sum(n * kinds[p].layer_prefill_s for p, n in zip(order, layers, strict=True))
+        + sum(prefill_hops_s)
+        + kinds[order[0]].embed_prefill_s
+        + kinds[order[-1]].head_prefill_s
+    )
+    if problem.ttft_slo_s is not None and ttft_s > problem.ttft_slo_s * (1 + _EPS):
+        return None
+    per_pool = [0] * len(counts)
+    for p, n in zip(order, layers, strict=True):
+        per_pool[p] += n
+    return PipelineShape(
+        counts=counts,
+        bottleneck_s=bottleneck_s,
+        first_kind=order[0],
+        last_kind=order[-1],
+        layers_per_kind=tuple(per_pool),
+        ttft_s=ttft_s,
+        batch=problem.batch,
+        stages=tuple(zip(order, layers, strict=True)),
+    )

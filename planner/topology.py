@@ -1,0 +1,97 @@
+"""Which link each hop between two nodes uses, and what a hop costs on it.
+
+A spec with `nodes` describes each host's NIC (`nic_gbps`, `nic_latency_us`), optionally its
+GPU-to-GPU link (`intra_gbps`, `intra_latency_us`; default: the catalog link of the kinds it
+holds, NVLink or PCIe), and optionally `links` between two nodes or two regions. The link
+of a hop from node a to node b is
+
+    a == b:                 bandwidth = intra_gbps(a)   or min over a's kinds of the catalog link
+                            latency   = intra_latency(a) or max over a's kinds of the catalog's
+    a != b, a link given:   bandwidth = min(link_gbps, nic_gbps(a), nic_gbps(b)), latency = link's
+                            (a node-pair entry wins over a region-pair entry)
+    a != b, none given:     bandwidth = min(nic_gbps(a), nic_gbps(b)),
+                            latency   = max(nic_latency(a), nic_latency(b))
+
+and a hop of n bytes costs  hop_s = latency_s + n_bytes / bandwidth_bytes_per_s.
+Spec units are Gbit/s and microseconds (as NICs are sold); inside, bytes/s and seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cost_models.device_catalog import DeviceKind
+from cost_models.transfer import Link, link_transfer_s
+
+BYTES_PER_S_PER_GBPS = 1e9 / 8
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Seconds of one hop between every pair of nodes (a == b: inside node a)."""
+
+    nodes: tuple[str, ...]
+    links: Mapping[tuple[str, str], Link]
+    hop_decode_s: Mapping[tuple[str, str], float]  # one micro-batch's hidden states
+    hop_prefill_s: Mapping[tuple[str, str], float]  # one prompt's hidden states
+
+    def decode_s(self, src: str, dst: str) -> float:
+        return self.hop_decode_s[(src, dst)]
+
+    def prefill_s(self, src: str, dst: str) -> float:
+        return self.hop_prefill_s[(src, dst)]
+
+
+def node_links(
+    nodes: Sequence[object],
+    links: Sequence[object],
+    kinds_on_node: Mapping[str, Sequence[DeviceKind]],
+) -> dict[tuple[str, str], Link]:
+    """Returns the link of every ordered node pair (spec `NodeSpec`/`LinkSpec` objects in)."""
+    by_name = {n.name: n for n in nodes}  # type: ignore[attr-defined]
+    given: dict[frozenset[str], Link] = {}
+    region_given: dict[frozenset[str], Link] = {}
+    for link in links:
+        a, b = link.between  # type: ignore[attr-defined]
+        value = Link(link.gbps * BYTES_PER_S_PER_GBPS, link.latency_us * 1e-6)  # type: ignore[attr-defined]
+        (given if a in by_name else region_given)[frozenset((a, b))] = value
+    out: dict[tuple[str, str], Link] = {}
+    for a, na in by_name.items():
+        for b, nb in by_name.items():
+            if a == b:
+                kinds = kinds_on_node.get(a, ())
+                bw = (
+                    na.intra_gbps * BYTES_PER_S_PER_GBPS
+                    if na.intra_gbps is not None
+                    else min((k.link_bandwidth_bytes_per_s for k in kinds), default=1.0)
+                )
+                lat = (
+                    na.intra_latency_us * 1e-6
+                    if na.intra_latency_us is not None
+                    else max((k.link_latency_s for k in kinds), default=0.0)
+                )
+                out[(a, b)] = Link(bw, lat)
+                continue
+            nic_bw = min(na.nic_gbps, nb.nic_gbps) * BYTES_PER_S_PER_GBPS
+            path = given.get(frozenset((a, b)))
+            if path is None and na.region is not None and nb.region is not None:
+                path = region_given.get(frozenset((na.region, nb.region)))
+            if path is None:
+                out[(a, b)] = Link(nic_bw, max(na.nic_latency_us, nb.nic_latency_us) * 1e-6)
+            else:
+                out[(a, b)] = Link(min(nic_bw, path.bandwidth_bytes_per_s), path.latency_s)
+    return out
+
+
+def build_topology(
+    links: Mapping[tuple[str, str], Link], decode_bytes: float, prefill_bytes: float
+) -> Topology:
+    """Returns the hop times of every node pair for hidden states of the given sizes."""
+    nodes = tuple(sorted({a for a, _ in links}))
+    return Topology(
+        nodes=nodes,
+        links=dict(links),
+        hop_decode_s={k: link_transfer_s(decode_bytes, v) for k, v in links.items()},
+        hop_prefill_s={k: link_transfer_s(prefill_bytes, v) for k, v in links.items()},
+    )

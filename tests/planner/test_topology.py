@@ -1,0 +1,161 @@
+"""Topology: nodes, NICs and links in the spec; hops costed on the link they use; the
+solvers place stages on nodes and reach the exact topology-aware optimum."""
+
+import pytest
+
+from planner.build_problem import build_problem
+from planner.dp import reference_throughput_tok_s
+from planner.evaluate import build_pipeline
+from planner.solve import BACKENDS, plan
+from planner.spec import Spec, SpecError, load_spec
+from planner.topology_instances import random_topology_problem
+
+from .conftest import ROOT
+
+EXAMPLE = ROOT / "data/specs/topology-2x4-llama2-70b.yaml"
+
+GOOD = """\
+model: Llama-2-70B
+devices:
+  - {kind: A100-80GB, count: 2, node: a}
+  - {kind: L40S, count: 2, node: b}
+  - {kind: L40S, count: 2, node: c}
+nodes:
+  - {name: a, nic_gbps: 100, nic_latency_us: 5, region: east}
+  - {name: b, nic_gbps: 25, nic_latency_us: 20, region: east, intra_gbps: 256}
+  - {name: c, nic_gbps: 100, nic_latency_us: 5, region: west}
+workload:
+  prompt_tokens: 512
+  output_tokens: 128
+"""
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_backends_hit_topology_dp_optimum(seed):
+    problem = random_topology_problem(seed)
+    ref = reference_throughput_tok_s(problem)
+    for backend in BACKENDS:
+        r = plan(problem, backend, 10.0)
+        if ref == 0:
+            assert r.status == "INFEASIBLE", backend
+            continue
+        assert r.status == "OPTIMAL", backend
+        assert r.objective == pytest.approx(ref, rel=1e-7), backend
+        # the concrete pipelines, costed hop by hop, deliver what the objective says
+        assert r.throughput_tok_s == pytest.approx(ref, rel=1e-7), backend
+
+
+def test_topology_changes_the_optimum_on_some_instances():
+    """The random instances are not all indifferent to where stages go."""
+    from dataclasses import replace
+
+    changed = 0
+    for seed in range(16):
+        problem = random_topology_problem(seed)
+        worst_hops = replace(problem, topology=None)  # every hop at the slowest link
+        changed += reference_throughput_tok_s(problem) > reference_throughput_tok_s(worst_hops) * (
+            1 + 1e-6
+        )
+    assert changed >= 4
+
+
+def _cross_hops(pipeline) -> int:
+    return sum(a.node != b.node for a, b in zip(pipeline.stages, pipeline.stages[1:], strict=False))
+
+
+def test_aware_plan_beats_blind_plan_recosted():
+    spec = load_spec(EXAMPLE)
+    aware_problem = build_problem(spec)
+    blind_spec = Spec.model_validate(
+        {**spec.model_dump(exclude={"base_dir"}), "nodes": None, "base_dir": spec.base_dir}
+    )
+    blind_problem = build_problem(blind_spec)
+    assert blind_problem.topology is None
+    aware = plan(aware_problem, "cpsat", 20.0)
+    blind = plan(blind_problem, "cpsat", 20.0)
+    assert aware.status == blind.status == "OPTIMAL"
+    recosted = [
+        build_pipeline(aware_problem, [(s.device, s.start, s.end) for s in p.stages])
+        for p in blind.pipelines
+    ]
+    blind_tok_s = sum(p.throughput_tok_s for p in recosted)
+    # the blind plan sends hidden states over the 1 Gbit/s link twice per pipeline
+    assert max(_cross_hops(p) for p in blind.pipelines) >= 2
+    # the aware plan crosses at most once, where the stage before the hop has room for it
+    assert max(_cross_hops(p) for p in aware.pipelines) <= 1
+    assert aware.throughput_tok_s > 1.1 * blind_tok_s
+    # and its prediction is what its pipelines cost on their links
+    assert aware.objective == pytest.approx(aware.throughput_tok_s, rel=1e-9)
+
+
+def test_hops_cost_the_link_they_use(write_spec):
+    problem = build_problem(
+        load_spec(
+            write_spec(
+                GOOD
+                + "links:\n  - {between: [east, west], gbps: 1, latency_us: 800}\n  - {between: [a, c], gbps: 10, latency_us: 300}\n"
+            )
+        )
+    )
+    topo = problem.topology
+    gb = 1e9 / 8
+    # inside a: the A100's NVLink from the catalog; inside b: the spec's intra_gbps
+    assert topo.links[("a", "a")].bandwidth_bytes_per_s == pytest.approx(300e9)
+    assert topo.links[("b", "b")].bandwidth_bytes_per_s == pytest.approx(256 * gb)
+    # between nodes without a link entry: the slower NIC, the larger latency
+    assert topo.links[("a", "b")].bandwidth_bytes_per_s == pytest.approx(25 * gb)
+    assert topo.links[("a", "b")].latency_s == pytest.approx(20e-6)
+    # a region pair entry, and a node pair entry that wins over it
+    assert topo.links[("b", "c")].bandwidth_bytes_per_s == pytest.approx(1 * gb)
+    assert topo.links[("b", "c")].latency_s == pytest.approx(800e-6)
+    assert topo.links[("c", "a")].bandwidth_bytes_per_s == pytest.approx(10 * gb)
+    assert topo.decode_s("a", "c") > topo.decode_s("a", "b") > topo.decode_s("a", "a")
+    # pools: one per (kind, node)
+    assert [(k.name, k.node) for k in problem.kinds] == [
+        ("A100-80GB", "a"),
+        ("L40S", "b"),
+        ("L40S", "c"),
+    ]
+
+
+def test_no_nodes_keeps_the_uniform_hop(write_spec):
+    text = GOOD.split("nodes:")[0] + "workload:" + GOOD.split("workload:")[1]
+    problem = build_problem(load_spec(write_spec(text)))
+    assert problem.topology is None
+    assert [k.name for k in problem.kinds] == ["A100-80GB", "L40S"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("node: c}", "node: d}"), ":5: devices.2.node: node 'd' is not in `nodes` (a, b, c)"),
+        (("{name: c,", "{name: b,"), ":9: nodes.2.name: node 'b' is listed twice"),
+        (
+            ("nic_gbps: 25,", "nic_gbps: -1,"),
+            ":8: nodes.1.nic_gbps: Input should be greater than 0",
+        ),
+        (
+            ("workload:", "links:\n  - {between: [a, x], gbps: 1, latency_us: 5}\nworkload:"),
+            ":11: links.0.between: 'x' is neither a node nor a region",
+        ),
+        (
+            ("workload:", "links:\n  - {between: [a, a], gbps: 1, latency_us: 5}\nworkload:"),
+            ":11: links.0.between: a link joins two different nodes",
+        ),
+    ],
+)
+def test_bad_topology_is_refused_with_line(write_spec, edit, expected):
+    with pytest.raises(SpecError) as exc:
+        load_spec(write_spec(GOOD.replace(*edit)))
+    assert any(expected in line for line in exc.value.lines), exc.value.lines
+
+
+def test_links_need_nodes(write_spec):
+    text = (
+        GOOD.split("nodes:")[0]
+        + "links:\n  - {between: [a, b], gbps: 1, latency_us: 5}\nworkload:"
+        + GOOD.split("workload:")[1]
+    )
+    with pytest.raises(SpecError) as exc:
+        load_spec(write_spec(text))
+    assert "links: needs a `nodes` section" in exc.value.lines[0]
