@@ -29,9 +29,9 @@ every ordered sequence of stages is tried.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import itertools
 import math
+from collections.abc import Callable
 
 from planner.problem import PlanningProblem
 
