@@ -288,6 +288,12 @@ def enumerate_shapes(problem: PlanningProblem, deadline: float | None = None) ->
     candidates = candidate_bottlenecks_s(problem)
     table = CapTable(problem)
     shapes: dict[tuple[int, ...], PipelineShape] = {}
+    symmetry = None
+    if problem.topology is not None:
+        from planner.shapes_topology import NodeSymmetry, relabel
+
+        symmetry = NodeSymmetry(problem)
+        canonical_shapes: dict[tuple[int, ...], PipelineShape | None] = {}
     done = 0
     for counts in count_vectors(problem.kind_counts, problem.max_stages):
         n = sum(counts)
@@ -295,7 +301,14 @@ def enumerate_shapes(problem: PlanningProblem, deadline: float | None = None) ->
             done = n - 1
         if deadline is not None and time.perf_counter() > deadline:
             return ShapeSet(shapes, complete=False, max_stages_done=done)
-        shape = best_shape(problem, counts, candidates, table)
+        if symmetry is None:
+            shape = best_shape(problem, counts, candidates, table)
+        else:  # interchangeable nodes: evaluate one vector per class, relabel the rest
+            key, sigma = symmetry.canonical(counts)
+            if key not in canonical_shapes:
+                canonical_shapes[key] = best_shape(problem, key, candidates, table)
+            found = canonical_shapes[key]
+            shape = None if found is None else relabel(found, counts, sigma)
         if shape is not None:
             shapes[counts] = shape
     return ShapeSet(shapes, complete=True, max_stages_done=problem.max_stages)

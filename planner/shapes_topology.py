@@ -196,3 +196,87 @@ def path_shape_at(
         batch=problem.batch,
         stages=tuple(zip(order, layers, strict=True)),
     )
+
+
+class NodeSymmetry:
+    """Nodes that are interchangeable: same pools (kind costs, device counts), same link
+    inside, same links to every other node. Count vectors that differ only by such a swap
+    have the same best shape, relabelled; `canonical` maps a vector to its class
+    representative and back, so each class is evaluated once."""
+
+    def __init__(self, problem: PlanningProblem):
+        pools_of: dict[str, dict[str, int]] = {}
+        counts = problem.kind_counts
+        for p, k in enumerate(problem.kinds):
+            pools_of.setdefault(k.node, {})[k.name] = p  # type: ignore[index]
+        nodes = sorted(pools_of)
+        topo = problem.topology
+        assert topo is not None
+
+        def same(u: str, v: str) -> bool:
+            if sorted(pools_of[u]) != sorted(pools_of[v]):
+                return False
+            for name in pools_of[u]:
+                pu, pv = pools_of[u][name], pools_of[v][name]
+                if counts[pu] != counts[pv] or {
+                    **problem.kinds[pu].__dict__,
+                    "node": None,
+                } != {**problem.kinds[pv].__dict__, "node": None}:
+                    return False
+            hops = (topo.hop_decode_s, topo.hop_prefill_s)
+            if any(h[(u, u)] != h[(v, v)] or h[(u, v)] != h[(v, u)] for h in hops):
+                return False
+            return all(
+                h[(u, w)] == h[(v, w)] and h[(w, u)] == h[(w, v)]
+                for h in hops
+                for w in nodes
+                if w not in (u, v)
+            )
+
+        self.classes: list[list[str]] = []
+        for n in nodes:
+            for cls in self.classes:
+                if all(same(n, m) for m in cls):
+                    cls.append(n)
+                    break
+            else:
+                self.classes.append([n])
+        self.pools_of = pools_of
+        self.names = {n: sorted(pools_of[n]) for n in nodes}
+
+    def canonical(self, counts: tuple[int, ...]) -> tuple[tuple[int, ...], list[int]]:
+        """Returns (canonical vector, sigma) with counts[sigma[p]] = canonical[p]."""
+        sigma = list(range(len(counts)))
+        out = list(counts)
+        for cls in self.classes:
+            if len(cls) == 1:
+                continue
+
+            def load(n: str) -> tuple[int, ...]:
+                return tuple(counts[self.pools_of[n][k]] for k in self.names[n])
+
+            ranked = sorted(cls, key=lambda n: (tuple(-x for x in load(n)), n))
+            for slot, actual in zip(cls, ranked, strict=True):
+                for name in self.names[slot]:
+                    p, q = self.pools_of[slot][name], self.pools_of[actual][name]
+                    sigma[p] = q
+                    out[p] = counts[q]
+        return tuple(out), sigma
+
+
+def relabel(shape: PipelineShape, counts: tuple[int, ...], sigma: list[int]) -> PipelineShape:
+    """Returns the canonical vector's shape moved onto the pools `sigma` names."""
+    stages = tuple((sigma[p], n) for p, n in shape.stages)
+    per_pool = [0] * len(counts)
+    for p, n in stages:
+        per_pool[p] += n
+    return PipelineShape(
+        counts=counts,
+        bottleneck_s=shape.bottleneck_s,
+        first_kind=stages[0][0],
+        last_kind=stages[-1][0],
+        layers_per_kind=tuple(per_pool),
+        ttft_s=shape.ttft_s,
+        batch=shape.batch,
+        stages=stages,
+    )
