@@ -1,6 +1,6 @@
 """Planner benchmark: exactness on small instances, a 64-device cluster, and re-planning.
 
-    python bench/planner.py [--small N] [--limit S] [--no-docs]
+    python bench/planner.py [--small N] [--limit S] [--no-docs] [--only a,b,c,d]
 
 a. N random small instances (<= 8 devices, <= 32 layers) against the exact DP
    (planner/dp.py): every backend must hit the optimum; solve-time percentiles.
@@ -9,6 +9,8 @@ b. Llama-2-70B (80 layers) on 64 devices of 4 kinds (data/specs/cluster-64-llama
    model, all under the same time limit.
 c. Re-planning after 8 devices leave and after 8 join: the migration-aware plan against a
    from-scratch plan (throughput, bytes moved).
+d. Topology: Llama-2-70B on 8 nodes of 4 GPUs in two regions joined by a 1 Gbit/s link, on
+   every backend, beside the topology-blind plan re-costed on the real links.
 Prints tables, writes bench/out/planner.json and the `## Planner` section of docs/results.md.
 """
 
@@ -215,7 +217,9 @@ def bench_cluster(limit_s: float) -> dict:
             plan(replace(eight, max_stages=stages), "cpsat", limit_s)
         )
     return {
-        "spec": str(CLUSTER_SPEC.relative_to(ROOT) if CLUSTER_SPEC.is_relative_to(ROOT) else CLUSTER_SPEC),
+        "spec": str(
+            CLUSTER_SPEC.relative_to(ROOT) if CLUSTER_SPEC.is_relative_to(ROOT) else CLUSTER_SPEC
+        ),
         "layers": problem.n_layers,
         "devices": len(problem.devices),
         "kinds": {k.name: c for k, c in zip(problem.kinds, problem.kind_counts, strict=True)},
@@ -290,6 +294,67 @@ def bench_replan(limit_s: float) -> dict:
     return out
 
 
+# --- d. topology: 8 nodes in two regions ---------------------------------------------------
+
+
+def topology_spec_text(max_stages: int = 8) -> str:
+    """Returns the 8-node spec: A100 and L40S nodes alternating, 100 Gbit/s NICs, regions
+    east (n0-n3) and west (n4-n7) joined by 1 Gbit/s with 2 ms latency."""
+    devices = "\n".join(
+        f"  - {{kind: {'A100-80GB' if i % 2 == 0 else 'L40S'}, count: 4, node: n{i}}}"
+        for i in range(8)
+    )
+    nodes = "\n".join(
+        f"  - {{name: n{i}, nic_gbps: 100, nic_latency_us: 10, "
+        f"region: {'east' if i < 4 else 'west'}}}"
+        for i in range(8)
+    )
+    return (
+        f"model: Llama-2-70B\ndevices:\n{devices}\nnodes:\n{nodes}\n"
+        "links:\n  - {between: [east, west], gbps: 1, latency_us: 2000}\n"
+        "workload:\n  prompt_tokens: {mean: 512, p99: 2048}\n"
+        "  output_tokens: {mean: 256, p99: 512}\n  batch: 64\n"
+        f"max_stages: {max_stages}\n"
+    )
+
+
+def bench_topology(limit_s: float) -> dict:
+    from planner.spec import Spec, parse_spec
+
+    spec = parse_spec(topology_spec_text(), source="<bench topology>")
+    aware_problem = build_problem(spec)
+    rows = {b: result_row(plan(aware_problem, b, limit_s)) for b in BACKENDS}
+    blind_spec = Spec.model_validate(
+        {**spec.model_dump(exclude={"base_dir"}), "nodes": None, "links": [], "base_dir": "."}
+    )
+    blind = plan(build_problem(blind_spec), "cpsat", limit_s)
+    recosted = [
+        build_pipeline(aware_problem, [(s.device, s.start, s.end) for s in p.stages])
+        for p in blind.pipelines
+    ]
+    aware = plan(aware_problem, "cpsat", limit_s)
+
+    def cross_hops(pipelines) -> int:  # noqa: ANN001
+        return sum(
+            a.node != b.node
+            for p in pipelines
+            for a, b in zip(p.stages, p.stages[1:], strict=False)
+        )
+
+    return {
+        "nodes": 8,
+        "devices": len(aware_problem.devices),
+        "pools": len(aware_problem.kinds),
+        "limit_s": limit_s,
+        "rows": rows,
+        "blind_predicted_tok_s": blind.throughput_tok_s,
+        "blind_recosted_tok_s": sum(p.throughput_tok_s for p in recosted),
+        "blind_cross_node_hops": cross_hops(blind.pipelines),
+        "aware_tok_s": aware.throughput_tok_s,
+        "aware_cross_node_hops": cross_hops(aware.pipelines),
+    }
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -303,6 +368,7 @@ def fmt_num(v: float | None, digits: int = 1) -> str:
 
 def markdown(res: dict, command: str) -> str:
     a, b, c = res["small"], res["cluster"], res["replan"]
+    d = res.get("topology")
     lines = [
         "## Planner",
         "",
@@ -398,7 +464,38 @@ def markdown(res: dict, command: str) -> str:
             f"{s['aware_move_bytes'] / GIB:,.0f} GiB | {s['move_ratio'] * 100:.1f} % | "
             f"{s['aware_kept_pipelines']} | {s['aware_solve_s']:.2f} s |"
         )
+    if d is not None:
+        lines += topology_markdown(d)
     return "\n".join(lines) + "\n"
+
+
+def topology_markdown(d: dict) -> list[str]:
+    lines = [
+        "",
+        f"### d. Topology: Llama-2-70B on {d['nodes']} nodes of 4 GPUs ({d['pools']} pools)",
+        "",
+        "A100-80GB and L40S nodes alternating, 100 Gbit/s NICs, two regions of four nodes "
+        "joined by 1 Gbit/s (2 ms); max_stages 8; every hop costed on the link it uses "
+        f"(bench/planner.py `topology_spec_text`); time limit {d['limit_s']:g} s.",
+        "",
+        "| backend | status | objective tok/s | bound tok/s | gap | time | shape listing |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in BACKENDS:
+        r = d["rows"][name]
+        lines.append(
+            f"| {name} | {r['status']} | {fmt_num(r['objective'])} | {fmt_num(r['bound'])} | "
+            f"{fmt_gap(r['gap'])} | {r['solve_s']:.2f} s | {r['details'].get('build_s', 0):.2f} s |"
+        )
+    lines += [
+        "",
+        f"Topology-blind plan (every hop at the slowest link): predicts "
+        f"{d['blind_predicted_tok_s']:,.0f} tok/s, re-costed on the real links "
+        f"{d['blind_recosted_tok_s']:,.0f} tok/s with {d['blind_cross_node_hops']} cross-node "
+        f"hops; the topology-aware plan: {d['aware_tok_s']:,.0f} tok/s with "
+        f"{d['aware_cross_node_hops']}.",
+    ]
+    return lines
 
 
 def write_section(text: str) -> None:
@@ -427,7 +524,11 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=200, help="random small instances (default 200)")
     ap.add_argument("--limit", type=float, default=30.0, help="time limit for b and c, seconds")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/results.md")
+    ap.add_argument("--only", default="a,b,c,d", help="parts to run, e.g. d (implies --no-docs)")
     args = ap.parse_args()
+    parts = set(args.only.split(","))
+    if parts != {"a", "b", "c", "d"}:
+        args.no_docs = True
     command = "python bench/planner.py" + (f" --small {args.small}" if args.small != 200 else "")
     res: dict = {
         "date": time.strftime("%Y-%m-%d"),
@@ -436,19 +537,21 @@ def main() -> int:
     }
 
     t = time.perf_counter()
-    res["small"] = bench_small(args.small)
-    print(f"a. {args.small} small instances ({time.perf_counter() - t:.0f} s)")
-    print(f"   {'backend':<8}{'hits':>10}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
-    for name, s in res["small"]["summary"].items():
+    if "a" in parts:
+        res["small"] = bench_small(args.small)
+        print(f"a. {args.small} small instances ({time.perf_counter() - t:.0f} s)")
+        print(f"   {'backend':<8}{'hits':>10}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
+    for name, s in res.get("small", {}).get("summary", {}).items():
         print(
             f"   {name:<8}{s['hits']:>6}/{s['n']:<3}{s['p50_s'] * 1000:>10.1f}"
             f"{s['p95_s'] * 1000:>10.1f}{s['max_s'] * 1000:>10.1f}"
         )
 
     t = time.perf_counter()
-    res["cluster"] = bench_cluster(args.limit)
-    print(f"b. 80 layers x 64 devices ({time.perf_counter() - t:.0f} s)")
-    for name, r in res["cluster"]["rows"].items():
+    if "b" in parts:
+        res["cluster"] = bench_cluster(args.limit)
+        print(f"b. 80 layers x 64 devices ({time.perf_counter() - t:.0f} s)")
+    for name, r in res.get("cluster", {}).get("rows", {}).items():
         print(
             f"   {name:<12}{r['status']:<10} obj {fmt_num(r.get('objective')):>12} "
             f"bound {fmt_num(r.get('bound')):>12} gap {fmt_gap(r.get('gap')):>10} "
@@ -456,13 +559,30 @@ def main() -> int:
         )
 
     t = time.perf_counter()
-    res["replan"] = bench_replan(args.limit)
-    print(f"c. re-planning ({time.perf_counter() - t:.0f} s)")
-    for name, s in res["replan"]["scenarios"].items():
+    if "c" in parts:
+        res["replan"] = bench_replan(args.limit)
+        print(f"c. re-planning ({time.perf_counter() - t:.0f} s)")
+    for name, s in res.get("replan", {}).get("scenarios", {}).items():
         print(
             f"   {name:<8} throughput {s['throughput_ratio'] * 100:.1f} % of from-scratch, "
             f"moves {s['aware_move_bytes'] / GIB:.0f} GiB vs {s['scratch_move_bytes'] / GIB:.0f} "
             f"GiB ({s['move_ratio'] * 100:.1f} %), {s['aware_kept_pipelines']} kept"
+        )
+
+    t = time.perf_counter()
+    if "d" in parts:
+        res["topology"] = d = bench_topology(args.limit)
+        print(f"d. topology, 8 nodes x 4 GPUs ({time.perf_counter() - t:.0f} s)")
+        for name, r in d["rows"].items():
+            print(
+                f"   {name:<8}{r['status']:<10} obj {fmt_num(r.get('objective')):>12} "
+                f"bound {fmt_num(r.get('bound')):>12} gap {fmt_gap(r.get('gap')):>10} "
+                f"{r['solve_s']:.2f} s (shapes {r['details'].get('build_s', 0):.2f} s)"
+            )
+        print(
+            f"   blind plan {d['blind_predicted_tok_s']:,.0f} tok/s predicted, "
+            f"{d['blind_recosted_tok_s']:,.0f} re-costed ({d['blind_cross_node_hops']} cross-node "
+            f"hops); aware {d['aware_tok_s']:,.0f} ({d['aware_cross_node_hops']})"
         )
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
