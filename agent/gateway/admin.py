@@ -8,28 +8,37 @@
   POST /admin/v1/applies/{id}/cancel   stop an apply (before its switch it aborts)
 
 It answers clients on this host only, unless the server was given a token; then every admin
-request must carry `Authorization: Bearer TOKEN`, from anywhere. Errors have the same shape
-as the OpenAI API's.
+request must carry `Authorization: Bearer TOKEN`, from anywhere (the OpenAPI document declares
+the bearer scheme then). Errors have the same shape as the OpenAI API's; a target that does not
+fit this deployment (layers, devices) is a 400 `invalid_configuration`.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.gateway.errors import APIError
+from agent.gateway.errors import APIError, error_responses
+from agent.gateway.protocol import Integer, NonNegativeInt, PositiveInt
 from agent.reconfigurations import ApplyRefused, Reconfigurations, deployment_json
 from planner.configuration import Configuration, ConfigurationError
 from planner.spec import PipelineSpec, StageSpec
 
+# Reads `Authorization: Bearer TOKEN` (None without one) and declares the scheme in the OpenAPI document.
+_BEARER = HTTPBearer(auto_error=False, description="the server's --admin-token")
+
 
 class StageBody(StageSpec):
     device: str | None = None  # None: the planner picks the worker that has to load least
+    start: NonNegativeInt  # strict: "3" is a client bug to report, not to coerce
+    end: PositiveInt
 
 
 class PipelineBody(PipelineSpec):
@@ -41,15 +50,28 @@ class TargetBody(BaseModel):
     pipelines: list[PipelineBody] = Field(min_length=1)
 
 
+# `stages`: the ranges a stage runs, as `--stages` takes them.
+STAGES_PATTERN = r"^ *[0-9]+ *: *[0-9]+ *(, *[0-9]+ *: *[0-9]+ *)*$"
+
+
+def _one_of_target_or_stages(schema: dict) -> None:
+    """Documents `_one_target`: exactly one of them, and not null."""
+    schema["oneOf"] = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("target", "stages")
+    ]
+
+
 class ApplyBody(BaseModel):
     """A target: `target` (pipelines of stages, devices optional) or `stages` ("0:10,10:30")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_target_or_stages)
     target: TargetBody | None = None
-    stages: str | None = Field(None, examples=["0:10,10:20,20:30"])
-    dry_run: bool = False
-    max_overhead: float | None = Field(None, gt=0, le=1, description="share of serving time background copies may take")
-    expected_epoch: int | None = Field(None, description="refuse (409) unless the deployment is still at this epoch")
+    stages: Annotated[str, Field(pattern=STAGES_PATTERN)] | None = Field(None, examples=["0:10,10:20,20:30"])
+    dry_run: bool = Field(False, strict=True)
+    max_overhead: float | None = Field(None, strict=True, gt=0, le=1,
+                                       description="share of serving time background copies may take")
+    expected_epoch: Integer | None = Field(None, description="refuse (409) unless the deployment is still at this epoch")
     kv: Literal["copy", "recompute"] = Field(
         "copy", description="copy running requests' KV to their new stages, or drop it and recompute it there"
     )
@@ -60,6 +82,14 @@ class ApplyBody(BaseModel):
             raise ValueError("give exactly one of `target` (pipelines of stages) or `stages` (e.g. \"0:10,10:20,20:30\")")
         return self
 
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages_text(cls, stages: Any) -> Any:
+        if isinstance(stages, str) and not re.fullmatch(STAGES_PATTERN, stages):
+            raise ValueError(f'stages must be START:END layer ranges joined by commas, e.g. "0:10,10:20,20:30"; '
+                             f"got {stages!r}")
+        return stages
+
     def configuration(self) -> Configuration:
         if self.stages is not None:
             return Configuration.from_stages_text(self.stages)
@@ -69,26 +99,28 @@ class ApplyBody(BaseModel):
 def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | None = None) -> None:
     """Adds the admin routes to `app`, guarded as the module docstring says."""
 
-    def authorize(request: Request) -> None:
-        if token:
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
-                raise APIError("the admin API needs `Authorization: Bearer TOKEN` (the server's --admin-token)",
-                               status=401, code="unauthorized")
-            return
+    def authorize_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        given = credentials.credentials if credentials else ""
+        # As bytes: header values are latin-1 text, and compare_digest refuses non-ASCII str.
+        if not hmac.compare_digest(given.encode("latin-1"), token.encode()):
+            raise APIError("the admin API needs `Authorization: Bearer TOKEN` (the server's --admin-token)",
+                           status=401, code="unauthorized")
+
+    def authorize_host(request: Request) -> None:
         host = request.client.host if request.client else ""
         if not _is_loopback(host):
             raise APIError("the admin API answers only on this host; start the server with --admin-token "
                            "to allow other hosts", status=403, code="forbidden")
 
-    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authorize)], tags=["admin"])
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authorize_token if token else authorize_host)],
+                       tags=["admin"], responses=error_responses(401 if token else 403))
 
     @router.get("/deployment")
     async def deployment() -> JSONResponse:
         return JSONResponse(deployment_json(reconfig.engine))
 
-    @router.post("/applies", status_code=202)
+    @router.post("/applies", status_code=202, responses={
+        200: {"description": "`dry_run`: the plan, nothing applied"}, **error_responses(400, 409, 503)})
     async def create_apply(body: ApplyBody) -> JSONResponse:
         try:
             target = body.configuration()
@@ -98,7 +130,8 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
                                     status_code=200)
             record = reconfig.start(target, body.max_overhead, body.expected_epoch, body.kv)
         except ConfigurationError as exc:
-            raise APIError(str(exc), param="target" if body.target is not None else "stages") from None
+            raise APIError(str(exc), param="target" if body.target is not None else "stages",
+                           code="invalid_configuration") from None
         except ApplyRefused as exc:
             error = APIError(exc.message, status=exc.status, code="apply_refused")
             content = error.body()
@@ -113,14 +146,14 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
     async def list_applies() -> JSONResponse:
         return JSONResponse({"data": [r.to_json() for r in reconfig.history()]})
 
-    @router.get("/applies/{apply_id}")
+    @router.get("/applies/{apply_id}", responses=error_responses(404))
     async def get_apply(apply_id: str) -> JSONResponse:
         record = reconfig.get(apply_id)
         if record is None:
             raise APIError(f"no apply {apply_id!r}; GET /admin/v1/applies lists them", status=404, code="not_found")
         return JSONResponse(record.to_json())
 
-    @router.post("/applies/{apply_id}/cancel", status_code=202)
+    @router.post("/applies/{apply_id}/cancel", status_code=202, responses=error_responses(404))
     async def cancel_apply(apply_id: str) -> JSONResponse:
         record = reconfig.cancel(apply_id)
         if record is None:

@@ -12,6 +12,10 @@ from agent.gateway.errors import APIError
 
 # OpenAI's default for /v1/completions; chat defaults to whatever room the context leaves.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+# A temperature or top_p below this samples greedily (vLLM treats temperature so too): it keeps
+# only the most likely token anyway, and the sampler's float32 arithmetic would break on it
+# (5e-324 is 0 in float32: a division by zero, or every token dropped).
+SAMPLING_EPS = 1e-5
 
 
 def resolve_model(requested: str | None, served: str, aliases: Sequence[str]) -> str:
@@ -26,6 +30,18 @@ def resolve_model(requested: str | None, served: str, aliases: Sequence[str]) ->
         param="model",
         code="model_not_found",
     )
+
+
+def check_output_limit(max_tokens: int | None, max_context: int, param: str) -> None:
+    """Raises a 400 when `max_tokens` alone leaves no room for a prompt: the limit the OpenAPI
+    document states (a prompt and its max_tokens together are checked by `sampling_params`)."""
+    if max_tokens is not None and max_tokens >= max_context:
+        raise APIError(
+            f"{param} is {max_tokens}; the model's context is {max_context} tokens and must also "
+            f"hold the prompt: lower {param} to at most {max_context - 1}.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def sampling_params(
@@ -48,8 +64,13 @@ def sampling_params(
     `default_max_tokens` None means "all the room the context leaves". `prompt_param` is the
     request field holding the prompt; `prompt_name` is how messages call it.
     """
-    if prompt_tokens == 0:
-        raise APIError(f"{prompt_name} is empty: send some text.", param=prompt_param)
+    if prompt_tokens == 0:  # text, but only characters the tokenizer has no token for
+        raise APIError(
+            f"{prompt_name} has no tokens: the model's tokenizer has none for any of its "
+            "characters (control characters such as \\x04): send some text.",
+            param=prompt_param,
+            code="empty_prompt",
+        )
     room = max_context - prompt_tokens
     if room <= 0:
         raise APIError(
@@ -69,6 +90,8 @@ def sampling_params(
             param=max_tokens_param,
             code="context_length_exceeded",
         )
+    if temperature < SAMPLING_EPS or top_p < SAMPLING_EPS:
+        temperature = 0.0
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,

@@ -7,6 +7,9 @@ An engine failure in the middle of a request (an event with finish_reason "error
 engine raising after its first event) ends a stream with `data: {"error": {...}}` and then
 `data: [DONE]`; a non-streaming request answers 503 `engine_error` instead, because the
 request itself was fine and may succeed when retried.
+
+The OpenAPI document (/openapi.json) says what the server really does: every status it
+answers, with the error shape, and request schemas holding the served model's limits.
 """
 
 from __future__ import annotations
@@ -15,19 +18,32 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 
 from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent
-from agent.gateway.admission import DEFAULT_COMPLETION_MAX_TOKENS, resolve_model, sampling_params
-from agent.gateway.errors import APIError, install_error_handlers
+from agent.gateway.admission import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    check_output_limit,
+    resolve_model,
+    sampling_params,
+)
+from agent.gateway.errors import ERROR_MEANINGS, APIError, error_responses, install_error_handlers
 from agent.gateway.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
     Usage,
+    describe_model_limits,
 )
 from agent.gateway.responses import ChatFormat, CompletionFormat, ResponseFormat
 from agent.gateway.stream import (
@@ -43,6 +59,40 @@ from agent.metrics import GatewayMetrics
 logger = logging.getLogger(__name__)
 
 
+def generation_responses(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """Returns the answers of a generation route besides its JSON body: its `chunk`s streamed."""
+    # OpenAPI 3.1: the `schema` of text/event-stream describes one event.
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
+                    },
+                ]
+            }
+        },
+    }
+    return {
+        200: {
+            "description": "The whole answer; with `stream: true`, its chunks as server-sent "
+            "events (`data: {...}`; a failure mid-stream as `data: {\"error\": {...}}`), then "
+            "`data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": event}},
+        },
+        **error_responses(400, 404, 503),
+    }
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
 def engine_failure(message: str | None) -> APIError:
     """Returns the error for an engine that failed mid-request (see the module docstring)."""
     return APIError(
@@ -56,6 +106,14 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     """Returns the gateway app for `engine`; `aliases` are other names clients may use. An
     engine that reconfigures live also gets the admin API (agent/gateway/admin.py)."""
     app = FastAPI(title="pipeshift", summary="OpenAI-compatible API of a pipeshift deployment")
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _make_true(generate_openapi(), engine)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     reconfig = getattr(engine, "reconfig", None)
     metrics = GatewayMetrics(stats=engine.stats, applies=reconfig)
     app.state.engine = engine
@@ -71,11 +129,15 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     async def list_models() -> ModelList:
         return ModelList(data=[model_card(n) for n in served_names])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(404))
     async def get_model(model_id: str) -> ModelCard:
         return model_card(resolve_model(model_id, engine.model_name, aliases))
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "The engine cannot serve: the reason."}},
+    )
     async def health() -> JSONResponse:
         try:
             ok, reason = engine.health()
@@ -87,12 +149,16 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             return JSONResponse({"status": "ok", **epoch})
         return JSONResponse({"status": "unavailable", "reason": reason, **epoch}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=generation_responses(CompletionResponse),
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival_s = time.perf_counter()
         model = _check_request(body, engine, aliases)
@@ -122,7 +188,11 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=generation_responses(ChatCompletionChunk),
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival_s = time.perf_counter()
         model = _check_request(body, engine, aliases)
@@ -156,6 +226,48 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     return app
 
 
+def _make_true(schema: dict[str, Any], engine: Engine) -> None:
+    """Turns FastAPI's OpenAPI `schema` into what this server answers, in place.
+
+    Validation errors are 400s in OpenAI's shape (errors.py), never FastAPI's 422; a path
+    parameter names something (a model, an apply) that may not exist: 404. Request bodies get
+    the served model's limits.
+    """
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            responses = operation["responses"]
+            parameters = operation.get("parameters", ())
+            if responses.pop("422", None) is not None and (
+                "requestBody" in operation or any(p.get("in") != "path" for p in parameters)
+            ):
+                responses.setdefault("400", {"description": ERROR_MEANINGS[400]})
+            if any(p.get("in") == "path" for p in parameters):
+                responses.setdefault("404", {"description": ERROR_MEANINGS[404]})
+            for status in ("400", "404"):
+                if status in responses:
+                    responses[status]["content"] = {"application/json": {"schema": error}}
+    components = schema["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    # FastAPI's document turns bounds into floats, which cannot hold the seed's int64 ones.
+    _add_schemas(components, CompletionRequest, ChatCompletionRequest, mode="validation")
+    # Named only inside event streams, so FastAPI did not add it.
+    _add_schemas(components, ChatCompletionChunk, mode="serialization")
+    arch = getattr(engine, "arch", None)  # PipelineEngine's model architecture, if there is one
+    describe_model_limits(schema, engine.max_context, getattr(arch, "vocab_size", None))
+
+
+def _add_schemas(
+    components: dict[str, Any], *models: type[BaseModel], mode: Literal["validation", "serialization"]
+) -> None:
+    """Puts pydantic's own JSON Schema of `models`, and of the models they use, in `components`."""
+    for model in models:
+        own = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        components.update(own.pop("$defs", {}))
+        components[model.__name__] = own
+
+
 def _check_request(
     body: CompletionRequest | ChatCompletionRequest, engine: Engine, aliases: Sequence[str]
 ) -> str:
@@ -164,6 +276,8 @@ def _check_request(
     problems = body.unsupported_fields()
     if problems:
         raise APIError(" ".join(m for _, m in problems), param=problems[0][0])
+    for param in ("max_tokens", "max_completion_tokens"):
+        check_output_limit(getattr(body, param, None), engine.max_context, param)
     return model
 
 

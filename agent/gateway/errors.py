@@ -15,14 +15,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.engine_api import EngineError
+from agent.gateway.protocol import ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+
+# What each error status means on this server, for the OpenAPI document.
+ERROR_MEANINGS = {
+    400: "The request is invalid: the message names the field and says what to change.",
+    401: "The admin API needs `Authorization: Bearer TOKEN` (the server's --admin-token).",
+    403: "The admin API answers only on this host (the server has no --admin-token).",
+    404: "What the request names does not exist: the message says what does.",
+    409: "The deployment is not in a state that allows this: the message says why.",
+    503: "The engine failed or is down; the same request may succeed when retried.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Returns FastAPI `responses=` declaring OpenAI-shaped errors with these statuses."""
+    return {s: {"model": ErrorResponse, "description": ERROR_MEANINGS[s]} for s in statuses}
 
 
 class APIError(Exception):
@@ -141,7 +158,20 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         message += " (this server serves /v1/models, /v1/completions, /v1/chat/completions)"
     error = APIError(message, status=exc.status_code)
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette's Allow names the methods of one route of this path
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(_methods_at(request)))}
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=headers)
+
+
+def _methods_at(request: Request) -> set[str]:
+    """Returns the methods some route answers at the request's path."""
+    routes = request.app.router.routes
+    return {
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    }
 
 
 class CatchUnexpected:

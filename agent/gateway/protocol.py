@@ -4,15 +4,22 @@ Only what pipeshift serves is modelled. Fields that OpenAI clients commonly send
 honour are accepted when they hold their neutral value and refused with a 400 otherwise
 (`unsupported_fields`), so a client never silently gets something other than what it asked for.
 Unknown fields are ignored, as OpenAI-compatible servers usually do.
+
+The JSON Schema of each request says exactly what is accepted (the OpenAPI document is generated
+from it): an unsupported field's schema lists only its neutral value, every optional field also
+accepts null ("not set"), and the limits that depend on the model (context length, vocabulary)
+are added per server by `describe_model_limits`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -21,6 +28,76 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+# The seed range vLLM accepts (int64); torch's generators overflow beyond it.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _integral(value: Any) -> Any:
+    """Returns an integral number (`31.0`) as an int: JSON Schema's "integer" includes it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Integers as JSON Schema has them (`31.0` is 31); strings and booleans are refused. Bounds sit
+# before the validator, or pydantic would not write them as JSON Schema's minimum/maximum.
+Integer = Annotated[int, Field(strict=True), BeforeValidator(_integral)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0), BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(strict=True, ge=1), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_integral)]
+TokenId = NonNegativeInt
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+def _only(*values: Any) -> Callable[[dict[str, Any]], None]:
+    """Returns a json_schema_extra that documents a field accepting only `values`."""
+
+    def document(schema: dict[str, Any]) -> None:
+        kept = {k: schema[k] for k in ("title", "description") if k in schema}
+        schema.clear()
+        schema.update(kept, enum=list(values))
+
+    return document
+
+
+def _limit(**keywords: Any) -> Callable[[dict[str, Any]], None]:
+    """Returns a json_schema_extra that adds `keywords` to the field's non-null schema."""
+
+    def document(schema: dict[str, Any]) -> None:
+        for option in schema.get("anyOf", [schema]):
+            if option.get("type") != "null":
+                option.update(keywords)
+
+    return document
+
+
+def _accepts_null(schema: dict[str, Any]) -> bool:
+    return (
+        schema.get("type") == "null"
+        or None in schema.get("enum", ())
+        or any(_accepts_null(s) for s in schema.get("anyOf", ()))
+    )
+
+
+def _document_request(schema: dict[str, Any]) -> None:
+    """Completes a request's JSON Schema with the rules its validators enforce."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        # `_null_means_default`: null is accepted wherever a field may be left out.
+        if name in required or _accepts_null(prop):
+            continue
+        if "enum" in prop:
+            prop["enum"].append(None)
+            continue
+        kept = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        inner = dict(prop)
+        prop.clear()
+        prop.update(anyOf=[inner, {"type": "null"}], **kept)
+    # `unsupported_fields`: stream_options (not null) needs "stream": true.
+    schema["if"] = {
+        "properties": {"stream_options": {"type": "object"}},
+        "required": ["stream_options"],
+    }
+    schema["then"] = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
 
 
 class StreamOptions(BaseModel):
@@ -30,22 +107,25 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_document_request)
 
     # Optional: when omitted the server's model answers (curl users rarely know its name).
     model: str | None = None
     # Numbers and flags are strict: "ten" or "yes" is a client bug to report, not to coerce.
-    max_tokens: int | None = Field(default=None, strict=True, ge=1)
+    max_tokens: PositiveInt | None = None
     temperature: float = Field(default=1.0, strict=True, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, strict=True, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, strict=True)
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, strict=True)
-    presence_penalty: float = Field(default=0.0, strict=True)
-    frequency_penalty: float = Field(default=0.0, strict=True)
-    logit_bias: dict[str, float] | None = None
+    # Accepted only at their neutral value (see `unsupported_fields`).
+    n: Integer = Field(default=1, json_schema_extra=_only(1))
+    presence_penalty: float = Field(default=0.0, strict=True, json_schema_extra=_only(0))
+    frequency_penalty: float = Field(default=0.0, strict=True, json_schema_extra=_only(0))
+    logit_bias: dict[str, float] | None = Field(
+        default=None, json_schema_extra=_limit(maxProperties=0)
+    )
     user: str | None = None
     # Extension (same name as vLLM's): generate exactly max_tokens, for benchmarks.
     ignore_eos: bool = Field(default=False, strict=True)
@@ -73,6 +153,8 @@ class _GenerationRequest(BaseModel):
             )
         if any(s == "" for s in sequences):
             raise ValueError("stop sequences must not be empty strings")
+        for s in sequences:
+            _check_unicode(s, "stop")
         return stop
 
     def stop_sequences(self) -> tuple[str, ...]:
@@ -106,25 +188,33 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions. `prompt` is a string, a list of one string, or token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    )
+    echo: bool = Field(default=False, strict=True, json_schema_extra=_only(False))
+    logprobs: Integer | None = Field(default=None, json_schema_extra=_only(None))
+    best_of: Integer | None = Field(default=None, json_schema_extra=_only(1, None))
+    suffix: str | None = Field(default=None, json_schema_extra=_only("", None))
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, str):
+        text = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        if isinstance(text, str):
+            if not text:
+                raise ValueError("prompt is empty: send some text (or token ids)")
+            _check_unicode(text, "prompt")
             return prompt
         if isinstance(prompt, list) and prompt:
-            if len(prompt) == 1 and isinstance(prompt[0], str):
-                return prompt
-            ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+            nested = len(prompt) == 1 and isinstance(prompt[0], list)
+            ids = [_integral(t) for t in (prompt[0] if nested else prompt)]
             if ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 if min(ids) < 0:
                     raise ValueError(f"prompt token ids must be >= 0, got {min(ids)}")
-                return prompt
+                return [ids] if nested else ids
             if len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
                 raise ValueError(
                     f"a batch of {len(prompt)} prompts is not supported: send one prompt per request"
@@ -163,11 +253,14 @@ class ChatMessage(BaseModel):
     @classmethod
     def _check_content(cls, content: Any) -> Any:
         if isinstance(content, str):
+            _check_unicode(content, "content")
             return content
         if isinstance(content, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
             for p in content
         ):
+            for p in content:
+                _check_unicode(p["text"], "content")
             return content
         raise ValueError(
             'content must be a string or a list of {"type": "text", "text": ...} parts '
@@ -186,13 +279,16 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, strict=True, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: PositiveInt | None = None
+    # Accepted only at their neutral value (see `unsupported_fields`).
+    logprobs: bool = Field(default=False, strict=True, json_schema_extra=_only(False))
+    top_logprobs: Integer | None = Field(default=None, json_schema_extra=_only(0, None))
+    tools: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
+    functions: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
+    response_format: dict[str, Any] | None = Field(
+        default=None, json_schema_extra=_limit(properties={"type": {"const": "text"}})
+    )
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -326,6 +422,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Health(BaseModel):
+    """GET /health: 200 with status "ok", or 503 with status "unavailable" and the reason."""
+
+    status: Literal["ok", "unavailable"]
+    reason: str | None = None
+    epoch: int | None = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -335,3 +439,39 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """Refuses lone UTF-16 surrogates (JSON's "\\ud800"): no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(
+            f"{field} is not valid Unicode: it holds a lone surrogate {bad!r} at character "
+            f"{exc.start}; send UTF-8 text"
+        ) from None
+
+
+def describe_model_limits(schema: dict[str, Any], max_context: int, vocab_size: int | None) -> None:
+    """Adds the limits of the served model to the request bodies of the OpenAPI `schema`.
+
+    A prompt takes at least one token, so max_tokens is at most `max_context - 1`; that a
+    prompt and its max_tokens fit together JSON Schema cannot say: requests that do not are
+    refused with a 400 `context_length_exceeded`.
+    """
+    schemas = schema["components"]["schemas"]
+    for name, fields in (
+        ("CompletionRequest", ("max_tokens",)),
+        ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens")),
+    ):
+        for field in fields:
+            _limit(maximum=max_context - 1)(schemas[name]["properties"][field])
+    for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        ids = option.get("items", {})
+        if ids.get("type") == "array":  # a list of one list of token ids
+            option, ids = ids, ids["items"]
+        if ids.get("type") == "integer":
+            option["maxItems"] = max_context - 1
+            if vocab_size is not None:
+                ids["maximum"] = vocab_size - 1
