@@ -13,7 +13,6 @@ def plot_timeline(apply: dict[str, Any], path: str, title: str | None = None) ->
     """Writes the PNG of `apply` (an ApplyOut as JSON: phases with started_at/ended_at in unix
     seconds, serving.streams with token times) to `path`."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -48,8 +47,7 @@ def plot_timeline(apply: dict[str, Any], path: str, title: str | None = None) ->
                        for name, w in windows.items() if w and w.get("tpot_ms_p50") is not None)
     gaps.set_ylabel("gap before token (ms)")
     gaps.set_xlabel("seconds since the apply began")
-    gaps.set_yscale("log")
-    gaps.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    gaps.set_ylim(bottom=0)
     if note:
         gaps.set_title(note, fontsize=9)
     if streams and len(streams) <= 12:

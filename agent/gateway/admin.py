@@ -5,6 +5,7 @@
                                        apply id (202), or only the diff with `dry_run`
   GET  /admin/v1/applies               every apply, oldest first
   GET  /admin/v1/applies/{id}          phases with start/end, bytes, predicted and measured figures
+  GET  /admin/v1/applies/{id}/serving  TTFT/TPOT before, during and after it, and token times
   POST /admin/v1/applies/{id}/cancel   stop an apply (before its switch it aborts)
 
 It answers clients on this host only, unless the server was given a token; then every admin
@@ -20,7 +21,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.gateway.errors import APIError, error_responses
 from agent.gateway.protocol import Integer, NonNegativeInt, PositiveInt
 from agent.reconfigurations import ApplyRefused, Reconfigurations, deployment_json
+from agent.token_log import WINDOW_S, serving_report
 from planner.configuration import Configuration, ConfigurationError
 from planner.spec import PipelineSpec, StageSpec
 
@@ -152,6 +154,16 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
         if record is None:
             raise APIError(f"no apply {apply_id!r}; GET /admin/v1/applies lists them", status=404, code="not_found")
         return JSONResponse(record.to_json())
+
+    @router.get("/applies/{apply_id}/serving")
+    async def apply_serving(apply_id: str, request: Request,
+                            window_s: float = Query(WINDOW_S, gt=0, le=600)) -> JSONResponse:
+        """TTFT/TPOT before, during and after the apply, and the token times of its streams."""
+        record = reconfig.get(apply_id)
+        if record is None:
+            raise APIError(f"no apply {apply_id!r}; GET /admin/v1/applies lists them", status=404, code="not_found")
+        log = request.app.state.metrics.token_log
+        return JSONResponse(serving_report(log, record.created_at, record.finished_at, window_s))
 
     @router.post("/applies/{apply_id}/cancel", status_code=202, responses=error_responses(404))
     async def cancel_apply(apply_id: str) -> JSONResponse:
