@@ -13,6 +13,7 @@ from planner.instances import random_small_problem
 from planner.master import build_master
 from planner.shapes import candidate_bottlenecks_s, stage_layers
 from planner.solve import BACKENDS, plan
+from tests.planner.reference import assert_backends_hit_reference
 
 SEEDS = range(24)
 
@@ -20,16 +21,7 @@ SEEDS = range(24)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_backends_hit_dp_optimum(seed):
     problem = random_small_problem(seed)
-    ref = reference_throughput_tok_s(problem)
-    for backend in BACKENDS:
-        r = plan(problem, backend, 10.0)
-        if ref == 0:
-            assert r.status == "INFEASIBLE", backend
-            continue
-        assert r.status == "OPTIMAL", backend
-        assert r.objective == pytest.approx(ref, rel=1e-7), backend
-        # the concrete pipelines deliver what the objective says
-        assert r.throughput_tok_s == pytest.approx(ref, rel=1e-7), backend
+    assert_backends_hit_reference(problem)
 
 
 def test_min_devices_backends_agree():

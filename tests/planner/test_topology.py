@@ -6,9 +6,10 @@ import pytest
 from planner.build_problem import build_problem
 from planner.dp import reference_throughput_tok_s
 from planner.evaluate import build_pipeline
-from planner.solve import BACKENDS, plan
+from planner.solve import plan
 from planner.spec import Spec, SpecError, load_spec
 from planner.topology_instances import random_topology_problem
+from tests.planner.reference import assert_backends_hit_reference
 
 from .conftest import ROOT
 
@@ -33,16 +34,7 @@ workload:
 @pytest.mark.parametrize("seed", range(16))
 def test_backends_hit_topology_dp_optimum(seed):
     problem = random_topology_problem(seed)
-    ref = reference_throughput_tok_s(problem)
-    for backend in BACKENDS:
-        r = plan(problem, backend, 10.0)
-        if ref == 0:
-            assert r.status == "INFEASIBLE", backend
-            continue
-        assert r.status == "OPTIMAL", backend
-        assert r.objective == pytest.approx(ref, rel=1e-7), backend
-        # the concrete pipelines, costed hop by hop, deliver what the objective says
-        assert r.throughput_tok_s == pytest.approx(ref, rel=1e-7), backend
+    assert_backends_hit_reference(problem)
 
 
 def test_topology_changes_the_optimum_on_some_instances():
