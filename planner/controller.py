@@ -1,0 +1,148 @@
+"""The decision rule of the live controller: change the configuration only when it pays back.
+
+    decision = decide(now_s, state, current, candidate, change, mean_request_s, policy)
+
+Pure and fast: numbers in, a `Decision` out; the simulator (planner/simulator.py) and the
+live controller call this same function. The currency is *requests that meet every SLO*.
+
+A configuration's value under the observed workload is its predicted SLO goodput less what
+its devices cost:
+
+    value = goodput_rps - device_cost_rps * devices
+
+(`device_cost_rps`: the goodput a device must add to be worth holding; it is what makes the
+controller give devices back when load falls.) Over the payback horizon H the change gains
+
+    gain = (value_candidate - value_current) * H                       [requests]
+
+and costs what it takes away from serving, turned into requests by Little's law (a request
+occupies the deployment for `mean_request_s`, so R request-seconds of service are R /
+mean_request_s requests):
+
+    cost = (stall_s * touched_requests + overhead * prefetch_s * in_flight_requests)
+           / mean_request_s                                              [requests]
+
+It acts when, in this order: no apply is under way (never two at once); the last apply ended
+at least `min_dwell_s` ago (dwell); the value rises by at least `min_relative_gain` of the
+current value (hysteresis); and gain > cost (payback). `payback_s = cost / (value gain per s)`
+is reported either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ControllerPolicy:
+    payback_horizon_s: float = 600.0  # the gain must repay the change within this
+    min_relative_gain: float = 0.05  # hysteresis: ignore value gains below this share
+    min_dwell_s: float = 300.0  # a configuration serves at least this long after an apply
+    device_cost_rps: float = 0.05  # goodput (req/s) a device must add to be worth holding
+    payback: bool = True  # False: act on any gain (the rule without payback, to compare)
+
+    @classmethod
+    def without_payback(cls, device_cost_rps: float = 0.05) -> ControllerPolicy:
+        """Returns the naive rule: re-plan and apply whenever the plan looks better at all."""
+        return cls(
+            payback_horizon_s=0.0,
+            min_relative_gain=0.0,
+            min_dwell_s=0.0,
+            device_cost_rps=device_cost_rps,
+            payback=False,
+        )
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """A configuration's predicted figures under the observed workload."""
+
+    goodput_rps: float  # requests/s predicted to meet every SLO
+    devices: int
+
+    def value(self, policy: ControllerPolicy) -> float:
+        return self.goodput_rps - policy.device_cost_rps * self.devices
+
+
+@dataclass(frozen=True)
+class ChangeCost:
+    """What the change would cost, as the diff planner (planner/reconfig.py) predicts it."""
+
+    stall_s: float  # the blocking switch
+    touched_requests: int  # in-flight requests on pipelines that change or go
+    prefetch_s: float  # background loads and KV pre-copy, paced
+    in_flight_requests: int  # every request in flight (all feel the paced background copy)
+    overhead: float = 0.05  # the slowdown the paced copies may cause (reconfig max_overhead)
+
+    def request_seconds(self) -> float:
+        return self.stall_s * self.touched_requests + (
+            self.overhead * self.prefetch_s * self.in_flight_requests
+        )
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    last_apply_end_s: float | None = None  # when the last apply finished (None: never)
+    applying: bool = False  # an apply is under way
+
+
+@dataclass(frozen=True)
+class Decision:
+    act: bool
+    reason: str
+    value_current: float  # req/s of goodput less device cost
+    value_candidate: float
+    gain: float  # requests over the payback horizon
+    cost: float  # requests
+    payback_s: float | None  # seconds until the change has paid for itself (None: never)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    now_s: float,
+    state: ControllerState,
+    current: Outlook,
+    candidate: Outlook,
+    change: ChangeCost,
+    mean_request_s: float,
+    policy: ControllerPolicy,
+) -> Decision:
+    """Returns whether to apply the candidate now, why, and the figures behind it."""
+    v_cur, v_new = current.value(policy), candidate.value(policy)
+    delta = v_new - v_cur
+    cost = change.request_seconds() / max(mean_request_s, 1e-9)
+    gain = delta * policy.payback_horizon_s
+    payback_s = cost / delta if delta > 0 else None
+
+    def out(act: bool, reason: str) -> Decision:
+        return Decision(act, reason, v_cur, v_new, gain, cost, payback_s)
+
+    if state.applying:
+        return out(False, "an apply is under way; never two at once")
+    if delta <= 0:
+        return out(False, f"no gain: value {v_new:.3f} <= current {v_cur:.3f} req/s")
+    if not policy.payback:
+        return out(True, f"value {v_cur:.3f} -> {v_new:.3f} req/s (payback rule off)")
+    if state.last_apply_end_s is not None and now_s - state.last_apply_end_s < policy.min_dwell_s:
+        waited = now_s - state.last_apply_end_s
+        return out(False, f"dwell: {waited:.0f} s since the last apply < {policy.min_dwell_s:g} s")
+    threshold = policy.min_relative_gain * max(abs(v_cur), 1e-9)
+    if delta < threshold:
+        return out(
+            False,
+            f"hysteresis: gain {delta:.3f} req/s < {policy.min_relative_gain:.0%} of {v_cur:.3f}",
+        )
+    if gain <= cost:
+        return out(
+            False,
+            f"does not pay back: gains {gain:.1f} requests over {policy.payback_horizon_s:g} s, "
+            f"costs {cost:.1f}",
+        )
+    return out(
+        True,
+        f"value {v_cur:.3f} -> {v_new:.3f} req/s; gains {gain:.1f} requests over "
+        f"{policy.payback_horizon_s:g} s, costs {cost:.1f} (payback {payback_s:.0f} s)",
+    )
