@@ -35,7 +35,7 @@ import jinja2
 import torch
 
 from agent.control import ControlError, ControlServer, WorkerConnection
-from agent.engine_api import EngineError, SamplingParams, TokenEvent
+from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob
 from agent.launcher import Launcher, LocalLauncher
 from agent.loaders import resolve_model
 from agent.scheduler import MicroBatch, Scheduler
@@ -423,6 +423,10 @@ class PipelineEngine:
         bad = [t for t in prompt_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise EngineError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})", param="prompt")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise EngineError(f"logit_bias names token {bad[0]}, outside the vocabulary [0, {self.arch.vocab_size})",
+                              param="logit_bias")
         n = len(prompt_ids)
         if n + params.max_tokens > self.max_context:
             raise EngineError(
@@ -529,7 +533,14 @@ class PipelineEngine:
         for seq, start, chunk in zip(mb.seqs, mb.start_pos, mb.tokens, strict=True):
             if start + len(chunk) == seq.num_tokens:  # this step yields the request's next token
                 p = seq.params
-                sample[seq.request_id] = {"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed}
+                wanted = p.wire()
+                # The penalties read the request's history: it travels with the step, so the
+                # last stage keeps no state of it (a reconfiguration may move that stage).
+                if p.penalises_output:
+                    wanted["output_ids"] = seq.output_ids
+                if p.repetition_penalty != 1.0:
+                    wanted["prompt_ids"] = seq.prompt_ids
+                sample[seq.request_id] = wanted
         header = {
             "op": "step", "epoch": runtime.epoch, "mb": mb.mb_id,
             "ids": [s.request_id for s in mb.seqs], "start": mb.start_pos, "n_new": mb.num_new,
@@ -552,15 +563,23 @@ class PipelineEngine:
             return
         mb = self.scheduler.complete(mb_id)
         tokens: dict[str, int] = header["tokens"]
+        logprobs: dict[str, list] = header.get("logprobs") or {}
         for seq in mb.seqs:
             if seq.aborted:
                 self._release(seq)
             elif seq.request_id in tokens:
-                self._on_token(seq, int(tokens[seq.request_id]))
+                self._on_token(seq, int(tokens[seq.request_id]), logprobs.get(seq.request_id))
         if self.step_hook is not None:
             self.step_hook(mb.seqs)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _token_logprob(self, sampled: list) -> TokenLogprob:
+        """Returns a sampler's [token, logprob, [[token, logprob], ...]] with the tokens' texts."""
+        token, logprob, top = sampled
+        text = self.tokenizer.token_text
+        return TokenLogprob(int(token), text(int(token)), float(logprob),
+                            tuple((int(t), text(int(t)), float(lp)) for t, lp in top))
+
+    def _on_token(self, seq: Sequence, token: int, sampled: list | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
         self.tokens_generated += 1
@@ -585,6 +604,7 @@ class PipelineEngine:
         seq.emit(TokenEvent(
             token_ids=[token], text=delta, finish_reason=finish,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+            logprobs=[self._token_logprob(sampled)] if sampled is not None else None,
         ))
         if finish:
             self._release(seq)

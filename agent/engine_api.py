@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,38 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Applied on the last stage before sampling, in vLLM's order (agent/sampler.py).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension; 1 leaves the logits as they are
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
+
+    def wire(self) -> dict[str, Any]:
+        """Returns what the last stage's sampler needs, leaving out what is at its neutral value."""
+        out: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        if self.logit_bias:
+            out["logit_bias"] = [list(b) for b in self.logit_bias]
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+            if getattr(self, name) != neutral:
+                out[name] = getattr(self, name)
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        return out
+
+    @property
+    def penalises_output(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and, when asked for, the most likely tokens'."""
+
+    token_id: int
+    token: str  # the token's text alone
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
 
 
 @dataclass
@@ -33,6 +65,7 @@ class TokenEvent:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
 
 class EngineError(Exception):

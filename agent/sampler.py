@@ -1,14 +1,80 @@
-"""Token sampling on the last stage: greedy at temperature 0, else temperature + top-p.
+"""Token sampling on the last stage: logit bias and penalties, then greedy at temperature 0,
+else temperature + top-p; and the log-probabilities a request asks for.
 
 Each request with a seed gets its own generator, so its tokens do not depend on which other
 requests share its micro-batch, nor on how the model is split.
+
+The logits of a row are processed in float32, in vLLM's order:
+  1. `logit_bias`: `logits[t] += bias[t]`;
+  2. `repetition_penalty` r (vLLM's extension), for every token t seen in the prompt or the
+     output so far: `logits[t] /= r` where it is positive, `logits[t] *= r` otherwise;
+  3. `frequency_penalty` f and `presence_penalty` p, by the output's token counts c[t]:
+     `logits[t] -= f * c[t] + p * (c[t] > 0)`.
+Greedy decoding takes the argmax of these logits; sampling divides them by the temperature
+and keeps the top-p nucleus. Log-probabilities are `log_softmax` of the processed logits,
+before temperature and top-p (so they equal the model's own when no bias or penalty is set),
+and a token's logprob and its entry among the top ones are the same float32 number.
+
+A request's parameters are a dict (JSON from the engine): temperature, top_p, seed, and only
+when set: logit_bias [[token, bias], ...], presence_penalty, frequency_penalty,
+repetition_penalty, output_ids (the tokens generated so far, for the penalties), prompt_ids
+(for the repetition penalty), logprobs (how many top alternatives to list; 0: only the chosen
+token's logprob).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass
+class Sampled:
+    """The token chosen for one request, with its logprob and the top ones when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (token, logprob), most likely first
+
+    def to_json(self) -> list[Any]:
+        """Returns [token, logprob, [[token, logprob], ...]] (what travels to the engine)."""
+        return [self.token, self.logprob, [list(t) for t in self.top or []]]
+
+
+def process_logits(logits: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Returns a float32 copy of one row of logits [V] with logit bias and penalties applied."""
+    out = logits.detach().to(torch.float32).clone()
+    bias = params.get("logit_bias")
+    if bias:
+        ids = torch.tensor([int(t) for t, _ in bias], dtype=torch.int64)
+        out.index_add_(0, ids, torch.tensor([float(b) for _, b in bias], dtype=torch.float32))
+    repetition = float(params.get("repetition_penalty", 1.0))
+    output_ids = params.get("output_ids") or []
+    if repetition != 1.0:
+        seen = torch.zeros_like(out, dtype=torch.bool)
+        seen_ids = [*(params.get("prompt_ids") or []), *output_ids]
+        if seen_ids:
+            seen[torch.tensor(seen_ids, dtype=torch.int64)] = True
+        penalised = torch.where(out > 0, out / repetition, out * repetition)
+        out = torch.where(seen, penalised, out)
+    frequency = float(params.get("frequency_penalty", 0.0))
+    presence = float(params.get("presence_penalty", 0.0))
+    if output_ids and (frequency or presence):
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.int64), minlength=out.shape[0])
+        counts = counts[: out.shape[0]].to(torch.float32)
+        out -= frequency * counts + presence * (counts > 0).to(torch.float32)
+    return out
+
+
+def needs_processing(params: dict[str, Any]) -> bool:
+    return bool(
+        params.get("logit_bias")
+        or float(params.get("repetition_penalty", 1.0)) != 1.0
+        or float(params.get("frequency_penalty", 0.0))
+        or float(params.get("presence_penalty", 0.0))
+    )
 
 
 class Sampler:
@@ -25,21 +91,40 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[dict[str, Any]]) -> list[int]:
         """Returns one token id per row of `logits` [N, V] (float32)."""
-        tokens = torch.argmax(logits, dim=-1).tolist()
-        for row, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
-            temperature = float(p.get("temperature", 0.0))
-            if temperature <= 0.0:
-                continue
-            probs = torch.softmax(logits[row] / temperature, dim=-1)
-            top_p = float(p.get("top_p", 1.0))
-            if top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always at least one token)
-                drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
-                sorted_probs[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(rid, p.get("seed"))))
-        return tokens
+        return [s.token for s in self.choose(logits, request_ids, params)]
+
+    def choose(self, logits: torch.Tensor, request_ids: list[str], params: list[dict[str, Any]]) -> list[Sampled]:
+        """Returns the token of each row of `logits` [N, V], with logprobs where asked for."""
+        logits = logits.to(torch.float32)
+        rows = [process_logits(logits[i], p) if needs_processing(p) else logits[i]
+                for i, p in enumerate(params)]
+        out = []
+        for row, (rid, p) in zip(rows, zip(request_ids, params, strict=True), strict=True):
+            token = self._pick(row, rid, p)
+            sampled = Sampled(token)
+            if p.get("logprobs") is not None:
+                logprobs = torch.log_softmax(row, dim=-1)
+                sampled.logprob = float(logprobs[token])
+                k = int(p["logprobs"])
+                if k > 0:
+                    values, ids = torch.topk(logprobs, k)
+                    sampled.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            out.append(sampled)
+        return out
+
+    def _pick(self, row: torch.Tensor, request_id: str, p: dict[str, Any]) -> int:
+        temperature = float(p.get("temperature", 0.0))
+        if temperature <= 0.0:
+            return int(torch.argmax(row))
+        probs = torch.softmax(row / temperature, dim=-1)
+        top_p = float(p.get("top_p", 1.0))
+        if top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p.get("seed"))))
 
     def export_states(self, request_ids: list[str]) -> dict[str, torch.Tensor]:
         """Returns the generator state of each request that has one (a seeded or sampled

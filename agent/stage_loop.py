@@ -7,7 +7,9 @@ share the worker's weights, KV cache and sampler (`StageHost`) and take turns co
 Messages (JSON header + tensors, see transport.py), all carrying the wiring's `epoch`:
   step   {mb, ids, start, n_new, sample: {id: params}} + [token ids | hidden states]
   free   {ids}                        release these requests' KV blocks
-  result {mb, tokens: {id: token}}    from the last stage back to the engine
+  result {mb, tokens: {id: token}, logprobs: {id: [token, logprob, [[token, logprob], ...]]}}
+                                      from the last stage back to the engine (logprobs only
+                                      for the requests that asked for them)
   error  {mb, message}                a stage failed this micro-batch; passed on to the engine
   close  {}                           the wiring is retired: pass it on, then stop
 """
@@ -97,7 +99,9 @@ class StageLoop:
                 log.error("step failed: %s", traceback.format_exc())
                 return self._error(header, f"stage [{self.layers.start}, {self.layers.stop}): {exc}")
             if self.is_last:
-                return {"op": "result", "epoch": self.epoch, "mb": header["mb"], "tokens": out}, []
+                return {"op": "result", "epoch": self.epoch, "mb": header["mb"],
+                        "tokens": {rid: s.token for rid, s in out.items()},
+                        "logprobs": {rid: s.to_json() for rid, s in out.items() if s.logprob is not None}}, []
             return header, [out]
         if op == "free":
             with self.host.computing():
@@ -125,8 +129,8 @@ class StageLoop:
             return {}
         logits = stage.logits(hidden[meta.last_rows[rows]])
         chosen = [ids[i] for i in rows]
-        tokens = self.host.sampler.sample(logits, chosen, [sample[rid] for rid in chosen])
-        return dict(zip(chosen, tokens, strict=True))
+        sampled = self.host.sampler.choose(logits, chosen, [sample[rid] for rid in chosen])
+        return dict(zip(chosen, sampled, strict=True))
 
     def _error(self, header: dict, message: str) -> tuple:
         return {"op": "error", "epoch": header.get("epoch"), "mb": header.get("mb"), "message": message}, []

@@ -58,6 +58,11 @@ def sampling_params(
     max_tokens_param: str = "max_tokens",
     prompt_name: str = "prompt",
     ignore_eos: bool = False,
+    logit_bias: tuple[tuple[int, float], ...] = (),
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """Returns the engine's parameters, or raises a 400 when prompt and output cannot fit.
 
@@ -99,4 +104,9 @@ def sampling_params(
         seed=seed,
         stop=stop,
         ignore_eos=ignore_eos,
+        logit_bias=logit_bias,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        logprobs=logprobs,
     )

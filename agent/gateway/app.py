@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent
+from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent, TokenLogprob
 from agent.gateway.admission import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     check_output_limit,
@@ -181,6 +181,8 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             stop=body.stop_sequences(),
             ignore_eos=body.ignore_eos,
             prompt_param="prompt",
+            **_shaping(body),
+            logprobs=body.logprobs,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         fmt = CompletionFormat(request_id, model, int(time.time()), body.include_usage())
@@ -212,6 +214,8 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             max_tokens_param=(
                 "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             ),
+            **_shaping(body),
+            logprobs=body.logprobs_wanted(),
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(request_id, model, int(time.time()), body.include_usage())
@@ -224,6 +228,16 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
 
         install_admin_api(app, reconfig, admin_token)
     return app
+
+
+def _shaping(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """Returns the logit bias and penalties of a request, as `sampling_params` takes them."""
+    return {
+        "logit_bias": body.logit_bias_pairs(),
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+    }
 
 
 def _make_true(schema: dict[str, Any], engine: Engine) -> None:
@@ -318,7 +332,7 @@ async def _generate(
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventStreamResponse(body, on_close=stream.close, headers=headers)
     try:
-        text, last = await until_disconnect(request, _collect(stream, first))
+        text, logprobs, last = await until_disconnect(request, _collect(stream, first))
     except ClientGone:
         return Response(status_code=499)
     finally:
@@ -326,18 +340,23 @@ async def _generate(
     if last.finish_reason == "error":
         raise engine_failure(last.error)
     usage = Usage.of(stream.prompt_tokens, stream.completion_tokens)
-    whole = fmt.whole(text, last.finish_reason or "stop", usage)
+    wanted = logprobs if params.logprobs is not None else None
+    whole = fmt.whole(text, last.finish_reason or "stop", usage, wanted)
     return JSONResponse(whole.model_dump(mode="json"), headers=headers)
 
 
-async def _collect(stream: EngineStream, first: TokenEvent) -> tuple[str, TokenEvent]:
-    """Returns the whole text and the final event."""
+async def _collect(
+    stream: EngineStream, first: TokenEvent
+) -> tuple[str, list[TokenLogprob], TokenEvent]:
+    """Returns the whole text, the tokens' logprobs (if the engine gave any), the final event."""
     parts = [first.text]
+    logprobs = list(first.logprobs or [])
     event = first
     while event.finish_reason is None:
         event = await stream.next()
         parts.append(event.text)
-    return "".join(parts), event
+        logprobs.extend(event.logprobs or [])
+    return "".join(parts), logprobs, event
 
 
 async def _sse_body(
@@ -349,8 +368,8 @@ async def _sse_body(
             yield chunk
         event = first
         while True:
-            if event.text:
-                yield fmt.text(event.text)
+            if event.text or event.logprobs:
+                yield fmt.text(event.text, event.logprobs)
             if event.finish_reason is not None:
                 break
             # Between events: a client that left must not keep a KV slot busy.

@@ -46,6 +46,12 @@ Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX), BeforeValida
 TokenId = NonNegativeInt
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TOKEN_KEY = r"^(0|[1-9][0-9]*)$"  # a token id as a JSON object's key
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs allows as many
+LogitBias = dict[
+    Annotated[str, Field(pattern=TOKEN_KEY)], Annotated[float, Field(strict=True, ge=-100, le=100)]
+]
+Logprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
 
 
 def _only(*values: Any) -> Callable[[dict[str, Any]], None]:
@@ -68,6 +74,30 @@ def _limit(**keywords: Any) -> Callable[[dict[str, Any]], None]:
                 option.update(keywords)
 
     return document
+
+
+def decimal_at_most(n: int) -> str:
+    """Returns a regular expression matching the decimal integers 0..n, without leading zeros."""
+    digits = str(n)
+    options = ["0"] if n < 10 else ["0", f"[1-9][0-9]{{0,{len(digits) - 2}}}"]
+    for i, d in enumerate(digits):
+        low = 1 if i == 0 else 0
+        if int(d) > low:
+            rest = len(digits) - i - 1
+            options.append(f"{digits[:i]}[{low}-{int(d) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    if n >= 10:
+        options.append(digits)
+    elif n > 0:
+        options = [f"[0-{n}]"]
+    return "^(" + "|".join(options) + ")$"
+
+
+def _token_map(schema: dict[str, Any]) -> None:
+    """Documents logit_bias: token ids (decimal strings) to a bias in [-100, 100]."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "object":
+            value = next(iter(option.pop("patternProperties").values()))
+            option.update(propertyNames={"pattern": TOKEN_KEY}, additionalProperties=value)
 
 
 def _accepts_null(schema: dict[str, Any]) -> bool:
@@ -119,13 +149,15 @@ class _GenerationRequest(BaseModel):
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
+    # Applied on the last stage before sampling, as OpenAI and vLLM define them
+    # (agent/sampler.py has the formulas); repetition_penalty is vLLM's extension.
+    presence_penalty: float = Field(default=0.0, strict=True, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, strict=True, ge=-2.0, le=2.0)
+    # vLLM takes any positive value; float32 logits overflow or vanish far from 1.
+    repetition_penalty: float = Field(default=1.0, strict=True, ge=0.01, le=100.0)
+    logit_bias: LogitBias | None = Field(default=None, json_schema_extra=_token_map)
     # Accepted only at their neutral value (see `unsupported_fields`).
     n: Integer = Field(default=1, json_schema_extra=_only(1))
-    presence_penalty: float = Field(default=0.0, strict=True, json_schema_extra=_only(0))
-    frequency_penalty: float = Field(default=0.0, strict=True, json_schema_extra=_only(0))
-    logit_bias: dict[str, float] | None = Field(
-        default=None, json_schema_extra=_limit(maxProperties=0)
-    )
     user: str | None = None
     # Extension (same name as vLLM's): generate exactly max_tokens, for benchmarks.
     ignore_eos: bool = Field(default=False, strict=True)
@@ -163,6 +195,10 @@ class _GenerationRequest(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """Returns logit_bias as (token id, bias) pairs, in token order."""
+        return tuple(sorted((int(t), b) for t, b in (self.logit_bias or {}).items()))
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -173,11 +209,6 @@ class _GenerationRequest(BaseModel):
             problems.append(
                 ("n", f"n={self.n} is not supported: this server returns one choice (n=1)")
             )
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            problems.append((param, f"{param} is not supported: leave it out or set it to 0"))
-        if self.logit_bias:
-            problems.append(("logit_bias", "logit_bias is not supported: leave it out"))
         if self.stream_options is not None and not self.stream:
             problems.append(
                 ("stream_options", "stream_options is only allowed when stream is true")
@@ -195,7 +226,8 @@ class CompletionRequest(_GenerationRequest):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
     )
     echo: bool = Field(default=False, strict=True, json_schema_extra=_only(False))
-    logprobs: Integer | None = Field(default=None, json_schema_extra=_only(None))
+    # Each generated token's logprob and the `logprobs` most likely tokens' (at most 20).
+    logprobs: Logprobs | None = None
     best_of: Integer | None = Field(default=None, json_schema_extra=_only(1, None))
     suffix: str | None = Field(default=None, json_schema_extra=_only("", None))
 
@@ -227,8 +259,6 @@ class CompletionRequest(_GenerationRequest):
         problems = super().unsupported_fields()
         if self.echo:
             problems.append(("echo", "echo is not supported: leave it out or set it to false"))
-        if self.logprobs is not None:
-            problems.append(("logprobs", "logprobs is not supported: leave it out"))
         if self.best_of not in (None, 1):
             problems.append(("best_of", "best_of is not supported: leave it out or set it to 1"))
         if self.suffix:
@@ -276,14 +306,29 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": text}
 
 
+def _document_chat_request(schema: dict[str, Any]) -> None:
+    _document_request(schema)
+    # `unsupported_fields`: top_logprobs above 0 needs "logprobs": true.
+    schema["allOf"] = [{
+        "if": {
+            "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+            "required": ["top_logprobs"],
+        },
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+    }]
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_document_chat_request)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = Field(default=False, strict=True)
+    # With logprobs: how many of the most likely tokens to list at each position (at most 20).
+    top_logprobs: Logprobs | None = None
     # Accepted only at their neutral value (see `unsupported_fields`).
-    logprobs: bool = Field(default=False, strict=True, json_schema_extra=_only(False))
-    top_logprobs: Integer | None = Field(default=None, json_schema_extra=_only(0, None))
     tools: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
     functions: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
     response_format: dict[str, Any] | None = Field(
@@ -313,10 +358,16 @@ class ChatCompletionRequest(_GenerationRequest):
             else self.max_tokens
         )
 
+    def logprobs_wanted(self) -> int | None:
+        """Returns how many top alternatives to list per token, or None without logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported_fields(self) -> list[tuple[str, str]]:
         problems = super().unsupported_fields()
-        if self.logprobs or self.top_logprobs:
-            problems.append(("logprobs", "logprobs is not supported: leave it out"))
+        if self.top_logprobs and not self.logprobs:
+            problems.append(
+                ("top_logprobs", "top_logprobs needs logprobs: set logprobs to true as well")
+            )
         if self.tools or self.functions:
             param = "tools" if self.tools else "functions"
             problems.append((param, "tool calling is not supported: leave tools out"))
@@ -344,10 +395,19 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -367,10 +427,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -396,7 +471,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -475,3 +550,8 @@ def describe_model_limits(schema: dict[str, Any], max_context: int, vocab_size: 
             option["maxItems"] = max_context - 1
             if vocab_size is not None:
                 ids["maximum"] = vocab_size - 1
+    if vocab_size is not None:
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            for option in schemas[name]["properties"]["logit_bias"]["anyOf"]:
+                if option.get("type") == "object":
+                    option["propertyNames"] = {"pattern": decimal_at_most(vocab_size - 1)}

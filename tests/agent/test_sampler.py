@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.sampler import Sampler
+from agent.sampler import Sampler, process_logits
 
 VOCAB = 64
 
@@ -111,3 +111,78 @@ def test_forget_restarts_a_requests_generator():
     sampler.forget(["r"])
     again = [sampler.sample(flat, ["r"], params)[0] for _ in range(5)]
     assert first == again
+
+
+# ---- logit bias and penalties, against a plain-Python reference of their formulas ----------
+
+
+def reference_logits(logits: list[float], prompt: list[int], output: list[int], *, bias=(),
+                     repetition=1.0, frequency=0.0, presence=0.0) -> list[float]:
+    """vLLM's order, one token at a time: bias, then repetition, frequency, presence."""
+    out = list(logits)
+    for t, b in bias:
+        out[t] += b
+    for t in range(len(out)):
+        if t in prompt or t in output:
+            out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+        count = output.count(t)
+        out[t] -= frequency * count + presence * (1.0 if count else 0.0)
+    return out
+
+
+def test_penalties_and_bias_follow_their_formulas():
+    logits = random_logits(1, seed=7)[0] * 3
+    prompt, output = [1, 2, 3, 3], [3, 5, 5, 5, 9]
+    cases = [
+        {"bias": [(4, 2.5), (60, -100.0)]},
+        {"repetition": 1.3},
+        {"repetition": 0.7},
+        {"frequency": 0.4},
+        {"presence": -0.6},
+        {"bias": [(5, 1.0)], "repetition": 1.2, "frequency": 0.5, "presence": 0.25},
+    ]
+    for case in cases:
+        params = {
+            "logit_bias": [list(b) for b in case.get("bias", ())],
+            "repetition_penalty": case.get("repetition", 1.0),
+            "frequency_penalty": case.get("frequency", 0.0),
+            "presence_penalty": case.get("presence", 0.0),
+            "prompt_ids": prompt, "output_ids": output,
+        }
+        expected = torch.tensor(reference_logits(logits.tolist(), prompt, output, **case))
+        got = process_logits(logits, params)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(got, logits)  # each case changes something
+
+
+def test_repetition_penalty_reads_the_prompt_frequency_only_the_output():
+    logits = torch.ones(VOCAB)
+    got = process_logits(logits, {"repetition_penalty": 2.0, "frequency_penalty": 1.0,
+                                  "prompt_ids": [1], "output_ids": [2, 2]})
+    assert got[1] == 0.5  # seen in the prompt: divided, not counted
+    assert got[2] == 0.5 - 2.0  # seen twice in the output: divided, then 2 x 1.0 subtracted
+    assert got[0] == 1.0
+
+
+def test_bias_steers_greedy_and_logprobs_come_from_the_processed_logits():
+    logits = random_logits(1, seed=3)
+    target = int(logits[0].argmin())
+    params = {"temperature": 0.0, "logit_bias": [[target, 100.0]], "logprobs": 3}
+    (choice,) = Sampler().choose(logits, ["r"], [params])
+    assert choice.token == target
+    expected = torch.log_softmax(process_logits(logits[0], params), dim=-1)
+    assert choice.logprob == float(expected[target])
+    assert choice.top[0] == (target, choice.logprob)  # the same number, compared exactly
+    assert [t for t, _ in choice.top] == expected.topk(3).indices.tolist()
+
+
+def test_logprobs_without_processing_are_the_models_log_softmax():
+    logits = random_logits(3, seed=11)
+    params = [{"logprobs": 0}, {}, {"logprobs": 2, "temperature": 1.0, "seed": 1}]
+    chosen = Sampler().choose(logits, ["a", "b", "c"], params)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert chosen[0].logprob == float(expected[0, chosen[0].token]) and chosen[0].top is None
+    assert chosen[1].logprob is None
+    assert chosen[2].logprob == float(expected[2, chosen[2].token])  # before temperature
+    assert [lp for _, lp in chosen[2].top] == expected[2].topk(2).values.tolist()
+    assert chosen[2].to_json() == [chosen[2].token, chosen[2].logprob, [list(t) for t in chosen[2].top]]

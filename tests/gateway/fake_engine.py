@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from agent.engine_api import EngineError, SamplingParams, TokenEvent
+from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob
 
 SCRIPT = ("Hello", ",", " world", "!")
 
@@ -72,6 +72,7 @@ class FakeEngine:
                 yield TokenEvent(
                     token_ids=[100 + i],
                     text=piece,
+                    logprobs=None if params.logprobs is None else [fake_logprob(i, piece, params.logprobs)],
                     finish_reason=reason,
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=n,
@@ -88,3 +89,9 @@ class FakeEngine:
 
     def stats(self) -> dict[str, float]:
         return dict(self.stats_values)
+
+
+def fake_logprob(i: int, piece: str, top: int) -> TokenLogprob:
+    """Token i of the script has logprob -(i + 1) / 4; its alternatives are "alt0", "alt1", ..."""
+    alternatives = [(100 + i, piece, -(i + 1) / 4)] + [(j, f"alt{j}", -1.0 - j) for j in range(top - 1)]
+    return TokenLogprob(100 + i, piece, -(i + 1) / 4, tuple(alternatives[:top]))

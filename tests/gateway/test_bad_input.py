@@ -149,7 +149,12 @@ CASES = [
         ["messages[0].content must be a string or a list of", "images and audio are not supported"],
     ),
     (CHAT, {"messages": USER, "stop": 5}, "stop", ["stop must be a string or a list of up to 4"]),
-    (CHAT, {"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty", ["not supported"]),
+    (CHAT, {"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty", ["less than or equal to 2"]),
+    (COMPLETIONS, {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty", ["greater than or equal to 0.01"]),
+    (COMPLETIONS, {"prompt": "Hi", "logit_bias": {"x": 1}}, "logit_bias.x.[key]", ["pattern"]),
+    (COMPLETIONS, {"prompt": "Hi", "logit_bias": {"5": 101}}, "logit_bias.5", ["less than or equal to 100"]),
+    (COMPLETIONS, {"prompt": "Hi", "logprobs": 21}, "logprobs", ["less than or equal to 20"]),
+    (CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs", ["set logprobs to true"]),
 ]
 
 

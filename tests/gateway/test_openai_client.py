@@ -140,3 +140,54 @@ async def test_concurrent_streams_with_the_async_client() -> None:
         await client.close()
     assert answers == {i: "".join(engine.script) for i in range(8)}
     assert len(engine.calls) == 8 and engine.aborted == []
+
+
+def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(
+        model="fake-model", messages=messages, logprobs=True, top_logprobs=2
+    )
+    content = whole.choices[0].logprobs.content
+    assert [c.token for c in content] == ["Hello", ",", " world", "!"]
+    assert [c.logprob for c in content] == [-0.25, -0.5, -0.75, -1.0]
+    assert content[2].bytes == list(b" world")
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("Hello", -0.25), ("alt0", -1.0)]
+
+    chunks = list(client.chat.completions.create(
+        model="fake-model", messages=messages, logprobs=True, stream=True
+    ))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob, c.top_logprobs) for c in streamed] == [
+        (c.token, c.logprob, []) for c in content
+    ]
+    plain = client.chat.completions.create(model="fake-model", messages=messages)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="fake-model", prompt="Hi", max_tokens=8, logprobs=1)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs.tokens == ["Hello", ",", " world", "!"]
+    assert logprobs.token_logprobs == [-0.25, -0.5, -0.75, -1.0]
+    assert logprobs.text_offset == [0, 5, 6, 12]
+    assert logprobs.top_logprobs[1] == {",": -0.5}
+
+    chunks = list(client.completions.create(
+        model="fake-model", prompt="Hi", max_tokens=8, logprobs=0, stream=True
+    ))
+    with_logprobs = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [lp.tokens[0] for lp in with_logprobs] == logprobs.tokens
+    assert [lp.text_offset[0] for lp in with_logprobs] == logprobs.text_offset
+
+
+def test_penalties_and_logit_bias_reach_the_engine(
+    client: openai.OpenAI, served: tuple[FakeEngine, ServerThread]
+) -> None:
+    client.completions.create(
+        model="fake-model", prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.0,
+        logit_bias={"7": 3.5, "12": -100}, extra_body={"repetition_penalty": 1.2},
+    )
+    params = served[0].calls[-1][2]
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert params.logit_bias == ((7, 3.5), (12, -100.0))
+    assert params.logprobs is None

@@ -66,7 +66,11 @@ def test_request_schemas_state_the_limits_the_server_enforces(
     stop = completion["stop"]["anyOf"]
     assert stop[0]["minLength"] == 1 and stop[1]["maxItems"] == 4
     assert completion["n"]["enum"] == [1, None]
-    assert completion["presence_penalty"]["enum"] == [0, None]
+    assert completion["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": -2.0, "maximum": 2.0}
+    bias = completion["logit_bias"]["anyOf"][0]
+    assert bias["propertyNames"] == {"pattern": "^(0|[1-9][0-9]*)$"}  # no vocabulary here
+    assert bias["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
+    assert completion["logprobs"]["anyOf"][0]["maximum"] == 20
     assert completion["echo"]["enum"] == [False, None]
     assert completion["temperature"]["anyOf"][1] == {"type": "null"}  # null means "not set"
     assert schemas["CompletionRequest"]["then"]["properties"]["stream"] == {"const": True}
@@ -74,6 +78,8 @@ def test_request_schemas_state_the_limits_the_server_enforces(
     assert chat["messages"]["minItems"] == 1
     assert chat["max_completion_tokens"]["anyOf"][0]["maximum"] == engine.max_context - 1
     assert chat["tools"]["anyOf"][0]["maxItems"] == 0
+    (needs_logprobs,) = schemas["ChatCompletionRequest"]["allOf"]
+    assert needs_logprobs["then"]["properties"]["logprobs"] == {"const": True}
 
 
 @pytest.mark.parametrize(
