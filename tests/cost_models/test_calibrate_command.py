@@ -22,3 +22,29 @@ def test_calibrate_times_real_layers_fits_and_writes_json(tmp_path, capsys):
     assert cpu["n_points"] == 5 and cpu["compute"] > 0 and cpu["memory"] > 0
     assert {p["phase"] for p in doc["points"]} == {"decode", "prefill"}
     assert all(p["measured_s"] > 0 for p in doc["points"])
+
+
+def test_calibrate_out_yaml_writes_a_profile_a_spec_plans_from(tmp_path, capsys):
+    from cost_models.profile import load_profile
+
+    out = tmp_path / "cpu.yaml"
+    argv = [
+        "calibrate", "--random-weights", "--layers", "1", "--batches", "1,2",
+        "--contexts", "16,64", "--prefill-tokens", "8", "--repeats", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    profile = load_profile(out)
+    assert profile.kind == "cpu" and profile.model == "SmolLM2-135M" and profile.dtype == "fp32"
+    assert profile.decode.rows == (1, 2) and profile.decode.cols == (16, 64)
+    assert profile.prefill.cols == (8,) and profile.head.rows == (1, 2)
+    assert profile.efficiency is not None and profile.fit_stats["n_points"] == 5
+    assert "avx" in " ".join(profile.host["vector_extensions"]) or profile.host["cpu"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"
+        "profiles: [cpu.yaml]\nworkload: {prompt_tokens: 8, output_tokens: 40, batch: 2}\n"
+    )
+    capsys.readouterr()
+    assert main(["plan", "-f", str(spec)]) == 0
+    printed = capsys.readouterr().out
+    assert f"cpu: profile {out}" in printed and "decode measured (interpolated)" in printed

@@ -1,0 +1,285 @@
+"""Measuring on this machine: the real decoder layers and head timed over a grid of batch x
+context, the host described, the device's memory read. Fitting and predicting live in
+cost_models/ (calibration.py, profile.py), which never import the runtime.
+
+Contract (agent/calibrate_command.py and bench/profile_fit.py call these):
+    ProfilingSetup(model, layers, dtype, device, threads, repeats, random_weights)
+    build_stage(setup)                      -> (stage, arch, where the weights came from)
+    time_forward(stage, arch, batch, start_pos, n_new, setup) -> median seconds of one forward
+    measure_grid(stage, arch, kind, batches, contexts, prefill_batches, prefill_tokens, setup)
+                                            -> list[Measurement] (times of the whole stage)
+    measure_overhead_s(setup)               -> seconds per layer of dispatch (tiny layers)
+    measure_head_s(arch, rows, setup)       -> {rows: seconds of final norm + logits}
+    host_description(device, threads)       -> dict: CPU model, vector extensions, accelerator
+    device_memory_bytes(device)             -> int | None (GPU memory; None on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cost_models.calibration import Measurement
+from cost_models.model_catalog import ModelArch
+
+BLOCK_SIZE = 16
+# Extensions that decide CPU matmul speed, as /proc/cpuinfo names them.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni",
+                "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProfilingSetup:
+    model: str = "smollm2-135m"  # catalog name, .gguf file or HF dir
+    layers: int = 4
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "cpu"  # torch device
+    threads: int = 1
+    repeats: int = 3
+    random_weights: bool = False
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+def build_stage(setup: ProfilingSetup) -> tuple[Any, ModelArch, str]:
+    """Returns (stage, arch, where the weights came from) for layers [1, 1 + setup.layers)."""
+    import torch
+
+    from agent.model import LlamaStage
+    from cost_models.model_catalog import get_model_arch
+
+    dtype = setup.torch_dtype
+    source = None
+    if not setup.random_weights:
+        from agent.loaders import resolve_model
+
+        try:
+            source = resolve_model(setup.model)
+        except (ValueError, FileNotFoundError):
+            source = None  # a catalog-only model: time the same shapes with random weights
+    arch = source.arch if source else get_model_arch(setup.model)
+    # Start at layer 1 so the stage neither embeds nor owns the head: layers only.
+    start = 1 if arch.n_layers > setup.layers + 1 else 0
+    end = min(arch.n_layers - 1, start + setup.layers) if start else setup.layers
+    if source is not None:
+        from agent.loaders import load_stage_weights
+
+        weights = load_stage_weights(source, start, end, dtype)
+        stage = LlamaStage.from_weights(arch, start, end, weights, setup.device)
+        origin = f"weights of {source.path}"
+    else:
+        torch.manual_seed(0)
+        stage = LlamaStage(arch, start, end).to(device=setup.device, dtype=dtype).eval()
+        stage.settle_weights()  # the layout the engine runs on
+        origin = "random weights (timing does not depend on the values)"
+    return stage, arch, origin
+
+
+def _sync(device: str) -> Any:
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def _median_s(fn: Any, setup: ProfilingSetup) -> float:
+    """Returns the median seconds of fn() over setup.repeats runs after one warm-up run."""
+    sync = _sync(setup.device)
+    times = []
+    for i in range(setup.repeats + 1):  # the first run warms caches and allocators
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_forward(
+    stage: Any, arch: ModelArch, batch: int, start_pos: int, n_new: int, setup: ProfilingSetup
+) -> float:
+    """Returns the median seconds of one forward of the stage's layers over a filled cache:
+    `batch` sequences with `start_pos` cached tokens each and `n_new` new ones."""
+    import torch
+
+    from agent.attention_metadata import build_attention_metadata
+    from agent.kv_cache import KVCacheSpec, PagedKVCache
+
+    dtype = next(stage.parameters()).dtype
+    spec = KVCacheSpec(BLOCK_SIZE, arch.n_kv_heads, arch.head_dim, dtype)
+    blocks = batch * spec.blocks_for_tokens(start_pos + n_new)
+    kv = PagedKVCache(spec, stage.layer_range, blocks, setup.device)
+    # Fill the cache: untouched zero pages all map to one physical page, which would make
+    # reading a "full" cache look as cheap as reading the same few kilobytes again.
+    for layer in stage.layer_range:
+        kv.k[layer].fill_(0.01)
+        kv.v[layer].fill_(0.01)
+    rids = [f"r{i}" for i in range(batch)]
+    meta = build_attention_metadata(kv, rids, [start_pos] * batch, [n_new] * batch)
+    if setup.device != "cpu":
+        meta = _to_device(meta, setup.device)
+    hidden = torch.randn(batch * n_new, arch.hidden_size, dtype=dtype, device=setup.device)
+    with torch.inference_mode():
+        return _median_s(lambda: stage(hidden, meta, kv), setup)
+
+
+def _to_device(meta: Any, device: str) -> Any:
+    import torch
+
+    def move(x: Any) -> Any:
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    spans = [
+        dataclasses.replace(s, **{f: move(getattr(s, f)) for f in ("context_slots", "mask")})
+        for s in meta.prefills
+    ]
+    fields = {
+        f.name: move(getattr(meta, f.name))
+        for f in dataclasses.fields(meta)
+        if f.name != "prefills"
+    }
+    return dataclasses.replace(meta, prefills=spans, **fields)
+
+
+def measure_grid(
+    stage: Any,
+    arch: ModelArch,
+    kind: str,
+    batches: list[int],
+    contexts: list[int],
+    prefill_batches: list[int],
+    prefill_tokens: list[int],
+    setup: ProfilingSetup,
+) -> list[Measurement]:
+    """Returns decode steps timed over batches x contexts and prefills over
+    prefill_batches x prefill_tokens (seconds of all the stage's layers)."""
+    n_layers = len(stage.layer_range)
+    points = []
+    for batch in batches:
+        for context in contexts:
+            s = time_forward(stage, arch, batch, context, 1, setup)
+            points.append(Measurement(kind, "decode", batch, context, n_layers, s))
+    for batch in prefill_batches:
+        for n in prefill_tokens:
+            s = time_forward(stage, arch, batch, 0, n, setup)
+            points.append(Measurement(kind, "prefill", batch, n, n_layers, s))
+    return points
+
+
+def measure_overhead_s(setup: ProfilingSetup) -> float:
+    """Returns the seconds per layer of a decode step through layers too small to cost
+    anything but dispatch: the fixed per-layer overhead of this engine on this device."""
+    from agent.model import LlamaStage
+
+    tiny = ModelArch(
+        "overhead-probe",
+        n_layers=setup.layers + 2,
+        hidden_size=64,
+        ffn_size=64,
+        n_heads=1,
+        n_kv_heads=1,
+        vocab_size=16,
+        max_context=64,
+    )
+    stage = LlamaStage(tiny, 1, setup.layers + 1).to(device=setup.device, dtype=setup.torch_dtype)
+    probe = dataclasses.replace(setup, repeats=max(5, setup.repeats))
+    return time_forward(stage.eval(), tiny, 1, 16, 1, probe) / setup.layers
+
+
+def measure_head_s(arch: ModelArch, rows: list[int], setup: ProfilingSetup) -> dict[int, float]:
+    """Returns the seconds of the final RMS norm and the logits matmul for each row count
+    (random weights of the head's shape: timing does not depend on the values)."""
+    import torch
+
+    dtype = setup.torch_dtype
+    weight_t = torch.randn(arch.hidden_size, arch.vocab_size, dtype=dtype, device=setup.device)
+    norm = torch.ones(arch.hidden_size, dtype=dtype, device=setup.device)
+    shape = (arch.hidden_size,)
+    out = {}
+    with torch.inference_mode():
+        for n in rows:
+            x = torch.randn(n, arch.hidden_size, dtype=dtype, device=setup.device)
+
+            def head(x: Any = x) -> Any:
+                return torch.nn.functional.rms_norm(x, shape, norm) @ weight_t
+
+            out[n] = _median_s(head, setup)
+    return out
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    """Returns (CPU model name, its vector extensions) from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    name = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+                if key == "" and name and flags:
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return name, [f for f in VECTOR_FLAGS if f in flags]
+
+
+def host_description(device: str, threads: int) -> dict[str, Any]:
+    """Returns what the figures were measured on: CPU model and vector extensions, threads,
+    accelerator, torch version, total host memory."""
+    import os
+
+    import torch
+
+    cpu, flags = _cpu_model_and_flags()
+    accelerator = None
+    if str(device).startswith("cuda"):
+        accelerator = torch.cuda.get_device_name(torch.device(device))
+    try:
+        host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host_memory = None
+    return {
+        "cpu": cpu,
+        "vector_extensions": flags,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "accelerator": accelerator,
+        "torch": torch.__version__.split("+")[0],
+        "host_memory_bytes": host_memory,
+        "measured_at": time.strftime("%Y-%m-%d"),
+    }
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Returns the accelerator's total memory, or None for a CPU worker (its share of host
+    memory is a deployment choice, the catalog's figure, not something to measure)."""
+    if not str(device).startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+
+
+def setup_from_args(args: argparse.Namespace) -> ProfilingSetup:
+    """Returns the setup of `pipeshift calibrate`'s arguments."""
+    return ProfilingSetup(
+        model=args.model,
+        layers=args.layers,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats,
+        random_weights=args.random_weights,
+    )

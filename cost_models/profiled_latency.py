@@ -1,0 +1,132 @@
+"""A kind's layer, embedding and head times at one operating point: from its measured profile
+where one covers it, from the roofline elsewhere, and a record of which.
+
+Contract (planner/build_problem.py reads these):
+    OperatingCosts      seconds per layer (decode, prefill), embedding and head, and `source`
+    CostSource          where the numbers came from: "profile" (file) | "calibration" | "roofline",
+                        and per quantity how (measured, roofline anchored to the edge, ...)
+    operating_costs(arch, device, dtype, eff, batch, decode_context, prompt_tokens,
+                    profile=None, eff_origin="roofline") -> OperatingCosts
+
+With a profile whose tables hold this model in this dtype:
+    layer_decode_s  = decode table at (batch, decode_context)
+    layer_prefill_s = prefill table at (1, prompt_tokens)
+    head_*_s        = head table at rows (batch for decode, 1 for prefill)
+interpolated as cost_models/profile.py says (bilinear inside the grid; outside, the roofline
+anchored to the nearest measured edge, or for a kind defined only by measurement, linear
+extrapolation). The roofline uses the profile's fitted factors when it has them. A kind
+defined only by measurement has no roofline: its embedding lookup is costed 0 (a gather of a
+few rows, well under one layer), and a profile of another model cannot describe it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cost_models import latency
+from cost_models.device_catalog import DeviceKind
+from cost_models.model_catalog import ModelArch
+from cost_models.profile import INSIDE, Profile
+
+ROOFLINE = "roofline"
+
+
+@dataclass(frozen=True)
+class CostSource:
+    """Where one kind's costs came from: 'profile' (with its file), 'calibration' or 'roofline'."""
+
+    kind: str
+    source: str
+    file: str | None = None
+    how: dict[str, str] = field(default_factory=dict)  # quantity -> measured / roofline / ...
+
+    def describe(self) -> str:
+        """Returns one line for the plan report."""
+        if self.source != "profile":
+            return f"{self.kind}: {self.source} (no measured tables)"
+        parts = ", ".join(f"{q} {h}" for q, h in self.how.items())
+        return f"{self.kind}: profile {self.file} - {parts}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"source": self.source, "file": self.file, "how": dict(self.how)}
+
+
+@dataclass(frozen=True)
+class OperatingCosts:
+    layer_decode_s: float
+    layer_prefill_s: float
+    embed_decode_s: float
+    embed_prefill_s: float
+    head_decode_s: float
+    head_prefill_s: float
+    source: CostSource
+
+
+def tables_apply(profile: Profile, arch: ModelArch, dtype: str) -> bool:
+    """Returns whether the profile's tables were measured on this model in this dtype."""
+    return profile.model.lower() == arch.name.lower() and profile.dtype.lower() == dtype.lower()
+
+
+def operating_costs(
+    arch: ModelArch,
+    device: DeviceKind,
+    dtype: str,
+    dtype_bytes: float,
+    eff: latency.Efficiency,
+    batch: int,
+    decode_context: int,
+    prompt_tokens: int,
+    profile: Profile | None = None,
+    eff_origin: str = ROOFLINE,
+) -> OperatingCosts:
+    """Returns the kind's costs at the operating point and where each came from.
+
+    Raises ValueError when a kind defined only by measurement has no tables for this model.
+    """
+    has_roofline = device.memory_bandwidth_bytes_per_s > 0
+    if profile is not None and profile.efficiency is not None:
+        eff = profile.efficiency
+    roof = {
+        "decode": lambda b, c: latency.layer_decode_s(
+            arch, device, round(b), round(c), dtype_bytes, eff
+        ),
+        "prefill": lambda b, n: latency.layer_prefill_s(
+            arch, device, round(n), dtype_bytes, eff, batch=round(b)
+        ),
+        "head": lambda rows, _: latency.head_s(arch, device, round(rows), dtype_bytes, eff),
+    }
+    use_tables = profile is not None and tables_apply(profile, arch, dtype)
+    if profile is not None and not use_tables and not has_roofline:
+        raise ValueError(
+            f"profile {profile.path} defines kind {profile.kind!r} by tables measured on "
+            f"{profile.model} {profile.dtype}, not {arch.name} {dtype}; measure this model "
+            "(`pipeshift calibrate --model ... --out`) or use a catalog kind"
+        )
+    how: dict[str, str] = {}
+
+    def pick(name: str, table_name: str, r: float, c: float) -> float:
+        table = getattr(profile, table_name) if use_tables else None
+        if table is None:
+            how[name] = ROOFLINE + (" (fitted factors)" if profile and profile.efficiency else "")
+            return roof[table_name](r, c)
+        value, kind_of = table.at(r, c, roof[table_name] if has_roofline else None)
+        how[name] = kind_of if kind_of != INSIDE else f"{INSIDE} (interpolated)"
+        return value
+
+    decode = pick("decode", "decode", batch, decode_context)
+    prefill = pick("prefill", "prefill", 1, prompt_tokens)
+    head_decode = pick("head", "head", batch, 1)
+    head_prefill = pick("head prefill", "head", 1, 1)
+    how.pop("head prefill")
+    if has_roofline:
+        embed_decode = latency.embed_s(arch, device, batch, dtype_bytes, eff)
+        embed_prefill = latency.embed_s(arch, device, prompt_tokens, dtype_bytes, eff)
+    else:
+        embed_decode = embed_prefill = 0.0
+    if profile is not None:
+        source = CostSource(device.name, "profile", profile.path, how)
+    else:
+        source = CostSource(device.name, eff_origin)
+    return OperatingCosts(
+        decode, prefill, embed_decode, embed_prefill, head_decode, head_prefill, source
+    )
