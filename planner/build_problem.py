@@ -16,8 +16,10 @@ from cost_models.memory import (
     layer_weight_bytes,
 )
 from cost_models.model_catalog import get_model_arch
+from cost_models.profile import Profile, device_kind_of
+from cost_models.profiled_latency import operating_costs
 from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
-from planner.spec import Spec, SpecError
+from planner.spec import Spec, SpecError, spec_profiles
 from planner.topology import build_topology, node_links
 
 
@@ -59,7 +61,8 @@ def build_problem(spec: Spec) -> PlanningProblem:
         devices.append(Device(name=name, kind=pool_keys.index(key), node=node))
     if not devices:
         raise SpecError(["pins.exclude_devices: every device is excluded; keep at least one"])
-    dev_kinds: list[DeviceKind] = [get_device_kind(n) for n, _ in pool_keys]
+    profiles = spec_profiles(spec)
+    dev_kinds = [_device_kind(n, profiles.get(n.lower())) for n, _ in pool_keys]
     calibrated = None
     if spec.calibration is not None:
         path = Path(spec.base_dir) / spec.calibration
@@ -72,23 +75,40 @@ def build_problem(spec: Spec) -> PlanningProblem:
                     "or drop the field"
                 ]
             ) from None
-    effs = [latency.efficiency_for(k, calibrated) for k in dev_kinds]
 
-    kinds = tuple(
-        KindCosts(
-            name=k.name,
-            layer_decode_s=latency.layer_decode_s(arch, k, batch, decode_context, dtype_bytes, eff),
-            layer_prefill_s=latency.layer_prefill_s(arch, k, ttft_prompt, dtype_bytes, eff),
-            embed_decode_s=latency.embed_s(arch, k, batch, dtype_bytes, eff),
-            embed_prefill_s=latency.embed_s(arch, k, ttft_prompt, dtype_bytes, eff),
-            head_decode_s=latency.head_s(arch, k, batch, dtype_bytes, eff),
-            # only the last position goes through the head at the end of prefill
-            head_prefill_s=latency.head_s(arch, k, 1, dtype_bytes, eff),
-            memory_bytes=k.memory_bytes * spec.memory_utilization,
-            node=node,
+    kinds = []
+    for k, (_, node) in zip(dev_kinds, pool_keys, strict=True):
+        origin = "calibration" if calibrated and k.name.lower() in calibrated else "roofline"
+        try:
+            costs = operating_costs(
+                arch,
+                k,
+                spec.dtype,
+                dtype_bytes,
+                latency.efficiency_for(k, calibrated),
+                batch,
+                decode_context,
+                ttft_prompt,
+                profile=profiles.get(k.name.lower()),
+                eff_origin=origin,
+            )
+        except ValueError as exc:
+            raise SpecError([f"profiles: {exc}"]) from None
+        kinds.append(
+            KindCosts(
+                name=k.name,
+                layer_decode_s=costs.layer_decode_s,
+                layer_prefill_s=costs.layer_prefill_s,
+                embed_decode_s=costs.embed_decode_s,
+                embed_prefill_s=costs.embed_prefill_s,
+                head_decode_s=costs.head_decode_s,
+                # only the last position goes through the head at the end of prefill
+                head_prefill_s=costs.head_prefill_s,
+                memory_bytes=k.memory_bytes * spec.memory_utilization,
+                node=node,
+                cost_source=costs.source,
+            )
         )
-        for k, eff, (_, node) in zip(dev_kinds, effs, pool_keys, strict=True)
-    )
     one_node = len({d.node for d in devices}) == 1
     hop_decode_s = max(
         latency.hop_s(arch, batch, a, b, one_node, dtype_bytes)
@@ -126,7 +146,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
         model_name=arch.name,
         n_layers=arch.n_layers,
         batch=batch,
-        kinds=kinds,
+        kinds=tuple(kinds),
         devices=tuple(devices),
         layer_weight_bytes=layer_weight_bytes(arch, dtype_bytes),
         embed_weight_bytes=embedding_bytes(arch, dtype_bytes),
@@ -158,6 +178,16 @@ def build_problem(spec: Spec) -> PlanningProblem:
             keep_required=spec.pins.keep_current,
         )
     return problem
+
+
+def _device_kind(name: str, profile: Profile | None) -> DeviceKind:
+    """Returns the catalog kind, with a profile's measured fields over it; or the kind a
+    profile alone defines."""
+    try:
+        catalog = get_device_kind(name)
+    except KeyError:
+        catalog = None
+    return catalog if profile is None else device_kind_of(profile, catalog)
 
 
 def with_current(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cost_models.profiled_latency import CostSource
 from planner.topology import Topology
 
 
@@ -42,6 +43,8 @@ class KindCosts:
     head_prefill_s: float
     memory_bytes: float  # usable: datasheet memory times the utilisation fraction
     node: str | None = None  # with a topology: the node of this pool of devices
+    # where these numbers came from (a profile's file, calibration, the roofline); for reports
+    cost_source: CostSource | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,25 @@ def device_changes(problem: PlanningProblem, result: PlanResult) -> list[str]:
     return lines
 
 
+def cost_sources(problem: PlanningProblem) -> dict[str, dict[str, object]]:
+    """Returns, per device kind, where its costs came from: a profile (which file, and per
+    quantity whether measured or the roofline), calibration, or the roofline."""
+    out: dict[str, dict[str, object]] = {}
+    for k in problem.kinds:
+        if k.cost_source is not None and k.name not in out:
+            out[k.name] = k.cost_source.to_json()
+    return out
+
+
+def cost_lines(problem: PlanningProblem) -> list[str]:
+    """Returns one line per device kind saying where its costs came from."""
+    seen: dict[str, str] = {}
+    for k in problem.kinds:
+        if k.cost_source is not None:
+            seen.setdefault(k.name, k.cost_source.describe())
+    return ["costs:", *(f"  {line}" for line in seen.values())] if seen else []
+
+
 def render(problem: PlanningProblem, result: PlanResult) -> str:
     """Returns the plan as text for a terminal."""
     out = [
@@ -53,6 +72,7 @@ def render(problem: PlanningProblem, result: PlanResult) -> str:
     ]
     if result.objective is None:
         out.append(result.message)
+        out.extend(cost_lines(problem))
         return "\n".join(out)
     unit = "devices" if result.objective_kind == "min_devices" else "tokens/s"
     out.append(
@@ -85,6 +105,7 @@ def render(problem: PlanningProblem, result: PlanResult) -> str:
         f"throughput {result.throughput_tok_s:.0f} tok/s{demand}, "
         f"{result.devices_used}/{len(problem.devices)} devices used"
     )
+    out.extend(cost_lines(problem))
     m = result.migration
     if m is not None:
         out.append(

@@ -18,6 +18,7 @@ from planner.master import (
     solution_objective,
 )
 from planner.problem import PlanningProblem
+from planner.report import cost_sources
 from planner.shapes import stage_layers
 from planner.solution import Pipeline, PlanResult
 
@@ -91,6 +92,8 @@ def plan(
         "shapes": sum(1 for c in master.columns if c.shape is not None),
         "build_s": round(master.build_s, 4),
         "solver_s": round(sol.solve_s, 4),
+        # per device kind: measured profile (which file) or roofline (planner/report.py)
+        "cost_sources": cost_sources(problem),
     }
     if sol.objective is None:
         if not master.complete:

@@ -13,10 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cost_models.device_catalog import get_device_kind
 from cost_models.model_catalog import get_model_arch
+from cost_models.profile import Profile, ProfileError, load_profile
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "q4": 0.5625}
 
@@ -41,11 +50,15 @@ class DeviceGroup(_Strict):
 
     @field_validator("kind")
     @classmethod
-    def _known_kind(cls, v: str) -> str:
+    def _known_kind(cls, v: str, info: ValidationInfo) -> str:
+        # kinds the spec's profiles define (parse_spec passes them in the context)
+        defined = (info.context or {}).get("profile_kinds", {})
         try:
             return get_device_kind(v).name
         except KeyError as exc:
-            raise ValueError(str(exc.args[0])) from None
+            if v.lower() in defined:
+                return str(defined[v.lower()])
+            raise ValueError(f"{exc.args[0]}; or define the kind in a `profiles` file") from None
 
     @model_validator(mode="after")
     def _names_match_count(self) -> DeviceGroup:
@@ -158,6 +171,9 @@ class Spec(_Strict):
     max_stages: int = Field(16, ge=1, le=256)
     replan_interval_s: float = Field(600.0, gt=0)
     calibration: str | None = None  # `pipeshift calibrate` JSON: measured efficiency per kind
+    # `pipeshift calibrate --out X.yaml` profiles (relative to the spec): measured tables that
+    # replace a catalog kind's roofline where they cover it, or define a new kind entirely
+    profiles: list[str] = Field(default_factory=list)
     current: CurrentConfig | None = None
     pins: Pins = Field(default_factory=Pins)
     base_dir: str = Field(".", exclude=True)  # where relative paths (trace) resolve
@@ -312,8 +328,13 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
     lines: dict[tuple[Any, ...], int] = {}
     if root is not None:
         _line_map(root, (), lines)
+    raw_profiles = data.get("profiles")
+    profiles: dict[str, Profile] = {}
+    if isinstance(raw_profiles, list) and all(isinstance(x, str) for x in raw_profiles):
+        profiles = _load_profiles(raw_profiles, base_dir, source, lines)
+    kinds = {k: p.kind for k, p in profiles.items()}
     try:
-        spec = Spec.model_validate({**data, "base_dir": base_dir})
+        spec = Spec.model_validate({**data, "base_dir": base_dir}, context={"profile_kinds": kinds})
     except ValidationError as exc:
         raise SpecError([_format_error(source, e, lines) for e in exc.errors()]) from None
     _check_topology(spec, source, lines)
@@ -386,6 +407,40 @@ def _check_topology(spec: Spec, source: str, lines: dict[tuple[Any, ...], int]) 
         seen.setdefault(key, i)
     if errors:
         raise SpecError(errors)
+
+
+def _load_profiles(
+    paths: list[str], base_dir: str, source: str, lines: dict[tuple[Any, ...], int]
+) -> dict[str, Profile]:
+    """Returns the profiles `paths` name, keyed by lower-cased kind, or raises SpecError."""
+    errors: list[str] = []
+    out: dict[str, Profile] = {}
+    for i, rel in enumerate(paths):
+        where = f"{source}:{lines.get(('profiles', i), lines.get(('profiles',), 1))}: profiles.{i}"
+        try:
+            profile = load_profile(Path(base_dir) / rel)
+        except ProfileError as exc:
+            errors.append(
+                f"{where}: cannot use profile {rel!r}; fix it or re-run "
+                "`pipeshift calibrate --out PROFILE.yaml`:"
+            )
+            errors.extend(f"  {line}" for line in exc.lines)
+            continue
+        key = profile.kind.lower()
+        if key in out:
+            errors.append(
+                f"{where}: {rel!r} profiles kind {profile.kind!r} again (also {out[key].path}); "
+                "keep one profile per kind"
+            )
+        out[key] = profile
+    if errors:
+        raise SpecError(errors)
+    return out
+
+
+def spec_profiles(spec: Spec) -> dict[str, Profile]:
+    """Returns the spec's profiles keyed by lower-cased kind (raises SpecError)."""
+    return _load_profiles(spec.profiles, spec.base_dir, "spec", {})
 
 
 def load_spec(path: str | Path) -> Spec:
