@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "rollback": "planner.rollback_command",
     "planner": "planner.planner_command",
     "show": "planner.show_command",
+    "simulate": "planner.simulate_command",
     "calibrate": "agent.calibrate_command",
     "devices": "cost_models.devices_command",
 }

@@ -24,7 +24,8 @@ mean_request_s requests):
 
 It acts when, in this order: no apply is under way (never two at once); the last apply ended
 at least `min_dwell_s` ago (dwell); the value rises by at least `min_relative_gain` of the
-current value (hysteresis); and gain > cost (payback). `payback_s = cost / (value gain per s)`
+current value (hysteresis); and gain > cost (payback). A change that raises goodput itself by the
+hysteresis share skips the dwell: dwell must not hold a deployment in overload. `payback_s = cost / (value gain per s)`
 is reported either way.
 """
 
@@ -39,11 +40,11 @@ class ControllerPolicy:
     payback_horizon_s: float = 600.0  # the gain must repay the change within this
     min_relative_gain: float = 0.05  # hysteresis: ignore value gains below this share
     min_dwell_s: float = 300.0  # a configuration serves at least this long after an apply
-    device_cost_rps: float = 0.05  # goodput (req/s) a device must add to be worth holding
+    device_cost_rps: float = 0.5  # goodput (req/s) a device must add to be worth holding
     payback: bool = True  # False: act on any gain (the rule without payback, to compare)
 
     @classmethod
-    def without_payback(cls, device_cost_rps: float = 0.05) -> ControllerPolicy:
+    def without_payback(cls, device_cost_rps: float = 0.5) -> ControllerPolicy:
         """Returns the naive rule: re-plan and apply whenever the plan looks better at all."""
         return cls(
             payback_horizon_s=0.0,
@@ -126,7 +127,14 @@ def decide(
         return out(False, f"no gain: value {v_new:.3f} <= current {v_cur:.3f} req/s")
     if not policy.payback:
         return out(True, f"value {v_cur:.3f} -> {v_new:.3f} req/s (payback rule off)")
-    if state.last_apply_end_s is not None and now_s - state.last_apply_end_s < policy.min_dwell_s:
+    # dwell stops flapping, but never holds a deployment in overload: a change that raises
+    # goodput itself (not only the device cost) by the hysteresis share may skip it
+    rescue = candidate.goodput_rps > current.goodput_rps * (1 + policy.min_relative_gain)
+    if (
+        state.last_apply_end_s is not None
+        and now_s - state.last_apply_end_s < policy.min_dwell_s
+        and not rescue
+    ):
         waited = now_s - state.last_apply_end_s
         return out(False, f"dwell: {waited:.0f} s since the last apply < {policy.min_dwell_s:g} s")
     threshold = policy.min_relative_gain * max(abs(v_cur), 1e-9)

@@ -45,10 +45,28 @@ def test_hysteresis_ignores_small_gains() -> None:
 
 def test_dwell_time_respected() -> None:
     recent = ControllerState(last_apply_end_s=900)
-    d = decide(1000, recent, Outlook(4.0, 6), Outlook(5.0, 6), CHEAP, 10.0, POLICY)
+    d = decide(
+        1000,
+        recent,
+        Outlook(4.0, 6),
+        Outlook(4.1, 5),
+        CHEAP,
+        10.0,
+        ControllerPolicy(device_cost_rps=0.5, min_dwell_s=300),
+    )
     assert not d.act and "dwell" in d.reason
     later = decide(1200, recent, Outlook(4.0, 6), Outlook(5.0, 6), CHEAP, 10.0, POLICY)
     assert later.act
+    # fewer devices at equal goodput waits for the dwell
+    policy = ControllerPolicy(device_cost_rps=0.5, min_dwell_s=300)
+    d = decide(1000, recent, Outlook(4.0, 6), Outlook(4.0, 4), CHEAP, 10.0, policy)
+    assert not d.act and "dwell" in d.reason
+
+
+def test_dwell_never_holds_an_overload() -> None:
+    recent = ControllerState(last_apply_end_s=900)
+    d = decide(1000, recent, Outlook(4.0, 2), Outlook(8.0, 6), CHEAP, 10.0, POLICY)
+    assert d.act, d.reason
 
 
 def test_never_two_applies_at_once() -> None:
@@ -67,22 +85,21 @@ def test_devices_given_back_when_they_add_too_little() -> None:
 
 def test_flapping_prevented_while_naive_rule_flaps() -> None:
     """Load that swings every minute so that the configuration not serving always looks
-    better by `margin`: the naive rule applies every minute; the rule ignores a small margin
+    better: the naive rule applies every minute; the rule ignores a small margin
     (hysteresis) and applies a large one at most once per dwell."""
     naive = ControllerPolicy.without_payback(device_cost_rps=0.0)
+    devices = ControllerPolicy(device_cost_rps=0.5, min_dwell_s=300)
 
-    def applies(policy: ControllerPolicy, margin: float) -> int:
+    def applies(policy: ControllerPolicy, current: Outlook, candidate: Outlook) -> int:
         state, n = IDLE, 0
         for minute in range(30):
             now = 60.0 * minute
-            d = decide(
-                now, state, Outlook(4.0, 6), Outlook(4.0 * (1 + margin), 6), CHEAP, 10.0, policy
-            )
-            if d.act:
+            if decide(now, state, current, candidate, CHEAP, 10.0, policy).act:
                 n += 1
                 state = ControllerState(last_apply_end_s=now)
         return n
 
-    assert applies(naive, 0.03) == 30
-    assert applies(POLICY, 0.03) == 0  # under the 5 % hysteresis
-    assert applies(POLICY, 0.30) == 6  # minutes 0, 5, 10, ...: one per 300 s dwell
+    assert applies(naive, Outlook(4.0, 6), Outlook(4.12, 6)) == 30
+    assert applies(POLICY, Outlook(4.0, 6), Outlook(4.12, 6)) == 0  # under 5 % hysteresis
+    # two devices fewer at equal goodput: minutes 0, 5, 10, ...: one per 300 s dwell
+    assert applies(devices, Outlook(4.0, 6), Outlook(4.0, 4)) == 6

@@ -1,0 +1,236 @@
+"""From an observed workload window to a decision: re-plan with the migration term, predict
+both configurations' goodput, price the change with the diff planner, ask the decision rule.
+
+    window = WorkloadWindow.of(prompts, outputs, seconds)
+    proposal = propose(spec, window, current, in_flight, now_s, state, policy)
+    proposal.decision.act, proposal.target, proposal.change
+
+The simulator's `auto` policy calls `propose`; the live controller is to call it too, so the
+rule is never copied. Goodput of a configuration under a window (`outlook`): each pipeline
+whose predicted TTFT and TPOT (planner/evaluate.py, at the window's percentiles) meet the SLOs
+serves up to UTILISATION of its capacity (planner/serving_costs.py); the deployment's goodput
+is min(rate, that sum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cost_models.device_catalog import get_device_kind
+from cost_models.memory import (
+    embedding_bytes,
+    head_bytes,
+    kv_bytes_per_token_per_layer,
+    kv_dtype_bytes_for,
+    layer_weight_bytes,
+)
+from cost_models.model_catalog import get_model_arch
+from planner.build_problem import build_problem
+from planner.configuration import Configuration, PipelineConfig, StageConfig
+from planner.controller import (
+    ChangeCost,
+    ControllerPolicy,
+    ControllerState,
+    Decision,
+    Outlook,
+    decide,
+)
+from planner.evaluate import build_pipeline, pipeline_violations
+from planner.problem import PlanningProblem
+from planner.reconfig import DeviceInfo, ModelFootprint, RequestKV, plan_reconfiguration
+from planner.serving_costs import PipelineCosts
+from planner.solve import plan
+from planner.spec import CurrentConfig, LengthDistribution, PipelineSpec, Spec, StageSpec
+
+UTILISATION = 0.75  # past this share of capacity, queueing eats the SLOs
+KV_BLOCK_TOKENS = 16
+DEMAND_HEADROOM = (1.25, 1.6, 2.0)
+
+Stages = list[tuple[str, int, int]]
+
+
+@dataclass(frozen=True)
+class WorkloadWindow:
+    rate_per_s: float
+    prompt: LengthDistribution
+    output: LengthDistribution
+
+    @classmethod
+    def of(cls, prompts: Sequence[int], outputs: Sequence[int], seconds: float) -> WorkloadWindow:
+        return cls(max(len(prompts), 1) / seconds, _dist(prompts), _dist(outputs))
+
+    def mean_request_s(self, tpot_s: float, ttft_s: float) -> float:
+        """Returns how long a request occupies the deployment: TTFT + output * TPOT."""
+        return ttft_s + self.output.mean * tpot_s
+
+
+@dataclass
+class Proposal:
+    target: list[Stages]
+    current_outlook: Outlook
+    target_outlook: Outlook
+    change: ChangeCost
+    decision: Decision
+    prefetch_s: float  # background loads and KV pre-copy before the switch
+    stall_s: float
+
+
+def _dist(values: Sequence[int]) -> LengthDistribution:
+    if not values:
+        return LengthDistribution(mean=1.0)
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        return float(v[min(len(v) - 1, math.ceil(p / 100 * len(v)) - 1)])
+
+    return LengthDistribution(
+        mean=max(1.0, sum(v) / len(v)), p50=q(50), p90=q(90), p95=q(95), p99=q(99), max=q(100)
+    )
+
+
+def window_spec(spec: Spec, window: WorkloadWindow, current: Sequence[Stages] | None) -> Spec:
+    """Returns the spec with the window's workload and `current` as the serving configuration."""
+    workload = spec.workload.model_copy(
+        update={
+            "request_rate_per_s": max(window.rate_per_s, 1e-3),
+            "prompt_tokens": window.prompt,
+            "output_tokens": window.output,
+            "trace": None,
+        }
+    )
+    cur = None
+    if current:
+        cur = CurrentConfig(
+            pipelines=[
+                PipelineSpec(stages=[StageSpec(device=d, start=s, end=e) for d, s, e in p])
+                for p in current
+            ]
+        )
+    return spec.model_copy(update={"workload": workload, "current": cur})
+
+
+def outlook(
+    spec: Spec, problem: PlanningProblem, pipelines: Sequence[Stages], window: WorkloadWindow
+) -> Outlook:
+    """Returns the predicted goodput and devices of `pipelines` under the window."""
+    capacity = 0.0
+    for stages in pipelines:
+        if pipeline_violations(problem, build_pipeline(problem, stages)):
+            continue  # it would serve, but miss an SLO at the window's percentiles
+        costs = PipelineCosts.of(spec, list(stages), problem.batch)
+        capacity += UTILISATION * costs.capacity_rps(window.prompt.mean, window.output.mean)
+    devices = sum(len(p) for p in pipelines)
+    return Outlook(goodput_rps=min(window.rate_per_s, capacity), devices=devices)
+
+
+def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float) -> list[Stages]:
+    """Returns the planner's configurations for the spec: the most throughput, and the fewest
+    devices that carry the demand times each of DEMAND_HEADROOM (the planner's throughput
+    leaves out prefill and queueing), each with the migration term when `current` is set."""
+    out: list[list[Stages]] = []
+    rate = spec.workload.request_rate_per_s
+    runs = [("max_throughput", 1.0)] + [("min_devices", h) for h in DEMAND_HEADROOM]
+    for objective, headroom in runs:
+        workload = spec.workload.model_copy(update={"request_rate_per_s": rate * headroom})
+        s = spec.model_copy(update={"objective": objective, "workload": workload})
+        result = plan(build_problem(s), time_limit_s=time_limit_s)
+        found = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
+        if found and found not in out:
+            out.append(found)
+    return out  # type: ignore[return-value]
+
+
+def device_infos(spec: Spec) -> list[DeviceInfo]:
+    out = []
+    for name, kind_name, node in spec.device_names():
+        budget = int(get_device_kind(kind_name).memory_bytes * spec.memory_utilization)
+        out.append(DeviceInfo(name, kind_name, node, budget, budget))
+    return out
+
+
+def footprint(spec: Spec) -> ModelFootprint:
+    arch = get_model_arch(spec.model)
+    d = spec.dtype_bytes
+    return ModelFootprint(
+        n_layers=arch.n_layers,
+        layer_weight_bytes=layer_weight_bytes(arch, d),
+        embed_bytes=embedding_bytes(arch, d),
+        head_bytes=head_bytes(arch, d),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(d)),
+        block_size=KV_BLOCK_TOKENS,
+    )
+
+
+def configuration(pipelines: Sequence[Stages]) -> Configuration:
+    return Configuration(
+        tuple(PipelineConfig(tuple(StageConfig(d, s, e) for d, s, e in p)) for p in pipelines)
+    )
+
+
+def propose(
+    spec: Spec,
+    window: WorkloadWindow,
+    current: list[Stages],
+    in_flight: Sequence[tuple[int, int]],  # per request: (current pipeline, cached tokens)
+    now_s: float,
+    state: ControllerState,
+    policy: ControllerPolicy,
+    time_limit_s: float = 5.0,
+) -> Proposal:
+    """Returns the best re-plan for the window, its predicted change cost and the decision."""
+    wspec = window_spec(spec, window, current)
+    problem = build_problem(wspec)
+    cur_outlook = outlook(wspec, problem, current, window)
+    best, best_outlook = current, cur_outlook
+    for cand in candidates(wspec, current, time_limit_s):
+        o = outlook(wspec, problem, cand, window)
+        if o.value(policy) > best_outlook.value(policy) + 1e-9:
+            best, best_outlook = cand, o
+    fp = footprint(spec)
+    requests = [
+        RequestKV(f"r{i}", p, tokens, math.ceil(tokens / KV_BLOCK_TOKENS) + 1)
+        for i, (p, tokens) in enumerate(in_flight)
+    ]
+    rp = plan_reconfiguration(
+        configuration(current), configuration(best), device_infos(spec), fp, requests
+    )
+    touched_pipelines = set(rp.removed) | {
+        c for c, t in rp.pipeline_map.items() if t is not None and t in rp.changed_pipelines
+    }
+    touched = sum(1 for p, _ in in_flight if p in touched_pipelines)
+    pred = rp.prediction
+    prefetch_s = pred.prefetch_s + pred.precopy_s
+    change = ChangeCost(
+        stall_s=pred.stall_ms / 1000,
+        touched_requests=touched,
+        prefetch_s=prefetch_s,
+        in_flight_requests=len(in_flight),
+        overhead=rp.max_overhead,
+    )
+    ref = build_pipeline(problem, current[0]) if current else None
+    mean_request_s = window.mean_request_s(ref.tpot_s if ref else 0.05, ref.ttft_s if ref else 0.5)
+    if best is current:
+        decision = decide(now_s, state, cur_outlook, cur_outlook, change, mean_request_s, policy)
+    elif not rp.feasible:
+        decision = Decision(
+            False,
+            "memory forbids the change: " + "; ".join(rp.problems[:2]),
+            cur_outlook.value(policy),
+            best_outlook.value(policy),
+            0.0,
+            math.inf,
+            None,
+        )
+    else:
+        decision = decide(now_s, state, cur_outlook, best_outlook, change, mean_request_s, policy)
+    return Proposal(
+        target=best,
+        current_outlook=cur_outlook,
+        target_outlook=best_outlook,
+        change=change,
+        decision=decision,
+        prefetch_s=prefetch_s,
+        stall_s=pred.stall_ms / 1000,
+    )

@@ -1,0 +1,91 @@
+"""`pipeshift simulate -f SPEC.yaml --trace TRACE.csv [--policy static|auto] [--json]
+[--plot DIR]`: a trace (Azure LLM inference format) over the spec's planned deployment, in
+simulation (planner/simulator.py), with the same cost models, planner and controller rule."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="simulate a request trace over the planned deployment",
+        description="Replay a request trace (TIMESTAMP, ContextTokens, GeneratedTokens) over "
+        "the spec's planned deployment; report TTFT/TPOT percentiles, SLO goodput, "
+        "device-hours and reconfigurations.",
+    )
+    p.add_argument("-f", "--file", required=True, help="spec file (YAML)")
+    p.add_argument("--trace", required=True, help="trace CSV in the Azure LLM inference format")
+    p.add_argument("--policy", choices=("static", "auto"), default="static")
+    p.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="divide inter-arrival times by X (default 1)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="simulate only the first S seconds of the (scaled) trace",
+    )
+    p.add_argument(
+        "--control-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="auto: seconds between controller decisions (default 60)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write load, configuration and TTFT/TPOT over time as PNG files into DIR",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.simulator import load_trace, simulate
+    from planner.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.file)
+        trace = load_trace(args.trace, args.rate_scale, args.duration)
+        result = simulate(spec, trace, args.policy, control_interval_s=args.control_interval)
+    except (SpecError, OSError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.plot:
+        from planner.simulation_plot import plot_simulation
+
+        for path in plot_simulation(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(
+        f"policy {result.policy}: {result.requests} requests over {result.duration_s:.0f} s "
+        f"(simulated in {result.wall_s:.1f} s)"
+    )
+    for name in ("ttft_ms", "tpot_ms"):
+        q = getattr(result, name)
+        print(
+            f"  {name[:4].upper()} ms   p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}"
+        )
+    print(
+        f"  SLO goodput {result.goodput_rps:.2f} req/s, attainment "
+        f"{result.slo_attainment:.1%}, device-hours {result.device_hours:.2f}"
+    )
+    print(f"  reconfigurations {len(result.reconfigurations)}")
+    for r in result.reconfigurations:
+        print(
+            f"    t={r.decided_s:.0f} s: {r.devices_before} -> {r.devices_after} devices, "
+            f"prefetch {r.prefetch_s:.1f} s, stall {r.stall_ms:.1f} ms: {r.reason}"
+        )
+    return 0

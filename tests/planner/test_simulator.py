@@ -1,0 +1,59 @@
+"""The simulator: a trace over a planned deployment, static and with the controller."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from planner.cli import main
+from planner.simulator import load_trace, simulate
+from planner.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "data/specs/azure-conv-a100-l40s-llama31-8b.yaml"
+TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
+
+
+def test_static_serves_every_request_within_the_slos_at_light_load() -> None:
+    trace = load_trace(TRACE, rate_scale=1.0, duration_s=120)
+    result = simulate(load_spec(SPEC), trace, "static")
+    assert result.requests == len(trace) > 100
+    assert result.slo_attainment > 0.95
+    assert result.ttft_ms["p50"] <= result.ttft_ms["p90"] <= result.ttft_ms["p99"]
+    assert 0 < result.tpot_ms["p50"] < 100
+    assert result.device_hours > 0 and not result.reconfigurations
+
+
+def test_overload_misses_slos_and_auto_gives_devices_back_at_light_load() -> None:
+    spec = load_spec(SPEC)
+    heavy = simulate(spec, load_trace(TRACE, rate_scale=6.0, duration_s=120), "static")
+    assert heavy.slo_attainment < 0.9  # six GPUs cannot carry 6x the load
+    light = load_trace(TRACE, rate_scale=0.5, duration_s=400)
+    auto = simulate(spec, light, "auto", control_interval_s=60)
+    static = simulate(spec, light, "static")
+    assert auto.reconfigurations and auto.device_hours < static.device_hours
+    assert auto.slo_attainment > 0.9
+    assert all("reason" in d for d in auto.decisions)
+
+
+def test_simulate_command_json(capsys, tmp_path) -> None:
+    code = main(
+        [
+            "simulate",
+            "-f",
+            str(SPEC),
+            "--trace",
+            str(TRACE),
+            "--duration",
+            "60",
+            "--json",
+            "--plot",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("goodput_rps", "slo_attainment", "device_hours", "reconfigurations"):
+        assert key in out
+    assert set(out["ttft_ms"]) == set(out["tpot_ms"]) == {"p50", "p90", "p99"}
+    assert (tmp_path / "latency.png").exists()
