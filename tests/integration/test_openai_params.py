@@ -97,5 +97,6 @@ def test_penalties_and_logit_bias_change_the_distribution_as_their_formulas_say(
     assert logprobs.tokens == [tokenizer.token_text(t) for t in tokens]
     for i, (token, lp) in enumerate(zip(tokens, expected, strict=True)):
         assert abs(logprobs.token_logprobs[i] - float(lp[token])) < TOLERANCE
-        for t, v in zip(*lp.topk(TOP), strict=True):
+        values, indices = lp.topk(TOP)
+        for t, v in zip(indices.tolist(), values.tolist(), strict=True):
             assert abs(logprobs.top_logprobs[i][tokenizer.token_text(int(t))] - float(v)) < TOLERANCE
