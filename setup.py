@@ -9,7 +9,7 @@ from setuptools import find_namespace_packages, setup
 
 CODE = find_namespace_packages(include=["planner*", "agent*", "cost_models*"])
 DATA = [
-    "pipeshift_data", "pipeshift_data.specs", "pipeshift_data.specs.traces",
+    "pipeshift_data", "pipeshift_data.specs", "pipeshift_data.specs.traces", "pipeshift_data.specs.profiles",
     "pipeshift_data.traces",
     "pipeshift_migrations", "pipeshift_migrations.versions",
 ]

@@ -1,5 +1,5 @@
 """`pipeshift examples [NAME] [--to DIR]`: list the example specs that ship with pipeshift, or
-copy one, with the trace it reads, into DIR to plan or edit it.
+copy one, with the trace and the measured profiles it reads, into DIR to plan or edit it.
 
 A copied spec reads its trace from `traces/` beside it; a spec whose trace lay outside its own
 folder has that path rewritten in the copy. A trace's folder README (licence, attribution)
@@ -60,7 +60,8 @@ def summary(text: str) -> str:
 
 
 def copy_example(source: Path, to: Path) -> Path:
-    """Copies the spec `source` and the trace it names into `to`; returns the copied spec."""
+    """Copies the spec `source`, the trace and the profiles it names into `to`; returns the
+    copied spec."""
     import yaml
 
     text = source.read_text()
@@ -74,6 +75,9 @@ def copy_example(source: Path, to: Path) -> Path:
         readme = trace_source.parent / "README.md"
         if readme.is_file():
             _copy_bytes(readme.read_bytes(), (to / target).parent / "README.md")
+    for profile in yaml.safe_load(text).get("profiles") or []:  # measured profiles it reads
+        if not PurePosixPath(profile).is_absolute() and ".." not in PurePosixPath(profile).parts:
+            _copy_bytes((source.parent / profile).read_bytes(), to / profile)
     spec = to / source.name
     _copy_bytes(text.encode(), spec)
     return spec

@@ -34,6 +34,8 @@ def test_every_example_copies_with_the_trace_it_reads(tmp_path):
         if spec.workload.trace is not None:
             assert (tmp_path / source.stem / spec.workload.trace).is_file()
             assert ".." not in Path(spec.workload.trace).parts
+        for profile in spec.profiles:  # loading the spec read them from the copy
+            assert (tmp_path / source.stem / profile).is_file()
 
 
 def run(args: list, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -85,7 +87,7 @@ def test_wheel_installed_in_a_fresh_venv_plans_an_example_outside_the_checkout(t
     pipeshift = venv / "bin" / "pipeshift"
     listed = run([pipeshift, "examples"], cwd=work, env=env).stdout
     assert "local-cpu-smollm2" in listed and "azure-conv-a100-l40s-llama31-8b" in listed
-    for name in ("local-cpu-smollm2", "azure-conv-a100-l40s-llama31-8b"):
+    for name in ("local-cpu-smollm2", "azure-conv-a100-l40s-llama31-8b", "local-cpu-profiled-smollm2"):
         copied = run([pipeshift, "examples", name, "--to", "."], cwd=work, env=env).stdout
         assert f"pipeshift plan -f {name}.yaml" in copied
         planned = run([pipeshift, "plan", "-f", f"{name}.yaml", "--json"], cwd=work, env=env)
