@@ -64,16 +64,27 @@ def transformers_texts(hf_model, gguf_path) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("devices", [1, 2, 5])  # 5: first, middle and last stages
-def test_greedy_streams_match_transformers(devices, transformers_texts):
-    with ServeProcess("--devices", str(devices)) as server:
-        texts = asyncio.run(_stream_all(server.base_url))
+@pytest.fixture(scope="module")
+def one_worker():
+    """One `pipeshift serve --devices 1`, shared by the tests that do not change it."""
+    with ServeProcess("--devices", "1") as server:
+        yield server
+
+
+# 1: the whole model in one stage; 5: first, middle and last stages (2 stages: the live tests)
+@pytest.mark.parametrize("devices", [1, 5])
+def test_greedy_streams_match_transformers(devices, transformers_texts, request):
+    if devices == 1:
+        texts = asyncio.run(_stream_all(request.getfixturevalue("one_worker").base_url))
+    else:
+        with ServeProcess("--devices", str(devices)) as server:
+            texts = asyncio.run(_stream_all(server.base_url))
     for prompt, got, expected in zip(PROMPTS, texts, transformers_texts, strict=True):
         assert got == expected, f"{devices} workers, prompt {prompt!r}"
     assert all(len(t) > 20 for t in texts)
 
 
-def test_bad_input_against_the_real_server():
+def test_bad_input_against_the_real_server(one_worker):
     """The real engine behind the gateway answers bad input with 400/404 saying what to fix."""
     import json
     import urllib.error
@@ -81,7 +92,7 @@ def test_bad_input_against_the_real_server():
 
     def post(body: bytes) -> tuple[int, dict]:
         req = urllib.request.Request(
-            f"{server.base_url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            f"{one_worker.base_url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
         )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
@@ -92,19 +103,18 @@ def test_bad_input_against_the_real_server():
     def completion(**fields) -> tuple[int, dict]:
         return post(json.dumps({"model": "smollm2-135m", "prompt": "hi", **fields}).encode())
 
-    with ServeProcess("--devices", "1") as server:
-        long_prompt = "hello " * 9000  # > 8192 tokens
-        status, body = completion(prompt=long_prompt, max_tokens=8)
-        assert status == 400 and "context" in body["error"]["message"]
-        status, body = completion(max_tokens=-3)
-        assert status == 400 and body["error"]["param"] == "max_tokens"
-        status, body = completion(max_tokens=10**9)
-        assert status == 400 and "max_tokens" in body["error"]["message"]
-        status, body = completion(max_tokens="ten")
-        assert status == 400 and "max_tokens" in body["error"]["message"]
-        status, body = post(b'{"model": "smollm2-135m", "prompt": ')
-        assert status == 400 and "JSON" in body["error"]["message"]
-        status, body = completion(model="gpt-17")
-        assert status == 404 and "smollm2-135m" in body["error"]["message"].lower()
-        status, body = completion(max_tokens=4, temperature=0)  # and it still serves
-        assert status == 200 and body["usage"]["completion_tokens"] <= 4
+    long_prompt = "hello " * 9000  # > 8192 tokens
+    status, body = completion(prompt=long_prompt, max_tokens=8)
+    assert status == 400 and "context" in body["error"]["message"]
+    status, body = completion(max_tokens=-3)
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = completion(max_tokens=10**9)
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = completion(max_tokens="ten")
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = post(b'{"model": "smollm2-135m", "prompt": ')
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, body = completion(model="gpt-17")
+    assert status == 404 and "smollm2-135m" in body["error"]["message"].lower()
+    status, body = completion(max_tokens=4, temperature=0)  # and it still serves
+    assert status == 200 and body["usage"]["completion_tokens"] <= 4
