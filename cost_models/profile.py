@@ -57,6 +57,7 @@ import yaml
 
 from cost_models.device_catalog import GB, GIB, DeviceKind
 from cost_models.latency import Efficiency
+from cost_models.yaml_lines import YamlSyntaxError, load_with_lines
 
 FORMAT = "pipeshift-profile/1"
 INSIDE = "measured"
@@ -199,17 +200,6 @@ def save_profile(path: str | Path, profile: Profile) -> None:
 # --- loading, with line numbers ---------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            _line_map(value_node, (*path, key_node.value), out)
-            out[(*path, key_node.value)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out)
-
-
 class _Reader:
     """Reads fields of a profile document, collecting `FILE:LINE: field: problem` lines."""
 
@@ -293,20 +283,11 @@ def load_profile(path: str | Path) -> Profile:
     except OSError as exc:
         raise ProfileError([f"{source}: cannot read the profile: {exc.strerror}"]) from None
     try:
-        root = yaml.compose(text)
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ProfileError(
-            [f"{source}:{line}: YAML syntax error: {problem}; fix the syntax"]
-        ) from None
+        doc, lines = load_with_lines(text, source)
+    except YamlSyntaxError as exc:
+        raise ProfileError([str(exc)]) from None
     if not isinstance(doc, dict):
         raise ProfileError([f"{source}:1: a profile is a mapping; see `pipeshift calibrate --out`"])
-    lines: dict[tuple[Any, ...], int] = {}
-    if root is not None:
-        _line_map(root, (), lines)
     r = _Reader(source, lines)
     if doc.get("format") != FORMAT:
         r.error(

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +25,7 @@ from pydantic import (
 from cost_models.device_catalog import get_device_kind
 from cost_models.model_catalog import get_model_arch
 from cost_models.profile import Profile, ProfileError, load_profile
+from cost_models.yaml_lines import YamlSyntaxError, load_with_lines
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "q4": 0.5625}
 
@@ -262,19 +262,6 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
 # --- YAML with line numbers ---------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            out[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), out)
-            out[(*path, key)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out)
-
-
 _HINTS = {
     "missing": "add it",
     "extra_forbidden": "remove it or fix its spelling",
@@ -314,20 +301,11 @@ def _format_error(source: str, err: dict[str, Any], lines: dict[tuple[Any, ...],
 def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
     """Returns the validated spec in `text`, or raises SpecError with file:line messages."""
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(
-            [f"{source}:{line}: YAML syntax error: {problem}; fix the syntax"]
-        ) from None
+        data, lines = load_with_lines(text, source)
+    except YamlSyntaxError as exc:
+        raise SpecError([str(exc)]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{source}:1: the spec must be a mapping with model, devices, workload"])
-    lines: dict[tuple[Any, ...], int] = {}
-    if root is not None:
-        _line_map(root, (), lines)
     raw_profiles = data.get("profiles")
     profiles: dict[str, Profile] = {}
     if isinstance(raw_profiles, list) and all(isinstance(x, str) for x in raw_profiles):
