@@ -96,11 +96,13 @@ class Sampler:
     def choose(self, logits: torch.Tensor, request_ids: list[str], params: list[dict[str, Any]]) -> list[Sampled]:
         """Returns the token of each row of `logits` [N, V], with logprobs where asked for."""
         logits = logits.to(torch.float32)
-        rows = [process_logits(logits[i], p) if needs_processing(p) else logits[i]
-                for i, p in enumerate(params)]
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one pass for the plain greedy rows
         out = []
-        for row, (rid, p) in zip(rows, zip(request_ids, params, strict=True), strict=True):
-            token = self._pick(row, rid, p)
+        for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
+            processed = needs_processing(p)
+            row = process_logits(logits[i], p) if processed else logits[i]
+            sampling = float(p.get("temperature", 0.0)) > 0.0
+            token = self._pick(row, rid, p) if processed or sampling else greedy[i]
             sampled = Sampled(token)
             if p.get("logprobs") is not None:
                 logprobs = torch.log_softmax(row, dim=-1)

@@ -27,7 +27,7 @@ from agent.engine import EngineConfig, PipelineEngine
 from agent.gateway.app import create_app
 from agent.gateway.server import ServerThread
 from agent.loaders.gguf_file import GGUFFile
-from agent.tokenizer import Tokenizer
+from tests.tiny_llama import save_tokenizer
 
 pytestmark = pytest.mark.slow
 schemathesis = pytest.importorskip("schemathesis")
@@ -55,10 +55,7 @@ def model_dir(tmp_path_factory, gguf_path):
     model = transformers.LlamaForCausalLM(config)
     end_answers_early(model, eos_token_id=2)
     model.save_pretrained(directory, safe_serialization=True)
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_gguf(gguf_path).backend, bos_token="<|im_start|>",
-        eos_token="<|im_end|>", chat_template=GGUFFile(gguf_path).metadata["tokenizer.chat_template"],
-    ).save_pretrained(str(directory))
+    save_tokenizer(directory, gguf_path, GGUFFile(gguf_path).metadata["tokenizer.chat_template"])
     return directory
 
 

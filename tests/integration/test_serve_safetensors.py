@@ -15,6 +15,7 @@ from agent.engine import EngineConfig, PipelineEngine
 from agent.engine_api import SamplingParams
 from agent.loaders.gguf_file import GGUFFile
 from agent.tokenizer import Tokenizer
+from tests.tiny_llama import save_tokenizer
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -38,14 +39,6 @@ def model_dir(tmp_path_factory, gguf_path):
     assert (directory / "chat_template.jinja").exists()
     assert "chat_template" not in json.loads((directory / "tokenizer_config.json").read_text())
     return directory, model
-
-
-def save_tokenizer(directory, gguf_path, template: str | None) -> None:
-    """SmolLM2's tokenizer, saved by transformers' own save_pretrained."""
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_gguf(gguf_path).backend, bos_token="<|im_start|>",
-        eos_token="<|im_end|>", chat_template=template,
-    ).save_pretrained(str(directory))
 
 
 def test_safetensors_directory_serves_transformers_greedy_tokens(model_dir):
