@@ -220,8 +220,9 @@ def open_planner_store(args):
 
 def mount_planner_api(app, store, args) -> None:
     """Mounts the planner REST API at /planner, changing this very deployment."""
+    from agent.gateway.server import is_loopback
     from planner.api import create_planner_app
-    from planner.api.app import TOKEN_VARIABLE, is_loopback
+    from planner.api.app import TOKEN_VARIABLE
 
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") or is_loopback(args.host) else args.host
     planner = create_planner_app(store, f"http://{host}:{args.port}", args.admin_token,

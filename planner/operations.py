@@ -38,7 +38,7 @@ class OperationError(RuntimeError):
         self.status = status
 
 
-def _unreachable(exc: AdminError) -> OperationError:
+def _from_admin(exc: AdminError) -> OperationError:
     """Maps a failed admin call: unreachable -> 503; the server's own 4xx keeps its status."""
     if exc.status is None or exc.status >= 500:
         return OperationError(str(exc), 503)
@@ -65,7 +65,7 @@ def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: flo
     try:
         deployment = client.deployment()
     except AdminError as exc:
-        raise _unreachable(exc) from None
+        raise _from_admin(exc) from None
     refreshed = refresh(store, deployment)
     names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
     try:
@@ -75,7 +75,7 @@ def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: flo
     try:
         dry = client.plan({"target": target.to_json()})
     except AdminError as exc:
-        raise _unreachable(exc) from None
+        raise _from_admin(exc) from None
     return PlannedChange(refreshed, target, dry)
 
 
@@ -134,7 +134,7 @@ class ApplyRun:
         except StalePlan as exc:
             raise OperationError(str(exc), 409) from None
         except AdminError as exc:
-            raise _unreachable(exc) from None
+            raise _from_admin(exc) from None
         except ValueError as exc:
             raise OperationError(str(exc), 422) from None
         return self.dry
@@ -156,7 +156,7 @@ class ApplyRun:
         except AdminError as exc:
             if self.recorder is not None:
                 self.recorder.failed(str(exc))
-            raise _unreachable(exc) from None
+            raise _from_admin(exc) from None
         self.server_apply_id = started["id"]
         if self.recorder is not None:
             self.recorder.started(started["id"])

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_exposure(host: str, token: str | None, what: str) -> str | None:
     """Returns why `what` must not listen on `host` without a token, or None when it may."""
-    from planner.api.app import TOKEN_VARIABLE, is_loopback
+    from agent.gateway.server import is_loopback
+    from planner.api.app import TOKEN_VARIABLE
 
     if token or is_loopback(host):
         return None

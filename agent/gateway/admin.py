@@ -17,7 +17,6 @@ fit this deployment (layers, devices) is a 400 `invalid_configuration`.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from agent.gateway.errors import APIError, error_responses
 from agent.gateway.protocol import Integer, NonNegativeInt, PositiveInt
+from agent.gateway.server import is_loopback
 from agent.reconfigurations import ApplyRefused, Reconfigurations, deployment_json
 from agent.token_log import WINDOW_S, serving_report
 from planner.configuration import Configuration, ConfigurationError
@@ -110,7 +110,7 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
 
     def authorize_host(request: Request) -> None:
         host = request.client.host if request.client else ""
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise APIError("the admin API answers only on this host; start the server with --admin-token "
                            "to allow other hosts", status=403, code="forbidden")
 
@@ -173,10 +173,3 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
         return JSONResponse(record.to_json(), status_code=202)
 
     app.include_router(router)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host in ("localhost", "testclient")

@@ -7,6 +7,7 @@ or async through `async with`) can talk to it over real loopback HTTP with any c
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import threading
 import time
@@ -16,6 +17,14 @@ from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, `localhost`, or Starlette's test client) is this host."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
 
 
 def run_server(

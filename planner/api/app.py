@@ -21,11 +21,11 @@ does not answer.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from agent.gateway.server import is_loopback
 from planner.admin_client import AdminClient, AdminError
 from planner.api.models import (
     ApplyOut,
@@ -49,15 +49,6 @@ TOKEN_VARIABLE = "PIPESHIFT_API_TOKEN"
 
 def _answers(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": Problem} for status in statuses}
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "testclient"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def create_planner_app(store: Store, server: str, admin_token: str | None = None,
