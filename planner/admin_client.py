@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -36,13 +37,16 @@ class AdminClient:
         return self._request("POST", "/admin/v1/applies",
                              {**target, "max_overhead": max_overhead, "expected_epoch": expected_epoch, "kv": kv})
 
-    def wait(self, apply_id: str, poll_s: float = 0.1, timeout_s: float = 1800.0) -> dict[str, Any]:
-        """Returns the apply's record once it is done."""
+    def wait(self, apply_id: str, poll_s: float = 0.1, timeout_s: float = 1800.0,
+             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Returns the apply's record once it is done; `on_update` sees every record read."""
         import time
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             record = self.get_apply(apply_id)
+            if on_update is not None:
+                on_update(record)
             if record["state"] == "done":
                 return record
             time.sleep(poll_s)

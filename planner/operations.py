@@ -169,7 +169,10 @@ class ApplyRun:
         CLI's progress bars) or by plain polling; records phases, outcome and the serving
         figures measured around it. Returns the final record and the configuration it produced."""
         assert self.server_apply_id is not None
-        record = (follower or _poll)(self.client, self.server_apply_id, self._progress)
+        if follower is not None:
+            record = follower(self.client, self.server_apply_id, self._progress)
+        else:
+            record = self.client.wait(self.server_apply_id, POLL_S, on_update=self._progress)
         new = None
         if self.recorder is not None:  # the row says done once it holds everything
             new = self.recorder.finished(record, self.deployment.get("model", "?"), self.serving(settle_s))
@@ -217,13 +220,3 @@ class ApplyRun:
         thread = threading.Thread(target=run, name=f"apply-{self.server_apply_id}", daemon=True)
         thread.start()
         return thread
-
-
-
-def _poll(client: AdminClient, apply_id: str, on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    while True:
-        record = client.get_apply(apply_id)
-        on_update(record)
-        if record["state"] == "done":
-            return record
-        time.sleep(POLL_S)
