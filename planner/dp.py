@@ -33,7 +33,8 @@ import itertools
 import math
 from collections.abc import Callable
 
-from planner.problem import PlanningProblem
+from planner.master import SPARE_TOKEN_VALUE
+from planner.problem import PlanningProblem, PoolProblem
 
 
 def reference_throughput_tok_s(problem: PlanningProblem) -> float:
@@ -116,8 +117,78 @@ def _topology_bottleneck(problem: PlanningProblem) -> Callable[[tuple[int, ...]]
     return bottleneck
 
 
+def reference_pool_objective(pool: PoolProblem) -> float:
+    """Returns the optimal weighted goodput of several models sharing a small pool:
+
+        max over n_1 + ... + n_M <= pool of  sum_m w_m ((1 - eta) min(F_m(n_m), d_m) + eta F_m(n_m))
+
+    with F_m model m's best throughput on its part (F above): the objective grows with each
+    T_m, so each part's best is its most throughput."""
+    tables = [_best_table(p, _bottleneck_of(p)) for p in pool.problems]
+    eta = SPARE_TOKEN_VALUE
+
+    def value(m: int, t: float) -> float:
+        good = min(t, pool.problems[m].demand_tok_s)
+        return pool.weights[m] * ((1 - eta) * good + eta * t)
+
+    @functools.cache
+    def best(m: int, rem: tuple[int, ...]) -> float:
+        if m == len(tables):
+            return 0.0
+        out = -math.inf
+        for part in itertools.product(*(range(n + 1) for n in rem)):
+            rest = tuple(r - x for r, x in zip(rem, part, strict=True))
+            out = max(out, value(m, tables[m](part)) + best(m + 1, rest))
+        return out
+
+    return best(0, pool.kind_counts)
+
+
+def _bottleneck_of(problem: PlanningProblem) -> Callable[[tuple[int, ...]], float]:
+    """Returns T(c) of the docstring (with or without a topology)."""
+    if problem.topology is not None:
+        return _topology_bottleneck(problem)
+    L = problem.n_layers
+    K = len(problem.kinds)
+
+    @functools.cache
+    def g(n_stages: int, done: int, rem: tuple[int, ...]) -> float:
+        left = sum(rem)
+        if left == 0:
+            return 0.0 if done == L else math.inf
+        if L - done < left:
+            return math.inf
+        best = math.inf
+        for k in range(K):
+            if rem[k] == 0:
+                continue
+            rest = rem[:k] + (rem[k] - 1,) + rem[k + 1 :]
+            last = left == 1
+            first = done == 0
+            for j in [L - done] if last else range(1, L - done):
+                if (
+                    problem.stage_memory_bytes(j, n_stages, first, last)
+                    > problem.kinds[k].memory_bytes
+                ):
+                    break
+                t = problem.stage_decode_s(k, j, first, last)
+                if t >= best:
+                    break
+                best = min(best, max(t, g(n_stages, done + j, rest)))
+        return best
+
+    return lambda c: g(sum(c), 0, c)
+
+
 def _best_total(problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]], float]) -> float:
     """Returns F(pool): the best sum of batch / T(c) over pipelines that share the pool."""
+    return _best_table(problem, bottleneck)(problem.kind_counts)
+
+
+def _best_table(
+    problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]], float]
+) -> Callable[[tuple[int, ...]], float]:
+    """Returns F as a function of any part of the pool."""
 
     def value(c: tuple[int, ...]) -> float:
         s = sum(c)
@@ -141,4 +212,4 @@ def _best_total(problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]]
                 out = max(out, v + best(tuple(p - x for p, x in zip(pool, c, strict=True))))
         return out
 
-    return best(problem.kind_counts)
+    return best

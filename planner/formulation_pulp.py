@@ -4,7 +4,11 @@
     s.t. sum_i counts_ik x_i <= n_k         for every device kind k
          x_i in {0, .., upper_i};  x_i = 1 for pinned keeps
 
-(min-devices: min sum_i (|i| + 0.001 [i new]) x_i  s.t. sum_i v_i x_i >= demand.)
+(min-devices: min sum_i (|i| + 0.001 [i new]) x_i  s.t. sum_{i of m} v_i x_i >= d_m per model.)
+Several models, weighted goodput (planner/master.py), with g_m continuous:
+
+    max  sum_m w_m ((1 - eta) g_m + eta sum_{i of m} v_i x_i)
+    s.t. g_m <= sum_{i of m} v_i x_i,  0 <= g_m <= d_m,  the kind rows as above
 Same data and the same formula as the CP-SAT model, with real coefficients. The status is
 read from `prob.sol_status`: PuLP says "Optimal" after a time limit too, so a solve that hit
 its limit is reported FEASIBLE with its gap, never OPTIMAL. Bounds: HiGHS' `mip_dual_bound`;
@@ -25,7 +29,13 @@ from collections.abc import Iterator
 
 import pulp
 
-from planner.master import MasterProblem, MasterSolution, relative_gap, solution_objective
+from planner.master import (
+    SPARE_TOKEN_VALUE,
+    MasterProblem,
+    MasterSolution,
+    relative_gap,
+    solution_objective,
+)
 
 THREADS = 1  # HiGHS; CBC runs its serial code (its `threads` option, even 1, switches to a
 # threaded search that sat idle until the time limit on 3 of 200 tiny instances)
@@ -46,12 +56,26 @@ def _build(master: MasterProblem) -> tuple[pulp.LpProblem, list[pulp.LpVariable]
     for i in master.required_keeps:
         prob += x[i] == 1, f"keep_{i}"
     if master.objective == "min_devices":
-        prob += (
-            pulp.lpSum(c.throughput_tok_s * x[i] for i, c in enumerate(cols))
-            >= (master.demand_tok_s),
-            "demand",
-        )
+        for m in range(master.n_models):
+            prob += (
+                pulp.lpSum(c.throughput_tok_s * x[i] for i, c in enumerate(cols) if c.model == m)
+                >= master.demand_of(m),
+                f"demand_{m}",
+            )
         prob += pulp.lpSum(master.cost(i) * x[i] for i in range(len(cols)))
+    elif master.objective == "max_goodput":
+        eta = SPARE_TOKEN_VALUE
+        throughput = []
+        for m in range(master.n_models):
+            t_m = pulp.lpSum(c.throughput_tok_s * x[i] for i, c in enumerate(cols) if c.model == m)
+            # g_m <= T_m and g_m <= d_m: the goodput min(T_m, d_m)
+            g = prob.add_variable(f"g_{m}", 0, master.demand_of(m))
+            prob += g <= t_m, f"goodput_{m}"
+            throughput.append((g, t_m))
+        prob += pulp.lpSum(
+            master.weights[m] * ((1 - eta) * g + eta * t_m)
+            for m, (g, t_m) in enumerate(throughput)
+        )
     else:
         prob += pulp.lpSum(master.net_value(i) * x[i] for i in range(len(cols)))
     return prob, x
@@ -132,6 +156,8 @@ def solve_pulp(master: MasterProblem, backend: str, time_limit_s: float) -> Mast
         with open(log_path) as f:
             weight = master.net_value if maximize else master.cost
             solver_objective = sum(weight(i) * n for i, n in copies.items())
+            if master.objective == "max_goodput":
+                solver_objective = float(pulp.value(prob.objective))
             raw_bound = _cbc_bound(f.read(), solver_objective, maximize)
         if raw_bound is not None:
             bound = raw_bound + (master.constant if maximize else 0.0)

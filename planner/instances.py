@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
-from planner.problem import Device, KindCosts, PlanningProblem
+from planner.problem import Device, KindCosts, PlanningProblem, PoolProblem
 
 GIB = 2**30
 
@@ -59,4 +60,40 @@ def random_small_problem(seed: int, max_devices: int = 8, max_layers: int = 32) 
         hop_prefill_s=rng.uniform(0, 5e-3),
         tpot_slo_s=tpot,
         max_stages=min(n_devices, n_layers),
+    )
+
+
+def random_pool_problem(seed: int, n_models: int = 2, max_devices: int = 7) -> PoolProblem:
+    """Returns 2-3 random models (own layer counts, speeds, sizes, demands, weights) sharing
+    one random pool of <= max_devices devices."""
+    rng = random.Random(5000 + seed)
+    base = random_small_problem(seed, max_devices=max_devices, max_layers=20)
+    problems = []
+    for m in range(n_models):
+        n_layers = rng.randint(4, 20)
+        speed = rng.uniform(0.5, 2.0)  # a bigger model is slower per layer
+        kinds = tuple(
+            replace(
+                k,
+                layer_decode_s=k.layer_decode_s * speed,
+                layer_prefill_s=k.layer_prefill_s * speed,
+            )
+            for k in base.kinds
+        )
+        model = replace(
+            base,
+            model_name=f"random-{seed}-m{m}",
+            n_layers=n_layers,
+            kinds=kinds,
+            layer_weight_bytes=base.layer_weight_bytes * rng.uniform(0.3, 1.2),
+            tpot_slo_s=None,
+            max_stages=min(len(base.devices), n_layers),
+        )
+        # demand between a tenth of one pipeline's rate and the whole pool's
+        one = model.batch / (n_layers * min(k.layer_decode_s for k in kinds))
+        problems.append(replace(model, demand_tok_s=rng.uniform(0.1, 1.0) * one * 2))
+    return PoolProblem(
+        problems=tuple(problems),
+        labels=tuple(f"m{m}" for m in range(n_models)),
+        weights=tuple(rng.choice((1.0, 1.0, 2.0, 0.5)) for _ in range(n_models)),
     )

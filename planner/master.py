@@ -13,18 +13,36 @@ mu is the migration weight (tokens/s per byte, see build_problem.with_current). 
 min-devices objective: min sum_c |c| z_c + sum_p |p| y_p (with a tie-break that prefers
 keeping) s.t. sum_c v_c z_c + sum_p v_p y_p >= demand. Symmetry among devices of one kind
 is gone by construction, and the LP relaxation has only K rows, so its bound is tight.
+
+Several models on one pool (planner/pool.py): every column belongs to one model m (its
+pipelines hold only m's layers; v_c is costed with m's numbers), the kind rows are shared,
+and the objective is the weighted SLO goodput (objective "max_goodput"):
+
+    T_m = sum_{c of m} v_c z_c                          throughput of model m (every pipeline
+                                                        meets m's SLOs)
+    max   sum_m w_m * ((1 - eta) * g_m + eta * T_m)
+    s.t.  g_m <= T_m,  0 <= g_m <= d_m                  g_m = min(T_m, d_m): goodput
+          sum_c c_k z_c <= n_k                          for every kind k
+
+d_m is model m's demand (request rate x mean output tokens), w_m its weight (default 1), and
+eta = SPARE_TOKEN_VALUE: a token/s beyond the demand is worth a tenth of one within it, so
+spare devices still add headroom where it is cheapest. With one model this objective grows
+with T alone, so its best plans are exactly the max-throughput ones (and a one-model spec is
+planned and reported as max T). min_devices with several models: min sum_c |c| z_c
+s.t. T_m >= d_m for every m.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planner.evaluate import usable_current
-from planner.problem import PlanningProblem
+from planner.problem import PlanningProblem, PoolProblem
 from planner.shapes import PipelineShape, enumerate_shapes, minimal_shapes, split_beats
 from planner.solution import Pipeline
 
+SPARE_TOKEN_VALUE = 0.1  # eta: value of a token/s beyond a model's demand, relative to one within
 
 @dataclass(frozen=True)
 class Column:
@@ -36,6 +54,7 @@ class Column:
     keep_index: int | None = None  # current pipeline this column keeps
     keep_pipeline: Pipeline | None = None
     kv_bytes: float = 0.0  # in-flight KV saved by keeping
+    model: int = 0  # which model's layers this pipeline holds (several models on one pool)
 
     @property
     def n_devices(self) -> int:
@@ -54,6 +73,29 @@ class MasterProblem:
     build_s: float = 0.0
     complete: bool = True  # every shape up to max_stages was enumerated
     max_stages_done: int = 0
+    weights: tuple[float, ...] = (1.0,)  # w_m per model
+    demands_tok_s: tuple[float, ...] = ()  # d_m per model (default: demand_tok_s)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.weights)
+
+    def demand_of(self, m: int) -> float:
+        """Returns model m's demand d_m in output tokens/s."""
+        return self.demands_tok_s[m] if self.demands_tok_s else self.demand_tok_s
+
+    def model_throughput_tok_s(self, copies: dict[int, int]) -> list[float]:
+        """Returns T_m of every model for a choice of copies."""
+        out = [0.0] * self.n_models
+        for i, n in copies.items():
+            out[self.columns[i].model] += self.columns[i].throughput_tok_s * n
+        return out
+
+    def goodput_value(self, m: int, throughput_tok_s: float) -> float:
+        """Returns w_m * ((1 - eta) * min(T_m, d_m) + eta * T_m)."""
+        good = min(throughput_tok_s, self.demand_of(m))
+        eta = SPARE_TOKEN_VALUE
+        return self.weights[m] * ((1 - eta) * good + eta * throughput_tok_s)
 
     def net_value(self, i: int) -> float:
         """Returns column i's contribution to the max-throughput objective."""
@@ -132,6 +174,33 @@ def build_master(problem: PlanningProblem, deadline: float | None = None) -> Mas
     )
 
 
+def build_pool_master(pool: PoolProblem, deadline: float | None = None) -> MasterProblem:
+    """Returns the master problem of several models on one pool: each model's columns (its
+    shapes, enumerated until `deadline`), tagged with the model, over the shared kind rows."""
+    t0 = time.perf_counter()
+    columns: list[Column] = []
+    complete, done = True, 10**9
+    for m, problem in enumerate(pool.problems):
+        one = build_master(problem, deadline)
+        columns.extend(replace(c, model=m) for c in one.columns)
+        complete = complete and one.complete
+        done = min(done, one.max_stages_done)
+    return MasterProblem(
+        kind_counts=pool.kind_counts,
+        columns=tuple(columns),
+        objective="min_devices" if pool.objective == "min_devices" else "max_goodput",
+        demand_tok_s=0.0,
+        tok_s_per_byte=0.0,
+        required_keeps=frozenset(),
+        constant=0.0,
+        build_s=time.perf_counter() - t0,
+        complete=complete,
+        max_stages_done=done,
+        weights=pool.weights,
+        demands_tok_s=tuple(p.demand_tok_s for p in pool.problems),
+    )
+
+
 def undominated(
     shapes: list[PipelineShape],
     every: dict[tuple[int, ...], PipelineShape],
@@ -150,6 +219,9 @@ def solution_objective(master: MasterProblem, copies: dict[int, int]) -> float:
     """Returns the exact objective of a choice of copies."""
     if master.objective == "min_devices":
         return float(sum(master.columns[i].n_devices * n for i, n in copies.items()))
+    if master.objective == "max_goodput":
+        per_model = master.model_throughput_tok_s(copies)
+        return sum(master.goodput_value(m, t) for m, t in enumerate(per_model))
     return master.constant + sum(master.net_value(i) * n for i, n in copies.items())
 
 
@@ -187,11 +259,32 @@ def greedy_copies(master: MasterProblem) -> dict[int, int] | None:
             range(len(master.columns)),
             key=lambda i: (-master.columns[i].throughput_tok_s / master.columns[i].n_devices, i),
         )
-        have = sum(master.columns[i].throughput_tok_s * n for i, n in copies.items())
+        have = master.model_throughput_tok_s(copies)
         for i in order:
-            while have < master.demand_tok_s and take(i, 1):
-                have += master.columns[i].throughput_tok_s
-        return copies if have >= master.demand_tok_s else None
+            m = master.columns[i].model
+            while have[m] < master.demand_of(m) and take(i, 1):
+                have[m] += master.columns[i].throughput_tok_s
+        ok = all(have[m] >= master.demand_of(m) for m in range(master.n_models))
+        return copies if ok else None
+    if master.objective == "max_goodput":
+        # demand first (best weighted tokens per device), then spare devices as headroom
+        order = sorted(
+            range(len(master.columns)),
+            key=lambda i: (
+                -master.weights[master.columns[i].model]
+                * master.columns[i].throughput_tok_s
+                / master.columns[i].n_devices,
+                i,
+            ),
+        )
+        have = master.model_throughput_tok_s(copies)
+        for i in order:
+            m = master.columns[i].model
+            while have[m] < master.demand_of(m) and take(i, 1):
+                have[m] += master.columns[i].throughput_tok_s
+        for i in order:
+            take(i, master.columns[i].upper)
+        return copies
     order = sorted(
         range(len(master.columns)),
         key=lambda i: (-master.net_value(i) / master.columns[i].n_devices, i),

@@ -165,3 +165,26 @@ class PlanningProblem:
         else:
             t += self.hop_prefill_s if hop_s is None else hop_s
         return t
+
+
+@dataclass(frozen=True)
+class PoolProblem:
+    """Several models sharing one pool of devices (a spec's `models`).
+
+    problems[m] is model m's planning problem: its own layers, costs at its own workload,
+    SLOs and demand, over the same pools (kinds) and devices in the same order, so a device
+    index means the same device in every one. planner/master.py states the objective.
+    """
+
+    problems: tuple[PlanningProblem, ...]
+    labels: tuple[str, ...]  # one name per model, unique (the spec's `name`, or the model's)
+    weights: tuple[float, ...]  # w_m: value of one of model m's tokens/s
+    objective: str = "max_throughput"  # weighted SLO goodput; or "min_devices"
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return self.problems[0].devices
+
+    @property
+    def kind_counts(self) -> tuple[int, ...]:
+        return self.problems[0].kind_counts

@@ -24,6 +24,7 @@ class Pipeline:
     stages: tuple[Stage, ...]
     batch: int
     kept: bool = False  # unchanged from the current configuration
+    model: str = ""  # with several models on one pool: which one's layers it holds
 
     @property
     def bottleneck_s(self) -> float:
@@ -54,6 +55,60 @@ class Migration:
     frees: tuple[tuple[str, int, int], ...] = ()  # (device, start, end) ranges dropped
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model's share of a pool: its pipelines and what they are predicted to give."""
+
+    label: str
+    model_name: str
+    n_layers: int
+    weight: float
+    demand_tok_s: float
+    pipelines: tuple[Pipeline, ...]
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return sum(p.throughput_tok_s for p in self.pipelines)
+
+    @property
+    def goodput_tok_s(self) -> float:
+        """Returns min(throughput, demand): tokens/s asked for and served within the SLOs."""
+        return min(self.throughput_tok_s, self.demand_tok_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.label,
+            "model": self.model_name,
+            "weight": self.weight,
+            "demand_tok_s": self.demand_tok_s,
+            "predicted": {
+                "throughput_tok_s": self.throughput_tok_s,
+                "goodput_tok_s": self.goodput_tok_s,
+                "ttft_ms": max((p.ttft_s for p in self.pipelines), default=0.0) * 1000,
+                "tpot_ms": max((p.tpot_s for p in self.pipelines), default=0.0) * 1000,
+                "devices_used": sum(len(p.stages) for p in self.pipelines),
+            },
+            "pipelines": [_pipeline_json(p) for p in self.pipelines],
+        }
+
+
+def _pipeline_json(p: Pipeline) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "batch": p.batch,
+        "kept": p.kept,
+        "throughput_tok_s": p.throughput_tok_s,
+        "ttft_ms": p.ttft_s * 1000,
+        "tpot_ms": p.tpot_s * 1000,
+        "stages": [
+            {**asdict(s), "decode_ms": s.decode_s * 1000, "prefill_ms": s.prefill_s * 1000}
+            for s in p.stages
+        ],
+    }
+    if p.model:
+        out["model"] = p.model
+    return out
+
+
 @dataclass
 class PlanResult:
     status: str  # OPTIMAL | FEASIBLE (gap stated) | INFEASIBLE | UNKNOWN
@@ -67,6 +122,7 @@ class PlanResult:
     objective_kind: str = "max_throughput"
     message: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelPlan] = field(default_factory=list)  # several models: one entry each
 
     @property
     def throughput_tok_s(self) -> float:
@@ -101,24 +157,8 @@ class PlanResult:
                 "throughput_tok_s": self.throughput_tok_s,
                 "devices_used": self.devices_used,
             },
-            "pipelines": [
-                {
-                    "batch": p.batch,
-                    "kept": p.kept,
-                    "throughput_tok_s": p.throughput_tok_s,
-                    "ttft_ms": p.ttft_s * 1000,
-                    "tpot_ms": p.tpot_s * 1000,
-                    "stages": [
-                        {
-                            **asdict(s),
-                            "decode_ms": s.decode_s * 1000,
-                            "prefill_ms": s.prefill_s * 1000,
-                        }
-                        for s in p.stages
-                    ],
-                }
-                for p in self.pipelines
-            ],
+            "pipelines": [_pipeline_json(p) for p in self.pipelines],
+            **({"models": [m.to_json() for m in self.models]} if self.models else {}),
             "migration": None
             if self.migration is None
             else {

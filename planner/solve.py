@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from planner.assign import assign_devices, migration_of
 from planner.diagnose import explain_infeasible
@@ -13,14 +14,15 @@ from planner.master import (
     MasterProblem,
     MasterSolution,
     build_master,
+    build_pool_master,
     greedy_copies,
     relative_gap,
     solution_objective,
 )
-from planner.problem import PlanningProblem
+from planner.problem import PlanningProblem, PoolProblem
 from planner.report import cost_sources
 from planner.shapes import stage_layers
-from planner.solution import Pipeline, PlanResult
+from planner.solution import ModelPlan, Pipeline, PlanResult
 
 BACKENDS = ("cpsat", "highs", "cbc")
 
@@ -140,3 +142,121 @@ def plan(
         details=details,
     )
     return result
+
+
+def pool_pipelines_of(
+    pool: PoolProblem, master: MasterProblem, copies: dict[int, int]
+) -> list[Pipeline]:
+    """Returns the concrete pipelines of a pool's master solution, each tagged with its model."""
+    slots: list[list[tuple[int, int, int]]] = []
+    owners: list[int] = []
+    for i in sorted(copies):
+        col = master.columns[i]
+        assert col.shape is not None
+        layout = stage_layers(pool.problems[col.model], col.shape)
+        for _ in range(copies[i]):
+            start, stages = 0, []
+            for kind, n in layout:
+                stages.append((kind, start, start + n))
+                start += n
+            slots.append(stages)
+            owners.append(col.model)
+    assigned = assign_devices(pool.problems[0], slots, set())
+    return [
+        replace(build_pipeline(pool.problems[m], stages), model=pool.labels[m])
+        for m, stages in zip(owners, assigned, strict=True)
+    ]
+
+
+def plan_pool(pool: PoolProblem, backend: str = "cpsat", time_limit_s: float = 10.0) -> PlanResult:
+    """Returns the best division of the pool among several models (weighted SLO goodput, or
+    the fewest devices meeting every demand; planner/master.py), with status, bound and gap."""
+    t0 = time.perf_counter()
+    objective_kind = "min_devices" if pool.objective == "min_devices" else "max_goodput"
+    master = build_pool_master(pool, deadline=t0 + 0.7 * time_limit_s)
+    details: dict = {
+        "shapes_complete": master.complete,
+        "columns": len(master.columns),
+        "build_s": round(master.build_s, 4),
+        "cost_sources": cost_sources(pool.problems[0]),
+    }
+    if not master.columns and master.complete:
+        return PlanResult(
+            status="INFEASIBLE",
+            objective=None,
+            bound=None,
+            gap=None,
+            solve_s=time.perf_counter() - t0,
+            backend=backend,
+            objective_kind=objective_kind,
+            message="no model has a pipeline that fits: "
+            + "; ".join(
+                f"{label}: {explain_infeasible(p)}"
+                for label, p in zip(pool.labels, pool.problems, strict=True)
+            ),
+            details=details,
+        )
+    remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
+    sol = solve_master(master, backend, remaining_s)
+    if sol.objective is None and sol.status == "UNKNOWN":
+        greedy = greedy_copies(master)
+        if greedy is not None:
+            sol = MasterSolution(
+                "FEASIBLE", solution_objective(master, greedy), None, sol.solve_s, backend, greedy
+            )
+    details["solver_s"] = round(sol.solve_s, 4)
+    total_s = time.perf_counter() - t0
+    if sol.objective is None:
+        message = (
+            "no division of the pool meets every model's demand: "
+            + "; ".join(
+                f"{label} asks {p.demand_tok_s:.0f} tok/s"
+                for label, p in zip(pool.labels, pool.problems, strict=True)
+            )
+            + "; add devices, relax the SLOs or lower the request rates"
+            if sol.status == "INFEASIBLE"
+            else f"no plan found within {time_limit_s:g} s; raise --time-limit"
+        )
+        return PlanResult(
+            status=sol.status,
+            objective=None,
+            bound=sol.bound,
+            gap=None,
+            solve_s=total_s,
+            backend=backend,
+            objective_kind=objective_kind,
+            message=message,
+            details=details,
+        )
+    pipelines = pool_pipelines_of(pool, master, sol.copies)
+    status, bound, message = sol.status, sol.bound, ""
+    if not master.complete:
+        status, bound = "FEASIBLE", None
+        message = (
+            f"time limit reached while listing pipeline shapes (every pipeline of up to "
+            f"{master.max_stages_done} stages considered); gap unknown; raise --time-limit"
+        )
+    models = [
+        ModelPlan(
+            label=label,
+            model_name=p.model_name,
+            n_layers=p.n_layers,
+            weight=w,
+            demand_tok_s=p.demand_tok_s,
+            pipelines=tuple(q for q in pipelines if q.model == label),
+        )
+        for label, p, w in zip(pool.labels, pool.problems, pool.weights, strict=True)
+    ]
+    return PlanResult(
+        status=status,
+        objective=sol.objective,
+        bound=bound,
+        gap=relative_gap(sol.objective, bound),
+        message=message,
+        solve_s=total_s,
+        backend=backend,
+        pipelines=pipelines,
+        objective_kind=objective_kind,
+        details=details,
+        models=models,
+    )
