@@ -199,6 +199,9 @@ class PipelineEngine:
         self.step_hook: Callable[[list[Sequence]], None] | None = None
         self.worker_lost_hook: Callable[[int, str], bool] | None = None
         self.pipeline_broken_hook: Callable[[int], bool] | None = None
+        # Called on the scheduler thread with ("admitted" | "finished", the request): the
+        # gateway's workload monitor (agent/workload_monitor.py) reads the scheduler's state there.
+        self.request_hook: Callable[[str, Sequence], None] | None = None
         self.reconfig: Any = None  # agent.executor.Reconfigurations, set by start()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -494,6 +497,8 @@ class PipelineEngine:
             self._seqs[seq.request_id] = seq
             self._detok[seq.request_id] = self.tokenizer.detokenize_stream()
             self.scheduler.add(seq)
+            if self.request_hook is not None:
+                self.request_hook("admitted", seq)
         elif kind == "abort":
             seq = self._seqs.get(payload)
             if seq is not None:
@@ -582,6 +587,8 @@ class PipelineEngine:
     def _on_token(self, seq: Sequence, token: int, sampled: list | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = time.monotonic()
         self.tokens_generated += 1
         detok = self._detok[seq.request_id]
         finish = None
@@ -618,6 +625,8 @@ class PipelineEngine:
     def _release(self, seq: Sequence) -> None:
         """Forgets a request and frees its KV blocks on every stage of its pipeline (blocks a
         reconfiguration left elsewhere are freed by its cleanup)."""
+        if self.request_hook is not None and seq.status is not SequenceStatus.FINISHED:
+            self.request_hook("finished", seq)
         had_blocks = seq.status is SequenceStatus.RUNNING
         runtime = self.pipelines.get(seq.pipeline_id) if seq.pipeline_id is not None else None
         self.scheduler.finish(seq)

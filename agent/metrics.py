@@ -116,6 +116,68 @@ class ApplyCollector(Collector):
                                     "The last apply's longest hold at its switch.", value=stalls[-1])
 
 
+class WorkloadCollector(Collector):
+    """The workload monitor's sliding window at scrape time (agent/workload_monitor.py):
+    arrival rate, prompt and output length percentiles, queue length, KV use, and SLO
+    attainment with TTFT/TPOT percentiles per pipeline."""
+
+    def __init__(self, monitor: Any):
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        w = self._monitor.snapshot()
+        yield GaugeMetricFamily("pipeshift_workload_window_seconds", "Length of the workload window.",
+                                value=float(w["seconds"]))
+        yield GaugeMetricFamily("pipeshift_workload_arrival_rate", "Requests admitted per second over the window.",
+                                value=float(w["arrival_rate_per_s"]))
+        for name, key, doc in (
+            ("pipeshift_workload_prompt_tokens", "prompt_tokens", "Prompt length over the window."),
+            ("pipeshift_workload_output_tokens", "output_tokens", "Output length of requests finished in the window."),
+        ):
+            yield _quantile_gauge(name, doc, w[key])
+        for name, key, doc in (
+            ("pipeshift_workload_queue_length", "queue_length", "Requests waiting, sampled at every admission and finish."),
+            ("pipeshift_workload_kv_use_ratio", "kv_use", "Share of KV blocks reserved, sampled likewise."),
+        ):
+            g = GaugeMetricFamily(name, doc + " (stat: mean, max, last over the window)", labels=["stat"])
+            for stat, value in w[key].items():
+                if value is not None:
+                    g.add_metric([stat], float(value))
+            yield g
+        attainment = GaugeMetricFamily(
+            "pipeshift_workload_slo_attainment",
+            "Share of requests finished in the window that met the SLO (slo: ttft, tpot, all); "
+            'pipeline="all" for the deployment.', labels=["pipeline", "slo"])
+        ttft = GaugeMetricFamily("pipeshift_workload_ttft_seconds", "TTFT per pipeline over the window.",
+                                 labels=["pipeline", "quantile"])
+        tpot = GaugeMetricFamily("pipeshift_workload_tpot_seconds", "TPOT per pipeline over the window.",
+                                 labels=["pipeline", "quantile"])
+        for pipeline, figures in [("all", w), *w["pipelines"].items()]:
+            for slo, key in (("ttft", "ttft_attainment"), ("tpot", "tpot_attainment"), ("all", "slo_attainment")):
+                if figures[key] is not None:
+                    attainment.add_metric([pipeline, slo], float(figures[key]))
+            for family, key in ((ttft, "ttft_s"), (tpot, "tpot_s")):
+                for q, value in figures.get(key, {}).items():
+                    if value is not None and q != "mean":
+                        family.add_metric([pipeline, _quantile_label(q)], float(value))
+        yield attainment
+        yield ttft
+        yield tpot
+
+
+def _quantile_label(key: str) -> str:
+    """Returns Prometheus' quantile label for "p90": "0.9"."""
+    return str(int(key.removeprefix("p")) / 100)
+
+
+def _quantile_gauge(name: str, doc: str, figures: Mapping[str, float | None]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc + " (quantile label; mean as quantile=\"mean\")", labels=["quantile"])
+    for key, value in figures.items():
+        if value is not None:
+            g.add_metric(["mean" if key == "mean" else _quantile_label(key)], float(value))
+    return g
+
+
 class GatewayMetrics:
     """All gateway metrics, on a registry of their own so several apps can share a process."""
 
@@ -168,6 +230,10 @@ class GatewayMetrics:
             r.register(EngineStatsCollector(stats))
         if applies is not None:
             r.register(ApplyCollector(applies))
+
+    def watch_workload(self, monitor: Any) -> None:
+        """Exposes the workload monitor's window (agent/workload_monitor.py) on this registry."""
+        self.registry.register(WorkloadCollector(monitor))
 
     def start_request(self, arrival_s: float | None = None) -> RequestTimer:
         """Returns the timer of one admitted request; call its `finish` exactly once."""

@@ -87,10 +87,97 @@ def register(subparsers) -> None:
         help="also serve the planner REST API (plans, applies, history over the store) under /planner; "
         "its mutations need PIPESHIFT_API_TOKEN unless it listens on this host only",
     )
+    parser.add_argument(
+        "--spec",
+        default=None,
+        metavar="SPEC.yaml",
+        help="the spec the live controller plans from (its SLOs, cost model and `controller` mode); "
+        "its devices stand for this server's workers. Default: the local CPU defaults",
+    )
+    parser.add_argument(
+        "--controller",
+        choices=("auto", "propose", "off"),
+        default=None,
+        help="follow the workload: auto applies re-plans that pay back, propose records them for "
+        "`pipeshift apply`, off does neither (default: the spec's `controller`, else off)",
+    )
+    parser.add_argument("--controller-interval", type=float, default=15.0, metavar="SECONDS",
+                        help="seconds between the controller's decisions (default 15)")
+    parser.add_argument("--workload-window", type=float, default=60.0, metavar="SECONDS",
+                        help="the workload monitor's sliding window (default 60 s)")
+    parser.add_argument("--controller-dwell", type=float, default=None, metavar="SECONDS",
+                        help="least time between applies (default: the decision rule's, 300 s)")
+    parser.add_argument("--controller-horizon", type=float, default=None, metavar="SECONDS",
+                        help="the payback horizon a change must repay within (default 600 s)")
+    parser.add_argument("--controller-device-cost", type=float, default=None, metavar="RPS",
+                        help="goodput (req/s) a device must add to be worth holding (default 0.5)")
     from planner.init_command import add_database_argument
 
     add_database_argument(parser)
     parser.set_defaults(func=run)
+
+
+def controller_settings(args, spec):
+    """Returns the controller's settings from the flags and the spec; raises ValueError."""
+    from dataclasses import replace
+
+    from agent.controller_runner import ControllerSettings
+    from planner.controller import ControllerPolicy
+
+    mode = args.controller or (spec.controller if spec is not None else "off")
+    for flag in ("controller_interval", "workload_window", "controller_dwell", "controller_horizon"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    policy = ControllerPolicy()
+    changes = {"min_dwell_s": args.controller_dwell, "payback_horizon_s": args.controller_horizon,
+               "device_cost_rps": args.controller_device_cost}
+    policy = replace(policy, **{k: v for k, v in changes.items() if v is not None})
+    return ControllerSettings(mode=mode, interval_s=args.controller_interval, policy=policy)
+
+
+def load_controller_spec(args):
+    """Returns the --spec file's Spec (None without one); raises ValueError saying what is wrong."""
+    if not args.spec:
+        return None
+    from planner.spec import SpecError, load_spec
+
+    try:
+        return load_spec(args.spec)
+    except SpecError as exc:
+        raise ValueError("\n".join(exc.lines)) from None
+    except OSError as exc:
+        raise ValueError(f"--spec {args.spec}: {exc.strerror}") from None
+
+
+def start_controller(app, engine, args, spec, settings, store=None):
+    """Sets the workload monitor's window and SLOs from the spec and starts the controller loop
+    (agent/controller_runner.py) on the app; returns the runner."""
+    from agent.controller_runner import ControllerRunner, default_spec
+    from agent.workload_monitor import SloTargets
+    from cost_models.model_catalog import get_model_arch
+
+    monitor = app.state.workload_monitor
+    if spec is None:
+        try:
+            model = get_model_arch(engine.model_name).name
+        except KeyError:
+            model = get_model_arch(args.model).name
+        spec = default_spec(model, len(engine.worker_info))
+    if monitor is not None:
+        monitor.window_s = args.workload_window
+        slo = spec.slo
+        monitor.slo = SloTargets(None if slo.ttft_ms is None else slo.ttft_ms / 1000,
+                                 None if slo.tpot_ms is None else slo.tpot_ms / 1000)
+    runner = ControllerRunner(engine.reconfig, monitor, spec, settings, app.state.device_fleet, store)
+    app.state.controller = runner
+    if settings.mode != "off":
+        if monitor is None:
+            raise ValueError("the controller needs the workload monitor, which this engine does not feed")
+        runner.start()
+        print(f"  controller: {settings.mode}, a decision every {settings.interval_s:g} s over a "
+              f"{monitor.window_s:g} s window (GET /admin/v1/controller lists them)", flush=True)
+    return runner
 
 
 def load_plan_pipelines(path: str, n_devices: int | None) -> tuple[list[list[tuple[int, int, int]]], int]:
@@ -180,6 +267,12 @@ def run(args) -> int:
     from planner.configuration import ConfigurationError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_controller_spec(args)
+        settings = controller_settings(args, spec)
+    except ValueError as exc:
+        print(f"pipeshift serve: error: {exc}", file=sys.stderr)
+        return 2
     store = None
     if args.planner_api:
         store = open_planner_store(args)
@@ -197,7 +290,11 @@ def run(args) -> int:
         app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token)
         if store is not None:
             mount_planner_api(app, store, args)
-        run_server(app, args.host, args.port)
+        runner = start_controller(app, engine, args, spec, settings, store)
+        try:
+            run_server(app, args.host, args.port)
+        finally:
+            runner.stop()
     finally:
         engine.stop()
         if store is not None:

@@ -20,7 +20,9 @@ class AdminError(RuntimeError):
 
 
 class AdminClient:
-    def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout_s: float = 60.0):
+    def __init__(
+        self, server: str = DEFAULT_SERVER, token: str | None = None, timeout_s: float = 60.0
+    ):
         self.server = server.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
@@ -30,15 +32,30 @@ class AdminClient:
 
     def plan(self, target: dict[str, Any], max_overhead: float | None = None) -> dict[str, Any]:
         """Returns the dry-run answer: {"plan", "text", "feasible"}."""
-        return self._request("POST", "/admin/v1/applies", {**target, "dry_run": True, "max_overhead": max_overhead})
+        return self._request(
+            "POST", "/admin/v1/applies", {**target, "dry_run": True, "max_overhead": max_overhead}
+        )
 
-    def apply(self, target: dict[str, Any], max_overhead: float | None = None,
-              expected_epoch: int | None = None, kv: str | None = None) -> dict[str, Any]:
-        return self._request("POST", "/admin/v1/applies",
-                             {**target, "max_overhead": max_overhead, "expected_epoch": expected_epoch, "kv": kv})
+    def apply(
+        self,
+        target: dict[str, Any],
+        max_overhead: float | None = None,
+        expected_epoch: int | None = None,
+        kv: str | None = None,
+    ) -> dict[str, Any]:
+        return self._request(
+            "POST",
+            "/admin/v1/applies",
+            {**target, "max_overhead": max_overhead, "expected_epoch": expected_epoch, "kv": kv},
+        )
 
-    def wait(self, apply_id: str, poll_s: float = 0.1, timeout_s: float = 1800.0,
-             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        apply_id: str,
+        poll_s: float = 0.1,
+        timeout_s: float = 1800.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Returns the apply's record once it is done; `on_update` sees every record read."""
         import time
 
@@ -62,12 +79,37 @@ class AdminClient:
     def cancel(self, apply_id: str) -> dict[str, Any]:
         return self._request("POST", f"/admin/v1/applies/{apply_id}/cancel")
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+    def drain(self, device: str) -> dict[str, Any]:
+        """Starts moving `device`'s layers elsewhere: {"device", "state", "message", "apply"}."""
+        from urllib.parse import quote
+
+        return self._request("POST", f"/admin/v1/devices/{quote(device, safe='')}/drain")
+
+    def add_device(self, device: str | None = None) -> dict[str, Any]:
+        """Re-admits a drained device (the first drained one when None): {"added", "message"}."""
+        return self._request("POST", "/admin/v1/devices", {"device": device})
+
+    def workload(self) -> dict[str, Any]:
+        return self._request("GET", "/admin/v1/workload")["workload"]
+
+    def controller(self, limit: int = 50) -> dict[str, Any]:
+        """Returns the live controller's mode, policy and most recent decisions."""
+        return self._request("GET", f"/admin/v1/controller?limit={limit}")
+
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        data = (
+            None
+            if body is None
+            else json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        )
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.server + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request(
+            self.server + path, data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read() or b"{}")
@@ -80,5 +122,7 @@ class AdminClient:
             raise AdminError(message, exc.code, payload) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise AdminError(f"no pipeshift server answers at {self.server} ({reason}): start one with "
-                             "`pipeshift serve`, or point --server at it") from None
+            raise AdminError(
+                f"no pipeshift server answers at {self.server} ({reason}): start one with "
+                "`pipeshift serve`, or point --server at it"
+            ) from None

@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "simulate": "planner.simulate_command",
     "calibrate": "agent.calibrate_command",
     "devices": "cost_models.devices_command",
+    "device": "planner.device_command",
 }
 
 

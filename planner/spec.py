@@ -170,6 +170,9 @@ class Spec(_Strict):
     memory_utilization: float = Field(0.9, gt=0, le=1)
     max_stages: int = Field(16, ge=1, le=256)
     replan_interval_s: float = Field(600.0, gt=0)
+    # the live controller of `pipeshift serve --spec` (agent/controller_runner.py): auto applies
+    # the re-plans that pay back, propose records them for `pipeshift apply`, off does neither
+    controller: Literal["auto", "propose", "off"] = "off"
     calibration: str | None = None  # `pipeshift calibrate` JSON: measured efficiency per kind
     # `pipeshift calibrate --out X.yaml` profiles (relative to the spec): measured tables that
     # replace a catalog kind's roofline where they cover it, or define a new kind entirely

@@ -7,6 +7,10 @@
   GET  /admin/v1/applies/{id}          phases with start/end, bytes, predicted and measured figures
   GET  /admin/v1/applies/{id}/serving  TTFT/TPOT before, during and after it, and token times
   POST /admin/v1/applies/{id}/cancel   stop an apply (before its switch it aborts)
+  GET  /admin/v1/workload              the workload monitor's window (also in the deployment)
+  POST /admin/v1/devices/{name}/drain  move a device's layers elsewhere live, then mark it drained
+  POST /admin/v1/devices               re-admit a drained device (`device`, else the first drained)
+  GET  /admin/v1/controller            the live controller's mode, policy and recent decisions
 
 It answers clients on this host only, unless the server was given a token; then every admin
 request must carry `Authorization: Bearer TOKEN`, from anywhere (the OpenAPI document declares
@@ -98,8 +102,34 @@ class ApplyBody(BaseModel):
         return Configuration.from_json(self.target.model_dump())
 
 
+class AddDeviceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str | None = Field(None, min_length=1, description="a drained device; default: the first drained one")
+
+
+def install_workload_monitor(app: FastAPI, reconfig: Reconfigurations) -> tuple[Any, Any]:
+    """Feeds a workload monitor from the engine's requests and shows it on /metrics; adds the
+    device fleet (drain / add). Returns (monitor, fleet); (None, None) for an engine without hooks."""
+    from agent.device_fleet import DeviceFleet
+    from agent.workload_monitor import WorkloadMonitor
+
+    engine = getattr(reconfig, "engine", None)
+    monitor = WorkloadMonitor()
+    if engine is None or not monitor.attach(engine):
+        monitor = None
+    else:
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.watch_workload(monitor)
+    fleet = DeviceFleet(reconfig) if engine is not None else None
+    app.state.workload_monitor, app.state.device_fleet = monitor, fleet
+    app.state.controller = None  # `pipeshift serve --controller` sets it
+    return monitor, fleet
+
+
 def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | None = None) -> None:
     """Adds the admin routes to `app`, guarded as the module docstring says."""
+    monitor, fleet = install_workload_monitor(app, reconfig)
 
     def authorize_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         given = credentials.credentials if credentials else ""
@@ -117,15 +147,83 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(authorize_token if token else authorize_host)],
                        tags=["admin"], responses=error_responses(401 if token else 403))
 
+    def workload_json() -> dict[str, Any] | None:
+        if monitor is None:
+            return None
+        figures = monitor.snapshot()
+        serving = {str(p.pipeline_id): i for i, p in enumerate(reconfig.engine.serving_pipelines())}
+        for pid, pipeline in figures["pipelines"].items():
+            pipeline["serving_index"] = serving.get(pid)  # None: a pipeline an apply retired
+        return figures
+
     @router.get("/deployment")
     async def deployment() -> JSONResponse:
-        return JSONResponse(deployment_json(reconfig.engine))
+        body = deployment_json(reconfig.engine)
+        if fleet is not None:
+            for device in body["devices"]:
+                device["state"] = fleet.state(device["name"]) or device["state"]
+        body["workload"] = workload_json()
+        return JSONResponse(body)
+
+    @router.get("/workload")
+    async def workload() -> JSONResponse:
+        """The workload monitor's sliding window: arrival rate, prompt and output lengths,
+        queue length, KV use, SLO attainment and TTFT/TPOT per pipeline."""
+        return JSONResponse({"workload": workload_json()})
+
+    @router.get("/controller")
+    async def controller(request: Request, limit: int = Query(50, ge=1, le=200)) -> JSONResponse:
+        """The live controller's mode, policy and its most recent decisions with their reasons."""
+        runner = getattr(request.app.state, "controller", None)
+        if runner is None:
+            return JSONResponse({"mode": "off", "running": False, "decisions": []})
+        return JSONResponse(runner.to_json(limit))
+
+    def device_refused(exc: Exception) -> APIError:
+        code = {404: "not_found", 503: "unavailable"}.get(exc.status, "device_refused")
+        return APIError(exc.message, status=exc.status, code=code)
+
+    @router.post("/devices/{device}/drain", status_code=202, responses={
+        200: {"description": "nothing to move: the device held no stage, or was drained already"},
+        **error_responses(404, 409, 503)})
+    async def drain_device(device: str) -> JSONResponse:
+        """Plans the configuration without `device`, applies it live, then marks it drained."""
+        from agent.device_fleet import DeviceRefused
+
+        if fleet is None:
+            raise APIError("this engine cannot drain devices", status=409, code="device_refused")
+        try:
+            record, message = fleet.drain(device)
+        except DeviceRefused as exc:
+            raise device_refused(exc) from None
+        body = {"device": device, "state": fleet.state(device), "message": message,
+                "apply": None if record is None else record.to_json()}
+        if record is None:
+            return JSONResponse(body, status_code=200)
+        return JSONResponse(body, status_code=202, headers={"Location": f"/admin/v1/applies/{record.apply_id}"})
+
+    @router.post("/devices", responses=error_responses(404, 409))
+    async def add_device(body: AddDeviceBody | None = None) -> JSONResponse:
+        """Makes a drained device available to the planner and the controller again."""
+        from agent.device_fleet import DeviceRefused
+
+        if fleet is None:
+            raise APIError("this engine cannot add devices", status=409, code="device_refused")
+        try:
+            added, message = fleet.add(body.device if body is not None else None)
+        except DeviceRefused as exc:
+            raise device_refused(exc) from None
+        return JSONResponse({"added": added, "message": message})
 
     @router.post("/applies", status_code=202, responses={
         200: {"description": "`dry_run`: the plan, nothing applied"}, **error_responses(400, 409, 503)})
     async def create_apply(body: ApplyBody) -> JSONResponse:
         try:
             target = body.configuration()
+            drained = fleet.unavailable() & set(target.devices()) if fleet is not None else set()
+            if drained:
+                raise ConfigurationError(f"{', '.join(sorted(drained))} is drained: add it back first "
+                                         "(POST /admin/v1/devices, `pipeshift device add`)")
             if body.dry_run:
                 plan = reconfig.plan(target, body.max_overhead)
                 return JSONResponse({"plan": plan.to_json(), "text": plan.render(), "feasible": plan.feasible},

@@ -70,6 +70,7 @@ class SpecBody(_Body):
     objective: Literal["max_throughput", "min_devices"] = "max_throughput"
     memory_utilization: float = Field(0.9, gt=0, le=1)
     max_stages: int = Field(16, ge=1, le=256)
+    controller: Literal["auto", "propose", "off"] = "off"
 
     def to_spec(self) -> Spec:
         return Spec.model_validate(self.model_dump(mode="json", exclude_none=True))

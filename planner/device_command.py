@@ -1,0 +1,58 @@
+"""`pipeshift device drain DEVICE` and `pipeshift device add [DEVICE]`: devices leave and join a
+serving deployment. Draining moves the device's layers elsewhere live (the admin API plans the
+configuration without it and applies it), then marks it drained; adding makes a drained device
+available to the planner and the controller again (local mode starts no new worker process)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from planner.apply_command import DEFAULT_SERVER
+
+    p = subparsers.add_parser("device", help="drain a device of a serving deployment, or add one back",
+                              description=__doc__)
+    actions = p.add_subparsers(dest="device_action", metavar="ACTION")
+    drain = actions.add_parser("drain", help="move a device's layers elsewhere live, then mark it drained")
+    drain.add_argument("device", metavar="DEVICE", help="e.g. worker-2 (GET /admin/v1/deployment lists them)")
+    drain.add_argument("--no-wait", action="store_true", help="return once the apply has started")
+    add = actions.add_parser("add", help="make a drained device available to the planner again")
+    add.add_argument("device", nargs="?", default=None, metavar="DEVICE",
+                     help="the device to re-admit (default: the first drained one)")
+    for sub in (drain, add):
+        sub.add_argument("--server", default=DEFAULT_SERVER,
+                         help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
+        sub.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"))
+        sub.set_defaults(func=run)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.admin_client import AdminClient, AdminError
+
+    client = AdminClient(args.server, args.token)
+    try:
+        if args.device_action == "add":
+            answer = client.add_device(args.device)
+            print(answer["message"])
+            return 0
+        answer = client.drain(args.device)
+        print(answer["message"])
+        record = answer.get("apply")
+        if record is None or args.no_wait:
+            return 0
+        final = client.wait(record["id"])
+        if final["outcome"] != "applied":
+            print(f"pipeshift device drain: the apply ended {final['outcome']}: {final.get('error') or ''}; "
+                  f"{args.device} keeps serving", file=sys.stderr)
+            return 1
+        stall = final["measured"].get("stall_ms")
+        print(f"{args.device} is drained (apply {record['id']}, epoch {final['epoch_to']}"
+              + (f", switch held requests {stall:.1f} ms" if stall is not None else "") + ")")
+        return 0
+    except AdminError as exc:
+        print(f"pipeshift device {args.device_action}: error: {exc}", file=sys.stderr)
+        return 1 if exc.status is None or exc.status >= 500 or exc.status == 409 else 2
