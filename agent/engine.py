@@ -28,14 +28,14 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
 import torch
 
 from agent.control import ControlError, ControlServer, WorkerConnection
-from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob
+from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob, prompt_batch
 from agent.launcher import Launcher, LocalLauncher
 from agent.loaders import resolve_model
 from agent.scheduler import MicroBatch, Scheduler
@@ -187,6 +187,7 @@ class PipelineEngine:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.failure: str | None = None
         self.tokens_generated = 0
+        self.prefill_tokens = 0  # prompt positions computed: once per prompt, whatever its n
         self.active_requests = 0  # streams open through `generate` (the event loop's count)
         self.workers: dict[int, WorkerConnection] = {}
         self._seqs: dict[str, Sequence] = {}
@@ -379,6 +380,9 @@ class PipelineEngine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Returns the prompt ids of a chat; raises EngineError (400) when the model cannot
         format it: no chat template (as vLLM: use /v1/completions), or the template refuses."""
@@ -406,6 +410,7 @@ class PipelineEngine:
             "queue_length": float(len(sched.waiting)) if sched else 0.0,
             "running": float(len(sched.running)) if sched else 0.0,
             "tokens_generated": float(self.tokens_generated),
+            "prefill_tokens": float(self.prefill_tokens),
             "kv_blocks_used": float(sched.used_blocks) if sched else 0.0,
             "kv_blocks_capacity": float(sched.capacity_blocks) if sched else 0.0,
             "epoch": float(self.epoch),
@@ -447,24 +452,62 @@ class PipelineEngine:
                 "max_tokens or start the server with a larger --kv-cache-mb",
                 param="max_tokens",
             )
+        if need * params.n > capacity:  # the members of a prompt are admitted together
+            raise EngineError(
+                f"n={params.n} sequences of prompt ({n} tokens) plus max_tokens ({params.max_tokens}) reserve "
+                f"{need * params.n * sched.block_size} tokens of KV cache; each stage holds "
+                f"{capacity * sched.block_size}: lower n or max_tokens, or start the server with a larger --kv-cache-mb",
+                param="n",
+            )
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent, None]:
-        self.check_request(prompt_ids, params)
+    async def generate(self, request_id: str, prompt_ids: list[int] | list[list[int]],
+                       params: SamplingParams) -> AsyncGenerator[TokenEvent, None]:
+        prompts = prompt_batch(prompt_ids)
+        for prompt in prompts:
+            self.check_request(prompt, params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = Sequence(request_id, list(prompt_ids), params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        self.events.put(("add", seq))
-        finished = False
+
+        def emit(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seqs = self.request_sequences(request_id, prompts, params, emit)
+        self.events.put(("add", seqs))
+        finished: set[int] = set()
         self.active_requests += 1
         try:
-            while not finished:
+            while len(finished) < len(seqs):
                 event = await events.get()
-                finished = event.finish_reason is not None
+                if event.finish_reason is not None:
+                    finished.add(event.index)
                 yield event
         finally:
             self.active_requests -= 1
-            if not finished:
-                self.events.put(("abort", request_id))
+            if len(finished) < len(seqs):
+                self.events.put(("abort", [s.request_id for s in seqs if s.index not in finished]))
+
+    @staticmethod
+    def request_sequences(request_id: str, prompts: list[list[int]], params: SamplingParams,
+                          emit: Callable[[TokenEvent], None]) -> list[Sequence]:
+        """Returns one sequence per choice: for each prompt a leader, and n - 1 members that
+        fork from it once it has prefilled the prompt. With a seed, member m samples with seed
+        + m (as vLLM does), so each member is reproducible and the members differ."""
+        n = max(1, params.n)
+        seqs: list[Sequence] = []
+        for i, prompt in enumerate(prompts):
+            leader = None
+            for m in range(n):
+                index = i * n + m
+                rid = request_id if len(prompts) * n == 1 else f"{request_id}-{index}"
+                own = params if params.seed is None or m == 0 else replace(params, seed=params.seed + m)
+                seq = Sequence(rid, list(prompt), own, emit=emit, index=index)
+                if leader is None:
+                    leader = seq
+                else:
+                    seq.awaiting_fork = True
+                    leader.forks.append(seq)
+                seqs.append(seq)
+        return seqs
 
     # ---- scheduler thread ---------------------------------------------------------------
     def _run_scheduler(self) -> None:
@@ -490,21 +533,25 @@ class PipelineEngine:
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "add":
-            seq: Sequence = payload
-            if self.failure:
-                seq.emit(TokenEvent(finish_reason="error", error=f"the pipeline is down: {self.failure}"))
-                return
-            self._seqs[seq.request_id] = seq
-            self._detok[seq.request_id] = self.tokenizer.detokenize_stream()
-            self.scheduler.add(seq)
-            if self.request_hook is not None:
-                self.request_hook("admitted", seq)
+            seqs: list[Sequence] = payload if isinstance(payload, list) else [payload]
+            for seq in seqs:
+                if self.failure:
+                    seq.emit(TokenEvent(finish_reason="error", error=f"the pipeline is down: {self.failure}",
+                                        index=seq.index))
+                    continue
+                self._seqs[seq.request_id] = seq
+                self._detok[seq.request_id] = self.tokenizer.detokenize_stream()
+                if not seq.awaiting_fork:  # members come in with their leader
+                    self.scheduler.add(seq)
+                if self.request_hook is not None:
+                    self.request_hook("admitted", seq)
         elif kind == "abort":
-            seq = self._seqs.get(payload)
-            if seq is not None:
-                seq.aborted = True
-                if not seq.inflight:
-                    self._release(seq)
+            for rid in payload if isinstance(payload, list) else [payload]:
+                seq = self._seqs.get(rid)
+                if seq is not None:
+                    seq.aborted = True
+                    if not seq.inflight:
+                        self._release(seq)
         elif kind == "message":
             self._on_message(*payload)
         elif kind == "call":
@@ -534,25 +581,49 @@ class PipelineEngine:
                     break
 
     def _send_step(self, runtime: PipelineRuntime, mb: MicroBatch) -> None:
-        sample = {}
+        sample: dict[str, dict[str, Any]] = {}
+        prompt_logprobs: dict[str, dict[str, Any]] = {}
         for seq, start, chunk in zip(mb.seqs, mb.start_pos, mb.tokens, strict=True):
-            if start + len(chunk) == seq.num_tokens:  # this step yields the request's next token
-                p = seq.params
-                wanted = p.wire()
-                # The penalties read the request's history: it travels with the step, so the
-                # last stage keeps no state of it (a reconfiguration may move that stage).
-                if p.penalises_output:
-                    wanted["output_ids"] = seq.output_ids
-                if p.repetition_penalty != 1.0:
-                    wanted["prompt_ids"] = seq.prompt_ids
-                sample[seq.request_id] = wanted
+            end, n_prompt = start + len(chunk), len(seq.prompt_ids)
+            self.prefill_tokens += max(0, min(end, n_prompt) - start)
+            if seq.params.prompt_logprobs is not None and not seq.output_ids:
+                # Rows q of this step give the logprob of prompt token q + 1; each is asked once.
+                first, last = max(start, len(seq.prompt_logprobs)), min(end, n_prompt - 1)
+                if last > first:
+                    prompt_logprobs[seq.request_id] = {"k": seq.params.prompt_logprobs, "skip": first - start,
+                                                       "targets": seq.prompt_ids[first + 1:last + 1]}
+            if end == seq.num_tokens:  # this step yields the request's next token
+                sample[seq.request_id] = self._sampling(seq)
+                members = [m for m in seq.forks if m.awaiting_fork and m.status is SequenceStatus.RUNNING
+                           and m.pipeline_id == mb.pipeline_id and not m.aborted]
+                if members:
+                    mb.forks[seq.request_id] = members
+                    for m in members:
+                        sample[m.request_id] = self._sampling(m)
         header = {
             "op": "step", "epoch": runtime.epoch, "mb": mb.mb_id,
             "ids": [s.request_id for s in mb.seqs], "start": mb.start_pos, "n_new": mb.num_new,
             "sample": sample,
         }
+        if mb.forks:
+            header["fork"] = {rid: [m.request_id for m in members] for rid, members in mb.forks.items()}
+        if prompt_logprobs:
+            header["prompt_logprobs"] = prompt_logprobs
         flat = torch.tensor([t for chunk in mb.tokens for t in chunk], dtype=torch.int64)
         runtime.to_first.send(header, [flat])
+
+    @staticmethod
+    def _sampling(seq: Sequence) -> dict[str, Any]:
+        """Returns what the last stage needs to pick `seq`'s next token."""
+        p = seq.params
+        wanted = p.wire()
+        # The penalties read the request's history: it travels with the step, so the
+        # last stage keeps no state of it (a reconfiguration may move that stage).
+        if p.penalises_output:
+            wanted["output_ids"] = seq.output_ids
+        if p.repetition_penalty != 1.0:
+            wanted["prompt_ids"] = seq.prompt_ids
+        return wanted
 
     def _on_message(self, pipeline_id: int, header: dict[str, Any]) -> None:
         op = header.get("op")
@@ -563,17 +634,34 @@ class PipelineEngine:
             return
         if op == "error":
             mb = self.scheduler.fail(mb_id)
-            for seq in mb.seqs:
-                self._finish(seq, "error", error=header.get("message", "stage error"))
+            for seq in [*mb.seqs, *(m for members in mb.forks.values() for m in members)]:
+                if seq.request_id in self._seqs:
+                    self._finish(seq, "error", error=header.get("message", "stage error"))
             return
         mb = self.scheduler.complete(mb_id)
         tokens: dict[str, int] = header["tokens"]
         logprobs: dict[str, list] = header.get("logprobs") or {}
-        for seq in mb.seqs:
+        prompt_logprobs: dict[str, list] = header.get("prompt_logprobs") or {}
+        for seq, start, n_new in zip(mb.seqs, mb.start_pos, mb.num_new, strict=True):
+            seq.prompt_logprobs.extend(prompt_logprobs.get(seq.request_id, ()))
+            members = mb.forks.get(seq.request_id, [])
             if seq.aborted:
                 self._release(seq)
             elif seq.request_id in tokens:
                 self._on_token(seq, int(tokens[seq.request_id]), logprobs.get(seq.request_id))
+            for member in members:
+                if member.request_id not in self._seqs or member.aborted:
+                    continue  # released meanwhile; its blocks were freed after the fork
+                member.awaiting_fork = False
+                # Its KV is where the step ran; a member a reconfiguration moved meanwhile
+                # computes its prompt again where it is now.
+                if member.pipeline_id == mb.pipeline_id and member.num_computed == 0:
+                    member.num_computed = start + n_new
+                member.prompt_logprobs = list(seq.prompt_logprobs)
+                if member.request_id in tokens:
+                    self._on_token(member, int(tokens[member.request_id]), logprobs.get(member.request_id))
+            if members:
+                seq.forks = [m for m in seq.forks if m.awaiting_fork]
         if self.step_hook is not None:
             self.step_hook(mb.seqs)
 
@@ -612,15 +700,27 @@ class PipelineEngine:
             token_ids=[token], text=delta, finish_reason=finish,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             logprobs=[self._token_logprob(sampled)] if sampled is not None else None,
+            index=seq.index,
+            prompt_logprobs=self._prompt_logprobs(seq) if len(seq.output_ids) == 1 else None,
         ))
         if finish:
             self._release(seq)
 
+    def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob] | None:
+        """Returns one entry per prompt token when the request asked: the first has no logprob."""
+        if seq.params.prompt_logprobs is None:
+            return None
+        first = seq.prompt_ids[0]
+        return [TokenLogprob(first, self.tokenizer.token_text(first), None),
+                *(self._token_logprob(entry) for entry in seq.prompt_logprobs)]
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if not seq.aborted:
             seq.emit(TokenEvent(finish_reason=reason, error=error, prompt_tokens=len(seq.prompt_ids),
-                                completion_tokens=len(seq.output_ids)))
+                                completion_tokens=len(seq.output_ids), index=seq.index))
         self._release(seq)
+        for member in [m for m in seq.forks if m.awaiting_fork and m.request_id in self._seqs]:
+            self._finish(member, reason, error)  # nothing will fork them now
 
     def _release(self, seq: Sequence) -> None:
         """Forgets a request and frees its KV blocks on every stage of its pipeline (blocks a

@@ -27,6 +27,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension; 1 leaves the logits as they are
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
+    n: int = 1  # sequences per prompt; they share the prompt's prefill and KV blocks
+    # None: none; k: each prompt token's logprob (from the same float32 logits, unprocessed)
+    # and the k most likely at its position
+    prompt_logprobs: int | None = None
 
     def wire(self) -> dict[str, Any]:
         """Returns what the last stage's sampler needs, leaving out what is at its neutral value."""
@@ -51,7 +55,7 @@ class TokenLogprob:
 
     token_id: int
     token: str  # the token's text alone
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which nothing predicts
     top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
 
 
@@ -66,6 +70,16 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    index: int = 0  # the choice: prompt position in the batch * n + member
+    # With the first event of a choice whose request asked: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+def prompt_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
+    """Returns `prompt_ids` as a batch: a list of prompts."""
+    if prompt_ids and isinstance(prompt_ids[0], list):
+        return [list(p) for p in prompt_ids]  # type: ignore[arg-type]
+    return [list(prompt_ids)]  # type: ignore[arg-type]
 
 
 class EngineError(Exception):
@@ -86,12 +100,17 @@ class Engine(Protocol):
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
+    def decode(self, token_ids: list[int]) -> str: ...
+
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int] | list[list[int]], params: SamplingParams
     ) -> AsyncGenerator[TokenEvent, None]:
-        """Streams events until one has `finish_reason`; closing the generator early (aclose, or
-        a cancellation at one of its awaits) aborts the request and frees its KV blocks. Raises EngineError before the first event when the
-        request can never be served (e.g. prompt + max_tokens exceed the context)."""
+        """Streams events until every choice has had one with `finish_reason`. `prompt_ids` is
+        one prompt or a batch of prompts; each prompt gets `params.n` choices, and an event's
+        `index` names its choice (prompt position * n + member). Closing the generator early
+        (aclose, or a cancellation at one of its awaits) aborts the request and frees its KV
+        blocks. Raises EngineError before the first event when the request can never be served
+        (e.g. prompt + max_tokens exceed the context)."""
         ...
 
     def health(self) -> tuple[bool, str]: ...

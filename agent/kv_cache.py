@@ -12,6 +12,10 @@ that loses layers grows it. Shrinking moves only the in-use blocks that lie past
 into free blocks below it; the memory past the end goes back to the OS (see
 `agent/reserved_memory.py`). Every in-flight block survives.
 
+A request forked from another (`fork`: the members of an `n` > 1 request) shares its full
+blocks, counted by reference, and gets a copy of the last partial one: positions are never
+written twice, so a shared block is never written after the fork and needs no copy-on-write.
+
 Block bookkeeping is guarded by a lock: the stage loops and the migration threads of a
 worker (KV import, export) reserve and free concurrently.
 """
@@ -78,6 +82,7 @@ class PagedKVCache:
             self.add_layer(layer)
         self._free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self.block_tables: dict[str, list[int]] = {}
+        self._holders: dict[int, int] = {}  # block -> how many tables hold it, where above 1
         # Reused gather buffers: a fresh multi-MB tensor per layer per step would cost page
         # faults on every touch (glibc hands large blocks back to the OS on free).
         self._gather_k = torch.empty(0, dtype=spec.dtype, device=self.device)
@@ -137,11 +142,50 @@ class PagedKVCache:
                 table.append(self._free_blocks.pop())
 
     def free(self, request_id: str) -> int:
-        """Returns the blocks of `request_id` to the free list; returns how many."""
+        """Returns the blocks of `request_id` that no other request shares to the free list;
+        returns how many."""
         with self._lock:
             table = self.block_tables.pop(request_id, [])
-            self._free_blocks.extend(reversed(table))
-            return len(table)
+            freed = []
+            for block in reversed(table):
+                holders = self._holders.get(block, 1)
+                if holders > 2:
+                    self._holders[block] = holders - 1
+                elif holders == 2:
+                    del self._holders[block]
+                else:
+                    freed.append(block)
+            self._free_blocks.extend(freed)
+            return len(freed)
+
+    def fork(self, parent_id: str, child_id: str, n_tokens: int) -> None:
+        """Gives `child_id` the KV of `parent_id`'s positions `[0, n_tokens)`: the full blocks
+        shared, the last partial block copied. Raises CacheFullError without a free block."""
+        bs = self.spec.block_size
+        with self._lock:
+            if child_id in self.block_tables:
+                raise ValueError(f"request {child_id} already holds KV blocks; it cannot be forked")
+            parent = self.block_tables[parent_id]
+            full = n_tokens // bs
+            table = list(parent[:full])
+            if n_tokens % bs:
+                if not self._free_blocks:
+                    raise CacheFullError(f"forking {parent_id} into {child_id} needs 1 KV block; none is free")
+                copy = self._free_blocks.pop()
+                src = torch.arange(parent[full] * bs, (parent[full] + 1) * bs, device=self.device)
+                dst = torch.arange(copy * bs, (copy + 1) * bs, device=self.device)
+                for k, v in self._storage.values():
+                    for store in (k.full, v.full):
+                        store.index_copy_(1, dst, store.index_select(1, src))
+                table.append(copy)
+            for block in table[:full]:
+                self._holders[block] = self._holders.get(block, 1) + 1
+            self.block_tables[child_id] = table
+
+    def shared_blocks(self) -> int:
+        """Returns how many blocks more than one request holds."""
+        with self._lock:
+            return len(self._holders)
 
     def slots(self, request_id: str, positions: torch.Tensor) -> torch.Tensor:
         """Returns the flat slot index of each token position of `request_id`."""
@@ -180,7 +224,11 @@ class PagedKVCache:
         for table in self.block_tables.values():
             for i, block in enumerate(table):
                 if block >= limit:
-                    moves[block] = table[i] = spare.pop(0)
+                    if block not in moves:  # a shared block moves once, for every holder
+                        moves[block] = spare.pop(0)
+                    table[i] = moves[block]
+        for block in [b for b in self._holders if b in moves]:
+            self._holders[moves[block]] = self._holders.pop(block)
         if moves:
             bs = self.spec.block_size
             src = torch.tensor(list(moves), dtype=torch.long)

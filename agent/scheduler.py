@@ -30,6 +30,7 @@ class MicroBatch:
     start_pos: list[int]
     tokens: list[list[int]]
     pipeline_id: int = 0
+    forks: dict[str, list[Sequence]] = field(default_factory=dict)  # leader -> members forked by this step
 
     @property
     def num_new(self) -> list[int]:
@@ -124,22 +125,35 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
-        """Moves waiting requests to running, in arrival order, while their KV fits somewhere."""
+        """Moves waiting requests to running, in arrival order, while their KV fits somewhere.
+
+        A leader comes in with the members still to fork from it, on the same pipeline. Each
+        member reserves as much as a request of its own: the blocks they share are counted
+        once per member, because a reconfiguration moves each member's KV on its own."""
         admitted = []
         while self.waiting:
             seq = self.waiting[0]
             need = self.blocks_needed(len(seq.prompt_ids), seq.params.max_tokens)
-            slot = self._least_loaded(need)
+            group = [seq, *self.fork_group(seq)]
+            slot = self._least_loaded(need * len(group))
             if slot is None:
                 break
             self.waiting.popleft()
-            seq.reserved_blocks = need
-            seq.status = SequenceStatus.RUNNING
-            self._occupy(seq, slot.footprint)
-            seq.pipeline_id = slot.pipeline_id
-            slot.running.append(seq)
-            admitted.append(seq)
+            if seq.awaiting_fork:  # back in the queue alone (a roll-back): it prefills itself
+                seq.awaiting_fork = False
+            for member in group:
+                member.reserved_blocks = need
+                member.status = SequenceStatus.RUNNING
+                self._occupy(member, slot.footprint)
+                member.pipeline_id = slot.pipeline_id
+                slot.running.append(member)
+                admitted.append(member)
         return admitted
+
+    def fork_group(self, leader: Sequence) -> list[Sequence]:
+        """Returns the members still to fork from `leader` that wait for it, not in the queue."""
+        return [m for m in leader.forks
+                if m.awaiting_fork and m.status is SequenceStatus.WAITING and m not in self.waiting]
 
     def _least_loaded(self, need: int) -> PipelineSlot | None:
         candidates = [s for s in self.pipelines.values() if s.admitting and self.fits(s.footprint, need)]
@@ -188,7 +202,7 @@ class Scheduler:
         slot = self.pipelines[pipeline_id]
         if len(slot.inflight) >= slot.max_inflight:
             return None
-        ready = [s for s in slot.running if not s.inflight and not s.held]
+        ready = [s for s in slot.running if not s.inflight and not s.held and not s.awaiting_fork]
         if not ready:
             return None
         target = min(self.max_batch_size, max(1, math.ceil(len(slot.running) / slot.max_inflight)))

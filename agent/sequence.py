@@ -35,6 +35,14 @@ class Sequence:
     pipeline_id: int | None = None  # where it runs
     footprint: frozenset[int] = frozenset()  # workers holding its reserved KV blocks
     held: bool = False  # a reconfiguration is moving it: no step until it is released
+    index: int = 0  # its choice in the request (prompt position * n + member)
+    # n > 1: member 0 of a prompt leads; the others are forked from it once its prompt is
+    # prefilled (they share its KV blocks) and take no step of their own before that.
+    forks: list[Sequence] = field(default_factory=list)  # the leader's members still to fork
+    awaiting_fork: bool = False  # a member whose prompt KV is still its leader's to compute
+    # Asked for with prompt_logprobs: [token, logprob, [[token, logprob], ...]] of prompt
+    # positions 1, 2, ... as the prefill computes them.
+    prompt_logprobs: list[list] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

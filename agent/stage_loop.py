@@ -6,8 +6,15 @@ share the worker's weights, KV cache and sampler (`StageHost`) and take turns co
 
 Messages (JSON header + tensors, see transport.py), all carrying the wiring's `epoch`:
   step   {mb, ids, start, n_new, sample: {id: params}} + [token ids | hidden states]
+         optional: fork {id: [member ids]}  after this step, each member gets a copy of the
+                                      request's KV (full blocks shared, agent/kv_cache.py)
+                                      and its own token sampled from the request's last row;
+                   prompt_logprobs {id: {k, skip, targets}}  the last stage returns the
+                                      log-softmax of the request's rows skip, skip + 1, ...
+                                      at the prompt tokens `targets` (and the k most likely)
   free   {ids}                        release these requests' KV blocks
-  result {mb, tokens: {id: token}, logprobs: {id: [token, logprob, [[token, logprob], ...]]}}
+  result {mb, tokens: {id: token}, logprobs: {id: [token, logprob, [[token, logprob], ...]]},
+          prompt_logprobs: {id: [[token, logprob, [[token, logprob], ...]], ...]}}
                                       from the last stage back to the engine (logprobs only
                                       for the requests that asked for them)
   error  {mb, message}                a stage failed this micro-batch; passed on to the engine
@@ -16,6 +23,7 @@ Messages (JSON header + tensors, see transport.py), all carrying the wiring's `e
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -33,6 +41,8 @@ from agent.sampler import Sampler
 from agent.transport import Channel
 
 log = logging.getLogger(__name__)
+
+PROMPT_LOGPROBS_ROWS = 128  # prompt positions whose [rows, vocabulary] logits are held at once
 
 
 class StageHost:
@@ -78,8 +88,13 @@ class StageLoop:
                 if out is not None:
                     self.outbound.send(*out)
                 if header["op"] == "step":  # replicate these positions where a reconfiguration wants them
+                    ids = list(header["ids"])
                     ends = [s + n for s, n in zip(header["start"], header["n_new"], strict=True)]
-                    self.host.handoffs.wrote(self.epoch, header["ids"], ends)
+                    for rid, members in (header.get("fork") or {}).items():
+                        end = ends[ids.index(rid)]
+                        ids += members
+                        ends += [end] * len(members)
+                    self.host.handoffs.wrote(self.epoch, ids, ends)
         finally:
             self.closed.set()
 
@@ -99,9 +114,11 @@ class StageLoop:
                 log.error("step failed: %s", traceback.format_exc())
                 return self._error(header, f"stage [{self.layers.start}, {self.layers.stop}): {exc}")
             if self.is_last:
+                sampled, prompt = out
                 return {"op": "result", "epoch": self.epoch, "mb": header["mb"],
-                        "tokens": {rid: s.token for rid, s in out.items()},
-                        "logprobs": {rid: s.to_json() for rid, s in out.items() if s.logprob is not None}}, []
+                        "tokens": {rid: s.token for rid, s in sampled.items()},
+                        "logprobs": {rid: s.to_json() for rid, s in sampled.items() if s.logprob is not None},
+                        "prompt_logprobs": prompt}, []
             return header, [out]
         if op == "free":
             with self.host.computing():
@@ -121,16 +138,48 @@ class StageLoop:
         kv, stage = self.host.kv, self.host.stage
         meta = build_attention_metadata(kv, ids, start, n_new)
         hidden = stage(inputs, meta, kv, self.layers)
+        forks = header.get("fork") or {}
+        for rid, members in forks.items():
+            i = ids.index(rid)
+            for member in members:
+                kv.fork(rid, member, start[i] + n_new[i])
         if not self.is_last:
             return hidden
+        prompt = self._prompt_logprobs(header, hidden)
         sample = header["sample"]  # only requests whose next token is wanted now
         rows = [i for i, rid in enumerate(ids) if rid in sample]
-        if not rows:
-            return {}
-        logits = stage.logits(hidden[meta.last_rows[rows]])
         chosen = [ids[i] for i in rows]
+        for rid, members in forks.items():  # a member's first token comes from its leader's row
+            rows += [ids.index(rid)] * len(members)
+            chosen += members
+        if not rows:
+            return {}, prompt
+        logits = stage.logits(hidden[meta.last_rows[rows]])
         sampled = self.host.sampler.choose(logits, chosen, [sample[rid] for rid in chosen])
-        return dict(zip(chosen, sampled, strict=True))
+        return dict(zip(chosen, sampled, strict=True)), prompt
+
+    def _prompt_logprobs(self, header: dict, hidden: torch.Tensor) -> dict[str, list]:
+        """Returns, per request that asked, [token, logprob, [[token, logprob], ...]] of each
+        target prompt token under the float32 log-softmax of the row before it."""
+        wanted = header.get("prompt_logprobs") or {}
+        if not wanted:
+            return {}
+        offsets = dict(zip(header["ids"], itertools.accumulate([0, *header["n_new"]]), strict=False))
+        out: dict[str, list] = {}
+        for rid, ask in wanted.items():
+            first = offsets[rid] + int(ask["skip"])
+            targets = [int(t) for t in ask["targets"]]
+            k = int(ask["k"])
+            entries = out.setdefault(rid, [])
+            for a in range(0, len(targets), PROMPT_LOGPROBS_ROWS):  # bounds the [rows, V] logits
+                part = targets[a:a + PROMPT_LOGPROBS_ROWS]
+                logprobs = torch.log_softmax(self.host.stage.logits(hidden[first + a:first + a + len(part)]), dim=-1)
+                chosen = logprobs.gather(1, torch.tensor(part).unsqueeze(1)).squeeze(1).tolist()
+                top_values, top_ids = torch.topk(logprobs, k) if k else (logprobs[:, :0], logprobs[:, :0].long())
+                for j, token in enumerate(part):
+                    entries.append([token, chosen[j], [list(t) for t in zip(top_ids[j].tolist(),
+                                                                          top_values[j].tolist(), strict=True)]])
+        return out
 
     def _error(self, header: dict, message: str) -> tuple:
         return {"op": "error", "epoch": header.get("epoch"), "mb": header.get("mb"), "message": message}, []

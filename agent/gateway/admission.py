@@ -63,6 +63,8 @@ def sampling_params(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
     logprobs: int | None = None,
+    n: int = 1,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Returns the engine's parameters, or raises a 400 when prompt and output cannot fit.
 
@@ -109,4 +111,7 @@ def sampling_params(
         frequency_penalty=frequency_penalty,
         repetition_penalty=repetition_penalty,
         logprobs=logprobs,
+        n=n,
+        prompt_logprobs=prompt_logprobs,
     )
+

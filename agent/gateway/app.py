@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent, TokenLogprob
+from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent, prompt_batch
 from agent.gateway.admission import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     check_output_limit,
@@ -45,7 +45,7 @@ from agent.gateway.protocol import (
     Usage,
     describe_model_limits,
 )
-from agent.gateway.responses import ChatFormat, CompletionFormat, ResponseFormat
+from agent.gateway.responses import ChatFormat, ChoiceResult, CompletionFormat, ResponseFormat
 from agent.gateway.stream import (
     SSE_DONE,
     ClientGone,
@@ -162,18 +162,16 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival_s = time.perf_counter()
         model = _check_request(body, engine, aliases)
-        prompt = body.prompt
-        if isinstance(prompt, list) and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt_ids = engine.encode_prompt(prompt)
-        else:
-            ids = prompt[0] if isinstance(prompt[0], list) else prompt
-            prompt_ids = [int(t) for t in ids]  # type: ignore[arg-type]
+        prompts = body.prompts()
+        batch = [engine.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
+        echo_only = body.echo and body.max_tokens == 0
+        # Checked for the longest prompt, which has the least room (and for an empty one): one
+        # max_tokens then fits every prompt.
         params = sampling_params(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=0 if not all(batch) else max(len(ids) for ids in batch),
             max_context=engine.max_context,
-            max_tokens=body.max_tokens,
+            # Echo alone still samples one token: its step computes the last prompt position.
+            max_tokens=1 if echo_only else body.max_tokens,
             default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
             temperature=body.temperature,
             top_p=body.top_p,
@@ -183,11 +181,16 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             prompt_param="prompt",
             **_shaping(body),
             logprobs=body.logprobs,
+            n=body.n,
+            prompt_logprobs=body.logprobs if body.echo else None,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        fmt = CompletionFormat(request_id, model, int(time.time()), body.include_usage())
+        echo = [p if isinstance(p, str) else engine.decode(p) for p in prompts] if body.echo else None
+        fmt = CompletionFormat(request_id, model, int(time.time()), body.include_usage(), n=body.n,
+                               echo=echo, echo_only=echo_only, logprobs=body.logprobs is not None)
         return await _generate(
-            request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
+            request, engine, metrics, batch if len(batch) > 1 else batch[0], params, fmt, body.stream,
+            arrival_s,
         )
 
     @app.post(
@@ -216,9 +219,11 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             ),
             **_shaping(body),
             logprobs=body.logprobs_wanted(),
+            n=body.n,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        fmt = ChatFormat(request_id, model, int(time.time()), body.include_usage())
+        fmt = ChatFormat(request_id, model, int(time.time()), body.include_usage(), n=body.n,
+                         logprobs=body.logprobs)
         return await _generate(
             request, engine, metrics, prompt_ids, params, fmt, body.stream, arrival_s
         )
@@ -299,21 +304,24 @@ async def _generate(
     request: Request,
     engine: Engine,
     metrics: GatewayMetrics,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | list[list[int]],
     params: SamplingParams,
     fmt: ResponseFormat,
     streaming: bool,
     arrival_s: float,
 ) -> Response:
-    """Runs one admitted request on the engine and answers it, streamed or whole."""
+    """Runs one admitted request (one prompt or a batch, n choices each) on the engine and
+    answers it, streamed or whole."""
+    batch = prompt_batch(prompt_ids)
+    prompt_tokens = sum(len(p) for p in batch)
     try:
         # An engine may refuse here (a plain function) or at the first event (a generator).
         events = engine.generate(fmt.request_id, prompt_ids, params)
     except EngineError as exc:
         raise APIError.from_engine(exc) from exc
     timer = metrics.start_request(arrival_s)
-    timer.prompt(len(prompt_ids))
-    stream = EngineStream(events, timer, len(prompt_ids))
+    timer.prompt(prompt_tokens)
+    stream = EngineStream(events, timer, prompt_tokens, choices=len(batch) * params.n)
     # The first event is awaited before answering so that a refusal gets its own status.
     try:
         first = await until_disconnect(request, stream.next())
@@ -332,7 +340,7 @@ async def _generate(
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventStreamResponse(body, on_close=stream.close, headers=headers)
     try:
-        text, logprobs, last = await until_disconnect(request, _collect(stream, first))
+        results, last = await until_disconnect(request, _collect(stream, first))
     except ClientGone:
         return Response(status_code=499)
     finally:
@@ -340,23 +348,29 @@ async def _generate(
     if last.finish_reason == "error":
         raise engine_failure(last.error)
     usage = Usage.of(stream.prompt_tokens, stream.completion_tokens)
-    wanted = logprobs if params.logprobs is not None else None
-    whole = fmt.whole(text, last.finish_reason or "stop", usage, wanted)
+    whole = fmt.whole(results, usage)
     return JSONResponse(whole.model_dump(mode="json"), headers=headers)
 
 
-async def _collect(
-    stream: EngineStream, first: TokenEvent
-) -> tuple[str, list[TokenLogprob], TokenEvent]:
-    """Returns the whole text, the tokens' logprobs (if the engine gave any), the final event."""
-    parts = [first.text]
-    logprobs = list(first.logprobs or [])
+async def _collect(stream: EngineStream, first: TokenEvent) -> tuple[list[ChoiceResult], TokenEvent]:
+    """Returns each choice's text, logprobs and finish reason, in choice order, and the last
+    event (an error ends the request)."""
+    results: dict[int, ChoiceResult] = {}
+    parts: dict[int, list[str]] = {}
     event = first
-    while event.finish_reason is None:
+    while True:
+        result = results.setdefault(event.index, ChoiceResult(event.index))
+        parts.setdefault(event.index, []).append(event.text)
+        result.logprobs.extend(event.logprobs or [])
+        result.prompt_logprobs.extend(event.prompt_logprobs or [])
+        if event.finish_reason is not None:
+            result.finish_reason = event.finish_reason
+        if stream.finish_reason is not None:
+            break
         event = await stream.next()
-        parts.append(event.text)
-        logprobs.extend(event.logprobs or [])
-    return "".join(parts), logprobs, event
+    for index, result in results.items():
+        result.text = "".join(parts[index])
+    return [results[i] for i in sorted(results)], event
 
 
 async def _sse_body(
@@ -368,20 +382,21 @@ async def _sse_body(
             yield chunk
         event = first
         while True:
-            if event.text or event.logprobs:
-                yield fmt.text(event.text, event.logprobs)
-            if event.finish_reason is not None:
+            chunk = fmt.text(event.index, event.text, event.logprobs, event.prompt_logprobs)
+            if chunk is not None:
+                yield chunk
+            if event.finish_reason not in (None, "error"):
+                yield fmt.finish(event.index, event.finish_reason)
+            if stream.finish_reason is not None:
                 break
             # Between events: a client that left must not keep a KV slot busy.
             if await request.is_disconnected():
                 return
             event = await stream.next()
-        if event.finish_reason == "error":
+        if stream.finish_reason == "error":
             yield sse(engine_failure(event.error).body())
-        else:
-            yield fmt.finish(event.finish_reason)
-            if fmt.include_usage:
-                yield fmt.usage(Usage.of(stream.prompt_tokens, stream.completion_tokens))
+        elif fmt.include_usage:
+            yield fmt.usage(Usage.of(stream.prompt_tokens, stream.completion_tokens))
         yield SSE_DONE
     except Exception:  # headers are gone; the stream itself must carry the error
         logger.exception("streaming %s failed", fmt.request_id)

@@ -28,6 +28,8 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n: sequences per prompt, all admitted together
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 # The seed range vLLM accepts (int64); torch's generators overflow beyond it.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
@@ -52,6 +54,7 @@ LogitBias = dict[
     Annotated[str, Field(pattern=TOKEN_KEY)], Annotated[float, Field(strict=True, ge=-100, le=100)]
 ]
 Logprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
+ChoiceCount = Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES), BeforeValidator(_integral)]
 
 
 def _only(*values: Any) -> Callable[[dict[str, Any]], None]:
@@ -156,8 +159,9 @@ class _GenerationRequest(BaseModel):
     # vLLM takes any positive value; float32 logits overflow or vanish far from 1.
     repetition_penalty: float = Field(default=1.0, strict=True, ge=0.01, le=100.0)
     logit_bias: LogitBias | None = Field(default=None, json_schema_extra=_token_map)
-    # Accepted only at their neutral value (see `unsupported_fields`).
-    n: Integer = Field(default=1, json_schema_extra=_only(1))
+    # Choices per prompt; they share the prompt's prefill and KV blocks. With a seed, member
+    # i samples with seed + i (as vLLM does).
+    n: ChoiceCount = 1
     user: str | None = None
     # Extension (same name as vLLM's): generate exactly max_tokens, for benchmarks.
     ignore_eos: bool = Field(default=False, strict=True)
@@ -205,10 +209,6 @@ class _GenerationRequest(BaseModel):
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Returns (param, message) for each field set to something this server cannot do."""
         problems: list[tuple[str, str]] = []
-        if self.n != 1:
-            problems.append(
-                ("n", f"n={self.n} is not supported: this server returns one choice (n=1)")
-            )
         if self.stream_options is not None and not self.stream:
             problems.append(
                 ("stream_options", "stream_options is only allowed when stream is true")
@@ -216,16 +216,32 @@ class _GenerationRequest(BaseModel):
         return problems
 
 
+def _document_completion_request(schema: dict[str, Any]) -> None:
+    _document_request(schema)
+    # `unsupported_fields`: max_tokens 0 needs "echo": true.
+    schema["allOf"] = [{
+        "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+        "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+    }]
+
+
 class CompletionRequest(_GenerationRequest):
-    """POST /v1/completions. `prompt` is a string, a list of one string, or token ids."""
+    """POST /v1/completions. `prompt` is a string or token ids, or a batch of either: one choice
+    per prompt (times n), in order."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_document_completion_request)
 
     prompt: (
         Text
-        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    echo: bool = Field(default=False, strict=True, json_schema_extra=_only(False))
+    # 0 only with echo: the prompt (and its logprobs) alone, as vLLM answers.
+    max_tokens: NonNegativeInt | None = None
+    # The prompt before the answer; with logprobs, the prompt tokens' logprobs too (the first
+    # null), from the same float32 log-softmax as the answer's.
+    echo: bool = Field(default=False, strict=True)
     # Each generated token's logprob and the `logprobs` most likely tokens' (at most 20).
     logprobs: Logprobs | None = None
     best_of: Integer | None = Field(default=None, json_schema_extra=_only(1, None))
@@ -234,36 +250,82 @@ class CompletionRequest(_GenerationRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt(cls, prompt: Any) -> Any:
-        text = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
-        if isinstance(text, str):
-            if not text:
+        if isinstance(prompt, str):
+            if not prompt:
                 raise ValueError("prompt is empty: send some text (or token ids)")
-            _check_unicode(text, "prompt")
+            _check_unicode(prompt, "prompt")
             return prompt
         if isinstance(prompt, list) and prompt:
-            nested = len(prompt) == 1 and isinstance(prompt[0], list)
-            ids = [_integral(t) for t in (prompt[0] if nested else prompt)]
-            if ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                if min(ids) < 0:
-                    raise ValueError(f"prompt token ids must be >= 0, got {min(ids)}")
-                return [ids] if nested else ids
-            if len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+            if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int | float):
                 raise ValueError(
-                    f"a batch of {len(prompt)} prompts is not supported: send one prompt per request"
+                    f"a batch holds at most {MAX_PROMPTS} prompts, got {len(prompt)}: split it"
                 )
+            if all(isinstance(p, str) for p in prompt):
+                for i, p in enumerate(prompt):
+                    if not p:
+                        raise ValueError(f"prompt is empty: prompt[{i}] holds no text")
+                    _check_unicode(p, "prompt")
+                return prompt
+            if all(isinstance(p, list) for p in prompt):
+                return [_token_ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+            return _token_ids(prompt, "prompt")
         raise ValueError(
-            "prompt must be a non-empty string, a list of one string, or a list of token ids"
+            "prompt must be a non-empty string, token ids, or a batch (list) of either"
         )
+
+    def prompts(self) -> list[str | list[int]]:
+        """Returns the prompts of the request, a batch of one or more."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(t, int) for t in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         problems = super().unsupported_fields()
-        if self.echo:
-            problems.append(("echo", "echo is not supported: leave it out or set it to false"))
+        if self.max_tokens == 0 and not self.echo:
+            problems.append(
+                ("max_tokens", "max_tokens=0 generates nothing: it needs echo true (the prompt's "
+                 "logprobs alone); otherwise ask for at least 1 token")
+            )
         if self.best_of not in (None, 1):
             problems.append(("best_of", "best_of is not supported: leave it out or set it to 1"))
         if self.suffix:
             problems.append(("suffix", "suffix is not supported: leave it out"))
         return problems
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format's `json_schema`: the answer is JSON valid against `schema`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # A JSON Schema object (the field is `schema`; pydantic's BaseModel owns that name).
+    schema_: dict[str, Any] = Field(alias="schema")
+    # OpenAI's strict mode; the answer follows the schema either way (constrained decoding).
+    strict: bool | None = Field(default=None, strict=True)
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# JSON answers are decoded under a grammar of the schema (agent/constrained.py); a schema the
+# grammar library cannot enforce is a 400 `invalid_json_schema` naming the reason.
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class TextPart(BaseModel):
@@ -331,9 +393,8 @@ class ChatCompletionRequest(_GenerationRequest):
     # Accepted only at their neutral value (see `unsupported_fields`).
     tools: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
     functions: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
-    response_format: dict[str, Any] | None = Field(
-        default=None, json_schema_extra=_limit(properties={"type": {"const": "text"}})
-    )
+    # text, or JSON: json_object (any object) or json_schema (valid against a schema)
+    response_format: ResponseFormat | None = None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -358,6 +419,14 @@ class ChatCompletionRequest(_GenerationRequest):
             else self.max_tokens
         )
 
+    def response_schema(self) -> dict[str, Any] | None:
+        """Returns the JSON Schema the answer must follow (None: free text)."""
+        if isinstance(self.response_format, JsonObjectFormat):
+            return {"type": "object"}
+        if isinstance(self.response_format, JsonSchemaResponseFormat):
+            return self.response_format.json_schema.schema_
+        return None
+
     def logprobs_wanted(self) -> int | None:
         """Returns how many top alternatives to list per token, or None without logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -371,10 +440,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.tools or self.functions:
             param = "tools" if self.tools else "functions"
             problems.append((param, "tool calling is not supported: leave tools out"))
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            problems.append(
-                ("response_format", 'only response_format {"type": "text"} is supported')
-            )
         return problems
 
 
@@ -514,6 +579,20 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def _token_ids(ids: Any, field: str) -> list[int]:
+    """Returns `ids` as a non-empty list of token ids; raises ValueError naming `field`."""
+    values = [_integral(t) for t in ids] if isinstance(ids, list) else []
+    if not values or not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+        if field == "prompt":
+            raise ValueError(
+                "prompt must be a non-empty string, token ids, or a batch (list) of either"
+            )
+        raise ValueError(f"{field} must be a non-empty list of token ids")
+    if min(values) < 0:
+        raise ValueError(f"{field} token ids must be >= 0, got {min(values)}")
+    return values
 
 
 def _check_unicode(text: str, field: str) -> None:

@@ -34,19 +34,28 @@ class ClientGone(Exception):
 
 
 class EngineStream:
-    """Wraps `Engine.generate`'s iterator; feeds the request's timer as events arrive."""
+    """Wraps `Engine.generate`'s iterator; feeds the request's timer as events arrive.
 
-    def __init__(self, events: AsyncIterator[TokenEvent], timer: RequestTimer, prompt_tokens: int):
+    A request of several choices (n > 1, a batch of prompts) ends when each has finished, or
+    at the first error: the rest of it is then aborted.
+    """
+
+    def __init__(self, events: AsyncIterator[TokenEvent], timer: RequestTimer, prompt_tokens: int,
+                 choices: int = 1):
         self._events = events
         self._timer = timer
         self.prompt_tokens = prompt_tokens  # replaced by the engine's count once it reports one
+        self.choices = choices
         self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # of the whole request: "error", or the last choice's
+        self.finished: dict[int, str] = {}  # choice -> its finish_reason
+        self._completion_by_choice: dict[int, int] = {}
         self._events_seen = 0
         self._closed = False
 
     async def next(self) -> TokenEvent:
-        """Returns the next event; the last one has `finish_reason` set.
+        """Returns the next event; once every choice has had one with `finish_reason` (or one
+        had "error"), `finish_reason` is set here too.
 
         Raises EngineError only for the first event (the engine refused the request, which
         deserves its own status); later failures come back as a `finish_reason="error"` event.
@@ -65,17 +74,21 @@ class EngineStream:
             logger.exception("engine failed while generating")
             event = TokenEvent(finish_reason="error", error=f"{type(exc).__name__}: {exc}")
         self._events_seen += 1
-        if event.prompt_tokens:
+        if event.prompt_tokens and self.choices == 1:
             self.prompt_tokens = event.prompt_tokens
         # Trust the engine's running total where it gives one; count token ids otherwise.
         new_tokens = len(event.token_ids)
+        so_far = self._completion_by_choice.get(event.index, 0)
         if event.completion_tokens:
-            new_tokens = max(new_tokens, event.completion_tokens - self.completion_tokens)
+            new_tokens = max(new_tokens, event.completion_tokens - so_far)
+        self._completion_by_choice[event.index] = so_far + new_tokens
         self.completion_tokens += new_tokens
         self._timer.tokens(new_tokens)
         if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-            await self.close()
+            self.finished[event.index] = event.finish_reason
+            if event.finish_reason == "error" or len(self.finished) >= self.choices:
+                self.finish_reason = event.finish_reason
+                await self.close()
         return event
 
     async def close(self, refused: bool = False) -> None:

@@ -7,14 +7,15 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob
+from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob, prompt_batch
 
 SCRIPT = ("Hello", ",", " world", "!")
 
 
 @dataclass
 class FakeEngine:
-    """Each character of a prompt is one token, so prompt lengths are easy to aim at."""
+    """Each character of a prompt is one token, so prompt lengths are easy to aim at; token t
+    reads back as chr(t)."""
 
     model_name: str = "fake-model"
     max_context: int = 64
@@ -45,44 +46,64 @@ class FakeEngine:
         self.chats.append(messages)
         return [t for m in messages for t in [1, *self.encode_prompt(m["content"])]]
 
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids)
+
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int] | list[list[int]], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
+        """Plays the script for every choice in turn (prompt by prompt, n each)."""
         self.calls.append((request_id, prompt_ids, params))
         if self.refuse is not None:
             raise self.refuse
+        batch = prompt_batch(prompt_ids)
         finished = False
         try:
-            for i, piece in enumerate(self.script):
-                await asyncio.sleep(self.delay_s)
-                if i == self.error_at:
-                    finished = True
-                    yield TokenEvent(finish_reason="error", error="stage 1 worker died")
-                    return
-                n = i + 1
-                reason = (
-                    "stop"
-                    if n == len(self.script)
-                    else "length"
-                    if n == params.max_tokens
-                    else None
-                )
-                finished = reason is not None
-                self.events_sent += 1
-                yield TokenEvent(
-                    token_ids=[100 + i],
-                    text=piece,
-                    logprobs=None if params.logprobs is None else [fake_logprob(i, piece, params.logprobs)],
-                    finish_reason=reason,
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=n,
-                )
-                if finished:
-                    return
+            for index in range(len(batch) * params.n):
+                prompt = batch[index // params.n]
+                finished = False
+                async for event in self._choice(index, prompt, params):
+                    finished = event.finish_reason is not None
+                    yield event
+                    if event.finish_reason == "error":
+                        return
         finally:
             if not finished:  # closed early: the real engine aborts and frees the KV here
                 self.aborted.append(request_id)
                 self.abort_seen.set()
+
+    async def _choice(self, index: int, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        for i, piece in enumerate(self.script):
+            await asyncio.sleep(self.delay_s)
+            if i == self.error_at:
+                yield TokenEvent(finish_reason="error", error="stage 1 worker died", index=index)
+                return
+            n = i + 1
+            reason = (
+                "stop"
+                if n == len(self.script)
+                else "length"
+                if n == params.max_tokens
+                else None
+            )
+            self.events_sent += 1
+            prompt_logprobs = None
+            if i == 0 and params.prompt_logprobs is not None:
+                prompt_logprobs = [TokenLogprob(prompt_ids[0], chr(prompt_ids[0]), None)] + [
+                    TokenLogprob(t, chr(t), -0.5, ((t, chr(t), -0.5),)) for t in prompt_ids[1:]
+                ]
+            yield TokenEvent(
+                token_ids=[100 + i],
+                text=piece,
+                logprobs=None if params.logprobs is None else [fake_logprob(i, piece, params.logprobs)],
+                finish_reason=reason,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=n,
+                index=index,
+                prompt_logprobs=prompt_logprobs,
+            )
+            if reason is not None:
+                return
 
     def health(self) -> tuple[bool, str]:
         return self.healthy

@@ -58,20 +58,24 @@ def test_request_schemas_state_the_limits_the_server_enforces(
     completion = schemas["CompletionRequest"]["properties"]
     text, texts, ids, nested = completion["prompt"]["anyOf"]
     assert text["minLength"] == 1 and texts["items"]["minLength"] == 1
-    assert (texts["minItems"], texts["maxItems"], nested["maxItems"]) == (1, 1, 1)
+    assert (texts["minItems"], texts["maxItems"], nested["maxItems"]) == (1, 64, 64)  # a batch
     assert ids["minItems"] == 1 and ids["maxItems"] == engine.max_context - 1
     assert ids["items"]["minimum"] == 0 and "maximum" not in ids["items"]  # no vocabulary here
     assert completion["max_tokens"]["anyOf"][0]["maximum"] == engine.max_context - 1
     assert completion["seed"]["anyOf"][0]["maximum"] == 2**63 - 1  # exactly, not as a float
     stop = completion["stop"]["anyOf"]
     assert stop[0]["minLength"] == 1 and stop[1]["maxItems"] == 4
-    assert completion["n"]["enum"] == [1, None]
+    assert completion["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16}
+    assert completion["max_tokens"]["anyOf"][0]["minimum"] == 0  # with echo: the prompt alone
     assert completion["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": -2.0, "maximum": 2.0}
     bias = completion["logit_bias"]["anyOf"][0]
     assert bias["propertyNames"] == {"pattern": "^(0|[1-9][0-9]*)$"}  # no vocabulary here
     assert bias["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
     assert completion["logprobs"]["anyOf"][0]["maximum"] == 20
-    assert completion["echo"]["enum"] == [False, None]
+    assert completion["echo"]["anyOf"][0] == {"type": "boolean"}
+    (echo_alone,) = schemas["CompletionRequest"]["allOf"]
+    assert echo_alone["if"]["properties"]["max_tokens"] == {"const": 0}
+    assert echo_alone["then"]["properties"]["echo"] == {"const": True}
     assert completion["temperature"]["anyOf"][1] == {"type": "null"}  # null means "not set"
     assert schemas["CompletionRequest"]["then"]["properties"]["stream"] == {"const": True}
     chat = schemas["ChatCompletionRequest"]["properties"]

@@ -100,3 +100,89 @@ def test_penalties_and_logit_bias_change_the_distribution_as_their_formulas_say(
         values, indices = lp.topk(TOP)
         for t, v in zip(indices.tolist(), values.tolist(), strict=True):
             assert abs(logprobs.top_logprobs[i][tokenizer.token_text(int(t))] - float(v)) < TOLERANCE
+
+
+def prefill_tokens(client) -> float:
+    """Returns the engine's count of prompt positions computed, read from /metrics."""
+    import urllib.request
+
+    url = str(client.base_url).removesuffix("/v1/").removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith('pipeshift_engine_stat{key="prefill_tokens"}'):
+                return float(line.split()[-1])
+    raise AssertionError("no prefill_tokens on /metrics")
+
+
+def test_echo_returns_the_prompts_logprobs_as_transformers_log_softmax(client, hf_model, tokenizer):
+    # What lm-evaluation-harness's local-completions sends for loglikelihoods: token-id
+    # prompts in a batch, echo, one logprob, one token.
+    prompts = [tokenizer.encode("The capital of France is Paris"), tokenizer.encode("Two plus two is four")]
+    answer = client.completions.create(
+        model="smollm2-135m", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0,
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    for ids, choice in zip(prompts, answer.choices, strict=True):
+        with torch.no_grad():
+            expected = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].to(torch.float32), dim=-1)
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(ids) + 1  # every prompt token, then the generated one
+        assert lp.tokens[:len(ids)] == [tokenizer.token_text(t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for pos in range(1, len(ids)):
+            assert abs(lp.token_logprobs[pos] - float(expected[pos - 1, ids[pos]])) < TOLERANCE
+            best = int(expected[pos - 1].argmax())
+            assert abs(lp.top_logprobs[pos][tokenizer.token_text(best)] - float(expected[pos - 1, best])) < TOLERANCE
+        generated = int(expected[-1].argmax())
+        assert lp.tokens[-1] == tokenizer.token_text(generated)
+        assert abs(lp.token_logprobs[-1] - float(expected[-1, generated])) < TOLERANCE
+        assert choice.text.startswith(tokenizer.decode(ids))
+
+    # max_tokens 0: the prompt alone, as vLLM answers it.
+    alone = client.completions.create(
+        model="smollm2-135m", prompt=prompts[0], echo=True, logprobs=0, max_tokens=0,
+    )
+    lp = alone.choices[0].logprobs
+    assert alone.choices[0].text == tokenizer.decode(prompts[0])
+    assert lp.token_logprobs == answer.choices[0].logprobs.token_logprobs[:-1]
+
+
+def test_a_batch_of_prompts_answers_one_choice_each_in_order(client, hf_model, tokenizer):
+    texts = ["The capital of France is", "One, two, three,", "Water is made of", "The cat sat on the"]
+    answer = client.completions.create(model="smollm2-135m", prompt=texts, max_tokens=MAX_TOKENS,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    for text, choice in zip(texts, answer.choices, strict=True):
+        tokens, _ = reference(hf_model, tokenizer.encode(text))
+        assert choice.text == tokenizer.decode(tokens)
+    assert answer.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+    assert answer.usage.completion_tokens == 4 * MAX_TOKENS
+
+
+def test_n_choices_share_one_prefill(client, hf_model, tokenizer):
+    prompt = "Write a list of three fruits:"
+    prompt_ids = tokenizer.encode(prompt)
+    before = prefill_tokens(client)
+    answer = client.completions.create(model="smollm2-135m", prompt=prompt, n=3, max_tokens=MAX_TOKENS,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert prefill_tokens(client) - before == len(prompt_ids)  # once, not three times
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    tokens, _ = reference(hf_model, prompt_ids)
+    assert {c.text for c in answer.choices} == {tokenizer.decode(tokens)}  # greedy members are one
+    assert answer.usage.completion_tokens == 3 * MAX_TOKENS
+
+    # Sampled with a seed: each member its own, reproducible stream; streamed by index.
+    def sampled(stream: bool) -> list[str]:
+        kwargs = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Say a word."}], n=3,
+                      max_tokens=MAX_TOKENS, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+        if not stream:
+            return [c.message.content for c in client.chat.completions.create(**kwargs).choices]
+        texts = [""] * 3
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+        return texts
+
+    whole = sampled(stream=False)
+    assert sampled(stream=True) == whole
+    assert len(set(whole)) > 1

@@ -1,0 +1,129 @@
+"""Devices leave and join a real `pipeshift serve` while requests stream, and the workload
+monitor and the controller (propose mode) report on the same server.
+
+One server (3 CPU workers, 2 stages, one spare): the same greedy requests stream once on the
+unchanged deployment and once while `pipeshift device drain` moves a stage to the spare and
+then merges the next drained device's layers into its neighbour; every text must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from bench.serve_process import ServeProcess
+from bench.streaming_load import prompt_token_ids, stream_completions
+from planner.admin_client import AdminClient, AdminError
+
+pytestmark = pytest.mark.slow
+
+PROMPT_LENGTHS = [48, 96, 128, 64]
+MAX_TOKENS = 32
+SERVE_ARGS = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "64", "--max-overhead", "0.5",
+              "--controller", "propose", "--controller-interval", "1", "--workload-window", "120")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServeProcess(*SERVE_ARGS) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def prompts(gguf_path):
+    from agent.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(gguf_path)
+    return [prompt_token_ids(tokenizer, n, seed=40 + i) for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+def device(args: list[str], server: ServeProcess) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "planner.cli", "device", *args, "--server", server.base_url],
+                          capture_output=True, text=True, timeout=120)
+
+
+def states(admin: AdminClient) -> dict[str, str]:
+    return {d["name"]: d["state"] for d in admin.deployment()["devices"]}
+
+
+def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts):
+    admin = AdminClient(server.base_url)
+    unchanged = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
+    assert not any(s.error for s in unchanged)
+
+    streaming = threading.Event()
+    drains: list[subprocess.CompletedProcess] = []
+    configurations: list[dict] = []
+    drained: list[float] = []
+    outcomes: list[str] = []
+
+    def drain() -> None:
+        assert streaming.wait(120), "the requests never started streaming"
+        drains.append(device(["drain", "worker-1"], server))  # a spare takes its stage
+        drained.append(time.monotonic())
+        configurations.append(admin.deployment()["configuration"])
+        second = admin.drain("worker-2")  # no spare left: worker-0 takes 0-29
+        outcomes.append(admin.wait(second["apply"]["id"])["outcome"])
+        configurations.append(admin.deployment()["configuration"])
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    streams = asyncio.run(stream_completions(
+        server.base_url, prompts, MAX_TOKENS,
+        on_progress=lambda s: streaming.set() if all(len(x.times) >= 2 for x in s) else None))
+    thread.join()
+
+    assert drains[0].returncode == 0 and "worker-1 is drained" in drains[0].stdout, drains[0].stderr
+    assert outcomes == ["applied"]
+    assert configurations[0] == {"pipelines": [{"stages": [
+        {"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-2", "start": 15, "end": 30}]}]}
+    assert configurations[1] == {"pipelines": [{"stages": [{"device": "worker-0", "start": 0, "end": 30}]}]}
+    assert not any(s.error for s in streams), [s.error for s in streams]
+    assert [s.text for s in streams] == [s.text for s in unchanged]
+    assert all(s.completion_tokens == MAX_TOKENS for s in streams)
+    # the drains ran while the requests streamed: tokens came after each switch
+    assert all(min(s.times) < drained[0] for s in streams) and max(s.times[-1] for s in streams) > drained[0]
+    assert states(admin) == {"worker-0": "serving", "worker-1": "drained", "worker-2": "drained"}
+
+    # a drained device is left alone until it is added back
+    with pytest.raises(AdminError, match="drained: add it back first") as refused:
+        admin.apply({"target": {"pipelines": [{"stages": [
+            {"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-1", "start": 15, "end": 30}]}]}})
+    assert refused.value.status == 400
+    for name, status, says in (("worker-0", 409, "only device serving"), ("worker-9", 404, "no device 'worker-9'")):
+        with pytest.raises(AdminError, match=says) as refused:
+            admin.drain(name)
+        assert refused.value.status == status
+    added = device(["add", "worker-1"], server)
+    assert added.returncode == 0 and "worker-1 is available again" in added.stdout
+    assert states(admin)["worker-1"] == "spare"
+
+
+def test_the_workload_window_and_the_controller_report(server, prompts):
+    admin = AdminClient(server.base_url)
+    if admin.workload()["arrivals"] < 5:  # this test alone: give the monitor something to see
+        asyncio.run(stream_completions(server.base_url, prompts + prompts, 8))
+    workload = admin.deployment()["workload"]
+    assert workload["arrivals"] >= 5 and workload["arrival_rate_per_s"] > 0
+    assert workload["prompt_tokens"]["p90"] >= 96 and workload["output_tokens"]["mean"] >= 8
+    assert 0 <= workload["slo_attainment"] <= 1 and workload["kv_use"]["max"] > 0
+    assert workload["pipelines"] and all(p["ttft_s"]["p50"] > 0 for p in workload["pipelines"].values())
+    with urllib.request.urlopen(f"{server.base_url}/metrics") as answer:
+        metrics = answer.read().decode()
+    assert "pipeshift_workload_arrival_rate " in metrics
+    assert 'pipeshift_workload_slo_attainment{pipeline="all",slo="all"}' in metrics
+
+    deadline = time.monotonic() + 20
+    while not (controller := admin.controller())["decisions"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert controller["mode"] == "propose" and controller["running"]
+    decision = controller["decisions"][-1]
+    assert decision["reason"] and decision["mode"] == "propose" and decision["apply_id"] is None
+    assert {"goodput_current_rps", "goodput_target_rps", "stall_ms", "payback_s"} <= set(decision["predicted"])
+    assert decision["workload"]["rate_per_s"] > 0
