@@ -8,8 +8,20 @@ both configurations' goodput, price the change with the diff planner, ask the de
 The simulator's `auto` policy calls `propose`; the live controller is to call it too, so the
 rule is never copied. Goodput of a configuration under a window (`outlook`): each pipeline
 whose predicted TTFT and TPOT (planner/evaluate.py, at the window's percentiles) meet the SLOs
-serves up to UTILISATION of its capacity (planner/serving_costs.py); the deployment's goodput
-is min(rate, that sum).
+has capacity C (planner/serving_costs.py); the deployment's capacity is their sum. With
+rho = rate / C, the share of requests that meet their SLOs is 1 up to UTILISATION (U), falls
+linearly to SATURATED_SHARE (f1) at rho = 1 as the queue's tail passes the TTFT SLO, and past
+C the queue grows at (rate - C): a request waits longer than the TTFT SLO once the backlog
+passes ttft_slo * C, after T_ok = ttft_slo * C / (rate - C) s, so over OVERLOAD_HORIZON_S
+the deployment serves in time for T_ok only:
+
+    goodput = rate                                            if rho <= U
+            = rate * (1 - (1 - f1) * (rho - U) / (1 - U))     if U < rho <= 1
+            = f1 * C * min(1, T_ok / OVERLOAD_HORIZON_S)      otherwise
+
+It is continuous and rises with C, so more capacity never looks worse, and it prices
+shedding a device below the load at what a FIFO queue in overload really loses (nearly every
+request), not at the few requests a plain min(rate, U * C) would say.
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ from planner.solve import plan
 from planner.spec import CurrentConfig, LengthDistribution, PipelineSpec, Spec, StageSpec
 
 UTILISATION = 0.75  # past this share of capacity, queueing eats the SLOs
+SATURATED_SHARE = 0.5  # share of requests meeting the SLOs at exactly full capacity
+OVERLOAD_HORIZON_S = 600.0  # how long an overload is assumed to last when predicting goodput
 KV_BLOCK_TOKENS = 16
 DEMAND_HEADROOM = (1.25, 1.6, 2.0)
 
@@ -120,9 +134,23 @@ def outlook(
         if pipeline_violations(problem, build_pipeline(problem, stages)):
             continue  # it would serve, but miss an SLO at the window's percentiles
         costs = PipelineCosts.of(spec, list(stages), problem.batch)
-        capacity += UTILISATION * costs.capacity_rps(window.prompt.mean, window.output.mean)
+        capacity += costs.capacity_rps(window.prompt.mean, window.output.mean)
     devices = sum(len(p) for p in pipelines)
-    return Outlook(goodput_rps=min(window.rate_per_s, capacity), devices=devices)
+    return Outlook(goodput_rps=goodput_rps(window.rate_per_s, capacity, spec), devices=devices)
+
+
+def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec) -> float:
+    """Returns requests/s meeting the SLOs at `rate_per_s` on `capacity_rps` (module doc)."""
+    if capacity_rps <= 0:
+        return 0.0
+    rho = rate_per_s / capacity_rps
+    if rho <= UTILISATION:
+        return rate_per_s
+    if rho <= 1:
+        return rate_per_s * (1 - (1 - SATURATED_SHARE) * (rho - UTILISATION) / (1 - UTILISATION))
+    ttft_s = (spec.slo.ttft_ms or 10_000.0) / 1000
+    ok_s = ttft_s * capacity_rps / (rate_per_s - capacity_rps)
+    return SATURATED_SHARE * capacity_rps * min(1.0, ok_s / OVERLOAD_HORIZON_S)
 
 
 def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float) -> list[Stages]:

@@ -6,8 +6,10 @@ cached, for the simulator and the controller's predictions.
     costs.prefill_s(prompt)                     (pipeline busy, first token after)
     costs.capacity_rps(prompt_mean, output_mean)
 
-Every time comes from cost_models/latency.py (stage_decode_s, stage_prefill_s, hop_s) with the
-spec's calibration, as build_problem uses them. With S stages, S micro-batches of
+Every time comes from the planner's cost models as build_problem uses them: per kind
+cost_models/profiled_latency.operating_costs (a measured profile where the spec gives one, the
+roofline with the spec's calibration elsewhere; CPU workers that share a host's `cpu_cores`
+slowed as the planner prices them, planner/topology.planning_shares), and latency.hop_s. With S stages, S micro-batches of
 ceil(active / S) sequences are in flight (planner/problem.py), so a decode step for all of
 them takes max(S * bottleneck, sum of stages). A prefill keeps the pipeline busy for its
 slowest stage; its first token comes after every stage. Contexts are costed in buckets of
@@ -17,12 +19,13 @@ CONTEXT_BUCKET tokens, prompts in buckets of PROMPT_BUCKET (rounded up).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind, get_device_kind
+from cost_models.host_sharing import HostShare
 from cost_models.memory import (
     embedding_bytes,
     head_bytes,
@@ -31,7 +34,10 @@ from cost_models.memory import (
     layer_weight_bytes,
 )
 from cost_models.model_catalog import ModelArch, get_model_arch
-from planner.spec import Spec
+from cost_models.profile import Profile, device_kind_of
+from cost_models.profiled_latency import operating_costs
+from planner.spec import Spec, spec_profiles
+from planner.topology import node_hosts, planning_shares
 
 CONTEXT_BUCKET = 64
 PROMPT_BUCKET = 32
@@ -46,6 +52,20 @@ class StageCost:
     eff: latency.Efficiency
     next_kind: DeviceKind | None  # None: the last stage
     next_same_node: bool
+    dtype: str = "bf16"
+    share: HostShare | None = None  # a CPU host's contention (None: not shared)
+    profile_path: str | None = None  # keys the cache; the profile itself is not hashable
+    profile: Profile | None = field(default=None, compare=False, hash=False)
+
+
+def _kind(name: str, profile: Profile | None) -> DeviceKind:
+    """Returns the catalog kind with a profile's measured fields over it, or the kind a
+    profile alone defines (as build_problem resolves kinds)."""
+    try:
+        catalog = get_device_kind(name)
+    except KeyError:
+        catalog = None
+    return catalog if profile is None else device_kind_of(profile, catalog)
 
 
 @dataclass(frozen=True)
@@ -59,16 +79,25 @@ class PipelineCosts:
     @classmethod
     def of(cls, spec: Spec, stages: list[tuple[str, int, int]], batch: int) -> PipelineCosts:
         arch = get_model_arch(spec.model)
-        by_name = {n: (k, node) for n, k, node in spec.device_names()}
+        profiles = spec_profiles(spec)
+        kinds = {k: _kind(k, profiles.get(k.lower())) for _, k, _ in spec.device_names()}
+        by_name = {n: (kinds[k], node) for n, k, node in spec.device_names()}
         calibrated = None
         if spec.calibration is not None:
             calibrated = latency.load_efficiencies(Path(spec.base_dir) / spec.calibration)
+        shares: dict[str, HostShare] = {}
+        if spec.nodes is not None:
+            cpu_on_node: dict[str, list[DeviceKind]] = {}
+            for kind, node in by_name.values():
+                if kind.vendor == "cpu":
+                    cpu_on_node.setdefault(node, []).append(kind)
+            shares = planning_shares(node_hosts(spec.nodes), cpu_on_node)
         out, kv_tokens = [], math.inf
         kv_tok = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(spec.dtype_bytes))
         for i, (name, start, end) in enumerate(stages):
-            kind_name, node = by_name[name]
-            kind = get_device_kind(kind_name)
+            kind, node = by_name[name]
             nxt = by_name[stages[i + 1][0]] if i + 1 < len(stages) else None
+            profile = profiles.get(kind.name.lower())
             out.append(
                 StageCost(
                     kind=kind,
@@ -76,8 +105,12 @@ class PipelineCosts:
                     start=start,
                     end=end,
                     eff=latency.efficiency_for(kind, calibrated),
-                    next_kind=None if nxt is None else get_device_kind(nxt[0]),
+                    next_kind=None if nxt is None else nxt[0],
                     next_same_node=nxt is not None and nxt[1] == node,
+                    dtype=spec.dtype,
+                    share=shares.get(node) if kind.vendor == "cpu" else None,
+                    profile_path=None if profile is None else profile.path,
+                    profile=profile,
                 )
             )
             weights = (end - start) * layer_weight_bytes(arch, spec.dtype_bytes)
@@ -118,11 +151,28 @@ class PipelineCosts:
         return 1.0 / (busy + output_mean * step / self.slots)
 
 
+def _operating(s: StageCost, arch: ModelArch, dtype: float, batch: int, context: int, prompt: int):
+    return operating_costs(
+        arch,
+        s.kind,
+        s.dtype,
+        dtype,
+        s.eff,
+        batch,
+        context,
+        prompt,
+        profile=s.profile,
+        share=s.share,
+    )
+
+
 @lru_cache(maxsize=1 << 16)
 def _stage_decode_s(arch: ModelArch, s: StageCost, dtype: float, micro: int, bucket: int) -> float:
-    t = latency.stage_decode_s(
-        arch, s.kind, s.start, s.end, micro, bucket * CONTEXT_BUCKET, dtype, s.eff
-    )
+    """Returns one decode step of the stage: layers, embedding at the start, head at the end."""
+    c = _operating(s, arch, dtype, micro, bucket * CONTEXT_BUCKET, 1)
+    t = (s.end - s.start) * c.layer_decode_s
+    t += c.embed_decode_s if s.start == 0 else 0.0
+    t += c.head_decode_s if s.end == arch.n_layers else 0.0
     if s.next_kind is not None:
         t += latency.hop_s(arch, micro, s.kind, s.next_kind, s.next_same_node, dtype)
     return t
@@ -130,8 +180,12 @@ def _stage_decode_s(arch: ModelArch, s: StageCost, dtype: float, micro: int, buc
 
 @lru_cache(maxsize=1 << 16)
 def _stage_prefill_s(arch: ModelArch, s: StageCost, dtype: float, bucket: int) -> float:
+    """Returns the stage's prefill of one prompt of bucket * PROMPT_BUCKET tokens."""
     n = bucket * PROMPT_BUCKET
-    t = latency.stage_prefill_s(arch, s.kind, s.start, s.end, n, dtype, s.eff)
+    c = _operating(s, arch, dtype, 1, n, n)
+    t = (s.end - s.start) * c.layer_prefill_s
+    t += c.embed_prefill_s if s.start == 0 else 0.0
+    t += c.head_prefill_s if s.end == arch.n_layers else 0.0
     if s.next_kind is not None:
         t += latency.hop_s(arch, n, s.kind, s.next_kind, s.next_same_node, dtype)
     return t

@@ -51,12 +51,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.simulator import load_trace, simulate
+    from cost_models.model_catalog import get_model_arch
+    from planner.simulator import load_trace, simulate, within_context
     from planner.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.file)
         trace = load_trace(args.trace, args.rate_scale, args.duration)
+        trace, dropped = within_context(trace, get_model_arch(spec.model).max_context)
+        if dropped:
+            print(
+                f"{dropped} requests exceed {spec.model}'s context; left out (a server "
+                "refuses them)",
+                file=sys.stderr,
+            )
+        if not len(trace):
+            print("no request of the trace fits the model's context", file=sys.stderr)
+            return 1
         result = simulate(spec, trace, args.policy, control_interval_s=args.control_interval)
     except (SpecError, OSError) as exc:
         print(str(exc), file=sys.stderr)

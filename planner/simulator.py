@@ -13,7 +13,8 @@ ROUTE_CHOICES pipelines (load: queued + active per slot).
 
 Policies: `static` serves the initial configuration throughout. `auto` calls
 planner.adapt.propose (the controller's decision rule, planner/controller.py) every
-`control_interval_s` with the last `window_s` of arrivals; an applied change prefetches for
+`control_interval_s` with the last `window_s` of arrivals (from the first full window on;
+the backlog counts as demand to serve within the next interval); an applied change prefetches for
 its predicted duration while the old configuration serves (slowed by the paced overhead),
 then every pipeline stalls for the predicted switch, and requests of changed or removed
 pipelines continue, with their KV, on the new ones. Device-hours count every device a
@@ -242,15 +243,39 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def initial_plan(spec: Spec, trace: Trace, objective: str = "max_throughput") -> list[Stages]:
-    """Returns the planner's configuration for the whole trace's workload."""
+    """Returns the planner's configuration for the whole trace's workload, or, where none
+    meets the SLOs under it, for the spec's own workload (the trace then shows the misses)."""
     from planner.adapt import WorkloadWindow, candidates, window_spec
+    from planner.build_problem import build_problem
+    from planner.solve import plan
 
     window = WorkloadWindow.of(trace.prompt, trace.output, max(trace.duration_s, 1.0))
-    wspec = window_spec(spec, window, None).model_copy(update={"objective": objective})
-    found = candidates(wspec, None, 10.0)
+    found: list[list[Stages]] = []
+    for base in (window_spec(spec, window, None), spec):
+        wspec = base.model_copy(update={"objective": objective})
+        if objective == "max_throughput":
+            result = plan(build_problem(wspec), time_limit_s=10.0)
+            config = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
+            found = [config] if config else []
+        else:
+            found = candidates(wspec, None, 10.0)
+        if found:
+            break
     if not found:
         raise SpecError(["the planner finds no configuration for this spec and trace"])
     return found[0] if objective == "max_throughput" else found[-1]
+
+
+def within_context(trace: Trace, max_context: int) -> tuple[Trace, int]:
+    """Returns the trace without requests whose prompt + output exceed the model's context
+    (a server refuses them), and how many were dropped."""
+    keep = [i for i in range(len(trace)) if trace.prompt[i] + trace.output[i] <= max_context]
+    out = Trace(
+        [trace.arrival_s[i] for i in keep],
+        [trace.prompt[i] for i in keep],
+        [trace.output[i] for i in keep],
+    )
+    return out, len(trace) - len(keep)
 
 
 def simulate(
@@ -308,10 +333,12 @@ def simulate(
         nonlocal pending, devices_now, state
         for p in pipes:
             _advance(p, run, t)
+        if t < window_s:
+            return  # decide on a full window of evidence, never on the first minute's noise
         lo, hi = _bisect(trace.arrival_s, t - window_s), _bisect(trace.arrival_s, t)
         if hi - lo < 10:
             return
-        seconds = min(window_s, max(t, 1.0))
+        seconds = window_s
         window = WorkloadWindow.of(trace.prompt[lo:hi], trace.output[lo:hi], seconds)
         # the backlog is demand too: what waits now must be served within the next interval
         backlog = sum(len(p.queue) for p in pipes)

@@ -1,0 +1,233 @@
+"""Following the workload, in simulation: the controller against the best static configuration
+chosen in hindsight, and against a controller without the payback rule.
+
+    python bench/adapt.py [--cases 8b:2.0,13b:1.5] [--window 300] [--speed] [--out FILE]
+
+For each case (spec, rate scale) the Azure conversational trace (data/traces/) has its
+inter-arrival times divided by the rate scale (the hour is compressed; nothing else changes),
+and requests beyond the model's context are dropped (a server refuses them). Then:
+
+- static candidates: the planner's configurations (most throughput, and the fewest devices
+  carrying the demand times 1.25, 1.6 and 2.0: planner.adapt.candidates) for the whole
+  trace's aggregate workload and for every `--window` seconds of it; each candidate is
+  simulated over the whole trace;
+- best static (equal pool): the candidate with the most SLO goodput (ties: fewer
+  device-hours); best static (equal device-hours): the most goodput among candidates that
+  use no more device-hours than the controller;
+- auto: the controller (planner/controller.py through planner/adapt.py) every 60 s over the
+  last `--window` s, starting from the whole trace's plan;
+- no payback: the same re-planning with ControllerPolicy.without_payback() (no payback, no
+  hysteresis, no dwell).
+
+`--speed` also times one hour of the trace (rate x10) over 64 GPUs (16 A100 + 48 L40S,
+Llama-3.1-8B), static and auto. Prints tables; writes JSON (default bench/out/adapt.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cost_models.model_catalog import get_model_arch  # noqa: E402
+from planner.adapt import WorkloadWindow, candidates, window_spec  # noqa: E402
+from planner.controller import ControllerPolicy  # noqa: E402
+from planner.simulator import (  # noqa: E402
+    SimResult,
+    Stages,
+    Trace,
+    load_trace,
+    simulate,
+    within_context,
+)
+from planner.spec import Spec, load_spec, parse_spec  # noqa: E402
+
+TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
+SPECS = {
+    "8b": ROOT / "data/specs/azure-conv-a100-l40s-llama31-8b.yaml",
+    "13b": ROOT / "data/specs/azure-conv-a100-l40s-llama2-13b.yaml",
+}
+
+
+@dataclass
+class Row:
+    name: str
+    result: SimResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, **self.result.to_json()}
+
+
+def static_candidates(spec: Spec, trace: Trace, window_s: float) -> list[Stages]:
+    """Returns the planner's configurations for the whole trace and for each window of it."""
+    out: list[Stages] = []
+    spans = [(0.0, trace.duration_s + 1.0)]
+    t = 0.0
+    while t < trace.duration_s:
+        spans.append((t, t + window_s))
+        t += window_s
+    for lo_s, hi_s in spans:
+        idx = [i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s]
+        if len(idx) < 10:
+            continue
+        window = WorkloadWindow.of(
+            [trace.prompt[i] for i in idx],
+            [trace.output[i] for i in idx],
+            min(hi_s, trace.duration_s) - lo_s,
+        )
+        for config in candidates(window_spec(spec, window, None), None, 10.0):
+            key = sorted(tuple(p) for p in config)
+            if all(sorted(tuple(p) for p in c) != key for c in out):
+                out.append(config)
+    return out
+
+
+def describe(config: Stages | list[Stages]) -> str:
+    """Returns e.g. '6x1 stage' or '2x2 stages + 3x1 stage' for a configuration."""
+    counts: dict[int, int] = {}
+    for p in config:
+        counts[len(p)] = counts.get(len(p), 0) + 1
+    return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
+
+
+def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
+    spec = load_spec(SPECS[key])
+    trace, dropped = within_context(
+        load_trace(TRACE, rate_scale=rate_scale), get_model_arch(spec.model).max_context
+    )
+    t0 = time.perf_counter()
+    configs = static_candidates(spec, trace, window_s)
+    plan_s = time.perf_counter() - t0
+    statics = [Row(describe(c), simulate(spec, trace, "static", initial=c)) for c in configs]
+    best = max(statics, key=lambda r: (r.result.goodput_rps, -r.result.device_hours))
+    auto = Row("auto", simulate(spec, trace, "auto", window_s=window_s))
+    naive = Row(
+        "no payback",
+        simulate(spec, trace, "auto", controller=ControllerPolicy.without_payback(), window_s=window_s),
+    )
+    fair = [r for r in statics if r.result.device_hours <= auto.result.device_hours + 1e-9]
+    best_dh = max(fair, key=lambda r: r.result.goodput_rps) if fair else None
+    return {
+        "case": key,
+        "spec": str(SPECS[key].relative_to(ROOT)),
+        "rate_scale": rate_scale,
+        "requests": len(trace),
+        "dropped_beyond_context": dropped,
+        "duration_s": trace.duration_s,
+        "static_candidates": len(statics),
+        "candidate_planning_s": round(plan_s, 1),
+        "best_static": best.to_json(),
+        "best_static_equal_device_hours": best_dh.to_json() if best_dh else None,
+        "auto": auto.to_json(),
+        "no_payback": naive.to_json(),
+        "statics": [
+            {
+                "name": r.name,
+                "goodput_rps": r.result.goodput_rps,
+                "slo_attainment": r.result.slo_attainment,
+                "device_hours": r.result.device_hours,
+            }
+            for r in statics
+        ],
+    }
+
+
+def speed() -> dict[str, Any]:
+    """Returns the wall time of one hour of the trace (x10) over 64 GPUs, static and auto."""
+    text = (ROOT / "data/specs/azure-conv-a100-l40s-llama31-8b.yaml").read_text()
+    text = text.replace("count: 2, node: gpu-a", "count: 16, node: gpu-a").replace(
+        "count: 4, node: gpu-b", "count: 48, node: gpu-b"
+    )
+    spec = parse_spec(text, "64-gpu", str(ROOT / "data/specs"))
+    trace = load_trace(TRACE, rate_scale=10.0)
+    # one hour of arrivals at ten times the rate: the trace repeated 10 times, shifted
+    hour = Trace([], [], [])
+    for k in range(10):
+        hour.arrival_s.extend(a + k * 360.0 for a in trace.arrival_s)
+        hour.prompt.extend(trace.prompt)
+        hour.output.extend(trace.output)
+    out = {"devices": 64, "requests": len(hour), "duration_s": hour.duration_s}
+    for policy in ("static", "auto"):
+        t0 = time.perf_counter()
+        r = simulate(spec, hour, policy)
+        out[f"{policy}_wall_s"] = round(time.perf_counter() - t0, 2)
+        out[f"{policy}_goodput_rps"] = round(r.goodput_rps, 2)
+        out[f"{policy}_reconfigurations"] = len(r.reconfigurations)
+    return out
+
+
+def _row(label: str, r: dict[str, Any], ref: dict[str, Any]) -> str:
+    stall = sum(r["reconfiguration_stall_ms"])
+    prefetch = sum(x["prefetch_s"] for x in r["reconfiguration_list"])
+    return (
+        f"| {label} | {r['goodput_rps']:.2f} ({r['goodput_rps'] / ref['goodput_rps']:.2f}x) "
+        f"| {r['slo_attainment']:.1%} | {r['ttft_ms']['p90']:,.0f} / {r['ttft_ms']['p99']:,.0f} "
+        f"| {r['tpot_ms']['p90']:.0f} | {r['device_hours']:.2f} "
+        f"({r['device_hours'] / ref['device_hours'] - 1:+.0%}) | {r['reconfigurations']} "
+        f"| {stall:.0f} ms / {prefetch:.0f} s |"
+    )
+
+
+def print_case(c: dict[str, Any]) -> None:
+    print(
+        f"\n{c['spec']}, rate x{c['rate_scale']:g}: {c['requests']} requests over "
+        f"{c['duration_s']:.0f} s; {c['static_candidates']} static candidates "
+        f"(planned in {c['candidate_planning_s']} s)"
+    )
+    print(
+        "| policy | goodput req/s (vs best static) | SLO attainment | TTFT p90 / p99 ms "
+        "| TPOT p90 ms | device-hours (vs best static) | reconfigurations | stalls / prefetch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    ref = c["best_static"]
+    print(_row(f"best static, equal pool: {ref['name']}", ref, ref))
+    if c["best_static_equal_device_hours"]:
+        r = c["best_static_equal_device_hours"]
+        print(_row(f"best static, <= auto's device-hours: {r['name']}", r, ref))
+    print(_row("auto (payback rule)", c["auto"], ref))
+    print(_row("auto without payback", c["no_payback"], ref))
+    dh = c["best_static_equal_device_hours"]
+    if dh:
+        print(
+            f"goodput, auto / best static at equal device-hours: "
+            f"{c['auto']['goodput_rps'] / dh['goodput_rps']:.2f}x"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="8b:2.0,13b:1.5", help="KEY:RATE_SCALE,... (keys 8b, 13b)")
+    ap.add_argument("--window", type=float, default=300.0, help="seconds per planning window")
+    ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
+    ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))
+    args = ap.parse_args()
+    report: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cases": []}
+    for item in args.cases.split(","):
+        key, scale = item.split(":")
+        case = run_case(key, float(scale), args.window)
+        print_case(case)
+        report["cases"].append(case)
+    if args.speed:
+        report["speed"] = speed()
+        s = report["speed"]
+        print(
+            f"\nspeed: {s['requests']} requests over {s['duration_s']:.0f} s on {s['devices']} "
+            f"GPUs: static {s['static_wall_s']} s, auto {s['auto_wall_s']} s"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

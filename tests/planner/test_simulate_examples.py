@@ -1,0 +1,32 @@
+"""`pipeshift simulate` on every example spec, over a short slice of the Azure trace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from planner.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
+# planning 64 devices takes seconds; that one runs with the slow tests
+EXAMPLES = [
+    pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if "cluster-64" in p.stem else [])
+    for p in sorted((ROOT / "data/specs").glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("spec", EXAMPLES)
+def test_simulate_every_example_spec(spec: Path, capsys) -> None:
+    code = main(["simulate", "-f", str(spec), "--trace", str(TRACE), "--duration", "10", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["requests"] > 0 and out["device_hours"] > 0
+    assert 0.0 <= out["slo_attainment"] <= 1.0
+    assert out["goodput_rps"] <= out["requests"] / out["duration_s"] + 1e-9
+    for key in ("ttft_ms", "tpot_ms"):
+        q = out[key]
+        assert 0 <= q["p50"] <= q["p90"] <= q["p99"]
