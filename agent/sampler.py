@@ -1,10 +1,14 @@
-"""Token sampling on the last stage: logit bias and penalties, then greedy at temperature 0,
-else temperature + top-p; and the log-probabilities a request asks for.
+"""Token sampling on the last stage: a JSON grammar's mask, logit bias and penalties, then greedy
+at temperature 0, else temperature + top-p; and the log-probabilities a request asks for.
 
 Each request with a seed gets its own generator, so its tokens do not depend on which other
 requests share its micro-batch, nor on how the model is split.
 
 The logits of a row are processed in float32, in vLLM's order:
+  0. `grammar` (a `response_format` JSON schema, agent/constrained.py): `logits[t] = -inf` for
+     every token t the grammar does not allow after the output so far; EOS is allowed only where
+     the JSON document is complete. vLLM applies its grammar bitmask before the sampler's bias
+     and penalties too; as they only add to, scale or subtract from a logit, -inf stays -inf;
   1. `logit_bias`: `logits[t] += bias[t]`;
   2. `repetition_penalty` r (vLLM's extension), for every token t seen in the prompt or the
      output so far: `logits[t] /= r` where it is positive, `logits[t] *= r` otherwise;
@@ -13,13 +17,16 @@ The logits of a row are processed in float32, in vLLM's order:
 Greedy decoding takes the argmax of these logits; sampling divides them by the temperature
 and keeps the top-p nucleus. Log-probabilities are `log_softmax` of the processed logits,
 before temperature and top-p (so they equal the model's own when no bias or penalty is set),
-and a token's logprob and its entry among the top ones are the same float32 number.
+and a token's logprob and its entry among the top ones are the same float32 number. Under a
+grammar they are those of the masked logits (a disallowed token's is -inf, and is not listed
+among the top ones).
 
 A request's parameters are a dict (JSON from the engine): temperature, top_p, seed, and only
 when set: logit_bias [[token, bias], ...], presence_penalty, frequency_penalty,
-repetition_penalty, output_ids (the tokens generated so far, for the penalties), prompt_ids
-(for the repetition penalty), logprobs (how many top alternatives to list; 0: only the chosen
-token's logprob).
+repetition_penalty, output_ids (the tokens generated so far, for the penalties and the grammar),
+prompt_ids (for the repetition penalty), logprobs (how many top alternatives to list; 0: only the
+chosen token's logprob), grammar (the grammar text of a JSON schema). The grammar matcher of a
+request is a per-worker cache, rebuilt from output_ids when the last stage moved.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from agent.constrained import GrammarMatchers
 
 
 @dataclass
@@ -43,9 +52,14 @@ class Sampled:
         return [self.token, self.logprob, [list(t) for t in self.top or []]]
 
 
-def process_logits(logits: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-    """Returns a float32 copy of one row of logits [V] with logit bias and penalties applied."""
+def process_logits(
+    logits: torch.Tensor, params: dict[str, Any], allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Returns a float32 copy of one row of logits [V] with the grammar's mask (`allowed`, bool
+    [V]), logit bias and penalties applied."""
     out = logits.detach().to(torch.float32).clone()
+    if allowed is not None:
+        out.masked_fill_(~allowed, float("-inf"))
     bias = params.get("logit_bias")
     if bias:
         ids = torch.tensor([int(t) for t, _ in bias], dtype=torch.int64)
@@ -70,7 +84,8 @@ def process_logits(logits: torch.Tensor, params: dict[str, Any]) -> torch.Tensor
 
 def needs_processing(params: dict[str, Any]) -> bool:
     return bool(
-        params.get("logit_bias")
+        params.get("grammar")
+        or params.get("logit_bias")
         or float(params.get("repetition_penalty", 1.0)) != 1.0
         or float(params.get("frequency_penalty", 0.0))
         or float(params.get("presence_penalty", 0.0))
@@ -78,8 +93,10 @@ def needs_processing(params: dict[str, Any]) -> bool:
 
 
 class Sampler:
-    def __init__(self) -> None:
+    def __init__(self, grammars: GrammarMatchers | None = None) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        # The worker gives it a loader of the model's tokenizer (agent/worker.py).
+        self.grammars = grammars or GrammarMatchers()
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         gen = self._generators.get(request_id)
@@ -100,7 +117,10 @@ class Sampler:
         out = []
         for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
             processed = needs_processing(p)
-            row = process_logits(logits[i], p) if processed else logits[i]
+            allowed = None
+            if p.get("grammar"):
+                allowed = self.grammars.allowed(rid, p["grammar"], p.get("output_ids") or [], logits.shape[-1])
+            row = process_logits(logits[i], p, allowed) if processed else logits[i]
             sampling = float(p.get("temperature", 0.0)) > 0.0
             token = self._pick(row, rid, p) if processed or sampling else greedy[i]
             sampled = Sampled(token)
@@ -110,7 +130,8 @@ class Sampler:
                 k = int(p["logprobs"])
                 if k > 0:
                     values, ids = torch.topk(logprobs, k)
-                    sampled.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+                    sampled.top = [(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+                                   if v != float("-inf")]
             out.append(sampled)
         return out
 
@@ -141,3 +162,4 @@ class Sampler:
     def forget(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._generators.pop(rid, None)
+        self.grammars.forget(request_ids)

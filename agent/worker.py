@@ -37,10 +37,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
 
+from agent.constrained import GrammarMatchers
 from agent.control import JsonLineSocket
 from agent.kv_cache import KVCacheSpec, PagedKVCache
 from agent.loaders import ModelSource, load_stage_weights, load_weights, resolve_model
@@ -48,6 +50,7 @@ from agent.model import LlamaStage
 from agent.pacing import Cancelled, Pacer
 from agent.process_memory import memory_breakdown, release_free_heap
 from agent.stage_loop import StageHost, StageLoop
+from agent.tokenizer import load_tokenizer
 from agent.transport import DTYPES, Channel, ChannelSpec
 
 log = logging.getLogger("pipeshift.worker")
@@ -109,6 +112,8 @@ class Worker:
         max_blocks = max(num_blocks, spec.blocks_for_budget(self.kv_cap_bytes, 1))
         kv = PagedKVCache(spec, range(start, end), num_blocks, self.device, max_blocks=max_blocks)
         self.host = StageHost(stage, kv, self.worker_id, self.xfers.__getitem__)
+        # JSON schemas (response_format) are matched against the model's own tokenizer.
+        self.host.sampler.grammars = GrammarMatchers(partial(load_tokenizer, source.format, source.path))
         return {
             "num_blocks": num_blocks, "max_blocks": max_blocks, "weight_bytes": stage.weight_bytes,
             "part_bytes": stage.part_bytes(), "kv_bytes_per_token_per_layer": spec.bytes_per_token_per_layer,
