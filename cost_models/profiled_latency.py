@@ -6,7 +6,11 @@ Contract (planner/build_problem.py reads these):
     CostSource          where the numbers came from: "profile" (file) | "calibration" | "roofline",
                         and per quantity how (measured, roofline anchored to the edge, ...)
     operating_costs(arch, device, dtype, eff, batch, decode_context, prompt_tokens,
-                    profile=None, eff_origin="roofline") -> OperatingCosts
+                    profile=None, eff_origin="roofline", share=None) -> OperatingCosts
+
+On a host whose CPU workers share its cores (`share`, cost_models/host_sharing.py) the
+roofline runs with shared_efficiency(eff, share) and every measured time is multiplied by
+the memory factor f_m (shared_time_s): tables are measured on a worker alone.
 
 With a profile whose tables hold this model in this dtype:
     layer_decode_s  = decode table at (batch, decode_context)
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind
+from cost_models.host_sharing import HostShare, shared_efficiency, shared_time_s
 from cost_models.model_catalog import ModelArch
 from cost_models.profile import INSIDE, Profile
 
@@ -78,6 +83,7 @@ def operating_costs(
     prompt_tokens: int,
     profile: Profile | None = None,
     eff_origin: str = ROOFLINE,
+    share: HostShare | None = None,
 ) -> OperatingCosts:
     """Returns the kind's costs at the operating point and where each came from.
 
@@ -86,6 +92,8 @@ def operating_costs(
     has_roofline = device.memory_bandwidth_bytes_per_s > 0
     if profile is not None and profile.efficiency is not None:
         eff = profile.efficiency
+    if share is not None:
+        eff = shared_efficiency(eff, share)
     roof = {
         "decode": lambda b, c: latency.layer_decode_s(
             arch, device, round(b), round(c), dtype_bytes, eff
@@ -111,7 +119,8 @@ def operating_costs(
             return roof[table_name](r, c)
         value, kind_of = table.at(r, c, roof[table_name] if has_roofline else None)
         how[name] = kind_of if kind_of != INSIDE else f"{INSIDE} (interpolated)"
-        return value
+        # tables (and the roofline anchored to their edge) are measured on a worker alone
+        return value if share is None else shared_time_s(value, share)
 
     decode = pick("decode", "decode", batch, decode_context)
     prefill = pick("prefill", "prefill", 1, prompt_tokens)

@@ -20,7 +20,7 @@ from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
 from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
 from planner.spec import Spec, SpecError, spec_profiles
-from planner.topology import build_topology, node_links
+from planner.topology import build_topology, node_hosts, node_links, planning_shares
 
 
 def build_problem(spec: Spec) -> PlanningProblem:
@@ -76,6 +76,15 @@ def build_problem(spec: Spec) -> PlanningProblem:
                 ]
             ) from None
 
+    # CPU workers of a node with `cpu_cores` share its cores and memory bus (planner/topology.py)
+    shares = {}
+    if spec.nodes is not None:
+        cpu_on_node: dict[str, list[DeviceKind]] = {}
+        for d in devices:
+            if dev_kinds[d.kind].vendor == "cpu":
+                cpu_on_node.setdefault(d.node, []).append(dev_kinds[d.kind])
+        shares = planning_shares(node_hosts(spec.nodes), cpu_on_node)
+
     kinds = []
     for k, (_, node) in zip(dev_kinds, pool_keys, strict=True):
         origin = "calibration" if calibrated and k.name.lower() in calibrated else "roofline"
@@ -91,6 +100,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
                 ttft_prompt,
                 profile=profiles.get(k.name.lower()),
                 eff_origin=origin,
+                share=shares.get(node) if k.vendor == "cpu" else None,  # type: ignore[arg-type]
             )
         except ValueError as exc:
             raise SpecError([f"profiles: {exc}"]) from None

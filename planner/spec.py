@@ -82,6 +82,10 @@ class NodeSpec(_Strict):
     region: str | None = None  # nodes of one region may share `links` entries
     intra_gbps: float | None = Field(None, gt=0)  # default: the catalog kinds' link
     intra_latency_us: float | None = Field(None, ge=0)
+    # CPU workers on this host share its cores and memory bus (cost_models/host_sharing.py)
+    cpu_cores: int | None = Field(None, ge=1, le=4096)
+    threads_per_worker: int = Field(1, ge=1, le=4096)
+    memory_gb_s: float | None = Field(None, gt=0)  # host memory bus; default: not the limit
 
 
 class LinkSpec(_Strict):

@@ -14,6 +14,18 @@ of a hop from node a to node b is
 
 and a hop of n bytes costs  hop_s = latency_s + n_bytes / bandwidth_bytes_per_s.
 Spec units are Gbit/s and microseconds (as NICs are sold); inside, bytes/s and seconds.
+
+A node with `cpu_cores` is a host whose CPU workers share its cores and memory bus
+(cost_models/host_sharing.py). The solver prices a pool before it knows how many pipelines
+the plan makes, so it prices the host's workers as all busy at once,
+
+    B(node) = the node's CPU workers in the spec (pinned-out ones excepted)
+    pool costs on that node = host_sharing.contention(B, host, per-worker bandwidth)
+
+which is exact for a plan that uses every worker with one micro-batch each (what the engine
+runs when pipelines outnumber runnable workers) and pessimistic in TPOT, never in
+throughput, for deeper pipelines (the engine keeps fewer of their stages busy);
+`configuration_shares` re-costs a given configuration with the engine's own count.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cost_models.device_catalog import DeviceKind
+from cost_models.host_sharing import Host, HostShare, busy_workers, contention
 from cost_models.transfer import Link, link_transfer_s
 
 BYTES_PER_S_PER_GBPS = 1e9 / 8
@@ -95,3 +108,52 @@ def build_topology(
         hop_decode_s={k: link_transfer_s(decode_bytes, v) for k, v in links.items()},
         hop_prefill_s={k: link_transfer_s(prefill_bytes, v) for k, v in links.items()},
     )
+
+
+def node_hosts(nodes: Sequence[object]) -> dict[str, Host]:
+    """Returns the Host of every spec node that gives `cpu_cores` (spec `NodeSpec`s in)."""
+    out = {}
+    for n in nodes:
+        cores = getattr(n, "cpu_cores", None)
+        if cores is None:
+            continue
+        gb_s = getattr(n, "memory_gb_s", None)
+        out[n.name] = Host(  # type: ignore[attr-defined]
+            cores=cores,
+            threads_per_worker=getattr(n, "threads_per_worker", 1),
+            memory_bandwidth_bytes_per_s=None if gb_s is None else gb_s * 1e9,
+        )
+    return out
+
+
+def planning_shares(
+    hosts: Mapping[str, Host], cpu_workers_on_node: Mapping[str, Sequence[DeviceKind]]
+) -> dict[str, HostShare]:
+    """Returns the contention the solver prices each CPU host at: all its workers busy."""
+    out = {}
+    for node, host in hosts.items():
+        workers = cpu_workers_on_node.get(node, ())
+        if not workers:
+            continue
+        bandwidth = max(k.memory_bandwidth_bytes_per_s for k in workers)
+        out[node] = contention(len(workers), host, bandwidth)
+    return out
+
+
+def configuration_shares(
+    hosts: Mapping[str, Host],
+    pipelines_nodes: Sequence[Sequence[str]],
+    worker_bandwidth_bytes_per_s: Mapping[str, float],
+) -> dict[str, HostShare]:
+    """Returns each CPU host's contention under a given configuration (the node of every stage
+    of every pipeline), with the engine's busy count: B = sum_p min(S_p, M_p) over the
+    pipelines on the host (host_sharing.busy_workers; a pipeline's stages on other hosts do
+    not count here)."""
+    out = {}
+    for node, host in hosts.items():
+        here = [sum(1 for n in p if n == node) for p in pipelines_nodes]
+        here = [s for s in here if s > 0]
+        if not here:
+            continue
+        out[node] = contention(busy_workers(here, host), host, worker_bandwidth_bytes_per_s[node])
+    return out

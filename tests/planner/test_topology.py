@@ -180,3 +180,64 @@ def test_interchangeable_nodes_are_evaluated_once_and_stay_exact():
     assert r.status == "OPTIMAL"
     assert r.objective == pytest.approx(ref, rel=1e-7)
     assert r.throughput_tok_s == pytest.approx(ref, rel=1e-7)
+
+
+HOST_SPEC = """\
+model: SmolLM2-135M
+dtype: fp32
+devices:
+  - {{kind: cpu, count: {workers}, node: local}}
+nodes:
+  - {{name: local, nic_gbps: 10{host}}}
+workload:
+  prompt_tokens: 128
+  output_tokens: 64
+  batch: 4
+"""
+
+
+def _plan_host(workers: int, host: str):
+    from planner.spec import parse_spec
+
+    spec = parse_spec(HOST_SPEC.format(workers=workers, host=host))
+    return plan(build_problem(spec))
+
+
+def test_cpu_workers_share_their_hosts_cores():
+    """Four workers on two cores plan what two cores do, not four machines' worth."""
+    alone = _plan_host(4, "")  # no cpu_cores: every worker a machine of its own
+    shared = _plan_host(4, ", cpu_cores: 2")
+    assert shared.throughput_tok_s == pytest.approx(alone.throughput_tok_s / 2, rel=1e-6)
+    assert shared.tpot_s == pytest.approx(2 * alone.tpot_s, rel=1e-6)
+    # as many workers as cores: nothing to share
+    two = _plan_host(2, ", cpu_cores: 2")
+    assert two.throughput_tok_s == pytest.approx(_plan_host(2, "").throughput_tok_s)
+    # two threads per worker on two cores: two workers already contend
+    threads = _plan_host(2, ", cpu_cores: 2, threads_per_worker: 2")
+    assert threads.throughput_tok_s == pytest.approx(two.throughput_tok_s / 2, rel=1e-6)
+    # a memory bus that carries one worker's traffic: two running workers halve memory speed
+    bus = _plan_host(2, ", cpu_cores: 2, memory_gb_s: 12")
+    assert two.throughput_tok_s / 2 < bus.throughput_tok_s < two.throughput_tok_s
+
+
+def test_configuration_shares_count_the_engines_busy_workers():
+    from cost_models.host_sharing import Host
+    from planner.topology import configuration_shares
+
+    hosts = {"a": Host(cores=2), "b": Host(cores=4)}
+    bw = {"a": 1e10, "b": 1e10}
+    replicas = configuration_shares(hosts, [["a"], ["a"], ["a"], ["a"]], bw)
+    assert replicas["a"].busy_workers == 4 and replicas["a"].compute == 2.0
+    deep = configuration_shares(hosts, [["a", "a", "a", "a"]], bw)
+    assert deep["a"].busy_workers == 2 and deep["a"].compute == 1.0
+    # a pipeline across two hosts counts its stages on each: on b, 2 + 1 of 4 cores
+    split = configuration_shares(hosts, [["a", "a", "b", "b"], ["a", "b"]], bw)
+    assert split["a"].busy_workers == 2 and split["b"].busy_workers == 3
+    assert "b" not in configuration_shares(hosts, [["a"]], bw)
+
+
+def test_cpu_cores_in_the_spec_are_checked():
+    from planner.spec import parse_spec
+
+    with pytest.raises(SpecError, match="cpu_cores"):
+        parse_spec(HOST_SPEC.format(workers=2, host=", cpu_cores: 0"))
