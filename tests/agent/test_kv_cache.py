@@ -262,3 +262,39 @@ def test_shrinking_hands_the_pool_memory_back_to_the_os():
     assert touched - released > 100 << 20
     cache.resize(4096)  # growing back costs nothing until written
     assert memory_breakdown()["rss_bytes"] - released < 8 << 20
+
+
+# ---- fork (n > 1: members share the prompt's blocks) ----------------------------------------
+def test_fork_shares_full_blocks_copies_the_partial_one_and_frees_by_reference():
+    cache = make_cache(block_size=4, num_blocks=8)
+    kv = fill(cache, "lead", range(0, 3), 10, seed=1)  # blocks: 4 + 4 + 2 positions
+    cache.fork("lead", "member", 10)
+    lead, member = cache.block_tables["lead"], cache.block_tables["member"]
+    assert member[:2] == lead[:2] and member[2] != lead[2]
+    assert cache.num_used_blocks == 4 and cache.shared_blocks() == 2
+    assert torch.equal(cache.export("member", range(0, 3), range(0, 10)), kv)
+    # Each writes its own next position without touching the other's.
+    cache.reserve("member", 11)
+    slot = cache.slots("member", torch.tensor([10]))
+    cache.write(0, slot, torch.ones(1, N_KV_HEADS, HEAD_DIM), torch.ones(1, N_KV_HEADS, HEAD_DIM))
+    assert torch.equal(cache.export("lead", range(0, 3), range(0, 10)), kv)
+    assert cache.free("lead") == 1  # only its partial block: the full ones are the member's too
+    assert cache.shared_blocks() == 0
+    assert torch.equal(cache.export("member", range(0, 3), range(0, 10)), kv)
+    assert cache.free("member") == 3 and cache.num_free_blocks == 8
+
+
+def test_shrinking_moves_a_shared_block_once_for_every_holder():
+    cache = make_cache(block_size=4, num_blocks=8)
+    cache.reserve("pad", 16)  # blocks 0-3, so the prompt lands at 4 and up
+    kv = fill(cache, "lead", range(0, 3), 8, seed=2)
+    cache.fork("lead", "a", 8)
+    cache.fork("lead", "b", 8)
+    assert cache.num_used_blocks == 6
+    cache.free("pad")
+    cache.resize(4)
+    tables = [cache.block_tables[r] for r in ("lead", "a", "b")]
+    assert tables[0] == tables[1] == tables[2] and max(tables[0]) < 4
+    for rid in ("lead", "a", "b"):
+        assert torch.equal(cache.export(rid, range(0, 3), range(0, 8)), kv)
+    assert [cache.free(r) for r in ("lead", "a", "b")] == [0, 0, 2]

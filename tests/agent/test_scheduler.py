@@ -300,3 +300,38 @@ def test_a_request_whose_kv_was_dropped_catches_up_in_one_chunk_then_decodes():
     assert (start, chunk) == (2, [2, 3, 4, 5, 7, 8, 9])
     seq.num_computed = seq.num_tokens - 1
     assert not seq.in_prefill and seq.next_chunk(1) == (8, [9])
+
+
+# ---- n > 1: a leader and the members that fork from it ---------------------------------------
+def test_members_come_in_with_their_leader_and_wait_for_its_prefill():
+    sched = make_scheduler(capacity_blocks=9)
+    lead = make_seq("r-0", 6, 6)  # 3 blocks each
+    members = [make_seq(f"r-{i}", 6, 6) for i in (1, 2)]
+    for m in members:
+        m.awaiting_fork = True
+    lead.forks = members
+    sched.add(lead)
+    assert sched.admit() == [lead, *members]
+    assert all(s.pipeline_id == lead.pipeline_id for s in members)
+    assert sched.worker_used[0] == 9  # each member reserves as a request of its own
+    mb = sched.next_micro_batch()
+    assert mb.seqs == [lead]  # the members take no step before the fork
+    sched.complete(mb.mb_id)
+    for m in members:
+        m.awaiting_fork = False
+        decoding(m)
+    decoding(lead)
+    sched.pipelines[0].max_inflight = 1
+    assert [s.request_id for s in sched.next_micro_batch().seqs] == ["r-0", "r-1", "r-2"]
+
+
+def test_a_group_that_does_not_fit_whole_waits():
+    sched = make_scheduler(capacity_blocks=8)
+    lead = make_seq("r-0", 6, 6)
+    member = make_seq("r-1", 6, 6)
+    member.awaiting_fork = True
+    lead.forks = [member, make_seq("r-2", 6, 6)]
+    lead.forks[1].awaiting_fork = True
+    sched.add(lead)
+    assert sched.admit() == []  # 9 blocks for the three, 8 free
+    assert member.status is SequenceStatus.WAITING
