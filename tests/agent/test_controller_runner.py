@@ -1,0 +1,124 @@
+"""The live controller's loop around the decision rule: it reads the monitor's window, asks
+planner.adapt.propose, and in auto starts the apply through the reconfigurations' own path,
+in propose only records it; every decision keeps its reason and predicted figures."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from agent.controller_runner import ControllerRunner, ControllerSettings, default_spec
+from agent.reconfigurations import ApplyRefused
+from agent.workload_monitor import WorkloadMonitor
+from planner.configuration import Configuration
+from planner.controller import ControllerPolicy
+from planner.reconfig import DeviceInfo
+
+WORKERS = [f"worker-{i}" for i in range(4)]
+POLICY = ControllerPolicy(min_dwell_s=30, payback_horizon_s=60)
+
+
+@dataclass
+class Record:
+    apply_id: str
+    done: threading.Event = field(default_factory=threading.Event)
+    finished_at: float | None = None
+    outcome: str | None = None
+    epoch_from: int = 1
+    epoch_to: int = 2
+
+
+@dataclass
+class Sched:
+    waiting: list = field(default_factory=list)
+
+
+@dataclass
+class Eng:
+    failure: str | None = None
+    scheduler: Sched = field(default_factory=Sched)
+
+
+class Reconfig:
+    """What the runner reads of agent.reconfigurations.Reconfigurations, serving `stages`."""
+
+    def __init__(self, stages: str):
+        self.engine = Eng()
+        self.config = Configuration.from_stages_text(stages, WORKERS)
+        self.started: list[Configuration] = []
+        self.records: list[Record] = []
+
+    def current(self) -> Configuration:
+        return self.config
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo(w, "cpu", "local", 4 << 30, 1 << 30) for w in WORKERS]
+
+    def requests(self) -> list:
+        return []
+
+    def history(self) -> list[Record]:
+        return self.records
+
+    def start(self, target: Configuration) -> Record:
+        if any(not r.done.is_set() for r in self.records):
+            raise ApplyRefused("apply apply-1 is in progress")
+        self.started.append(target)
+        self.records.append(Record(f"apply-{len(self.records) + 1}"))
+        return self.records[-1]
+
+
+def burst(rate_per_s: float, prompt: int = 20, output: int = 32) -> WorkloadMonitor:
+    """Returns a monitor that saw 30 s of requests at `rate_per_s`."""
+    clock = [0.0]
+    monitor = WorkloadMonitor(window_s=30, clock=lambda: clock[0])
+    n = int(rate_per_s * 30)
+    for i in range(n):
+        clock[0] = 30 * (i + 1) / n
+        monitor.admitted(prompt)
+    from agent.workload_monitor import Finished
+
+    for _ in range(n):
+        monitor.finished(Finished(clock[0], clock[0] - 1, prompt, output, 0.2, 0.05, 0, False))
+    return monitor
+
+
+def runner(mode: str, reconfig: Reconfig, monitor: WorkloadMonitor) -> ControllerRunner:
+    settings = ControllerSettings(mode=mode, interval_s=5, policy=POLICY, time_limit_s=2)
+    return ControllerRunner(reconfig, monitor, default_spec("SmolLM2-135M", 4), settings)
+
+
+def test_auto_applies_a_change_that_pays_back_and_never_two_at_once() -> None:
+    reconfig = Reconfig("0:15,15:30")
+    control = runner("auto", reconfig, burst(5.0))
+    first = control.step(now_s=1000.0)
+    assert first.act and first.apply_id == "apply-1" and first.error is None
+    assert reconfig.started and len(reconfig.started[0].pipelines) > 1  # replicas for the burst
+    assert first.predicted["goodput_target_rps"] > first.predicted["goodput_current_rps"]
+    assert "gains" in first.reason and first.workload["rate_per_s"] == pytest.approx(5.0)
+    second = control.step(now_s=1001.0)  # the first apply still runs
+    assert not second.act and "never two at once" in second.reason and len(reconfig.started) == 1
+    assert [d["id"] for d in control.to_json()["decisions"]] == [1, 2]
+
+
+def test_propose_records_the_plan_and_changes_nothing() -> None:
+    reconfig = Reconfig("0:15,15:30")
+    decision = runner("propose", reconfig, burst(5.0)).step(now_s=1000.0)
+    assert decision.act and decision.apply_id is None and reconfig.started == []
+    assert decision.target != decision.current
+
+
+def test_dwell_holds_a_change_that_only_saves_devices() -> None:
+    reconfig = Reconfig("0:15,15:30")
+    reconfig.records.append(Record("apply-0", finished_at=990.0, outcome="applied"))
+    reconfig.records[0].done.set()
+    decision = runner("auto", reconfig, burst(0.5)).step(now_s=1000.0)  # light load: fewer devices pay
+    assert not decision.act and decision.reason.startswith("dwell") and reconfig.started == []
+
+
+def test_no_decision_on_a_quiet_window() -> None:
+    assert runner("auto", Reconfig("0:30"), WorkloadMonitor(window_s=30)).step() is None
+    with pytest.raises(ValueError, match="auto, propose, off"):
+        ControllerRunner(Reconfig("0:30"), WorkloadMonitor(), None, ControllerSettings(mode="sometimes"))
