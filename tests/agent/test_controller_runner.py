@@ -122,3 +122,20 @@ def test_no_decision_on_a_quiet_window() -> None:
     assert runner("auto", Reconfig("0:30"), WorkloadMonitor(window_s=30)).step() is None
     with pytest.raises(ValueError, match="auto, propose, off"):
         ControllerRunner(Reconfig("0:30"), WorkloadMonitor(), None, ControllerSettings(mode="sometimes"))
+
+
+def test_serve_takes_the_mode_from_the_flag_or_the_spec() -> None:
+    import argparse
+
+    from agent.serve_command import controller_settings, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    spec = default_spec("SmolLM2-135M", 2).model_copy(update={"controller": "propose"})
+    args = parser.parse_args(["serve", "--controller-dwell", "20"])
+    settings = controller_settings(args, spec)
+    assert settings.mode == "propose" and settings.policy.min_dwell_s == 20
+    assert controller_settings(parser.parse_args(["serve"]), None).mode == "off"
+    assert controller_settings(parser.parse_args(["serve", "--controller", "auto"]), spec).mode == "auto"
+    with pytest.raises(ValueError, match="--controller-interval must be positive"):
+        controller_settings(parser.parse_args(["serve", "--controller-interval", "0"]), None)
