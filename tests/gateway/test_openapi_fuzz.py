@@ -146,10 +146,11 @@ def _prompt_tokens(engine: PipelineEngine, case: Any) -> tuple[int, int | None]:
         ]
         prompt_tokens = len(engine.encode_chat(messages))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    else:
+    else:  # a batch is checked by its longest prompt, and refused for any empty one
         prompt = body["prompt"]
-        prompt = prompt[0] if len(prompt) == 1 and not isinstance(prompt[0], int) else prompt
-        prompt_tokens = len(engine.encode_prompt(prompt) if isinstance(prompt, str) else prompt)
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        lengths = [len(engine.encode_prompt(p) if isinstance(p, str) else p) for p in prompts]
+        prompt_tokens = 0 if 0 in lengths else max(lengths)
         limit = body.get("max_tokens")
     return prompt_tokens, limit
 
