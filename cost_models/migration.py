@@ -10,8 +10,14 @@ Contract (the planner and the diff planner import these names):
     relayout_s(n_bytes, dev)                                                   -> float
         host-side passes over weights a live move adds (out of the holder's layout, into
         the receiver's); add it to a weight move's time when it happens on a busy device
+    link_move_s(n_bytes, link)                                                 -> float
+    fetch_s(n_bytes, dst, holder_links, disk_bandwidth_bytes_per_s=...)        -> float
+        with a topology (planner/topology.py): the link a node pair really uses
 
-Peer to peer: latency + bytes / link bandwidth (cost_models/transfer.py).
+Peer to peer: latency + bytes / link bandwidth (cost_models/transfer.py); with a topology,
+              the link between the two nodes (`Link`, from the spec's nodes and links).
+Fetch:        min(min over holders h of link_move_s(bytes, link(h -> dst)), disk_load_s):
+              the fastest source of bytes some peers hold, the disk always being one.
 From disk:    DISK_LATENCY_S + bytes / min(disk bandwidth, dst's host link) - the read
               goes disk -> host memory -> device, and the slower of the two sets the pace.
 KV of a request for layers [a, b): n_tokens * (b - a) * kv_bytes_per_token_per_layer.
@@ -21,10 +27,12 @@ cost_models.memory.embedding_bytes / head_bytes and `bytes_move_s`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from cost_models.device_catalog import DeviceKind
 from cost_models.memory import kv_bytes_per_token_per_layer, kv_dtype_bytes_for, layer_weight_bytes
 from cost_models.model_catalog import ModelArch
-from cost_models.transfer import transfer_s
+from cost_models.transfer import Link, link_transfer_s, transfer_s
 
 # A datacenter NVMe SSD reads ~2-7 GB/s sequentially; 2 GB/s is a safe floor (and what a
 # busy or networked volume gives). Override with what the node measures.
@@ -110,3 +118,22 @@ def kv_move_s(
 ) -> float:
     """Returns seconds to copy n_tokens of KV for n_layers from src to dst: latency + bytes / bw."""
     return transfer_s(kv_move_bytes(arch, n_tokens, n_layers, dtype_bytes), src, dst, same_node)
+
+
+def link_move_s(n_bytes: float, link: Link) -> float:
+    """Returns seconds to move n_bytes between two nodes over the link they use:
+    latency + bytes / bandwidth."""
+    return link_transfer_s(n_bytes, link)
+
+
+def fetch_s(
+    n_bytes: float,
+    dst: DeviceKind,
+    holder_links: Iterable[Link],
+    disk_bandwidth_bytes_per_s: float = DISK_BANDWIDTH_BYTES_PER_S,
+) -> float:
+    """Returns seconds to bring n_bytes to dst from its fastest source: a peer over each
+    holder's link to dst's node, or dst's disk."""
+    options = [link_move_s(n_bytes, link) for link in holder_links]
+    options.append(disk_load_s(n_bytes, dst, disk_bandwidth_bytes_per_s))
+    return min(options)

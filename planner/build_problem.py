@@ -20,7 +20,13 @@ from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
 from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
 from planner.spec import Spec, SpecError, spec_profiles
-from planner.topology import build_topology, node_hosts, node_links, planning_shares
+from planner.topology import (
+    build_topology,
+    migration_bandwidth_bytes_per_s,
+    node_hosts,
+    node_links,
+    planning_shares,
+)
 
 
 def build_problem(spec: Spec) -> PlanningProblem:
@@ -147,9 +153,15 @@ def build_problem(spec: Spec) -> PlanningProblem:
         # the scalars stay the worst hop in use (what a topology-blind reader would assume)
         hop_decode_s = max(topology.decode_s(a, b) for a, b in pairs)
         hop_prefill_s = max(topology.prefill_s(a, b) for a, b in pairs)
-        # weights moved between nodes cross the slowest network path in use
-        cross = [links[(a, b)].bandwidth_bytes_per_s for a, b in pairs if a != b]
-        move_bandwidth_bytes_per_s = min(cross) if cross else links[pairs[0]].bandwidth_bytes_per_s
+        # a moved layer comes over the link between the node that holds it now and the one
+        # that will, or from disk, whichever is faster (planner/topology.py)
+        if spec.current is not None and spec.current.pipelines:
+            node_of = {n: node for n, _, node in spec.device_names()}
+            holders = [node_of[s.device] for p in spec.current.pipelines for s in p.stages
+                       if s.device in node_of]
+            move_bandwidth_bytes_per_s = migration_bandwidth_bytes_per_s(
+                links, holders, kinds_on_node, layer_weight_bytes(arch, dtype_bytes)
+            )
     kv_token_layer = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(dtype_bytes))
 
     problem = PlanningProblem(

@@ -30,11 +30,13 @@ throughput, for deeper pipelines (the engine keeps fewer of their stages busy);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cost_models.device_catalog import DeviceKind
 from cost_models.host_sharing import Host, HostShare, busy_workers, contention
+from cost_models.migration import DISK_BANDWIDTH_BYTES_PER_S, fetch_s
 from cost_models.transfer import Link, link_transfer_s
 
 BYTES_PER_S_PER_GBPS = 1e9 / 8
@@ -157,3 +159,27 @@ def configuration_shares(
             continue
         out[node] = contention(busy_workers(here, host), host, worker_bandwidth_bytes_per_s[node])
     return out
+
+
+def migration_bandwidth_bytes_per_s(
+    links: Mapping[tuple[str, str], Link],
+    holder_nodes: Sequence[str],
+    kinds_on_node: Mapping[str, Sequence[DeviceKind]],
+    n_bytes: float,
+    disk_bandwidth_bytes_per_s: float = DISK_BANDWIDTH_BYTES_PER_S,
+) -> float:
+    """Returns the bandwidth the migration term prices a moved byte at: each node's devices
+    fetch n_bytes from their fastest source (a holder's node over the link between the two,
+    the node's own link when it holds them, or the disk: migration.fetch_s), and a new
+    pipeline may land on any node, so the slowest node's fetch sets the price:
+
+        bandwidth = n_bytes / max over nodes n, kinds k on n of fetch_s(n_bytes, k, links(h -> n))
+    """
+    worst_s = 0.0
+    for node, kinds in kinds_on_node.items():
+        holder_links = [links[(h, node)] for h in set(holder_nodes) if (h, node) in links]
+        for kind in kinds:
+            worst_s = max(
+                worst_s, fetch_s(n_bytes, kind, holder_links, disk_bandwidth_bytes_per_s)
+            )
+    return n_bytes / worst_s if worst_s > 0 else math.inf

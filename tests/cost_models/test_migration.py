@@ -49,3 +49,17 @@ def test_transfer_picks_the_slower_end_and_is_free_for_nothing():
     assert link_bandwidth_bytes_per_s(a100, rtx, True) == rtx.link_bandwidth_bytes_per_s
     assert link_bandwidth_bytes_per_s(a100, rtx, False) == rtx.network_bandwidth_bytes_per_s
     assert transfer_s(0, a100, rtx, True) == 0.0
+
+
+def test_fetch_takes_the_fastest_source_peer_link_or_disk():
+    from cost_models.migration import disk_load_s, fetch_s, link_move_s
+    from cost_models.transfer import Link
+
+    a100 = get_device_kind("A100-80GB")
+    n_bytes = 400e6
+    fast, slow = Link(300e9, 5e-6), Link(0.125e9, 1e-4)  # NVLink-ish; 1 Gbit/s Ethernet
+    assert link_move_s(n_bytes, slow) == pytest.approx(1e-4 + n_bytes / 0.125e9)
+    assert fetch_s(n_bytes, a100, [slow, fast]) == pytest.approx(link_move_s(n_bytes, fast))
+    # over a slow link the node reads its own disk instead
+    assert fetch_s(n_bytes, a100, [slow]) == pytest.approx(disk_load_s(n_bytes, a100))
+    assert fetch_s(n_bytes, a100, []) == pytest.approx(disk_load_s(n_bytes, a100))

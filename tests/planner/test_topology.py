@@ -241,3 +241,54 @@ def test_cpu_cores_in_the_spec_are_checked():
 
     with pytest.raises(SpecError, match="cpu_cores"):
         parse_spec(HOST_SPEC.format(workers=2, host=", cpu_cores: 0"))
+
+
+MOVE_SPEC = """\
+model: Llama-3.1-8B
+devices:
+  - {{kind: A100-80GB, count: 2, node: a}}
+  - {{kind: A100-80GB, count: 2, node: b}}
+nodes:
+  - {{name: a, nic_gbps: 100}}
+  - {{name: b, nic_gbps: 100}}
+links:
+  - {{between: [a, b], gbps: 1, latency_us: 500}}
+workload:
+  prompt_tokens: 512
+  output_tokens: 128
+current:
+  pipelines:
+{current}
+"""
+
+
+def _move_bandwidth(current: str) -> float:
+    """Returns the bandwidth the migration term prices a moved byte at (from mu)."""
+    from planner.evaluate import config_throughput_tok_s
+    from planner.spec import parse_spec
+
+    spec = parse_spec(MOVE_SPEC.format(current=current))
+    problem = build_problem(spec)
+    mig = problem.migration
+    reference = config_throughput_tok_s(problem, mig.current)
+    return reference / (mig.tok_s_per_byte * spec.replan_interval_s)
+
+
+def test_migration_prices_moves_on_the_links_node_pairs_use():
+    from cost_models.device_catalog import get_device_kind
+    from cost_models.memory import layer_weight_bytes
+    from cost_models.migration import disk_load_s
+    from cost_models.model_catalog import get_model_arch
+
+    layer = layer_weight_bytes(get_model_arch("Llama-3.1-8B"), 2)
+    a100 = get_device_kind("A100-80GB")
+    # the weights live on node a only: node b reads them from its disk (2 GB/s) rather
+    # than over the 1 Gbit/s link, and that is the slowest fetch
+    only_a = _move_bandwidth("    - stages: [{device: a/A100-80GB.0, start: 0, end: 32}]")
+    assert only_a == pytest.approx(layer / disk_load_s(layer, a100), rel=1e-6)
+    # both nodes hold them: every node fetches over its own NVLink
+    both = _move_bandwidth(
+        "    - stages: [{device: a/A100-80GB.0, start: 0, end: 16},"
+        " {device: b/A100-80GB.0, start: 16, end: 32}]"
+    )
+    assert both > 50 * only_a
