@@ -39,10 +39,17 @@ from dataclasses import dataclass, field, replace
 
 from planner.evaluate import usable_current
 from planner.problem import PlanningProblem, PoolProblem
-from planner.shapes import PipelineShape, enumerate_shapes, minimal_shapes, split_beats
+from planner.shapes import (
+    PipelineShape,
+    ShapeSet,
+    enumerate_shapes,
+    minimal_shapes,
+    split_beats,
+)
 from planner.solution import Pipeline
 
 SPARE_TOKEN_VALUE = 0.1  # eta: value of a token/s beyond a model's demand, relative to one within
+
 
 @dataclass(frozen=True)
 class Column:
@@ -119,14 +126,21 @@ class MasterSolution:
     copies: dict[int, int] = field(default_factory=dict)  # column index -> copies
 
 
-def build_master(problem: PlanningProblem, deadline: float | None = None) -> MasterProblem:
-    """Returns the master problem's columns (shapes enumerated until `deadline`, if given)."""
+def build_master(
+    problem: PlanningProblem, deadline: float | None = None, list_shapes: bool = True
+) -> MasterProblem:
+    """Returns the master problem's columns (shapes enumerated until `deadline`, if given;
+    none with list_shapes=False, for column generation to find)."""
     t0 = time.perf_counter()
     counts = problem.kind_counts
     move = problem.model_weight_bytes if problem.migration is not None else 0.0
     mu = problem.migration.tok_s_per_byte if problem.migration is not None else 0.0
-    shape_set = enumerate_shapes(problem, deadline)
-    shapes = undominated(minimal_shapes(shape_set.shapes), shape_set.shapes, mu * move)
+    if list_shapes:
+        shape_set = enumerate_shapes(problem, deadline)
+        shapes = undominated(minimal_shapes(shape_set.shapes), shape_set.shapes, mu * move)
+    else:
+        shape_set = ShapeSet({}, complete=True, max_stages_done=problem.max_stages)
+        shapes = []
     columns = [
         Column(
             counts=s.counts,
@@ -174,14 +188,16 @@ def build_master(problem: PlanningProblem, deadline: float | None = None) -> Mas
     )
 
 
-def build_pool_master(pool: PoolProblem, deadline: float | None = None) -> MasterProblem:
+def build_pool_master(
+    pool: PoolProblem, deadline: float | None = None, list_shapes: bool = True
+) -> MasterProblem:
     """Returns the master problem of several models on one pool: each model's columns (its
     shapes, enumerated until `deadline`), tagged with the model, over the shared kind rows."""
     t0 = time.perf_counter()
     columns: list[Column] = []
     complete, done = True, 10**9
     for m, problem in enumerate(pool.problems):
-        one = build_master(problem, deadline)
+        one = build_master(problem, deadline, list_shapes)
         columns.extend(replace(c, model=m) for c in one.columns)
         complete = complete and one.complete
         done = min(done, one.max_stages_done)

@@ -248,6 +248,14 @@ def count_vectors(kind_counts: tuple[int, ...], max_stages: int) -> Iterator[tup
         yield from split(n, 0)
 
 
+def count_vectors_total(kind_counts: tuple[int, ...], max_stages: int) -> int:
+    """Returns how many vectors count_vectors yields (without listing them)."""
+    ways = [1] + [0] * max_stages  # ways[s]: vectors over the kinds so far with s devices
+    for n_k in kind_counts:
+        ways = [sum(ways[s - c] for c in range(0, min(n_k, s) + 1)) for s in range(max_stages + 1)]
+    return sum(ways[1:])
+
+
 @dataclass
 class ShapeSet:
     """The best shape of every feasible count vector tried; `complete` when none was skipped."""

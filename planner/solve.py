@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
 from planner.assign import assign_devices, migration_of
+from planner.column_generation import generate
 from planner.diagnose import explain_infeasible
 from planner.evaluate import build_pipeline
 from planner.formulation_cpsat import solve_cpsat
@@ -21,7 +23,7 @@ from planner.master import (
 )
 from planner.problem import PlanningProblem, PoolProblem
 from planner.report import cost_sources
-from planner.shapes import stage_layers
+from planner.shapes import count_vectors_total, stage_layers
 from planner.solution import ModelPlan, Pipeline, PlanResult
 
 BACKENDS = ("cpsat", "highs", "cbc")
@@ -60,13 +62,84 @@ def pipelines_of(
     return kept + new
 
 
+ENUMERATE_LIMIT = 6000  # count vectors listed at most; beyond, column generation finds shapes
+
+
+def shape_mode(problem: PlanningProblem, shapes: str = "auto") -> str:
+    """Returns how the master gets its columns: "enumerate" (every count vector, exact) or
+    "lazy" (column generation, planner/column_generation.py). "auto" lists them while there
+    are at most ENUMERATE_LIMIT vectors, and always for min_devices and topologies (whose
+    pricing would be a relaxation)."""
+    if shapes not in ("auto", "enumerate", "lazy"):
+        raise ValueError(f"unknown shapes mode {shapes!r}; use auto, enumerate or lazy")
+    if shapes != "auto":
+        return shapes
+    if problem.objective == "min_devices" or problem.topology is not None:
+        return "enumerate"
+    n = count_vectors_total(problem.kind_counts, problem.max_stages)
+    return "enumerate" if n <= ENUMERATE_LIMIT else "lazy"
+
+
+def solve_lazy(
+    master: MasterProblem,
+    problems: tuple[PlanningProblem, ...],
+    backend: str,
+    deadline: float,
+    end: float,
+) -> tuple[MasterProblem, MasterSolution, dict]:
+    """Returns the master grown by column generation until `deadline`, its integer solution
+    by `backend` until `end`, with the column generation bound as the bound, and details."""
+    gen = generate(master, problems, deadline)
+    sol = solve_master(gen.master, backend, max(0.1, end - time.perf_counter()))
+    if sol.objective is None and sol.status == "UNKNOWN":
+        greedy = greedy_copies(gen.master)
+        if greedy is not None:
+            sol = MasterSolution(
+                "FEASIBLE",
+                solution_objective(gen.master, greedy),
+                None,
+                sol.solve_s,
+                backend,
+                greedy,
+            )
+    if sol.objective is not None:
+        # the solver's own bound holds for the generated columns only; the LP bound for all
+        bound = max(sol.objective, gen.bound) if math.isfinite(gen.bound) else None
+        gap = relative_gap(sol.objective, bound)
+        status = "OPTIMAL" if gap is not None and gap <= 1e-6 else "FEASIBLE"
+        sol = replace(sol, status=status, bound=bound)
+    details = {
+        "shapes": "column generation",
+        "iterations": gen.iterations,
+        "converged": gen.converged,
+        "lp_bound": gen.bound if math.isfinite(gen.bound) else None,
+        "pricing_s": round(gen.pricing_s, 4),
+        "lp_s": round(gen.lp_s, 4),
+    }
+    return gen.master, sol, details
+
+
 def plan(
-    problem: PlanningProblem, backend: str = "cpsat", time_limit_s: float = 10.0
+    problem: PlanningProblem,
+    backend: str = "cpsat",
+    time_limit_s: float = 10.0,
+    shapes: str = "auto",
 ) -> PlanResult:
-    """Returns the best configuration for the problem, with status, bound and gap."""
+    """Returns the best configuration for the problem, with status, bound and gap
+    (`shapes`: how columns are found, see shape_mode)."""
     t0 = time.perf_counter()
-    # shapes may take most of the limit; the solver gets the rest (at least 30 %)
-    master = build_master(problem, deadline=t0 + 0.7 * time_limit_s)
+    lazy: dict = {}
+    if shape_mode(problem, shapes) == "lazy":
+        master, sol, lazy = solve_lazy(
+            build_master(problem, list_shapes=False),
+            (problem,),
+            backend,
+            deadline=t0 + 0.8 * time_limit_s,
+            end=t0 + time_limit_s,
+        )
+    else:
+        # shapes may take most of the limit; the solver gets the rest (at least 30 %)
+        master = build_master(problem, deadline=t0 + 0.7 * time_limit_s)
     if not master.columns and master.complete:
         return PlanResult(
             status="INFEASIBLE",
@@ -78,15 +151,21 @@ def plan(
             objective_kind=problem.objective,
             message=explain_infeasible(problem),
         )
-    remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
-    sol = solve_master(master, backend, remaining_s)
-    if sol.objective is None and sol.status == "UNKNOWN":
-        # out of time without an incumbent: fall back to the greedy plan, gap unknown
-        greedy = greedy_copies(master)
-        if greedy is not None:
-            sol = MasterSolution(
-                "FEASIBLE", solution_objective(master, greedy), None, sol.solve_s, backend, greedy
-            )
+    if not lazy:
+        remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
+        sol = solve_master(master, backend, remaining_s)
+        if sol.objective is None and sol.status == "UNKNOWN":
+            # out of time without an incumbent: fall back to the greedy plan, gap unknown
+            greedy = greedy_copies(master)
+            if greedy is not None:
+                sol = MasterSolution(
+                    "FEASIBLE",
+                    solution_objective(master, greedy),
+                    None,
+                    sol.solve_s,
+                    backend,
+                    greedy,
+                )
     total_s = time.perf_counter() - t0
     details = {
         "shapes_complete": master.complete,
@@ -96,6 +175,7 @@ def plan(
         "solver_s": round(sol.solve_s, 4),
         # per device kind: measured profile (which file) or roofline (planner/report.py)
         "cost_sources": cost_sources(problem),
+        **lazy,
     }
     if sol.objective is None:
         if not master.complete:

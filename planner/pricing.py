@@ -1,0 +1,458 @@
+"""Pricing: the pipeline shape with the best reduced cost, found without listing shapes.
+
+Column generation (planner/column_generation.py) asks, for one model with duals priced in,
+
+    max over pipelines c   A * batch / T*(c) - sum_k B_k c_k
+
+(A: what a token/s of this model is worth at the current duals, B_k: what a device of kind k
+costs). For a stage count S and a candidate bottleneck T the cheapest pipeline is a shortest
+path over (devices used, layers covered, first stage placed, last stage placed):
+
+    f_k(s, l, F, G) = min over t, f, g of  f_{k-1}(s - t - f - g, l - t*mid_k - f*first_k - g*last_k,
+                                                  F - f, G - g) + (t + f + g) * B_k
+    cost_S(T)       = f_K(S, L, 1, 1)       (l capped at L: covering more layers is allowed)
+
+where mid_k, first_k, last_k are the layers a stage of kind k takes within T and memory at S
+stages (planner/shapes.py CapTable), t + f + g <= n_k, and a kind whose cap is 0 in a role
+cannot take it (every stage holds a layer). cost_S(T) falls as T grows while batch / T falls
+too, so the best T of each S is searched by branch and bound over the sorted candidates:
+on an interval [T_lo, T_hi] no value beats A * batch / T_lo - cost_S(T_hi), and where
+cost_S(T_lo) = cost_S(T_hi) the best is at T_lo.
+
+Exact when the problem has neither a TTFT SLO nor a topology. With a TTFT SLO the path ignores
+TTFT, and with a topology each stage is costed with its pool's fastest outgoing hop: both
+relax the pipeline, so the value found is an upper bound (the bound column generation
+certifies stays valid), and the count vector found is then costed exactly by
+planner/shapes.py's best_shape before it becomes a column.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.problem import PlanningProblem
+from planner.shapes import CapTable, PipelineShape, best_shape, candidate_bottlenecks_s
+
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class Priced:
+    """What one pricing run found for one model."""
+
+    shapes: tuple[PipelineShape, ...]  # exact shapes of the best vectors (one per stage count)
+    best_value: float  # max of A * batch / T - B . c over every pipeline (upper bound if relaxed)
+    exact: bool  # best_value is the true maximum, not a relaxation's
+    complete: bool = True  # every stage count was searched (not stopped by a deadline)
+
+
+class Pricer:
+    """Prices one model's pipelines; keeps its cap tables and candidates between calls."""
+
+    def __init__(self, problem: PlanningProblem, kind_counts: tuple[int, ...]):
+        self.problem = problem
+        self.kind_counts = kind_counts
+        self.table = CapTable(problem)
+        self.candidates = candidate_bottlenecks_s(problem)
+        self.exact = problem.ttft_slo_s is None and problem.topology is None
+        self.max_stages = min(problem.max_stages, problem.n_layers, sum(kind_counts))
+        # with a topology, the relaxation: every non-last stage pays its pool's fastest hop
+        self.fast_hop_s = (
+            None
+            if problem.topology is None
+            else [min(problem.out_hops_decode_s(k)) for k in range(len(problem.kinds))]
+        )
+        self._feasible: dict[tuple[int, int], int | None] = {}
+        # CapTable.cap for every kind at once: fixed seconds per role, seconds per layer
+        kinds = range(len(problem.kinds))
+        hop = self.fast_hop_s or [None] * len(problem.kinds)
+        self.layer_s = np.array([k.layer_decode_s for k in problem.kinds])
+        self.fixed_s = {
+            role: np.array(
+                [problem.stage_decode_s(k, 0, *flags, hop[k] if out else 0.0) for k in kinds]
+            )
+            for role, flags, out in (
+                ("mid", (False, False), True),
+                ("first", (True, False), True),
+                ("last", (False, True), False),  # the last stage sends nothing on
+                ("only", (True, True), False),
+            )
+        }
+        self._mem: dict[tuple[int, str], np.ndarray] = {}
+
+    def caps(self, n_stages: int, idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (mid, first, last) layers per kind at candidate idx with n_stages stages
+        (one stage alone: `last` is its cap, first and last at once)."""
+        t = self.candidates[idx]
+        out = []
+        for role, flags in (
+            ("mid", (False, False)),
+            ("first", (True, False)),
+            ("only", (True, True)) if n_stages == 1 else ("last", (False, True)),
+        ):
+            key = (n_stages, role)
+            if key not in self._mem:
+                self._mem[key] = np.array(
+                    [self.table.mem_cap(k, n_stages, flags) for k in range(len(self.layer_s))]
+                )
+            x = (t - self.fixed_s[role]) / self.layer_s
+            time_cap = np.where(x > -1e-9, np.floor(x + 1e-9), -1)
+            cap = np.minimum(np.minimum(time_cap, self._mem[key]), self.problem.n_layers)
+            out.append(np.maximum(cap, 0).astype(np.int64))
+        return out[0], out[1], out[2]
+
+    def cheapest(
+        self, n_stages: int, idx: int, prices: np.ndarray, want_vector: bool = False
+    ) -> tuple[float, tuple[int, ...] | None]:
+        """Returns cost_S(T) and, if wanted, its count vector (None when no pipeline fits)."""
+        mid, first, last = self.caps(n_stages, idx)
+        L = self.problem.n_layers
+        K = len(prices)
+        if n_stages == 1:
+            ok = [k for k in range(K) if last[k] >= L and self.kind_counts[k] > 0]
+            if not ok:
+                return _INF, None
+            k = min(ok, key=lambda k: (prices[k], k))
+            return float(prices[k]), tuple(int(j == k) for j in range(K))
+        S = n_stages
+        f = np.full((S + 1, 2, 2, L + 1), _INF)  # (stages, first placed, last placed, layers)
+        f[0, 0, 0, 0] = 0.0
+        # kinds with fewer devices than stages go one by one (their count limit can bind)...
+        limited = [k for k in range(K) if self.kind_counts[k] < S]
+        history = []
+        for k in limited:
+            history.append(f)
+            f = self._add_kind(f, k, S, prices, mid, first, last)
+        bounded = f
+        # ...the others in one pass over s, any of them in any role (no limit can bind)
+        free = [k for k in range(K) if self.kind_counts[k] >= S]
+        if free:
+            f = bounded.copy()
+            # in each role only kinds no other beats (more layers for no more) can matter
+            roles = [_pareto(free, cap, prices) for cap in (mid, first, last)]
+            gathers = [
+                _Gather(L, cap[ks]) for ks, cap in zip(roles, (mid, first, last), strict=True)
+            ]
+            role_prices = [prices[ks][:, None] for ks in roles]
+            # prev's layers, then their suffix minima, then an infinite entry (_Gather's index)
+            ext = np.full((2, 2, 2 * (L + 1) + 1), _INF)
+            for s in range(1, S + 1):
+                ext[..., : L + 1] = f[s - 1]
+                ext[..., L + 1 : 2 * (L + 1)] = np.minimum.accumulate(f[s - 1][..., ::-1], axis=-1)[
+                    ..., ::-1
+                ]
+                for role, dst, src in (
+                    (0, f[s], ext),
+                    (1, f[s, 1], ext[0]),
+                    (2, f[s, :, 1], ext[:, 0]),
+                ):
+                    if len(roles[role]):
+                        step = (src[..., gathers[role].index] + role_prices[role]).min(axis=-2)
+                        np.minimum(dst, step, out=dst)
+        best = f[S, 1, 1, L]
+        if not math.isfinite(best):
+            return _INF, None
+        if not want_vector:
+            return float(best), None
+        counts = [0] * K
+        state = (S, 1, 1, L)
+        if free:
+            state = self._backtrack_free(f, bounded, state, free, prices, mid, first, last, counts)
+        self._backtrack(history, bounded, state, limited, prices, mid, first, last, counts)
+        return float(best), tuple(counts)
+
+    def _add_kind(
+        self,
+        f: np.ndarray,
+        k: int,
+        S: int,
+        prices: np.ndarray,
+        mid: np.ndarray,
+        first: np.ndarray,
+        last: np.ndarray,
+    ) -> np.ndarray:
+        """Returns f after kind k: maybe the first stage, maybe the last, then t middle ones,
+        within its n_k devices (t grows one stage at a time: f = min(f, f plus one stage))."""
+        L = self.problem.n_layers
+        n_k, price = self.kind_counts[k], float(prices[k])
+        with_first = _add_stage(f, int(first[k]), price, L, role=2) if first[k] >= 1 else None
+        parts = [(f.copy(), n_k)]
+        if with_first is not None and n_k >= 1:
+            parts.append((with_first, n_k - 1))
+        if last[k] >= 1 and n_k >= 1:
+            parts.append((_add_stage(f, int(last[k]), price, L, role=3), n_k - 1))
+            if with_first is not None and n_k >= 2:
+                parts.append((_add_stage(with_first, int(last[k]), price, L, role=3), n_k - 2))
+        new = None
+        for part, room in parts:
+            if mid[k] >= 1:
+                for _ in range(min(room, S)):
+                    step = _add_stage(part, int(mid[k]), price, L, role=1)
+                    if not (step < part).any():
+                        break
+                    np.minimum(part, step, out=part)
+            new = part if new is None else np.minimum(new, part)
+        assert new is not None
+        return new
+
+    def _backtrack_free(
+        self,
+        f: np.ndarray,
+        bounded: np.ndarray,
+        state: tuple[int, int, int, int],
+        free: list[int],
+        prices: np.ndarray,
+        mid: np.ndarray,
+        first: np.ndarray,
+        last: np.ndarray,
+        counts: list[int],
+    ) -> tuple[int, int, int, int]:
+        """Walks the one-pass part back to where the kinds taken one by one left off."""
+        L = self.problem.n_layers
+        value = f[state]
+        while not _close(bounded[state], value):
+            s, F, G, covered = state
+            found = None
+            for k in free:
+                for role, cap in ((0, mid[k]), (1, first[k]), (2, last[k])):
+                    if cap < 1 or (role == 1 and not F) or (role == 2 and not G):
+                        continue
+                    sources = range(max(0, L - cap), L + 1) if covered == L else [covered - cap]
+                    for src_l in sources:
+                        if src_l < 0:
+                            continue
+                        src = (s - 1, F - (role == 1), G - (role == 2), int(src_l))
+                        if _close(f[src] + prices[k], value):
+                            found = (k, src)
+                            break
+                    if found:
+                        break
+                if found:
+                    break
+            assert found is not None, "pricing backtrack lost its path"
+            counts[found[0]] += 1
+            state = found[1]
+            value = f[state]
+        return state
+
+    def _backtrack(
+        self,
+        history: list[np.ndarray],
+        final: np.ndarray,
+        state: tuple[int, int, int, int],
+        limited: list[int],
+        prices: np.ndarray,
+        mid: np.ndarray,
+        first: np.ndarray,
+        last: np.ndarray,
+        counts: list[int],
+    ) -> None:
+        """Adds to `counts` the stages of the kinds taken one by one, walking them backwards."""
+        L = self.problem.n_layers
+        value = final[state]
+        for k, f in zip(reversed(limited), reversed(history), strict=True):
+            s, F, G, covered = state
+            found = None
+            if _close(f[state], value):
+                found = (state, 0)
+            options = [
+                (fa, ga, t)
+                for fa in ((0, 1) if first[k] >= 1 and F else (0,))
+                for ga in ((0, 1) if last[k] >= 1 and G else (0,))
+                for t in range(0, (s - fa - ga) + 1 if mid[k] >= 1 else 1)
+                if 0 < t + fa + ga <= min(s, self.kind_counts[k])
+            ]
+            for fa, ga, t in options if found is None else ():
+                d = t + fa + ga
+                add = t * int(mid[k]) + fa * int(first[k]) + ga * int(last[k])
+                sources = range(max(0, L - add), L + 1) if covered == L else [covered - add]
+                for src_l in sources:
+                    if src_l < 0:
+                        continue
+                    src = (s - d, F - fa, G - ga, src_l)
+                    if _close(f[src] + d * prices[k], value):
+                        found = (src, d)
+                        break
+                if found is not None:
+                    break
+            assert found is not None, "pricing backtrack lost its path"
+            state, counts[k] = found
+            value = f[state]
+
+    def price(
+        self,
+        value_per_tok_s: float,
+        prices: np.ndarray,
+        constant: float,
+        floor: float,
+        deadline: float | None = None,
+    ) -> Priced:
+        """Returns shapes worth more than `floor` at these prices (each one better than the
+        last found, the best among them) and the best value any pipeline reaches, or at
+        least `floor` (A = value_per_tok_s, B = prices, minus `constant` per pipeline).
+        Stage counts go in the order of their bounds, and each search prunes with the best
+        value found so far."""
+        p = self.problem
+        # per stage count S: the candidates allowed (TPOT), where pipelines start to fit, and
+        # a bound on its best value (least feasible T, cheapest cost at the loosest T)
+        plans = []
+        for S in range(1, self.max_stages + 1):
+            hi = len(self.candidates)
+            if p.tpot_slo_s is not None:
+                hi = bisect.bisect_right(self.candidates, p.tpot_slo_s / S * (1 + 1e-9))
+            lo = self.first_feasible(S, hi) if hi > 0 else None
+            if lo is None:
+                continue
+            loosest = self.cheapest(S, hi - 1, prices)[0]
+            bound = value_per_tok_s * p.batch / self.candidates[lo] - loosest - constant
+            plans.append((bound, S, lo, hi))
+        best_value = max(floor, -_INF) if plans else -_INF
+        vectors: list[tuple[int, ...]] = []
+        complete = True
+        for bound, S, lo, hi in sorted(plans, reverse=True):
+            if bound <= best_value:
+                break  # no later S can beat the best found (bounds are sorted)
+            if deadline is not None and time.perf_counter() > deadline:
+                complete = False
+                break
+            # relaxed pricing keeps every S's best: the best one may not be a real pipeline
+            threshold = best_value if self.exact else max(floor, -_INF)
+            s_best, s_vec = self._best_of_stages(
+                S, lo, hi, value_per_tok_s, prices, constant, threshold
+            )
+            if s_vec is not None and s_best > threshold:
+                best_value = max(best_value, s_best)
+                vectors.append(s_vec)
+        shapes = []
+        for vec in dict.fromkeys(vectors):
+            shape = best_shape(p, vec, self.candidates, self.table)
+            if shape is not None:
+                shapes.append(shape)
+        return Priced(tuple(shapes), best_value, self.exact, complete)
+
+    def first_feasible(self, S: int, hi: int) -> int | None:
+        """Returns the least candidate index below `hi` at which some S-stage pipeline fits
+        (prices do not matter: kept between calls), or None."""
+        key = (S, hi)
+        if key not in self._feasible:
+            zero = np.zeros(len(self.kind_counts))
+
+            def fits(i: int) -> bool:
+                return math.isfinite(self.cheapest(S, i, zero)[0])
+
+            if not fits(hi - 1):
+                self._feasible[key] = None
+            else:
+                lo, up = 0, hi - 1  # fits(up)
+                while lo < up:
+                    m = (lo + up) // 2
+                    if fits(m):
+                        up = m
+                    else:
+                        lo = m + 1
+                self._feasible[key] = up
+        return self._feasible[key]
+
+    def _best_of_stages(
+        self,
+        S: int,
+        lo: int,
+        hi: int,
+        value_per_tok_s: float,
+        prices: np.ndarray,
+        constant: float,
+        floor: float,
+    ) -> tuple[float, tuple[int, ...] | None]:
+        """Returns the best value of S-stage pipelines over candidates [lo, hi) and its vector
+        if it beats `floor` (branch and bound over the candidates; module docstring)."""
+        memo: dict[int, float] = {}
+
+        def cost(i: int) -> float:
+            if i not in memo:
+                memo[i] = self.cheapest(S, i, prices)[0]
+            return memo[i]
+
+        def value(i: int, c: float) -> float:
+            return value_per_tok_s * self.problem.batch / self.candidates[i] - c - constant
+
+        best, best_i = floor, None
+        stack = [(lo, hi - 1)]
+        while stack:
+            lo, up = stack.pop()
+            c_up = cost(up)
+            if value(lo, c_up) <= best:
+                continue  # nothing in [lo, up] beats what is known
+            c_lo = cost(lo)
+            if c_lo == c_up or up - lo <= 1:
+                for i, c in ((lo, c_lo), (up, c_up)):
+                    if math.isfinite(c) and value(i, c) > best:
+                        best, best_i = value(i, c), i
+                continue
+            half = (lo + up) // 2
+            stack.append((half, up))
+            stack.append((lo, half))
+        if best_i is None:
+            return best, None
+        return best, self.cheapest(S, best_i, prices, want_vector=True)[1]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def _pareto(kinds: list[int], cap: np.ndarray, prices: np.ndarray) -> list[int]:
+    """Returns the kinds (cap >= 1) that no other kind beats: as many layers or more for a
+    lower price, or more layers for the same price (ties keep the first)."""
+    usable = sorted((k for k in kinds if cap[k] >= 1), key=lambda k: (prices[k], -cap[k], k))
+    out, most = [], 0
+    for k in usable:
+        if cap[k] > most:
+            out.append(k)
+            most = cap[k]
+    return out
+
+
+class _Gather:
+    """One more stage of any of several kinds in one role: for each kind and each layer count
+    reached, where in [src layers 0..L, their suffix minima, inf] it comes from."""
+
+    def __init__(self, L: int, caps: np.ndarray):
+        never = 2 * (L + 1)  # index of an infinite entry
+        cap = caps[:, None]
+        rows = np.arange(L + 1)[None, :] - cap
+        rows[rows < 0] = never
+        # every l >= L - cap reaches L: the suffix minimum from L - cap
+        rows[:, L] = (L + 1) + np.maximum(0, L - caps)
+        self.index = rows  # into [layers 0..L, their suffix minima, inf]
+
+
+def _add_stage(f: np.ndarray, layers: int, price: float, L: int, role: int) -> np.ndarray:
+    """Returns f with one more stage of `layers` layers at `price`: a middle stage (role 1),
+    the first (2: F 0 -> 1) or the last (3: G 0 -> 1); layers past L count as L."""
+    out = np.full(f.shape, _INF)
+    if role == 1:
+        src, dst = f[:-1], out[1:]
+    elif role == 2:
+        src, dst = f[:-1, :1], out[1:, 1:]
+    else:
+        src, dst = f[:-1, :, :1], out[1:, :, 1:]
+    dst[...] = _shift_layers(src, layers, L) + price
+    return out
+
+
+def _shift_layers(src: np.ndarray, add: int, L: int) -> np.ndarray:
+    """Returns src moved `add` layers up along its last axis, everything at or past L
+    landing on L."""
+    out = np.full(src.shape, _INF)
+    if add <= 0:
+        return src.copy()
+    if add <= L:
+        out[..., add:] = src[..., : L + 1 - add]
+    # every l >= L - add reaches L; keep the cheapest
+    out[..., L] = src[..., max(0, L - add) :].min(axis=-1)
+    return out
