@@ -1,0 +1,188 @@
+"""TPOT, TTFT and throughput of a configuration at a given load: the batches the engine really
+forms when requests arrive at a rate (or a fixed number stream at once), not the planner's
+full micro-batches.
+
+Contract:
+    PipelineTimes(decode_s, prefill_s, n_stages, inflight, node)   one pipeline's cost curves
+    load_point(pipelines, rate_per_s=..., prompt_tokens, output_tokens, share_of=...)  -> LoadPoint
+    load_point(pipelines, concurrent=N, ...)                                           -> LoadPoint
+
+The engine sends each new request to the least loaded pipeline (so each of P pipelines gets
+lambda / P) and keeps M_p micro-batches in flight (cost_models/host_sharing.engine_inflight),
+spreading its N_p running requests over them. Per pipeline, at a fixed point in N_p:
+
+    m_p    = min(M_p, max(1, ceil(N_p)))               micro-batches actually in flight
+    b_p    = max(1, N_p / m_p)                         sequences per micro-batch
+    k_p    = min(S_p, m_p)                             its busy workers while it has work
+    u_p    = min(1, N_p)                               the chance that it has work
+    f_p    = E[share_of(k_p + sum_{q != p} k_q [w.p. u_q]).memory]
+                                                       the host contention its requests see
+
+With arrivals at a rate the running requests are counted as Poisson (a request sees the
+others: m_p = min(M_p, round(1 + N_p)), b_p = 1 + N_p / m_p, u_p = 1 - exp(-N_p)).
+Then, with f = f_p:
+    t_s    = f * decode_s[s](b_p, context)             context = prompt + output / 2
+    cycle  = max(sum_s t_s, m_p * max_s t_s)           every running request gets one token
+    rho    = lambda_p * f * sum_s prefill_s[s]         share of time spent prefilling
+    TPOT   = cycle / (1 - rho)
+    TTFT   = f * sum_s prefill_s[s] + cycle / 2        its prefill, after half a step's wait
+    N_p    = lambda_p * (TTFT + (output - 1) * TPOT)   Little's law
+
+and throughput = lambda * output while every rho < 1 and N_p stays below what the pipeline
+admits; with `concurrent` clients the N_p are fixed (N / P each) and lambda_p is the unknown:
+lambda_p = N_p / (TTFT + (output - 1) * TPOT), throughput = sum_p lambda_p * output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cost_models.host_sharing import HostShare
+
+DecodeCurve = Callable[[float, float], float]  # (sequences per micro-batch, context) -> s
+PrefillCurve = Callable[[float], float]  # prompt tokens -> s
+
+
+@dataclass(frozen=True)
+class PipelineTimes:
+    """One pipeline: every stage's decode and prefill time on a worker alone (hops included)."""
+
+    decode_s: tuple[DecodeCurve, ...]
+    prefill_s: tuple[PrefillCurve, ...]
+    inflight: int  # M_p: micro-batches the engine keeps in flight
+    node: str = "local"
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.decode_s)
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    tpot_s: float
+    ttft_s: float
+    throughput_tok_s: float
+    running_per_pipeline: tuple[float, ...]
+    batch_per_pipeline: tuple[float, ...]  # b_p
+    busy_workers: float
+    contention: float  # f
+    saturated: bool  # the rate exceeds what the configuration serves
+
+
+def load_point(
+    pipelines: Sequence[PipelineTimes],
+    prompt_tokens: float,
+    output_tokens: float,
+    rate_per_s: float | None = None,
+    concurrent: int | None = None,
+    share_of: Callable[[float], HostShare] | None = None,
+    max_running_per_pipeline: float = 1e4,
+    iterations: int = 400,
+) -> LoadPoint:
+    """Returns the load point of the configuration (formulas in the module docstring)."""
+    if (rate_per_s is None) == (concurrent is None):
+        raise ValueError("give exactly one of rate_per_s and concurrent")
+    n_pipes = len(pipelines)
+    context = prompt_tokens + output_tokens / 2
+    running = [1.0] * n_pipes if concurrent is None else [concurrent / n_pipes] * n_pipes
+    lam = [0.0 if rate_per_s is None else rate_per_s / n_pipes] * n_pipes
+    state: tuple = ()
+    saturated = False
+    for _ in range(iterations):
+        if concurrent is None:
+            # a request sees the others as Poisson: 1 + N_p / m_p in its micro-batch
+            mb = [min(p.inflight, max(1, round(1 + n))) for p, n in zip(pipelines, running, strict=True)]
+            batch = [1 + n / m for n, m in zip(running, mb, strict=True)]
+            busy_prob = [1 - math.exp(-n) for n in running]
+        else:
+            mb = [min(p.inflight, max(1, math.ceil(n - 1e-9))) for p, n in zip(pipelines, running, strict=True)]
+            batch = [max(1.0, n / m) for n, m in zip(running, mb, strict=True)]
+            busy_prob = [min(1.0, n) for n in running]
+        stages_busy = [min(p.n_stages, m) for p, m in zip(pipelines, mb, strict=True)]
+        busy = sum(k * u for k, u in zip(stages_busy, busy_prob, strict=True))
+        tpots, ttfts, new_running, new_lam, seen = [], [], [], [], []
+        for i, (p, n, m, lam_p) in enumerate(zip(pipelines, running, mb, lam, strict=True)):
+            f = _seen_contention(i, stages_busy, busy_prob, share_of)
+            times = [f * _at(curve, batch[i], context) for curve in p.decode_s]
+            cycle = max(sum(times), m * max(times))
+            prefill = f * sum(curve(prompt_tokens) for curve in p.prefill_s)
+            ttft = prefill + cycle / 2
+            if concurrent is not None:
+                # lam_p from Little's law with the previous TPOT guess, then TPOT from it
+                lam_p = n / (ttft + (output_tokens - 1) * cycle)
+                for _ in range(50):
+                    rho = min(0.95, lam_p * prefill)
+                    tpot = cycle / (1 - rho)
+                    lam_p = n / (ttft + (output_tokens - 1) * tpot)
+                new_lam.append(lam_p)
+                new_running.append(n)
+            else:
+                rho = lam_p * prefill
+                if rho >= 1:
+                    saturated = True
+                    rho = 0.99
+                tpot = cycle / (1 - rho)
+                new_running.append(lam_p * (ttft + (output_tokens - 1) * tpot))
+                new_lam.append(lam_p)
+            tpots.append(tpot)
+            ttfts.append(ttft)
+            seen.append(f)
+        f = sum(x * max(n, 1e-12) for x, n in zip(seen, running, strict=True)) / sum(
+            max(n, 1e-12) for n in running
+        )
+        state = (tpots, ttfts, batch, busy, f)
+        if any(n > max_running_per_pipeline for n in new_running):
+            saturated = True
+            break
+        done = all(abs(a - b) <= 1e-6 * max(1.0, b) for a, b in zip(new_running, running, strict=True))
+        # damped: the running count feeds back through the batch and the contention
+        running = [0.5 * a + 0.5 * b for a, b in zip(new_running, running, strict=True)]
+        lam = new_lam
+        if done:
+            break
+    tpots, ttfts, batches, busy, f = state
+    throughput = sum(lam) * output_tokens
+    return LoadPoint(
+        tpot_s=sum(t * n for t, n in zip(tpots, running, strict=True)) / max(1e-12, sum(running)),
+        ttft_s=max(ttfts),
+        throughput_tok_s=throughput,
+        running_per_pipeline=tuple(running),
+        batch_per_pipeline=tuple(batches),
+        busy_workers=busy,
+        contention=f,
+        saturated=saturated,
+    )
+
+
+def _at(curve: DecodeCurve, batch: float, context: float) -> float:
+    """Returns the curve at a fractional batch, linear between the whole batches around it."""
+    lo = math.floor(batch)
+    hi = math.ceil(batch)
+    if lo == hi:
+        return curve(lo, context)
+    w = batch - lo
+    return (1 - w) * curve(lo, context) + w * curve(hi, context)
+
+
+def _seen_contention(
+    i: int,
+    stages_busy: Sequence[int],
+    busy_prob: Sequence[float],
+    share_of: Callable[[float], HostShare] | None,
+) -> float:
+    """Returns E[f_m] a running request of pipeline i sees: its own k_i busy stages plus each
+    other pipeline's k_q with probability u_q (independent)."""
+    if share_of is None:
+        return 1.0
+    dist = {stages_busy[i]: 1.0}  # busy workers -> probability
+    for q, (k, u) in enumerate(zip(stages_busy, busy_prob, strict=True)):
+        if q == i:
+            continue
+        nxt: dict[int, float] = {}
+        for b, pr in dist.items():
+            nxt[b + k] = nxt.get(b + k, 0.0) + pr * u
+            nxt[b] = nxt.get(b, 0.0) + pr * (1 - u)
+        dist = nxt
+    return sum(pr * share_of(b).memory for b, pr in dist.items())
