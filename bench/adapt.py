@@ -111,7 +111,9 @@ def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
     auto = Row("auto", simulate(spec, trace, "auto", window_s=window_s))
     naive = Row(
         "no payback",
-        simulate(spec, trace, "auto", controller=ControllerPolicy.without_payback(), window_s=window_s),
+        simulate(
+            spec, trace, "auto", controller=ControllerPolicy.without_payback(), window_s=window_s
+        ),
     )
     fair = [r for r in statics if r.result.device_hours <= auto.result.device_hours + 1e-9]
     best_dh = max(fair, key=lambda r: r.result.goodput_rps) if fair else None
