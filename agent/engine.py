@@ -663,7 +663,7 @@ class PipelineEngine:
             if members:
                 seq.forks = [m for m in seq.forks if m.awaiting_fork]
         if self.step_hook is not None:
-            self.step_hook(mb.seqs)
+            self.step_hook([*mb.seqs, *(m for members in mb.forks.values() for m in members)])
 
     def _token_logprob(self, sampled: list) -> TokenLogprob:
         """Returns a sampler's [token, logprob, [[token, logprob], ...]] with the tokens' texts."""

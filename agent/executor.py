@@ -415,8 +415,10 @@ class ApplyExecutor:
 
         def on_step_done(seqs: list[Sequence]) -> None:  # scheduler thread
             for seq in seqs:
-                if seq.request_id in pending and not seq.inflight:
-                    release(seq)
+                # n > 1: members still to fork move with their leader (they fork where it goes)
+                for s in (seq, *seq.forks):
+                    if s.request_id in pending and not s.inflight:
+                        release(s)
 
         def begin() -> None:  # scheduler thread
             for runtime in self.new.values():
@@ -426,8 +428,10 @@ class ApplyExecutor:
                 pending.add(rid)
                 seq.held = True  # never again to the old pipeline
             engine.step_hook = on_step_done
+            # Members whose leader's step in flight may fork them here move once it is done.
+            forking = {id(m) for seq, _, _ in moving if seq.inflight for m in seq.forks}
             for seq, _, _ in moving:
-                if not seq.inflight:
+                if not seq.inflight and id(seq) not in forking:
                     release(seq)
             if not pending:
                 done.set()
