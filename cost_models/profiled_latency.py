@@ -44,16 +44,21 @@ class CostSource:
     source: str
     file: str | None = None
     how: dict[str, str] = field(default_factory=dict)  # quantity -> measured / roofline / ...
+    shared: str | None = None  # how a shared CPU host slows these workers, if it does
 
     def describe(self) -> str:
         """Returns one line for the plan report."""
+        tail = f"; {self.shared}" if self.shared else ""
         if self.source != "profile":
-            return f"{self.kind}: {self.source} (no measured tables)"
+            return f"{self.kind}: {self.source} (no measured tables){tail}"
         parts = ", ".join(f"{q} {h}" for q, h in self.how.items())
-        return f"{self.kind}: profile {self.file} - {parts}"
+        return f"{self.kind}: profile {self.file} - {parts}{tail}"
 
     def to_json(self) -> dict[str, object]:
-        return {"source": self.source, "file": self.file, "how": dict(self.how)}
+        out: dict[str, object] = {"source": self.source, "file": self.file, "how": dict(self.how)}
+        if self.shared:
+            out["host_sharing"] = self.shared
+        return out
 
 
 @dataclass(frozen=True)
@@ -132,10 +137,16 @@ def operating_costs(
         embed_prefill = latency.embed_s(arch, device, prompt_tokens, dtype_bytes, eff)
     else:
         embed_decode = embed_prefill = 0.0
+    shared = None
+    if share is not None and share.memory > 1:
+        shared = (
+            f"{share.busy_workers:g} busy workers share the host's cores: "
+            f"compute x{share.compute:.2f}, memory x{share.memory:.2f}"
+        )
     if profile is not None:
-        source = CostSource(device.name, "profile", profile.path, how)
+        source = CostSource(device.name, "profile", profile.path, how, shared)
     else:
-        source = CostSource(device.name, eff_origin)
+        source = CostSource(device.name, eff_origin, shared=shared)
     return OperatingCosts(
         decode, prefill, embed_decode, embed_prefill, head_decode, head_prefill, source
     )

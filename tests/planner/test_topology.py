@@ -209,6 +209,13 @@ def test_cpu_workers_share_their_hosts_cores():
     shared = _plan_host(4, ", cpu_cores: 2")
     assert shared.throughput_tok_s == pytest.approx(alone.throughput_tok_s / 2, rel=1e-6)
     assert shared.tpot_s == pytest.approx(2 * alone.tpot_s, rel=1e-6)
+    # the report says so
+    from planner.spec import parse_spec
+
+    problem = build_problem(parse_spec(HOST_SPEC.format(workers=4, host=", cpu_cores: 2")))
+    assert "4 busy workers share the host's cores: compute x2.00" in (
+        problem.kinds[0].cost_source.describe()
+    )
     # as many workers as cores: nothing to share
     two = _plan_host(2, ", cpu_cores: 2")
     assert two.throughput_tok_s == pytest.approx(_plan_host(2, "").throughput_tok_s)
