@@ -18,7 +18,14 @@ from cost_models.memory import (
 from cost_models.model_catalog import get_model_arch
 from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
-from planner.problem import CurrentStage, Device, KindCosts, MigrationCosts, PlanningProblem
+from planner.problem import (
+    CurrentStage,
+    Device,
+    KindCosts,
+    MigrationCosts,
+    PlanningProblem,
+    PoolProblem,
+)
 from planner.spec import Spec, SpecError, spec_profiles
 from planner.topology import (
     build_topology,
@@ -29,8 +36,36 @@ from planner.topology import (
 )
 
 
+def build_pool_problem(spec: Spec) -> PoolProblem:
+    """Returns several models' problems over one pool (a spec with `models`; raises
+    SpecError on bad references). A one-model spec gives a pool of one."""
+    if spec.models is None:
+        return PoolProblem((build_problem(spec),), (spec.model or "",), (1.0,), spec.objective)
+    problems = []
+    for label, single in zip(spec.model_labels(), spec.single_model_specs(), strict=True):
+        try:
+            problems.append(build_problem(single))
+        except SpecError as exc:
+            raise SpecError([f"models.{label}: {line}" for line in exc.lines]) from None
+    return PoolProblem(
+        problems=tuple(problems),
+        labels=tuple(spec.model_labels()),
+        weights=tuple(e.weight for e in spec.models),
+        objective=spec.objective,
+    )
+
+
 def build_problem(spec: Spec) -> PlanningProblem:
-    """Returns the planning problem of a validated spec (raises SpecError on bad references)."""
+    """Returns the planning problem of a validated one-model spec (raises SpecError on bad
+    references, and for a spec with several `models`: see build_pool_problem)."""
+    if spec.models is not None or spec.model is None or spec.workload is None:
+        raise SpecError(
+            [
+                f"the spec lists {len(spec.models or [])} models under `models`; this plans "
+                "one model's deployment: give `model` and `workload`, or plan the pool with "
+                "`pipeshift plan -f SPEC`"
+            ]
+        )
     arch = get_model_arch(spec.model)
     dtype_bytes = spec.dtype_bytes
     prompt, output = spec.lengths()
@@ -157,8 +192,12 @@ def build_problem(spec: Spec) -> PlanningProblem:
         # that will, or from disk, whichever is faster (planner/topology.py)
         if spec.current is not None and spec.current.pipelines:
             node_of = {n: node for n, _, node in spec.device_names()}
-            holders = [node_of[s.device] for p in spec.current.pipelines for s in p.stages
-                       if s.device in node_of]
+            holders = [
+                node_of[s.device]
+                for p in spec.current.pipelines
+                for s in p.stages
+                if s.device in node_of
+            ]
             move_bandwidth_bytes_per_s = migration_bandwidth_bytes_per_s(
                 links, holders, kinds_on_node, layer_weight_bytes(arch, dtype_bytes)
             )

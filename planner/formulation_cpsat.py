@@ -7,9 +7,9 @@
 (min-devices: min sum_i (1000 |i| + [i new]) x_i  s.t. sum_{i of m} floor(1000 v_i) x_i >=
 ceil(1000 d_m) for every model m.) Several models, weighted goodput (planner/master.py):
 
-    max  sum_m a_m G_m + sum_i b_i V_i x_i     V_i = floor(u v_i), u = 1e6 / max_i v_i upper_i
+    max  sum_m a_m G_m + sum_i b_i V_i x_i     V_i = floor(u v_i), u = 1e8 / max_i v_i upper_i
     s.t. G_m <= sum_{i of m} V_i x_i,  0 <= G_m <= floor(u d_m)    (G_m = u g_m)
-         a_m = round(1e3 w_m (1 - eta) / max w),  b_i = round(1e3 w_m eta / max w)
+         a_m = round(1e5 w_m (1 - eta) / max w),  b_i = round(1e5 w_m eta / max w)
 CP-SAT needs integer coefficients; the rounding is undone on the way out and the bound is
 widened by the largest rounding error, so the reported gap is never smaller than the true one.
 Deterministic: fixed seed and one worker. CP-SAT's parallel portfolio may return a different
@@ -121,10 +121,10 @@ def _solve_goodput(
     cols = master.columns
     eta = SPARE_TOKEN_VALUE
     top_v = max(c.throughput_tok_s * c.upper for c in cols)
-    u = 1e6 / top_v  # integer units per token/s
+    u = 1e8 / top_v  # integer units per token/s
     top_w = max(master.weights)
-    a = [max(1, round(1e3 * w * (1 - eta) / top_w)) for w in master.weights]
-    b = [max(1, round(1e3 * w * eta / top_w)) for w in master.weights]
+    a = [max(1, round(1e5 * w * (1 - eta) / top_w)) for w in master.weights]
+    b = [max(1, round(1e5 * w * eta / top_w)) for w in master.weights]
     units = [math.floor(u * c.throughput_tok_s) for c in cols]
     goodput = []
     for m in range(master.n_models):
@@ -151,15 +151,15 @@ def _solve_goodput(
         return MasterSolution(name, None, None, solve_s, "cpsat")
     copies = {i: int(solver.value(v)) for i, v in enumerate(x) if solver.value(v) > 0}
     objective = solution_objective(master, copies)
-    # back to tokens/s (a unit of a_m G_m is top_w / (1e3 u)); the rounding of the weights
+    # back to tokens/s (a unit of a_m G_m is top_w / (1e5 u)); the rounding of the weights
     # (rel: the most a true coefficient exceeds its rounded one) and of v (< 1 unit per copy)
     # widen the bound
     n_copies = sum(master.kind_counts)
-    scale = 1e3 / top_w * u
+    scale = 1e5 / top_w * u
     rel = max(
         [1.0]
-        + [1e3 * w * (1 - eta) / top_w / q for w, q in zip(master.weights, a, strict=True)]
-        + [1e3 * w * eta / top_w / q for w, q in zip(master.weights, b, strict=True)]
+        + [1e5 * w * (1 - eta) / top_w / q for w, q in zip(master.weights, a, strict=True)]
+        + [1e5 * w * eta / top_w / q for w, q in zip(master.weights, b, strict=True)]
     )
     bound = (solver.best_objective_bound + (max(a) + max(b) + 1) * n_copies) * rel / scale
     name = "OPTIMAL" if status == cp_model.OPTIMAL else "FEASIBLE"

@@ -14,7 +14,7 @@ min-devices objective: min sum_c |c| z_c + sum_p |p| y_p (with a tie-break that 
 keeping) s.t. sum_c v_c z_c + sum_p v_p y_p >= demand. Symmetry among devices of one kind
 is gone by construction, and the LP relaxation has only K rows, so its bound is tight.
 
-Several models on one pool (planner/pool.py): every column belongs to one model m (its
+Several models on one pool (PoolProblem, planner/problem.py): every column belongs to one model m (its
 pipelines hold only m's layers; v_c is costed with m's numbers), the kind rows are shared,
 and the objective is the weighted SLO goodput (objective "max_goodput"):
 
@@ -25,11 +25,13 @@ and the objective is the weighted SLO goodput (objective "max_goodput"):
           sum_c c_k z_c <= n_k                          for every kind k
 
 d_m is model m's demand (request rate x mean output tokens), w_m its weight (default 1), and
-eta = SPARE_TOKEN_VALUE: a token/s beyond the demand is worth a tenth of one within it, so
-spare devices still add headroom where it is cheapest. With one model this objective grows
-with T alone, so its best plans are exactly the max-throughput ones (and a one-model spec is
-planned and reported as max T). min_devices with several models: min sum_c |c| z_c
-s.t. T_m >= d_m for every m.
+eta = SPARE_TOKEN_VALUE = 1e-3: a token/s beyond a model's demand is worth a thousandth of
+one within it, so demand comes first (no model's spare headroom outbids another's unmet
+demand unless their tokens/s per device differ a thousandfold) and spare devices still go
+where they add the most headroom. This is what max_throughput becomes with several models:
+with one model the objective grows with T alone, so its best plans are exactly the
+max-throughput ones (and a one-model spec is planned and reported as max T).
+min_devices with several models: min sum_c |c| z_c s.t. T_m >= d_m for every m.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from planner.shapes import (
 )
 from planner.solution import Pipeline
 
-SPARE_TOKEN_VALUE = 0.1  # eta: value of a token/s beyond a model's demand, relative to one within
+SPARE_TOKEN_VALUE = 1e-3  # eta: a token/s beyond a model's demand, against one within it
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="solver time limit in seconds (default 30)",
     )
-    p.add_argument("--server", default=None,
-                   help="plan the change from this running deployment (default with -out: "
-                        "$PIPESHIFT_SERVER or http://127.0.0.1:8000)")
-    p.add_argument("-out", "--out", dest="out", metavar="PLANFILE",
-                   help="save the change for `pipeshift apply PLANFILE`")
-    p.add_argument("--detailed-exitcode", action="store_true",
-                   help="exit 0 when nothing changes, 2 when something does, 1 on error")
-    p.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
-                   help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)")
+    p.add_argument(
+        "--server",
+        default=None,
+        help="plan the change from this running deployment (default with -out: "
+        "$PIPESHIFT_SERVER or http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "-out",
+        "--out",
+        dest="out",
+        metavar="PLANFILE",
+        help="save the change for `pipeshift apply PLANFILE`",
+    )
+    p.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 0 when nothing changes, 2 when something does, 1 on error",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"),
+        help="the server's admin token (default $PIPESHIFT_ADMIN_TOKEN)",
+    )
     from planner.init_command import add_database_argument
 
     add_database_argument(p)
@@ -51,22 +65,28 @@ def run(args: argparse.Namespace) -> int:
     """Plans the spec; returns 0 with a plan, 1 when the spec is malformed or infeasible."""
     if args.server or args.out:
         return run_against_server(args)
-    from planner.build_problem import build_problem
-    from planner.report import render
-    from planner.solve import plan
+    from planner.build_problem import build_pool_problem, build_problem
+    from planner.report import render, render_pool
+    from planner.solve import plan, plan_pool
     from planner.spec import SpecError, load_spec
 
     try:
-        problem = build_problem(load_spec(args.file))
+        spec = load_spec(args.file)
+        # several models share the pool: each gets its own pipelines (planner/master.py)
+        pool = build_pool_problem(spec) if spec.models is not None else None
+        problem = build_problem(spec) if pool is None else None
     except SpecError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 1
-    result = plan(problem, backend=args.backend, time_limit_s=args.time_limit)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+    if pool is not None:
+        result = plan_pool(pool, backend=args.backend, time_limit_s=args.time_limit)
+        text = render_pool(pool, result)
     else:
-        print(render(problem, result))
+        assert problem is not None
+        result = plan(problem, backend=args.backend, time_limit_s=args.time_limit)
+        text = render(problem, result)
+    print(json.dumps(result.to_json(), indent=2) if args.json else text)
     if result.objective is None:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
@@ -117,6 +137,8 @@ def _plan_change(args: argparse.Namespace, store, url: str) -> int:
     if args.out:
         saved = save_plan(store, change, spec.model_dump(mode="json"))
         write_plan_file(args.out, saved, server, shown(url))
-        print(f"\nSaved the plan to: {args.out}\n\nTo perform exactly these actions, run:\n"
-              f"    pipeshift apply {args.out}")
+        print(
+            f"\nSaved the plan to: {args.out}\n\nTo perform exactly these actions, run:\n"
+            f"    pipeshift apply {args.out}"
+        )
     return 2 if (change.has_changes and args.detailed_exitcode) else 0

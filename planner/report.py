@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from planner.problem import PlanningProblem
-from planner.solution import PlanResult
+from planner.problem import PlanningProblem, PoolProblem
+from planner.solution import Pipeline, PlanResult
 
 GIB = 2**30
 
@@ -63,6 +63,60 @@ def cost_lines(problem: PlanningProblem) -> list[str]:
     return ["costs:", *(f"  {line}" for line in seen.values())] if seen else []
 
 
+def pipeline_lines(pipelines: list[Pipeline] | tuple[Pipeline, ...]) -> list[str]:
+    """Returns each pipeline as a heading line and a table of its stages."""
+    out = []
+    for i, p in enumerate(pipelines):
+        out.append("")
+        out.append(
+            f"pipeline {i}{' (kept)' if p.kept else ''}: {len(p.stages)} stage(s), "
+            f"{p.throughput_tok_s:.1f} tok/s, TTFT {p.ttft_s * 1000:.0f} ms, "
+            f"TPOT {p.tpot_s * 1000:.1f} ms"
+        )
+        out.append(
+            f"  {'stage':<6}{'device':<26}{'layers':<12}{'memory GiB':<16}"
+            f"{'decode ms':>10}{'prefill ms':>12}"
+        )
+        for j, s in enumerate(p.stages):
+            mem = f"{s.memory_bytes / GIB:.1f}/{s.memory_capacity_bytes / GIB:.1f}"
+            out.append(
+                f"  {j:<6}{s.device:<26}{f'[{s.start}, {s.end})':<12}{mem:<16}"
+                f"{s.decode_s * 1000:>10.2f}{s.prefill_s * 1000:>12.1f}"
+            )
+    return out
+
+
+def render_pool(pool: PoolProblem, result: PlanResult) -> str:
+    """Returns the plan of several models on one pool as text: per model its pipelines and
+    predicted figures, then the pool's use."""
+    out = [
+        f"{len(pool.problems)} models on {len(pool.devices)} devices - backend "
+        f"{result.backend}: {result.status}, gap {_pct(result.gap)}, {result.solve_s:.2f} s",
+    ]
+    if result.objective is None:
+        out.append(result.message)
+        return "\n".join(out)
+    unit = "devices" if result.objective_kind == "min_devices" else "weighted tokens/s"
+    bound = f", bound {result.bound:.6g}" if result.bound is not None else ""
+    out.append(f"objective ({result.objective_kind}): {result.objective:.6g} {unit}{bound}")
+    for m in result.models:
+        used = sum(len(p.stages) for p in m.pipelines)
+        out.append("")
+        out.append(
+            f"model {m.label} ({m.model_name}, {m.n_layers} layers, weight {m.weight:g}): "
+            f"{len(m.pipelines)} pipeline(s) on {used} devices, "
+            f"{m.throughput_tok_s:.0f} tok/s for a demand of {m.demand_tok_s:.0f} "
+            f"(goodput {m.goodput_tok_s:.0f} tok/s)"
+        )
+        out.extend("  " + line if line else line for line in pipeline_lines(m.pipelines))
+    out.append("")
+    out.append(f"predicted: {result.devices_used}/{len(pool.devices)} devices used")
+    out.extend(cost_lines(pool.problems[0]))
+    if result.message:
+        out.append(result.message)
+    return "\n".join(out)
+
+
 def render(problem: PlanningProblem, result: PlanResult) -> str:
     """Returns the plan as text for a terminal."""
     out = [
@@ -81,23 +135,7 @@ def render(problem: PlanningProblem, result: PlanResult) -> str:
         if result.bound is not None
         else f"objective ({result.objective_kind}): {result.objective:.6g} {unit}"
     )
-    for i, p in enumerate(result.pipelines):
-        out.append("")
-        out.append(
-            f"pipeline {i}{' (kept)' if p.kept else ''}: {len(p.stages)} stage(s), "
-            f"{p.throughput_tok_s:.1f} tok/s, TTFT {p.ttft_s * 1000:.0f} ms, "
-            f"TPOT {p.tpot_s * 1000:.1f} ms"
-        )
-        out.append(
-            f"  {'stage':<6}{'device':<26}{'layers':<12}{'memory GiB':<16}"
-            f"{'decode ms':>10}{'prefill ms':>12}"
-        )
-        for j, s in enumerate(p.stages):
-            mem = f"{s.memory_bytes / GIB:.1f}/{s.memory_capacity_bytes / GIB:.1f}"
-            out.append(
-                f"  {j:<6}{s.device:<26}{f'[{s.start}, {s.end})':<12}{mem:<16}"
-                f"{s.decode_s * 1000:>10.2f}{s.prefill_s * 1000:>12.1f}"
-            )
+    out.extend(pipeline_lines(result.pipelines))
     out.append("")
     demand = f" (demand {problem.demand_tok_s:.0f})" if problem.demand_tok_s else ""
     out.append(

@@ -248,17 +248,32 @@ def pool_pipelines_of(
     ]
 
 
-def plan_pool(pool: PoolProblem, backend: str = "cpsat", time_limit_s: float = 10.0) -> PlanResult:
+def plan_pool(
+    pool: PoolProblem, backend: str = "cpsat", time_limit_s: float = 10.0, shapes: str = "auto"
+) -> PlanResult:
     """Returns the best division of the pool among several models (weighted SLO goodput, or
-    the fewest devices meeting every demand; planner/master.py), with status, bound and gap."""
+    the fewest devices meeting every demand; planner/master.py), with status, bound and gap
+    (`shapes`: how columns are found, see shape_mode; lazy when any model needs it)."""
     t0 = time.perf_counter()
     objective_kind = "min_devices" if pool.objective == "min_devices" else "max_goodput"
-    master = build_pool_master(pool, deadline=t0 + 0.7 * time_limit_s)
+    modes = {shape_mode(replace(p, objective=pool.objective), shapes) for p in pool.problems}
+    lazy: dict = {}
+    if "lazy" in modes and pool.objective != "min_devices":
+        master, sol, lazy = solve_lazy(
+            build_pool_master(pool, list_shapes=False),
+            pool.problems,
+            backend,
+            deadline=t0 + 0.8 * time_limit_s,
+            end=t0 + time_limit_s,
+        )
+    else:
+        master = build_pool_master(pool, deadline=t0 + 0.7 * time_limit_s)
     details: dict = {
         "shapes_complete": master.complete,
         "columns": len(master.columns),
         "build_s": round(master.build_s, 4),
         "cost_sources": cost_sources(pool.problems[0]),
+        **lazy,
     }
     if not master.columns and master.complete:
         return PlanResult(
@@ -276,14 +291,20 @@ def plan_pool(pool: PoolProblem, backend: str = "cpsat", time_limit_s: float = 1
             ),
             details=details,
         )
-    remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
-    sol = solve_master(master, backend, remaining_s)
-    if sol.objective is None and sol.status == "UNKNOWN":
-        greedy = greedy_copies(master)
-        if greedy is not None:
-            sol = MasterSolution(
-                "FEASIBLE", solution_objective(master, greedy), None, sol.solve_s, backend, greedy
-            )
+    if not lazy:
+        remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
+        sol = solve_master(master, backend, remaining_s)
+        if sol.objective is None and sol.status == "UNKNOWN":
+            greedy = greedy_copies(master)
+            if greedy is not None:
+                sol = MasterSolution(
+                    "FEASIBLE",
+                    solution_objective(master, greedy),
+                    None,
+                    sol.solve_s,
+                    backend,
+                    greedy,
+                )
     details["solver_s"] = round(sol.solve_s, 4)
     total_s = time.perf_counter() - t0
     if sol.objective is None:

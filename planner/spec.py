@@ -160,15 +160,39 @@ class Pins(_Strict):
     keep_current: list[int] = Field(default_factory=list)  # current pipelines that must stay
 
 
-class Spec(_Strict):
+DType = Literal["fp32", "bf16", "fp16", "int8", "q4"]
+
+
+class ModelEntry(_Strict):
+    """One of several models sharing the pool: its own workload, SLOs and weight."""
+
+    name: str | None = Field(None, min_length=1, max_length=100)  # default: the model's name
     model: str
-    dtype: Literal["fp32", "bf16", "fp16", "int8", "q4"] = "bf16"
+    workload: Workload
+    slo: Slo = Field(default_factory=Slo)
+    weight: float = Field(1.0, gt=0, le=1e6)  # value of one of its tokens/s (planner/master.py)
+    dtype: DType | None = None  # default: the spec's
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        try:
+            return get_model_arch(v).name
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+
+
+class Spec(_Strict):
+    # one model: `model` and `workload` (and `slo`); several on one pool: `models`
+    model: str | None = None
+    models: list[ModelEntry] | None = Field(None, min_length=1, max_length=16)
+    dtype: DType = "bf16"
     devices: list[DeviceGroup] = Field(min_length=1)
     # topology: with `nodes`, each hop is costed on the link it uses (planner/topology.py);
     # without, every hop is costed at the slowest link of the cluster
     nodes: list[NodeSpec] | None = None
     links: list[LinkSpec] = Field(default_factory=list)
-    workload: Workload
+    workload: Workload | None = None
     slo: Slo = Field(default_factory=Slo)
     objective: Literal["max_throughput", "min_devices"] = "max_throughput"
     memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -187,11 +211,60 @@ class Spec(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, v: str) -> str:
+    def _known_model(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         try:
             return get_model_arch(v).name
         except KeyError as exc:
             raise ValueError(str(exc.args[0])) from None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Spec:
+        if self.models is None:
+            if self.model is None or self.workload is None:
+                raise ValueError(
+                    "give `model` and `workload` for one model, or a `models` list for several"
+                )
+            return self
+        if self.model is not None or self.workload is not None:
+            raise ValueError(
+                "give either `model` and `workload` (one model) or `models` (several), not both; "
+                "move the model into the `models` list"
+            )
+        labels = self.model_labels()
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(
+                f"models: {', '.join(dupes)} appear twice; give each entry its own `name`"
+            )
+        if self.current is not None and self.current.pipelines or self.pins.keep_current:
+            raise ValueError(
+                "`current` and `pins.keep_current` plan a change of one model's deployment; "
+                "drop them with several `models`"
+            )
+        return self
+
+    def model_labels(self) -> list[str]:
+        """Returns each model entry's name (its `name`, else the model's)."""
+        return [e.name or e.model for e in self.models or []]
+
+    def single_model_specs(self) -> list[Spec]:
+        """Returns one single-model spec per `models` entry, over the same devices."""
+        out = []
+        for e in self.models or []:
+            out.append(
+                self.model_copy(
+                    update={
+                        "model": e.model,
+                        "workload": e.workload,
+                        "slo": e.slo,
+                        "dtype": e.dtype or self.dtype,
+                        "models": None,
+                    }
+                )
+            )
+        return out
 
     @property
     def dtype_bytes(self) -> float:
@@ -214,6 +287,8 @@ class Spec(_Strict):
 
     def lengths(self) -> tuple[LengthDistribution, LengthDistribution]:
         """Returns the prompt and output length distributions (from the trace when given)."""
+        if self.workload is None:
+            raise SpecError(["this spec lists several `models`; each has its own workload"])
         if self.workload.trace is not None:
             return _trace_lengths(Path(self.base_dir) / self.workload.trace)
         return _as_dist(self.workload.prompt_tokens), _as_dist(self.workload.output_tokens)
@@ -318,10 +393,23 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
     if isinstance(raw_profiles, list) and all(isinstance(x, str) for x in raw_profiles):
         profiles = _load_profiles(raw_profiles, base_dir, source, lines)
     kinds = {k: p.kind for k, p in profiles.items()}
+    # one model: `model` and `workload` are required (said as pydantic says a missing field)
+    missing = [] if "models" in data else [k for k in ("model", "workload") if k not in data]
+    missing_lines = [
+        _format_error(source, {"loc": (k,), "msg": "Field required", "type": "missing"}, lines)
+        for k in missing
+    ]
     try:
         spec = Spec.model_validate({**data, "base_dir": base_dir}, context={"profile_kinds": kinds})
     except ValidationError as exc:
-        raise SpecError([_format_error(source, e, lines) for e in exc.errors()]) from None
+        found = [
+            _format_error(source, e, lines)
+            for e in exc.errors()
+            if not (missing and e["loc"] == ())  # the same complaint, said per field above
+        ]
+        raise SpecError(found + missing_lines) from None
+    if missing_lines:
+        raise SpecError(missing_lines)
     _check_topology(spec, source, lines)
     names = [n for n, _, _ in spec.device_names()]
     dupes = sorted({n for n in names if names.count(n) > 1})
