@@ -56,7 +56,8 @@ class InvalidSchema(ValueError):
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """Returns the grammar text of `schema` (what the last stage compiles); raises InvalidSchema
     with the library's reason when the schema is invalid or uses what it cannot enforce."""
-    return _grammar_of(json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    # Key order is kept: properties are generated in the schema's order.
+    return _grammar_of(json.dumps(schema, separators=(",", ":")))
 
 
 @lru_cache(maxsize=256)

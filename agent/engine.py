@@ -619,7 +619,7 @@ class PipelineEngine:
         wanted = p.wire()
         # The penalties read the request's history: it travels with the step, so the
         # last stage keeps no state of it (a reconfiguration may move that stage).
-        if p.penalises_output:
+        if p.penalises_output or p.grammar is not None:  # a grammar's matcher replays them when moved
             wanted["output_ids"] = seq.output_ids
         if p.repetition_penalty != 1.0:
             wanted["prompt_ids"] = seq.prompt_ids

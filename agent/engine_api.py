@@ -26,6 +26,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension; 1 leaves the logits as they are
+    # response_format: the grammar text of a JSON schema (agent/constrained.py), masked on the
+    # last stage before the bias and penalties
+    grammar: str | None = None
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
     n: int = 1  # sequences per prompt; they share the prompt's prefill and KV blocks
     # None: none; k: each prompt token's logprob (from the same float32 logits, unprocessed)
@@ -42,6 +45,8 @@ class SamplingParams:
                 out[name] = getattr(self, name)
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.grammar is not None:
+            out["grammar"] = self.grammar
         return out
 
     @property

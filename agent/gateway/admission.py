@@ -6,7 +6,9 @@ Each refusal says what was wrong, with the numbers, and what to change.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from agent.constrained import InvalidSchema, json_schema_grammar
 from agent.engine_api import SamplingParams
 from agent.gateway.errors import APIError
 
@@ -63,6 +65,7 @@ def sampling_params(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
     logprobs: int | None = None,
+    grammar: str | None = None,
     n: int = 1,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
@@ -111,7 +114,24 @@ def sampling_params(
         frequency_penalty=frequency_penalty,
         repetition_penalty=repetition_penalty,
         logprobs=logprobs,
+        grammar=grammar,
         n=n,
         prompt_logprobs=prompt_logprobs,
     )
 
+
+
+def response_grammar(schema: dict[str, Any] | None) -> str | None:
+    """Returns the grammar that constrains the answer to `schema` (None: unconstrained); raises
+    a 400 `invalid_json_schema` with the grammar library's reason when it cannot be used."""
+    if schema is None:
+        return None
+    try:
+        return json_schema_grammar(schema)
+    except InvalidSchema as exc:
+        raise APIError(
+            f"response_format's JSON schema cannot be used for constrained decoding: {exc}. "
+            "Fix the schema (JSON Schema draft 2020-12; see the supported keywords of llguidance).",
+            param="response_format",
+            code="invalid_json_schema",
+        ) from None

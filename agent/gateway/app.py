@@ -29,6 +29,7 @@ from agent.gateway.admission import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     check_output_limit,
     resolve_model,
+    response_grammar,
     sampling_params,
 )
 from agent.gateway.errors import ERROR_MEANINGS, APIError, error_responses, install_error_handlers
@@ -219,6 +220,7 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             ),
             **_shaping(body),
             logprobs=body.logprobs_wanted(),
+            grammar=response_grammar(body.response_schema()),
             n=body.n,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
