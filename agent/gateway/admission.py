@@ -120,7 +120,6 @@ def sampling_params(
     )
 
 
-
 def response_grammar(schema: dict[str, Any] | None) -> str | None:
     """Returns the grammar that constrains the answer to `schema` (None: unconstrained); raises
     a 400 `invalid_json_schema` with the grammar library's reason when it cannot be used."""
