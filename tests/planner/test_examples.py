@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from planner.build_problem import build_problem
+from planner.build_problem import build_pool_problem, build_problem
 from planner.cli import main
 from planner.spec import load_spec
 
@@ -34,20 +34,36 @@ def test_example_spec_plans(path, capsys):
         assert key in out
     assert out["status"] == "OPTIMAL" and out["gap"] <= 1e-6
     assert set(out["predicted"]) >= {"ttft_ms", "tpot_ms", "throughput_tok_s"}
-    problem = build_problem(load_spec(path))
+    spec = load_spec(path)
+    if spec.models is not None:  # several models: each pipeline holds its own model's layers
+        pool = build_pool_problem(spec)
+        layers = {label: p.n_layers for label, p in zip(pool.labels, pool.problems, strict=True)}
+        slos = [(p.tpot_slo_s, p.ttft_slo_s) for p in pool.problems]
+        assert {m["name"] for m in out["models"]} == set(layers)
+    else:
+        problem = build_problem(spec)
+        layers = {"": problem.n_layers}
+        slos = [(problem.tpot_slo_s, problem.ttft_slo_s)]
     used = set()
     for p in out["pipelines"]:
         stages = p["stages"]
-        assert stages[0]["start"] == 0 and stages[-1]["end"] == problem.n_layers
+        assert stages[0]["start"] == 0 and stages[-1]["end"] == layers[p.get("model", "")]
         assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:], strict=False))
         for s in stages:
             assert s["device"] not in used
             used.add(s["device"])
             assert s["memory_bytes"] <= s["memory_capacity_bytes"]
-    if problem.tpot_slo_s:
-        assert out["predicted"]["tpot_ms"] <= problem.tpot_slo_s * 1000 + 1e-6
-    if problem.ttft_slo_s:
-        assert out["predicted"]["ttft_ms"] <= problem.ttft_slo_s * 1000 + 1e-6
+    if len(slos) == 1:
+        tpot_slo_s, ttft_slo_s = slos[0]
+        if tpot_slo_s:
+            assert out["predicted"]["tpot_ms"] <= tpot_slo_s * 1000 + 1e-6
+        if ttft_slo_s:
+            assert out["predicted"]["ttft_ms"] <= ttft_slo_s * 1000 + 1e-6
+    for m, (tpot_slo_s, ttft_slo_s) in zip(out.get("models", []), slos, strict=False):
+        if tpot_slo_s:
+            assert m["predicted"]["tpot_ms"] <= tpot_slo_s * 1000 + 1e-6
+        if ttft_slo_s:
+            assert m["predicted"]["ttft_ms"] <= ttft_slo_s * 1000 + 1e-6
 
 
 def test_human_output_shows_stages(capsys):
