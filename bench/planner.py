@@ -1,6 +1,6 @@
 """Planner benchmark: exactness on small instances, a 64-device cluster, and re-planning.
 
-    python bench/planner.py [--small N] [--limit S] [--no-docs] [--only a,b,c,d]
+    python bench/planner.py [--small N] [--limit S] [--no-docs] [--only a,b,c,d,e,f,g]
 
 a. N random small instances (<= 8 devices, <= 32 layers) against the exact DP
    (planner/dp.py): every backend must hit the optimum; solve-time percentiles.
@@ -11,6 +11,12 @@ c. Re-planning after 8 devices leave and after 8 join: the migration-aware plan 
    from-scratch plan (throughput, bytes moved).
 d. Topology: Llama-2-70B on 8 nodes of 4 GPUs in two regions joined by a 1 Gbit/s link, on
    every backend, beside the topology-blind plan re-costed on the real links.
+e. No size limit: 16 device kinds x 16 devices (256), Llama-2-70B (80 layers), up to 16
+   stages per pipeline, TPOT SLO: column generation (C(16 + 16, 16) count vectors cannot be
+   listed), on every backend within 60 s; gap against the LP bound over every shape.
+f. The former limit, 8 kinds x 8 devices with 10 stages (and 12), by column generation.
+g. Several models: Llama-2-70B, Qwen2.5-32B and Llama-3.1-8B sharing 32 devices of 4 kinds,
+   on every backend; and the same three on the 256 devices of e (column generation).
 Prints tables, writes bench/out/planner.json and the `## Planner` section of docs/results.md.
 """
 
@@ -355,6 +361,165 @@ def bench_topology(limit_s: float) -> dict:
     }
 
 
+# --- e, f. no size limit: column generation ----------------------------------------------------
+
+SIXTEEN_KINDS = (
+    "H100-SXM",
+    "H100-PCIe",
+    "H200",
+    "A100-80GB",
+    "A100-40GB",
+    "L40S",
+    "L40",
+    "L4",
+    "A10G",
+    "V100-32GB",
+    "RTX-4090",
+    "T4",
+    "MI300X",
+)
+# three more kinds the catalog lacks: power-capped parts, slower by these factors
+CAPPED = (("H100-SXM", 1.3), ("A100-80GB", 1.25), ("L40S", 1.2))
+
+
+def many_kind_problem(kinds: int, per_kind: int, max_stages: int) -> PlanningProblem:
+    """Returns the cluster spec's workload (TPOT SLO 400 ms, no TTFT SLO: pricing is exact)
+    on `per_kind` devices of each of `kinds` kinds (catalog kinds, then power-capped ones)."""
+    from planner.problem import Device as Dev
+    from planner.spec import Spec
+
+    spec = load_spec(CLUSTER_SPEC)
+    data = spec.model_dump(exclude={"base_dir"})
+    names = SIXTEEN_KINDS[:kinds]
+    data["devices"] = [{"kind": k, "count": per_kind, "node": f"n{i}"} for i, k in enumerate(names)]
+    data["slo"] = {"tpot_ms": 400}
+    data["max_stages"] = max_stages
+    p = build_problem(Spec.model_validate({**data, "base_dir": spec.base_dir}))
+    kinds_, devices = list(p.kinds), list(p.devices)
+    for base, slow in CAPPED[: max(0, kinds - len(SIXTEEN_KINDS))]:
+        k = next(x for x in p.kinds if x.name == base)
+        kinds_.append(
+            replace(
+                k,
+                name=f"{base}-capped",
+                layer_decode_s=k.layer_decode_s * slow,
+                layer_prefill_s=k.layer_prefill_s * slow,
+                embed_decode_s=k.embed_decode_s * slow,
+                head_decode_s=k.head_decode_s * slow,
+            )
+        )
+        devices += [
+            Dev(f"{base}-capped.{i}", len(kinds_) - 1, f"capped-{base}") for i in range(per_kind)
+        ]
+    return replace(
+        p, kinds=tuple(kinds_), devices=tuple(devices), max_stages=min(max_stages, p.n_layers)
+    )
+
+
+def lazy_row(r: PlanResult) -> dict:
+    row = result_row(r)
+    row.update({k: r.details.get(k) for k in ("iterations", "converged", "lp_bound", "pricing_s")})
+    return row
+
+
+def bench_no_limit(limit_s: float) -> dict:
+    from planner.shapes import count_vectors_total
+
+    big = many_kind_problem(16, 16, 16)
+    out: dict = {
+        "e": {
+            "kinds": 16,
+            "devices": len(big.devices),
+            "layers": big.n_layers,
+            "max_stages": big.max_stages,
+            "limit_s": limit_s,
+            "count_vectors": count_vectors_total(big.kind_counts, big.max_stages),
+            "rows": {b: lazy_row(plan(big, b, limit_s)) for b in BACKENDS},
+        },
+        "f": {"limit_s": limit_s, "rows": {}},
+    }
+    for stages in (10, 12):
+        eight = many_kind_problem(8, 8, stages)
+        out["f"]["rows"][f"max_stages_{stages}"] = {
+            "count_vectors": count_vectors_total(eight.kind_counts, eight.max_stages),
+            **lazy_row(plan(eight, "cpsat", limit_s)),
+        }
+    return out
+
+
+# --- g. several models on one pool ----------------------------------------------------------
+
+POOL_MODELS = """models:
+  - name: large
+    model: Llama-2-70B
+    workload: {request_rate_per_s: 4, prompt_tokens: 1024, output_tokens: 256, batch: 16}
+    slo: {tpot_ms: 400}
+  - name: medium
+    model: Qwen2.5-32B
+    workload: {request_rate_per_s: 8, prompt_tokens: 1024, output_tokens: 256, batch: 16}
+    slo: {tpot_ms: 200}
+  - name: small
+    model: Llama-3.1-8B
+    workload: {request_rate_per_s: 40, prompt_tokens: 512, output_tokens: 200, batch: 32}
+    slo: {tpot_ms: 80}
+    weight: 2
+"""
+
+
+def bench_pool(limit_s: float, big_limit_s: float) -> dict:
+    from planner.build_problem import build_pool_problem
+    from planner.problem import PoolProblem
+    from planner.solve import plan_pool
+    from planner.spec import parse_spec
+
+    devices = "\n".join(
+        f"  - {{kind: {k}, count: 8, node: n{i}}}"
+        for i, k in enumerate(("H100-SXM", "A100-80GB", "L40S", "L4"))
+    )
+    spec = parse_spec(f"dtype: bf16\ndevices:\n{devices}\n{POOL_MODELS}", source="<bench pool>")
+    pool = build_pool_problem(spec)
+
+    def summary(r: PlanResult) -> dict:
+        return {
+            **lazy_row(r),
+            "models": {
+                m.label: {
+                    "devices": sum(len(p.stages) for p in m.pipelines),
+                    "throughput_tok_s": m.throughput_tok_s,
+                    "demand_tok_s": m.demand_tok_s,
+                }
+                for m in r.models
+            },
+        }
+
+    out = {
+        "devices": len(pool.devices),
+        "limit_s": limit_s,
+        "rows": {b: summary(plan_pool(pool, b, limit_s)) for b in BACKENDS},
+    }
+    # the same models, ten times the rates, on 16 devices of each of the 13 catalog kinds:
+    # too many count vectors to list, so column generation prices each model
+    big_spec = parse_spec(
+        "dtype: bf16\ndevices:\n"
+        + "\n".join(
+            f"  - {{kind: {k}, count: 16, node: n{i}}}" for i, k in enumerate(SIXTEEN_KINDS)
+        )
+        + "\n"
+        + POOL_MODELS.replace("rate_per_s: 4,", "rate_per_s: 40,")
+        .replace("rate_per_s: 8,", "rate_per_s: 80,")
+        .replace("rate_per_s: 40, prompt_tokens: 512", "rate_per_s: 400, prompt_tokens: 512"),
+        source="<bench pool 208>",
+    )
+    big_pool: PoolProblem = build_pool_problem(big_spec)
+    out["big"] = {
+        "devices": len(big_pool.devices),
+        "kinds": len(big_pool.kind_counts),
+        "limit_s": big_limit_s,
+        "rows": {"highs": summary(plan_pool(big_pool, "highs", big_limit_s))},
+    }
+    return out
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -524,7 +689,9 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=200, help="random small instances (default 200)")
     ap.add_argument("--limit", type=float, default=30.0, help="time limit for b and c, seconds")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/results.md")
-    ap.add_argument("--only", default="a,b,c,d", help="parts to run, e.g. d (implies --no-docs)")
+    ap.add_argument(
+        "--only", default="a,b,c,d", help="parts to run, e.g. d or e,f,g (implies --no-docs)"
+    )
     args = ap.parse_args()
     parts = set(args.only.split(","))
     if parts != {"a", "b", "c", "d"}:
@@ -585,9 +752,48 @@ def main() -> int:
             f"hops); aware {d['aware_tok_s']:,.0f} ({d['aware_cross_node_hops']})"
         )
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    t = time.perf_counter()
+    if "e" in parts or "f" in parts:
+        res["no_limit"] = nl = bench_no_limit(60.0)
+        print(f"e, f. column generation ({time.perf_counter() - t:.0f} s)")
+        e = nl["e"]
+        print(
+            f"   e: {e['kinds']} kinds, {e['devices']} devices, {e['layers']} layers, "
+            f"max_stages {e['max_stages']}, {e['count_vectors']:,} count vectors"
+        )
+        for name, r in [*e["rows"].items(), *nl["f"]["rows"].items()]:
+            print(
+                f"   {name:<14}{r['status']:<10} obj {fmt_num(r.get('objective')):>12} "
+                f"bound {fmt_num(r.get('bound')):>12} gap {fmt_gap(r.get('gap')):>10} "
+                f"{r['solve_s']:.2f} s ({r.get('iterations')} LP rounds, "
+                f"pricing {r.get('pricing_s') or 0:.1f} s, {r['details'].get('columns')} columns)"
+            )
+
+    t = time.perf_counter()
+    if "g" in parts:
+        res["pool"] = g = bench_pool(args.limit, 60.0)
+        print(f"g. several models ({time.perf_counter() - t:.0f} s)")
+        for name, r in [
+            *g["rows"].items(),
+            *(("208 devices / " + k, v) for k, v in g["big"]["rows"].items()),
+        ]:
+            split = ", ".join(
+                f"{m}: {x['devices']} dev {x['throughput_tok_s']:,.0f}/{x['demand_tok_s']:,.0f} tok/s"
+                for m, x in r["models"].items()
+            )
+            print(
+                f"   {name:<16}{r['status']:<10} obj {fmt_num(r.get('objective')):>12} "
+                f"gap {fmt_gap(r.get('gap')):>10} {r['solve_s']:.2f} s  [{split}]"
+            )
+
+    out_path = (
+        OUT
+        if parts >= {"a", "b", "c", "d"}
+        else OUT.with_name(f"planner-{''.join(sorted(parts))}.json")
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out_path.relative_to(ROOT)}")
     if not args.no_docs:
         write_section(markdown(res, command))
         print(f"updated {RESULTS.relative_to(ROOT)} (## Planner)")

@@ -36,21 +36,36 @@ class Refreshed:
 def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
     """Makes the store's current configuration the one the server serves (recording it when it
     differs) and its devices the server's; says what drifted from the record."""
-    store.record_devices([{"name": d["name"], "kind": d.get("kind", "cpu"), "node": d.get("node", "local"),
-                           "state": d["state"]} for d in deployment["devices"]])
+    store.record_devices(
+        [
+            {
+                "name": d["name"],
+                "kind": d.get("kind", "cpu"),
+                "node": d.get("node", "local"),
+                "state": d["state"],
+            }
+            for d in deployment["devices"]
+        ]
+    )
     served = deployment["configuration"]["pipelines"]
     recorded = store.current()
     if recorded is not None and layout(recorded.pipelines) == layout(served):
         return Refreshed(recorded, None)
     drift = None
     if recorded is not None:
-        drift = (f"the deployment serves epoch {deployment['epoch']} with a configuration other than the one "
-                 f"recorded last (serial {recorded.serial}); recorded it as serial {recorded.serial + 1}")
-    row = store.record_configuration(deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"])
+        drift = (
+            f"the deployment serves epoch {deployment['epoch']} with a configuration other than the one "
+            f"recorded last (serial {recorded.serial}); recorded it as serial {recorded.serial + 1}"
+        )
+    row = store.record_configuration(
+        deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"]
+    )
     return Refreshed(row, drift)
 
 
-def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float) -> Configuration:
+def plan_from_spec(
+    path: str, deployment: dict[str, Any], names: list[str], time_limit_s: float
+) -> Configuration:
     """plan_spec of the spec file at `path`; raises ValueError saying what is wrong."""
     from planner.spec import SpecError, load_spec
 
@@ -61,8 +76,13 @@ def plan_from_spec(path: str, deployment: dict[str, Any], names: list[str], time
     return plan_spec(spec, deployment, names, time_limit_s, source=path)
 
 
-def plan_spec(spec: Spec, deployment: dict[str, Any], names: list[str], time_limit_s: float,
-              source: str = "the spec") -> Configuration:
+def plan_spec(
+    spec: Spec,
+    deployment: dict[str, Any],
+    names: list[str],
+    time_limit_s: float,
+    source: str = "the spec",
+) -> Configuration:
     """Plans the spec with the server's configuration as the current one (the migration
     term then prices what moves); the spec's devices stand for the server's, in order.
     Raises ValueError saying what is wrong (device count, infeasible)."""
@@ -71,6 +91,9 @@ def plan_spec(spec: Spec, deployment: dict[str, Any], names: list[str], time_lim
     from planner.solve import plan
     from planner.spec import CurrentConfig, SpecError
 
+    if spec.models is not None:
+        raise ValueError(f"{source} lists {len(spec.models)} models; a deployment serves one: "
+                         "plan the pool with `pipeshift plan -f SPEC` and serve each model on its own")
     spec = spec.model_copy(deep=True)
     served = deployment.get("model") or ""
     try:
@@ -81,13 +104,23 @@ def plan_spec(spec: Spec, deployment: dict[str, Any], names: list[str], time_lim
         raise ValueError(f"{source} plans {spec.model}; the deployment serves {served}")
     spec_names = [n for n, _, _ in spec.device_names()]
     if len(spec_names) != len(names):
-        raise ValueError(f"{source} lists {len(spec_names)} devices; the server has {len(names)} "
-                         f"({', '.join(names)}): list one device per worker")
-    to_spec, to_server = dict(zip(names, spec_names, strict=True)), dict(zip(spec_names, names, strict=True))
+        raise ValueError(
+            f"{source} lists {len(spec_names)} devices; the server has {len(names)} "
+            f"({', '.join(names)}): list one device per worker"
+        )
+    to_spec, to_server = (
+        dict(zip(names, spec_names, strict=True)),
+        dict(zip(spec_names, names, strict=True)),
+    )
     current = deployment["configuration"]
-    spec.current = CurrentConfig.model_validate({"pipelines": [
-        {"stages": [{**s, "device": to_spec[s["device"]]} for s in p["stages"]]} for p in current["pipelines"]
-    ]})
+    spec.current = CurrentConfig.model_validate(
+        {
+            "pipelines": [
+                {"stages": [{**s, "device": to_spec[s["device"]]} for s in p["stages"]]}
+                for p in current["pipelines"]
+            ]
+        }
+    )
     try:
         result = plan(build_problem(spec), time_limit_s=time_limit_s)
     except SpecError as exc:
@@ -95,24 +128,46 @@ def plan_spec(spec: Spec, deployment: dict[str, Any], names: list[str], time_lim
     if result.objective is None:
         raise ValueError(f"{source}: {result.message}")
     planned = Configuration.from_json(result.to_json())
-    return Configuration.from_json({"pipelines": [
-        {"stages": [{"device": to_server[s.device], "start": s.start, "end": s.end} for s in p.stages]}
-        for p in planned.pipelines
-    ]})
+    return Configuration.from_json(
+        {
+            "pipelines": [
+                {
+                    "stages": [
+                        {"device": to_server[s.device], "start": s.start, "end": s.end}
+                        for s in p.stages
+                    ]
+                }
+                for p in planned.pipelines
+            ]
+        }
+    )
 
 
 def write_plan_file(path: str | Path, plan: PlanRow, server: str, database: str) -> None:
-    Path(path).write_text(json.dumps({
-        "format": PLAN_FILE_FORMAT, "plan_id": plan.id, "lineage": plan.lineage, "serial": plan.serial,
-        "server": server, "database": database, "target": {"pipelines": plan.target},
-    }, indent=2) + "\n")
+    Path(path).write_text(
+        json.dumps(
+            {
+                "format": PLAN_FILE_FORMAT,
+                "plan_id": plan.id,
+                "lineage": plan.lineage,
+                "serial": plan.serial,
+                "server": server,
+                "database": database,
+                "target": {"pipelines": plan.target},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def read_plan_file(path: str | Path) -> dict[str, Any]:
     """Returns a saved plan file's content; raises ValueError saying what is wrong with it."""
     obj = read_json_file(path, str(path))
     if not isinstance(obj, dict) or obj.get("format") != PLAN_FILE_FORMAT:
-        raise ValueError(f"{path}: not a saved plan (`pipeshift plan -f SPEC -out {path}` writes one)")
+        raise ValueError(
+            f"{path}: not a saved plan (`pipeshift plan -f SPEC -out {path}` writes one)"
+        )
     return obj
 
 
@@ -120,8 +175,14 @@ class ApplyRecorder:
     """Writes one apply's row as the server reports it: begun, its phases while it runs (at
     most once a second), and its end with the configuration it produced."""
 
-    def __init__(self, store: Store, current: ConfigurationRow, plan_id: str | None = None,
-                 spec: dict[str, Any] | None = None, source: str = "apply"):
+    def __init__(
+        self,
+        store: Store,
+        current: ConfigurationRow,
+        plan_id: str | None = None,
+        spec: dict[str, Any] | None = None,
+        source: str = "apply",
+    ):
         self.store, self.current, self.spec, self.source = store, current, spec, source
         self.row = store.begin_apply(plan_id, current.id)
         self._written = 0.0
@@ -132,23 +193,39 @@ class ApplyRecorder:
     def progress(self, record: dict[str, Any]) -> None:
         if time.monotonic() - self._written >= PROGRESS_WRITE_S:
             self._written = time.monotonic()
-            self.store.update_apply(self.row.id, phases=record["phases"],
-                                    bytes_moved=int(record["measured"]["bytes_moved"] or 0))
+            self.store.update_apply(
+                self.row.id,
+                phases=record["phases"],
+                bytes_moved=int(record["measured"]["bytes_moved"] or 0),
+            )
 
-    def finished(self, record: dict[str, Any], model: str,
-                 serving: dict[str, Any] | None = None) -> ConfigurationRow | None:
+    def finished(
+        self, record: dict[str, Any], model: str, serving: dict[str, Any] | None = None
+    ) -> ConfigurationRow | None:
         """Records the outcome (and the serving figures around the apply); returns the new
         configuration when the apply took effect."""
         new = None
         if record["outcome"] == "applied" and record.get("target"):
-            new = self.store.record_configuration(model, record["target"]["pipelines"], self.source,
-                                                  epoch=record["epoch_to"], predicted=record["predicted"],
-                                                  spec=self.spec, lineage=self.current.lineage)
+            new = self.store.record_configuration(
+                model,
+                record["target"]["pipelines"],
+                self.source,
+                epoch=record["epoch_to"],
+                predicted=record["predicted"],
+                spec=self.spec,
+                lineage=self.current.lineage,
+            )
         measured = record["measured"]
-        self.store.finish_apply(self.row.id, record["outcome"], record.get("error"),
-                                to_id=new.id if new else None, phases=record["phases"],
-                                bytes_moved=int(measured["bytes_moved"] or 0), stall_ms=measured["stall_ms"],
-                                serving=serving)
+        self.store.finish_apply(
+            self.row.id,
+            record["outcome"],
+            record.get("error"),
+            to_id=new.id if new else None,
+            phases=record["phases"],
+            bytes_moved=int(measured["bytes_moved"] or 0),
+            stall_ms=measured["stall_ms"],
+            serving=serving,
+        )
         return new
 
     def failed(self, error: str) -> None:

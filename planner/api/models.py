@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from planner.api.spec_body import SpecBody
+from planner.api.spec_body import AnySpecBody
 from planner.store.models import ApplyRow, ConfigurationRow, PlanRow
 
 
@@ -42,7 +42,7 @@ class PlanRequest(BaseModel):
     """`POST /v1/plans`: the spec as JSON (planner/api/spec_body.py says which fields)."""
 
     model_config = ConfigDict(extra="forbid")
-    spec: SpecBody
+    spec: AnySpecBody
     time_limit_s: float = Field(10.0, gt=0, le=60, description="solver time limit")
 
 
@@ -51,8 +51,9 @@ class ApplyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     plan_id: str = Field(min_length=1, max_length=64)
-    max_overhead: float | None = Field(None, gt=0, le=1,
-                                       description="share of serving time the background copies may take")
+    max_overhead: float | None = Field(
+        None, gt=0, le=1, description="share of serving time the background copies may take"
+    )
 
 
 class RollbackRequest(BaseModel):
@@ -80,9 +81,18 @@ class ConfigurationOut(BaseModel):
 
     @classmethod
     def of(cls, row: ConfigurationRow) -> ConfigurationOut:
-        return cls(id=row.id, lineage=row.lineage, serial=row.serial, parent_id=row.parent_id, model=row.model,
-                   pipelines=row.pipelines, epoch=row.epoch, source=row.source, predicted=row.predicted,
-                   created_at=row.created_at)
+        return cls(
+            id=row.id,
+            lineage=row.lineage,
+            serial=row.serial,
+            parent_id=row.parent_id,
+            model=row.model,
+            pipelines=row.pipelines,
+            epoch=row.epoch,
+            source=row.source,
+            predicted=row.predicted,
+            created_at=row.created_at,
+        )
 
 
 class PlanOut(BaseModel):
@@ -100,9 +110,19 @@ class PlanOut(BaseModel):
 
     @classmethod
     def of(cls, row: PlanRow, drift: str | None = None) -> PlanOut:
-        return cls(id=row.id, against_configuration_id=row.against_id, lineage=row.lineage, serial=row.serial,
-                   has_changes=bool(row.diff.get("has_changes", True)), target=row.target, diff=row.diff,
-                   prediction=row.prediction, text=row.text, drift=drift, created_at=row.created_at)
+        return cls(
+            id=row.id,
+            against_configuration_id=row.against_id,
+            lineage=row.lineage,
+            serial=row.serial,
+            has_changes=bool(row.diff.get("has_changes", True)),
+            target=row.target,
+            diff=row.diff,
+            prediction=row.prediction,
+            text=row.text,
+            drift=drift,
+            created_at=row.created_at,
+        )
 
 
 class ApplyOut(BaseModel):
@@ -117,17 +137,30 @@ class ApplyOut(BaseModel):
     phases: list[dict[str, Any]]
     bytes_moved: int
     stall_ms: float | None
-    serving: dict[str, Any] | None = Field(description="TTFT/TPOT before, during and after, and token times")
+    serving: dict[str, Any] | None = Field(
+        description="TTFT/TPOT before, during and after, and token times"
+    )
     started_at: UtcTime
     finished_at: UtcTime | None
 
     @classmethod
     def of(cls, row: ApplyRow) -> ApplyOut:
-        return cls(id=row.id, state=row.state, outcome=row.outcome, error=row.error, plan_id=row.plan_id,
-                   from_configuration_id=row.from_id, to_configuration_id=row.to_id,
-                   server_apply_id=row.server_apply_id, phases=row.phases, bytes_moved=row.bytes_moved,
-                   stall_ms=row.stall_ms, serving=row.serving, started_at=row.started_at,
-                   finished_at=row.finished_at)
+        return cls(
+            id=row.id,
+            state=row.state,
+            outcome=row.outcome,
+            error=row.error,
+            plan_id=row.plan_id,
+            from_configuration_id=row.from_id,
+            to_configuration_id=row.to_id,
+            server_apply_id=row.server_apply_id,
+            phases=row.phases,
+            bytes_moved=row.bytes_moved,
+            stall_ms=row.stall_ms,
+            serving=row.serving,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
 
 
 class ApplyStarted(BaseModel):

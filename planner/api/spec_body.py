@@ -21,7 +21,12 @@ TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
 
 def _names(catalog: dict) -> tuple[str, ...]:
-    return tuple(sorted({entry.name for entry in catalog.values()} | {a for e in catalog.values() for a in e.aliases}))
+    return tuple(
+        sorted(
+            {entry.name for entry in catalog.values()}
+            | {a for e in catalog.values() for a in e.aliases}
+        )
+    )
 
 
 ModelName = Literal[_names(load_model_catalog())]  # type: ignore[valid-type]
@@ -74,3 +79,37 @@ class SpecBody(_Body):
 
     def to_spec(self) -> Spec:
         return Spec.model_validate(self.model_dump(mode="json", exclude_none=True))
+
+
+class ModelBody(_Body):
+    """One of several models sharing the pool (the YAML `models` entry)."""
+
+    name: str | None = Field(None, min_length=1, max_length=100)
+    model: ModelName
+    workload: WorkloadBody
+    slo: SloBody = Field(default_factory=SloBody)
+    weight: float = Field(1.0, gt=0, le=1e6)
+
+
+class PoolSpecBody(_Body):
+    """A spec with several models on one pool; a deployment serves one model, so planning it
+    against one is refused (409) - `pipeshift plan -f SPEC` plans it."""
+
+    models: list[ModelBody] = Field(min_length=1, max_length=16)
+    dtype: Literal["fp32", "bf16", "fp16", "int8", "q4"] = "bf16"
+    devices: list[DeviceGroupBody] = Field(min_length=1, max_length=64)
+    objective: Literal["max_throughput", "min_devices"] = "max_throughput"
+    memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_stages: int = Field(16, ge=1, le=256)
+
+    def to_spec(self) -> Spec:
+        data = self.model_dump(mode="json", exclude_none=True)
+        seen: dict[str, int] = {}
+        for entry in data["models"]:  # entries without their own name get one that is unique
+            label = entry.get("name") or entry["model"]
+            seen[label] = seen.get(label, 0) + 1
+            entry["name"] = label if seen[label] == 1 else f"{label}#{seen[label]}"
+        return Spec.model_validate(data)
+
+
+AnySpecBody = SpecBody | PoolSpecBody
