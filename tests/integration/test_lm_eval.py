@@ -48,7 +48,7 @@ def served_evaluation(hf_tokenizer, tmp_path_factory):
     hf_tokenizer.save_pretrained(str(tokenizer_dir))
     with ServeProcess("--devices", "2") as server:
         # Batches of 4 prompts per request: lm-eval's batch path, answered in index order.
-        yield evaluate(served_lm(server.base_url, tokenizer_dir, batch_size=4))
+        return evaluate(served_lm(server.base_url, tokenizer_dir, batch_size=4))
 
 
 def test_scores_are_equal(hf_evaluation, served_evaluation):
