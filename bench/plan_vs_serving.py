@@ -1,0 +1,352 @@
+"""The planner's predictions against the same configuration served for real: plan a spec,
+`pipeshift serve --plan` the plan, stream requests through the official `openai` client, and
+compare TPOT p50 and throughput.
+
+    python bench/plan_vs_serving.py [--spec data/specs/local-cpu-smollm2.yaml] [--calibrate]
+                                    [--duration-s 120] [--json bench/out/plan_vs_serving.json]
+
+--calibrate first measures this machine's CPU worker (`pipeshift calibrate --out`, a small
+grid) and plans the spec with that profile, so the prediction speaks of this CPU, not the
+one the catalog's defaults were fitted on; a spec that references profiles keeps its own.
+
+Two loads, each against its prediction:
+  * the spec's rate: Poisson arrivals at `workload.request_rate_per_s`, prompts and outputs of
+    the spec's mean lengths; predicted by cost_models/load_point.py from the plan's stage
+    costs at the batches the engine forms at that rate, on the shared host;
+  * saturation: as many clients at once as the plan's micro-batches hold (in flight x batch),
+    each sending its next request when the last ends: the planner's operating point, where
+    its own predicted TPOT and throughput apply.
+TPOT of a request is (last token - first token) / (tokens - 1); p50 over the requests that
+start after the warm-up. Throughput is the tokens that arrive inside the measured window
+over its length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's packages before bench/planner.py
+
+from bench.serve_process import ServeProcess  # noqa: E402
+from bench.streaming_load import prompt_token_ids  # noqa: E402
+
+
+@dataclass
+class Request:
+    started_s: float
+    times: list[float]
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.times[0] - self.started_s if self.times else None
+
+
+async def _one(client, prompt: list[int], max_tokens: int, out: list[Request]) -> Request:
+    req = Request(time.monotonic(), [])
+    out.append(req)
+    try:
+        stream = await client.completions.create(
+            model="smollm2-135m", prompt=prompt, max_tokens=max_tokens, temperature=0,
+            stream=True, extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                req.times.append(time.monotonic())
+    except Exception as exc:  # reported in the table
+        req.error = f"{type(exc).__name__}: {exc}"
+    return req
+
+
+async def open_loop(base_url: str, prompts, max_tokens: int, rate: float, duration_s: float,
+                    seed: int) -> list[Request]:
+    """Poisson arrivals at `rate` for `duration_s`; waits for every request to end."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    rng = random.Random(seed)
+    out: list[Request] = []
+    tasks = []
+    t_end = time.monotonic() + duration_s
+    i = 0
+    while time.monotonic() < t_end:
+        tasks.append(asyncio.create_task(_one(client, prompts[i % len(prompts)], max_tokens, out)))
+        i += 1
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    await client.close()
+    return out
+
+
+async def closed_loop(base_url: str, prompts, max_tokens: int, clients: int,
+                      duration_s: float) -> list[Request]:
+    """`clients` streams at once, each sending its next request when the last ends."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    out: list[Request] = []
+    t_end = time.monotonic() + duration_s
+
+    async def loop(k: int) -> None:
+        j = 0
+        while time.monotonic() < t_end:
+            req = await _one(client, prompts[(k + j * clients) % len(prompts)], max_tokens, out)
+            if req.error:  # a server that refuses would only be hammered
+                return
+            j += 1
+
+    await asyncio.gather(*(loop(k) for k in range(clients)))
+    await client.close()
+    return out
+
+
+def measured(requests: list[Request], window: tuple[float, float]) -> dict:
+    """Returns TPOT p50 / TTFT p50 of the requests started in the window, and tokens/s in it."""
+    inside = [r for r in requests if window[0] <= r.started_s <= window[1] and not r.error]
+    tpots = [r.tpot_s for r in inside if r.tpot_s is not None]
+    ttfts = [r.ttft_s for r in inside if r.ttft_s is not None]
+    tokens = sum(1 for r in requests for t in r.times if window[0] <= t <= window[1])
+    return {
+        "requests": len(inside),
+        "errors": sum(1 for r in requests if r.error),
+        "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else None,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "throughput_tok_s": tokens / (window[1] - window[0]),
+    }
+
+
+def predictions(spec, problem, result) -> dict:
+    """Returns the planner's own figures and the load-point predictions for both loads."""
+    from cost_models.host_sharing import contention, engine_inflight
+    from cost_models.load_point import PipelineTimes, load_point
+    from planner.topology import node_hosts
+
+    prompt, output = spec.lengths()
+    pipes = result.pipelines
+    hosts = node_hosts(spec.nodes or [])
+    by_name = {d.name: d for d in problem.devices}
+    host = hosts.get(by_name[pipes[0].stages[0].device].node) if hosts else None
+    curves = stage_curves(spec, problem, result)
+    n = len(pipes)
+    times = [
+        PipelineTimes(
+            decode_s=tuple(c[0] for c in cs),
+            prefill_s=tuple(c[1] for c in cs),
+            inflight=len(p.stages) if host is None else engine_inflight(len(p.stages), n, host),
+        )
+        for p, cs in zip(pipes, curves, strict=True)
+    ]
+    bw = curves_bandwidth(spec, problem)
+    share_of = None if host is None else (lambda busy: contention(busy, host, bw))
+    at_rate = load_point(times, prompt.mean, output.mean, rate_per_s=spec.workload.request_rate_per_s,
+                         share_of=share_of)
+    slots = sum(t.inflight for t in times) * problem.batch
+    at_full = load_point(times, prompt.mean, output.mean, concurrent=slots, share_of=share_of)
+    return {
+        "planner": {"tpot_ms": result.tpot_s * 1000, "throughput_tok_s": result.throughput_tok_s,
+                    "ttft_ms": result.ttft_s * 1000},
+        "at_rate": {"tpot_ms": at_rate.tpot_s * 1000, "throughput_tok_s": at_rate.throughput_tok_s,
+                    "ttft_ms": at_rate.ttft_s * 1000, "batch": at_rate.batch_per_pipeline,
+                    "busy_workers": at_rate.busy_workers, "contention": at_rate.contention,
+                    "saturated": at_rate.saturated},
+        "at_saturation": {"clients": slots, "tpot_ms": at_full.tpot_s * 1000,
+                          "throughput_tok_s": at_full.throughput_tok_s, "ttft_ms": at_full.ttft_s * 1000,
+                          "busy_workers": at_full.busy_workers, "contention": at_full.contention},
+    }
+
+
+def _kind_and_costs(spec, problem, kind_name: str):
+    from cost_models import latency
+    from cost_models.device_catalog import get_device_kind
+    from cost_models.profile import device_kind_of
+    from planner.spec import spec_profiles
+
+    profile = spec_profiles(spec).get(kind_name.lower())
+    try:
+        catalog = get_device_kind(kind_name)
+    except KeyError:
+        catalog = None
+    kind = catalog if profile is None else device_kind_of(profile, catalog)
+    calibrated = None
+    if spec.calibration is not None:
+        calibrated = latency.load_efficiencies(Path(spec.base_dir) / spec.calibration)
+    return kind, latency.efficiency_for(kind, calibrated), profile
+
+
+def curves_bandwidth(spec, problem) -> float:
+    kind, _, _ = _kind_and_costs(spec, problem, problem.kinds[0].name)
+    return kind.memory_bandwidth_bytes_per_s
+
+
+def stage_curves(spec, problem, result):
+    """Returns per pipeline, per stage, (decode_s(batch, context), prefill_s(prompt)) on a
+    worker alone, from the same cost model the planner used (profile tables where given)."""
+    from cost_models.model_catalog import get_model_arch
+    from cost_models.profiled_latency import operating_costs
+
+    arch = get_model_arch(spec.model)
+    by_name = {d.name: d for d in problem.devices}
+    out = []
+    for p in result.pipelines:
+        stages = []
+        for i, s in enumerate(p.stages):
+            kind, eff, profile = _kind_and_costs(spec, problem, s.kind)
+            first, last = s.start == 0, s.end == arch.n_layers
+            n_layers = s.end - s.start
+            nxt = None if i + 1 == len(p.stages) else by_name[p.stages[i + 1].device].node
+            hop_d = 0.0 if nxt is None else problem.hop_decode_between_s(s.node, nxt)
+            hop_p = 0.0 if nxt is None else problem.hop_prefill_between_s(s.node, nxt)
+
+            def costs(batch: int, context: float, prompt: float, kind=kind, eff=eff, profile=profile):
+                return operating_costs(arch, kind, spec.dtype, spec.dtype_bytes, eff, max(1, batch),
+                                       math.ceil(context), math.ceil(prompt), profile=profile)
+
+            def decode(b, c, n_layers=n_layers, first=first, last=last, hop=hop_d, costs=costs):
+                k = costs(int(b), c, 128)
+                return n_layers * k.layer_decode_s + (k.embed_decode_s if first else 0) + (
+                    k.head_decode_s if last else hop)
+
+            def prefill(n, n_layers=n_layers, first=first, last=last, hop=hop_p, costs=costs):
+                k = costs(1, 128, n)
+                return n_layers * k.layer_prefill_s + (k.embed_prefill_s if first else 0) + (
+                    k.head_prefill_s if last else hop)
+
+            stages.append((decode, prefill))
+        out.append(stages)
+    return out
+
+
+def error_pct(predicted: float, measured_value: float | None) -> float | None:
+    return None if not measured_value else 100 * (predicted - measured_value) / measured_value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="data/specs/local-cpu-smollm2.yaml")
+    parser.add_argument("--duration-s", type=float, default=120.0)
+    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--saturation-s", type=float, default=90.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="bench/out/plan_vs_serving.json")
+    parser.add_argument("--measured", help="a JSON this script wrote: predict again, serve nothing")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this CPU first and plan with the profile")
+    args = parser.parse_args()
+    from planner.build_problem import build_problem
+    from planner.solve import plan
+    from planner.spec import load_spec
+
+    spec_path = Path(args.spec)
+    if args.calibrate:
+        spec_path = calibrated_spec(spec_path, Path(args.json).parent)
+    spec = load_spec(spec_path)
+    print(f"spec: {spec_path}; costs: {[k.cost_source.describe() for k in build_problem(spec).kinds]}")
+    problem = build_problem(spec)
+    result = plan(problem)
+    if not result.pipelines:
+        raise SystemExit(f"the spec does not plan on these costs: {result.status} {result.message}")
+    predicted = predictions(spec, problem, result)
+    split = [[(s.device, s.start, s.end) for s in p.stages] for p in result.pipelines]
+    print(f"plan: {split}")
+    print(json.dumps(predicted, indent=2))
+
+    if args.measured:
+        old = json.loads(Path(args.measured).read_text())
+        at_rate, at_full = old["measured"]["at_rate"], old["measured"]["at_saturation"]
+    else:
+        at_rate, at_full = serve_and_measure(args, spec, problem, result, predicted)
+    report(args, split, predicted, at_rate, at_full)
+
+
+def calibrated_spec(spec_path: Path, out_dir: Path) -> Path:
+    """Returns a copy of the spec that references a profile of this machine's CPU worker,
+    measured now (`pipeshift calibrate --out`, batches 1-8, contexts 128-1024)."""
+    import subprocess
+
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile = out_dir / "plan_vs_serving-cpu-profile.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "planner.cli", "calibrate", "--batches", "1,2,4,8",
+         "--contexts", "128,512,1024", "--prefill-tokens", "32,128,512", "--repeats", "3",
+         "--out", str(profile)],
+        check=True,
+    )
+    doc = yaml.safe_load(spec_path.read_text())
+    if not doc.get("profiles"):
+        doc["profiles"] = [profile.name]
+    copy = out_dir / f"plan_vs_serving-{spec_path.name}"
+    copy.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return copy
+
+
+def serve_and_measure(args, spec, problem, result, predicted) -> tuple[dict, dict]:
+    """Serves the plan for real and measures both loads."""
+    from agent.loaders import resolve_model
+    from agent.tokenizer import Tokenizer
+
+    prompt, output = spec.lengths()
+    tokenizer = Tokenizer.from_gguf(resolve_model("smollm2-135m").path)
+    prompts = [prompt_token_ids(tokenizer, round(prompt.mean), seed=i) for i in range(64)]
+    max_tokens = round(output.mean)
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_file = Path(tmp) / "plan.json"
+        plan_file.write_text(json.dumps(result.to_json()))
+        devices = len({d.name for d in problem.devices})
+        with ServeProcess("--devices", str(devices), "--plan", str(plan_file)) as server:
+            t0 = time.monotonic()
+            rate_reqs = asyncio.run(open_loop(server.base_url, prompts, max_tokens,
+                                              spec.workload.request_rate_per_s, args.duration_s, args.seed))
+            at_rate = measured(rate_reqs, (t0 + args.warmup_s, t0 + args.duration_s))
+            clients = predicted["at_saturation"]["clients"]
+            t1 = time.monotonic()
+            full_reqs = asyncio.run(closed_loop(server.base_url, prompts, max_tokens, clients,
+                                                args.saturation_s))
+            at_full = measured(full_reqs, (t1 + args.warmup_s, t1 + args.saturation_s))
+    return at_rate, at_full
+
+
+def report(args, split, predicted, at_rate: dict, at_full: dict) -> None:
+    """Prints the table and writes the JSON."""
+    rows = [
+        ("spec's rate: load-point model", predicted["at_rate"], at_rate),
+        ("spec's rate: planner figures", predicted["planner"], at_rate),
+        ("saturation: load-point model", predicted["at_saturation"], at_full),
+        ("saturation: planner figures", predicted["planner"], at_full),
+    ]
+    print(f"\n{'load / prediction':34} {'TPOT p50 ms':>22} {'err %':>7} {'tok/s':>18} {'err %':>7}")
+    table = []
+    for name, pred, meas in rows:
+        e_tpot = error_pct(pred["tpot_ms"], meas["tpot_p50_ms"])
+        e_tput = error_pct(pred["throughput_tok_s"], meas["throughput_tok_s"])
+        print(f"{name:34} {pred['tpot_ms']:9.1f} vs {meas['tpot_p50_ms'] or 0:9.1f} {e_tpot or 0:+7.1f} "
+              f"{pred['throughput_tok_s']:7.1f} vs {meas['throughput_tok_s']:7.1f} {e_tput or 0:+7.1f}")
+        table.append({"case": name, "predicted": pred, "measured": meas,
+                      "tpot_error_pct": e_tpot, "throughput_error_pct": e_tput})
+    out = {"spec": args.spec, "plan": split, "predicted": predicted,
+           "measured": {"at_rate": at_rate, "at_saturation": at_full}, "table": table}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
