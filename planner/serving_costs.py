@@ -75,6 +75,14 @@ class PipelineCosts:
     stages: tuple[StageCost, ...]
     batch: int  # sequences per micro-batch
     kv_capacity_tokens: int  # KV positions the tightest stage holds
+    # (micro, context bucket) -> step s, (prompt bucket) -> (busy s, first token s): the
+    # simulator asks millions of times, and hashing the stages each time was most of its run
+    _steps: dict[tuple[int, int], float] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    _prefills: dict[int, tuple[float, float]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     @classmethod
     def of(cls, spec: Spec, stages: list[tuple[str, int, int]], batch: int) -> PipelineCosts:
@@ -133,16 +141,22 @@ class PipelineCosts:
         """Returns seconds for every one of `active` sequences to get its next token."""
         micro = max(1, math.ceil(active / self.n_stages))
         bucket = max(1, math.ceil(mean_context / CONTEXT_BUCKET))
-        times = [
-            _stage_decode_s(self.arch, s, self.dtype_bytes, micro, bucket) for s in self.stages
-        ]
-        return max(self.n_stages * max(times), sum(times))
+        step = self._steps.get((micro, bucket))
+        if step is None:
+            times = [
+                _stage_decode_s(self.arch, s, self.dtype_bytes, micro, bucket) for s in self.stages
+            ]
+            step = self._steps[(micro, bucket)] = max(self.n_stages * max(times), sum(times))
+        return step
 
     def prefill_s(self, prompt: int) -> tuple[float, float]:
         """Returns (seconds the pipeline is busy, seconds until the first token) of one prompt."""
         bucket = max(1, math.ceil(prompt / PROMPT_BUCKET))
-        times = [_stage_prefill_s(self.arch, s, self.dtype_bytes, bucket) for s in self.stages]
-        return max(times), sum(times)
+        out = self._prefills.get(bucket)
+        if out is None:
+            times = [_stage_prefill_s(self.arch, s, self.dtype_bytes, bucket) for s in self.stages]
+            out = self._prefills[bucket] = (max(times), sum(times))
+        return out
 
     def capacity_rps(self, prompt_mean: float, output_mean: float) -> float:
         """Returns requests/s at full batches: 1 / (prefill busy + output * step / slots)."""

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from planner.spec import Spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="auto: seconds between controller decisions (default 60)",
     )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        default=None,
+        help="with a spec that lists several `models`: the one the trace drives, over the "
+        "whole pool",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--plot",
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from planner.spec import SpecError, load_spec
 
     try:
-        spec = load_spec(args.file)
+        spec = _one_model(load_spec(args.file), args.model)
         trace = load_trace(args.trace, args.rate_scale, args.duration)
         trace, dropped = within_context(trace, get_model_arch(spec.model).max_context)
         if dropped:
@@ -100,3 +111,25 @@ def run(args: argparse.Namespace) -> int:
             f"prefetch {r.prefetch_s:.1f} s, stall {r.stall_ms:.1f} ms: {r.reason}"
         )
     return 0
+
+
+def _one_model(spec: Spec, name: str | None) -> Spec:
+    """Returns the spec itself, or the named entry of a spec with several `models`."""
+    from planner.spec import SpecError
+
+    if spec.models is None:
+        if name is not None and name.lower() != str(spec.model).lower():
+            raise SpecError([f"--model {name}: this spec serves {spec.model} only"])
+        return spec
+    labels = spec.model_labels()
+    if name is None:
+        raise SpecError(
+            [
+                f"this spec lists several models ({', '.join(labels)}); simulate one with "
+                "--model NAME (the trace drives that model over the whole pool)"
+            ]
+        )
+    for label, single in zip(labels, spec.single_model_specs(), strict=True):
+        if name.lower() in (label.lower(), str(single.model).lower()):
+            return single
+    raise SpecError([f"--model {name}: not in this spec; it lists {', '.join(labels)}"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from planner.cli import main
+from planner.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
@@ -20,7 +21,13 @@ EXAMPLES = [
 
 @pytest.mark.parametrize("spec", EXAMPLES)
 def test_simulate_every_example_spec(spec: Path, capsys) -> None:
-    code = main(["simulate", "-f", str(spec), "--trace", str(TRACE), "--duration", "10", "--json"])
+    args = ["simulate", "-f", str(spec), "--trace", str(TRACE), "--duration", "10", "--json"]
+    several = load_spec(spec).models
+    if several:
+        assert main(args) == 1  # which model the trace drives must be said
+        assert "--model" in capsys.readouterr().err
+        args += ["--model", several[0].name or several[0].model]
+    code = main(args)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = json.loads(captured.out)
