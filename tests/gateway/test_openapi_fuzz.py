@@ -7,7 +7,8 @@ may be refused only for what JSON Schema cannot state, and only truthfully: a pr
 max_tokens that do not fit the context together (400 `context_length_exceeded`), a prompt of
 characters the tokenizer has no token for (400 `empty_prompt`), both checked against the
 tokenizer, and an admin target that misfits the deployment's layers or devices (400
-`invalid_configuration`).
+`invalid_configuration`), and a response_format JSON schema the grammar library cannot
+enforce (400 `invalid_json_schema`, checked against the library).
 
 The admin routes are fuzzed too, with a token: on one device every valid target is the
 configuration already serving, so an apply changes nothing and the run stays reproducible.
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from agent.constrained import InvalidSchema, json_schema_grammar
 from agent.engine import EngineConfig, PipelineEngine
 from agent.gateway.app import create_app
 from agent.gateway.server import ServerThread
@@ -113,6 +115,10 @@ def test_the_gateway_answers_as_its_openapi_document_says(served):
                     assert prompt_tokens + (limit or 1) > engine.max_context, response.text
                 return None
             if code == "invalid_configuration" and case.operation.path.startswith("/admin/"):
+                return None
+            if code == "invalid_json_schema":  # a JSON Schema the grammar library refuses
+                with pytest.raises(InvalidSchema):
+                    json_schema_grammar(case.body["response_format"]["json_schema"]["schema"])
                 return None
         return positive_data_acceptance(ctx, response, case)
 

@@ -10,6 +10,13 @@ import pytest
 import torch
 
 from bench.serve_process import ServeProcess
+from tests.integration.json_output import (  # noqa: F401  response_format, on these servers
+    test_a_bad_response_format_is_a_400_naming_the_problem,
+    test_a_short_max_tokens_may_cut_the_json,
+    test_json_object_answers_parse,
+    test_json_schema_answers_parse_and_validate,
+    test_the_clients_own_structured_outputs_parse,
+)
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
