@@ -1,7 +1,9 @@
 """Logprobs, penalties and logit_bias through the official `openai` client against a real
 `pipeshift serve` on 1 and 3 stages, checked against transformers' fp32 logits of the same
 positions: the logprobs are its log-softmax within 1e-4, and with penalties and a bias the
-server's tokens and logprobs are those of a reference computation of their formulas.
+server's tokens and logprobs are those of a reference computation of their formulas. Echo
+returns the prompt's logprobs (as lm-evaluation-harness asks for them), a batch of prompts one
+choice each in order, and n choices whose prompt was prefilled once (/metrics says so).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from bench.serve_process import ServeProcess
 from tests.integration.json_output import (  # noqa: F401  response_format, on these servers
     test_a_bad_response_format_is_a_400_naming_the_problem,
     test_a_short_max_tokens_may_cut_the_json,
+    test_completions_take_a_response_format_too,
     test_json_object_answers_parse,
     test_json_schema_answers_parse_and_validate,
     test_the_clients_own_structured_outputs_parse,
@@ -39,11 +42,12 @@ def client(request):
         yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def reference(hf_model, prompt_ids: list[int], shape=lambda logits, output: logits) -> tuple[list[int], list[torch.Tensor]]:
+def reference(hf_model, prompt_ids: list[int], shape=lambda logits, output: logits,
+              n_tokens: int = MAX_TOKENS) -> tuple[list[int], list[torch.Tensor]]:
     """Returns transformers' greedy tokens after `shape`(logits, output so far) and the
     log-softmax of the shaped logits at each generated position (float32)."""
     ids, logprobs = list(prompt_ids), []
-    for _ in range(MAX_TOKENS):
+    for _ in range(n_tokens):
         with torch.no_grad():
             logits = hf_model(torch.tensor([ids])).logits[0, -1].to(torch.float32)
         shaped = shape(logits, ids[len(prompt_ids):])
@@ -109,6 +113,17 @@ def test_penalties_and_logit_bias_change_the_distribution_as_their_formulas_say(
             assert abs(logprobs.top_logprobs[i][tokenizer.token_text(int(t))] - float(v)) < TOLERANCE
 
 
+_GREEDY: dict[tuple[int, ...], list[int]] = {}
+
+
+def greedy_tokens(hf_model, prompt_ids: list[int], n_tokens: int = MAX_TOKENS) -> list[int]:
+    """Returns transformers' greedy tokens of `prompt_ids`, computed once for both servers."""
+    key = (n_tokens, *prompt_ids)
+    if key not in _GREEDY:
+        _GREEDY[key] = reference(hf_model, prompt_ids, n_tokens=n_tokens)[0]
+    return _GREEDY[key]
+
+
 def prefill_tokens(client) -> float:
     """Returns the engine's count of prompt positions computed, read from /metrics."""
     import urllib.request
@@ -156,14 +171,13 @@ def test_echo_returns_the_prompts_logprobs_as_transformers_log_softmax(client, h
 
 def test_a_batch_of_prompts_answers_one_choice_each_in_order(client, hf_model, tokenizer):
     texts = ["The capital of France is", "One, two, three,", "Water is made of", "The cat sat on the"]
-    answer = client.completions.create(model="smollm2-135m", prompt=texts, max_tokens=MAX_TOKENS,
+    answer = client.completions.create(model="smollm2-135m", prompt=texts, max_tokens=3,
                                        temperature=0, extra_body={"ignore_eos": True})
     assert [c.index for c in answer.choices] == [0, 1, 2, 3]
     for text, choice in zip(texts, answer.choices, strict=True):
-        tokens, _ = reference(hf_model, tokenizer.encode(text))
-        assert choice.text == tokenizer.decode(tokens)
+        assert choice.text == tokenizer.decode(greedy_tokens(hf_model, tokenizer.encode(text), 3))
     assert answer.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
-    assert answer.usage.completion_tokens == 4 * MAX_TOKENS
+    assert answer.usage.completion_tokens == 4 * 3
 
 
 def test_n_choices_share_one_prefill(client, hf_model, tokenizer):
@@ -174,14 +188,14 @@ def test_n_choices_share_one_prefill(client, hf_model, tokenizer):
                                        temperature=0, extra_body={"ignore_eos": True})
     assert prefill_tokens(client) - before == len(prompt_ids)  # once, not three times
     assert [c.index for c in answer.choices] == [0, 1, 2]
-    tokens, _ = reference(hf_model, prompt_ids)
+    tokens = greedy_tokens(hf_model, prompt_ids)
     assert {c.text for c in answer.choices} == {tokenizer.decode(tokens)}  # greedy members are one
     assert answer.usage.completion_tokens == 3 * MAX_TOKENS
 
     # Sampled with a seed: each member its own, reproducible stream; streamed by index.
     def sampled(stream: bool) -> list[str]:
         kwargs = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Say a word."}], n=3,
-                      max_tokens=MAX_TOKENS, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+                      max_tokens=3, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
         if not stream:
             return [c.message.content for c in client.chat.completions.create(**kwargs).choices]
         texts = [""] * 3
