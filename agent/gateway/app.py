@@ -184,6 +184,7 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
             logprobs=body.logprobs,
             n=body.n,
             prompt_logprobs=body.logprobs if body.echo else None,
+            grammar=response_grammar(body.response_schema()),
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         echo = [p if isinstance(p, str) else engine.decode(p) for p in prompts] if body.echo else None

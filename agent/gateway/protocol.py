@@ -133,6 +133,39 @@ def _document_request(schema: dict[str, Any]) -> None:
     schema["then"] = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format's `json_schema`: the answer is JSON valid against `schema`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # A JSON Schema object (the field is `schema`; pydantic's BaseModel owns that name).
+    schema_: dict[str, Any] = Field(alias="schema")
+    # OpenAI's strict mode; the answer follows the schema either way (constrained decoding).
+    strict: bool | None = Field(default=None, strict=True)
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# JSON answers are decoded under a grammar of the schema (agent/constrained.py); a schema the
+# grammar library cannot enforce is a 400 `invalid_json_schema` naming the reason.
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, strict=True)
 
@@ -165,6 +198,9 @@ class _GenerationRequest(BaseModel):
     user: str | None = None
     # Extension (same name as vLLM's): generate exactly max_tokens, for benchmarks.
     ignore_eos: bool = Field(default=False, strict=True)
+    # text, or JSON: json_object (any object) or json_schema (valid against a schema); vLLM
+    # accepts it on /v1/completions too
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -205,6 +241,14 @@ class _GenerationRequest(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def response_schema(self) -> dict[str, Any] | None:
+        """Returns the JSON Schema the answer must follow (None: free text)."""
+        if isinstance(self.response_format, JsonObjectFormat):
+            return {"type": "object"}
+        if isinstance(self.response_format, JsonSchemaResponseFormat):
+            return self.response_format.json_schema.schema_
+        return None
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """Returns (param, message) for each field set to something this server cannot do."""
@@ -295,39 +339,6 @@ class CompletionRequest(_GenerationRequest):
         return problems
 
 
-class JsonSchemaFormat(BaseModel):
-    """response_format's `json_schema`: the answer is JSON valid against `schema`."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    # A JSON Schema object (the field is `schema`; pydantic's BaseModel owns that name).
-    schema_: dict[str, Any] = Field(alias="schema")
-    # OpenAI's strict mode; the answer follows the schema either way (constrained decoding).
-    strict: bool | None = Field(default=None, strict=True)
-
-
-class TextFormat(BaseModel):
-    type: Literal["text"]
-
-
-class JsonObjectFormat(BaseModel):
-    type: Literal["json_object"]
-
-
-class JsonSchemaResponseFormat(BaseModel):
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaFormat
-
-
-# JSON answers are decoded under a grammar of the schema (agent/constrained.py); a schema the
-# grammar library cannot enforce is a 400 `invalid_json_schema` naming the reason.
-ResponseFormat = Annotated[
-    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
-]
-
-
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -393,8 +404,6 @@ class ChatCompletionRequest(_GenerationRequest):
     # Accepted only at their neutral value (see `unsupported_fields`).
     tools: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
     functions: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
-    # text, or JSON: json_object (any object) or json_schema (valid against a schema)
-    response_format: ResponseFormat | None = None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -418,14 +427,6 @@ class ChatCompletionRequest(_GenerationRequest):
             if self.max_completion_tokens is not None
             else self.max_tokens
         )
-
-    def response_schema(self) -> dict[str, Any] | None:
-        """Returns the JSON Schema the answer must follow (None: free text)."""
-        if isinstance(self.response_format, JsonObjectFormat):
-            return {"type": "object"}
-        if isinstance(self.response_format, JsonSchemaResponseFormat):
-            return self.response_format.json_schema.schema_
-        return None
 
     def logprobs_wanted(self) -> int | None:
         """Returns how many top alternatives to list per token, or None without logprobs."""

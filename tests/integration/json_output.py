@@ -99,6 +99,17 @@ def test_json_object_answers_parse(client):
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
 
 
+def test_completions_take_a_response_format_too(client):
+    """As vLLM does: the legacy endpoint constrains its text the same way."""
+    answer = client.completions.create(
+        model=MODEL, prompt="A person as JSON:", max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "person", "schema": PERSON}}},
+    )
+    assert answer.choices[0].finish_reason == "stop", answer.choices[0].text
+    _validator(PERSON).validate(json.loads(answer.choices[0].text))
+
+
 class Capital(pydantic.BaseModel):
     country: str = pydantic.Field(max_length=30)
     capital: str = pydantic.Field(max_length=30)
