@@ -68,6 +68,7 @@ class Pricer:
             else [min(problem.out_hops_decode_s(k)) for k in range(len(problem.kinds))]
         )
         self._feasible: dict[tuple[int, int], int | None] = {}
+        self._last_best: dict[int, int] = {}  # stage count -> candidate of its last best
         # CapTable.cap for every kind at once: fixed seconds per role, seconds per layer
         kinds = range(len(problem.kinds))
         hop = self.fast_hop_s or [None] * len(problem.kinds)
@@ -314,6 +315,16 @@ class Pricer:
         best_value = max(floor, -_INF) if plans else -_INF
         vectors: list[tuple[int, ...]] = []
         complete = True
+        if self.exact:
+            # warm start: last call's best bottleneck of each S is often near this call's, and
+            # a good value found first prunes the searches below
+            for S, i in self._last_best.items():
+                cost, vec = self.cheapest(S, i, prices, want_vector=True)
+                if vec is not None:
+                    value = value_per_tok_s * p.batch / self.candidates[i] - cost - constant
+                    if value > best_value:
+                        best_value = value
+                        vectors.append(vec)
         for bound, S, lo, hi in sorted(plans, reverse=True):
             if bound <= best_value:
                 break  # no later S can beat the best found (bounds are sorted)
@@ -322,12 +333,13 @@ class Pricer:
                 break
             # relaxed pricing keeps every S's best: the best one may not be a real pipeline
             threshold = best_value if self.exact else max(floor, -_INF)
-            s_best, s_vec = self._best_of_stages(
+            s_best, s_vec, s_i = self._best_of_stages(
                 S, lo, hi, value_per_tok_s, prices, constant, threshold
             )
             if s_vec is not None and s_best > threshold:
                 best_value = max(best_value, s_best)
                 vectors.append(s_vec)
+                self._last_best[S] = s_i
         shapes = []
         for vec in dict.fromkeys(vectors):
             shape = best_shape(p, vec, self.candidates, self.table)
@@ -367,9 +379,10 @@ class Pricer:
         prices: np.ndarray,
         constant: float,
         floor: float,
-    ) -> tuple[float, tuple[int, ...] | None]:
-        """Returns the best value of S-stage pipelines over candidates [lo, hi) and its vector
-        if it beats `floor` (branch and bound over the candidates; module docstring)."""
+    ) -> tuple[float, tuple[int, ...] | None, int]:
+        """Returns the best value of S-stage pipelines over candidates [lo, hi), its vector
+        and candidate if it beats `floor` (branch and bound over the candidates; module
+        docstring)."""
         memo: dict[int, float] = {}
 
         def cost(i: int) -> float:
@@ -397,8 +410,8 @@ class Pricer:
             stack.append((half, up))
             stack.append((lo, half))
         if best_i is None:
-            return best, None
-        return best, self.cheapest(S, best_i, prices, want_vector=True)[1]
+            return best, None, -1
+        return best, self.cheapest(S, best_i, prices, want_vector=True)[1], best_i
 
 
 def _close(a: float, b: float) -> bool:

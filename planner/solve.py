@@ -140,7 +140,7 @@ def plan(
             build_master(problem, list_shapes=False),
             (problem,),
             backend,
-            deadline=t0 + 0.8 * time_limit_s,
+            deadline=t0 + 0.9 * time_limit_s,
             end=t0 + time_limit_s,
         )
     else:
@@ -269,7 +269,7 @@ def plan_pool(
             build_pool_master(pool, list_shapes=False),
             pool.problems,
             backend,
-            deadline=t0 + 0.8 * time_limit_s,
+            deadline=t0 + 0.9 * time_limit_s,
             end=t0 + time_limit_s,
         )
     else:

@@ -109,3 +109,16 @@ def test_spec_forms_are_checked(write_spec):
     # a one-model reader refuses a pool spec with a way forward
     with pytest.raises(SpecError, match="pipeshift plan -f SPEC"):
         build_problem(load_spec(write_spec(TWO.format(rate_a=1, rate_b=1))))
+
+
+def test_fewest_devices_meet_every_demand(write_spec):
+    """min_devices with several models: every model's demand met, backends agree."""
+    text = TWO.format(rate_a=2, rate_b=8) + "objective: min_devices\n"
+    pool = build_pool_problem(load_spec(write_spec(text)))
+    results = [plan_pool(pool, b, 10.0) for b in BACKENDS]
+    assert all(r.status == "OPTIMAL" for r in results)
+    assert len({r.objective for r in results}) == 1
+    for r in results:
+        assert r.objective < len(pool.devices)
+        for m in r.models:
+            assert m.throughput_tok_s >= m.demand_tok_s
