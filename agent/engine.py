@@ -586,12 +586,9 @@ class PipelineEngine:
         for seq, start, chunk in zip(mb.seqs, mb.start_pos, mb.tokens, strict=True):
             end, n_prompt = start + len(chunk), len(seq.prompt_ids)
             self.prefill_tokens += max(0, min(end, n_prompt) - start)
-            if seq.params.prompt_logprobs is not None and not seq.output_ids:
-                # Rows q of this step give the logprob of prompt token q + 1; each is asked once.
-                first, last = max(start, len(seq.prompt_logprobs)), min(end, n_prompt - 1)
-                if last > first:
-                    prompt_logprobs[seq.request_id] = {"k": seq.params.prompt_logprobs, "skip": first - start,
-                                                       "targets": seq.prompt_ids[first + 1:last + 1]}
+            wanted = seq.prompt_logprobs_wanted(start, end)
+            if wanted is not None:
+                prompt_logprobs[seq.request_id] = wanted
             if end == seq.num_tokens:  # this step yields the request's next token
                 sample[seq.request_id] = self._sampling(seq)
                 members = [m for m in seq.forks if m.awaiting_fork and m.status is SequenceStatus.RUNNING

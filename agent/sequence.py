@@ -54,6 +54,18 @@ class Sequence:
         after KV was dropped (a reconfiguration that fell back recomputes a few positions)."""
         return self.num_computed < self.num_tokens - 1
 
+    def prompt_logprobs_wanted(self, start: int, end: int) -> dict | None:
+        """Returns what a step over positions `[start, end)` asks the last stage for the
+        prompt's logprobs (its rows q give prompt token q + 1's), or None. Each position is
+        asked once, so a step that recomputes KV asks nothing again."""
+        k = self.params.prompt_logprobs
+        if k is None or self.output_ids:
+            return None
+        first, last = max(start, len(self.prompt_logprobs)), min(end, len(self.prompt_ids) - 1)
+        if last <= first:
+            return None
+        return {"k": k, "skip": first - start, "targets": self.prompt_ids[first + 1:last + 1]}
+
     def next_chunk(self, max_tokens: int) -> tuple[int, list[int]]:
         """Returns (start position, token ids) of the next step: a chunk of the tokens whose KV
         is missing, or the last token alone."""

@@ -62,3 +62,23 @@ def test_members_forked_after_the_prefill_decode_as_requests_of_their_own():
     kv.free("lead")
     kv.free("m2")
     assert kv.block_tables["m1"] and kv.shared_blocks() == 0
+
+
+def test_a_prompt_prefilled_in_chunks_gets_each_logprob_once():
+    from agent.engine_api import SamplingParams
+    from agent.sequence import Sequence
+
+    seq = Sequence("lead", PROMPT, SamplingParams(max_tokens=1, prompt_logprobs=1), emit=lambda event: None)
+    loop = make_loop()
+    for start, end in ((0, 3), (3, 6), (6, 7)):
+        wanted = seq.prompt_logprobs_wanted(start, end)  # none in the last: its row predicts the answer
+        assert (wanted is None) == (start == 6)
+        _, prompt = step(loop, ["lead"], [start], [PROMPT[start:end]], prompt_logprobs={"lead": wanted} if wanted else {})
+        seq.prompt_logprobs.extend(prompt.get("lead", []))
+        seq.num_computed = end
+    assert seq.prompt_logprobs_wanted(0, 7) is None  # a recompute asks nothing again
+    _, whole = step(make_loop(), ["ref"], [0], [PROMPT],
+                    prompt_logprobs={"ref": {"k": 1, "skip": 0, "targets": PROMPT[1:]}})
+    assert [e[0] for e in seq.prompt_logprobs] == PROMPT[1:]
+    for chunked, once in zip(seq.prompt_logprobs, whole["ref"], strict=True):
+        assert abs(chunked[1] - once[1]) < 1e-5 and chunked[2][0][0] == once[2][0][0]
