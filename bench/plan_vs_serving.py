@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
 import statistics
 import sys
@@ -134,103 +133,21 @@ def measured(requests: list[Request], window: tuple[float, float]) -> dict:
 
 def predictions(spec, problem, result) -> dict:
     """Returns the planner's own figures and the load-point predictions for both loads."""
-    from cost_models.host_sharing import contention, engine_inflight
-    from cost_models.load_point import PipelineTimes, load_point
-    from planner.topology import node_hosts
+    from planner.load_prediction import predict_at_load
 
-    prompt, output = spec.lengths()
-    pipes = result.pipelines
-    hosts = node_hosts(spec.nodes or [])
-    by_name = {d.name: d for d in problem.devices}
-    host = hosts.get(by_name[pipes[0].stages[0].device].node) if hosts else None
-    curves = stage_curves(spec, problem, result)
-    n = len(pipes)
-    times = [
-        PipelineTimes(
-            decode_s=tuple(c[0] for c in cs),
-            prefill_s=tuple(c[1] for c in cs),
-            inflight=len(p.stages) if host is None else engine_inflight(len(p.stages), n, host),
-        )
-        for p, cs in zip(pipes, curves, strict=True)
-    ]
-    bw = curves_bandwidth(spec, problem)
-    share_of = None if host is None else (lambda busy: contention(busy, host, bw))
-    at_rate = load_point(times, prompt.mean, output.mean, rate_per_s=spec.workload.request_rate_per_s,
-                         share_of=share_of)
-    slots = sum(t.inflight for t in times) * problem.batch
-    at_full = load_point(times, prompt.mean, output.mean, concurrent=slots, share_of=share_of)
+    load = predict_at_load(spec, problem, result)
+
+    def point(p) -> dict:
+        return {"tpot_ms": p.tpot_s * 1000, "throughput_tok_s": p.throughput_tok_s,
+                "ttft_ms": p.ttft_s * 1000, "batch": p.batch_per_pipeline,
+                "busy_workers": p.busy_workers, "contention": p.contention, "saturated": p.saturated}
+
     return {
         "planner": {"tpot_ms": result.tpot_s * 1000, "throughput_tok_s": result.throughput_tok_s,
                     "ttft_ms": result.ttft_s * 1000},
-        "at_rate": {"tpot_ms": at_rate.tpot_s * 1000, "throughput_tok_s": at_rate.throughput_tok_s,
-                    "ttft_ms": at_rate.ttft_s * 1000, "batch": at_rate.batch_per_pipeline,
-                    "busy_workers": at_rate.busy_workers, "contention": at_rate.contention,
-                    "saturated": at_rate.saturated},
-        "at_saturation": {"clients": slots, "tpot_ms": at_full.tpot_s * 1000,
-                          "throughput_tok_s": at_full.throughput_tok_s, "ttft_ms": at_full.ttft_s * 1000,
-                          "busy_workers": at_full.busy_workers, "contention": at_full.contention},
+        "at_rate": point(load.at_rate),
+        "at_saturation": {"clients": load.full_batch_clients, **point(load.at_full_batches)},
     }
-
-
-def _kind_and_costs(spec, problem, kind_name: str):
-    from cost_models import latency
-    from cost_models.device_catalog import get_device_kind
-    from cost_models.profile import device_kind_of
-    from planner.spec import spec_profiles
-
-    profile = spec_profiles(spec).get(kind_name.lower())
-    try:
-        catalog = get_device_kind(kind_name)
-    except KeyError:
-        catalog = None
-    kind = catalog if profile is None else device_kind_of(profile, catalog)
-    calibrated = None
-    if spec.calibration is not None:
-        calibrated = latency.load_efficiencies(Path(spec.base_dir) / spec.calibration)
-    return kind, latency.efficiency_for(kind, calibrated), profile
-
-
-def curves_bandwidth(spec, problem) -> float:
-    kind, _, _ = _kind_and_costs(spec, problem, problem.kinds[0].name)
-    return kind.memory_bandwidth_bytes_per_s
-
-
-def stage_curves(spec, problem, result):
-    """Returns per pipeline, per stage, (decode_s(batch, context), prefill_s(prompt)) on a
-    worker alone, from the same cost model the planner used (profile tables where given)."""
-    from cost_models.model_catalog import get_model_arch
-    from cost_models.profiled_latency import operating_costs
-
-    arch = get_model_arch(spec.model)
-    by_name = {d.name: d for d in problem.devices}
-    out = []
-    for p in result.pipelines:
-        stages = []
-        for i, s in enumerate(p.stages):
-            kind, eff, profile = _kind_and_costs(spec, problem, s.kind)
-            first, last = s.start == 0, s.end == arch.n_layers
-            n_layers = s.end - s.start
-            nxt = None if i + 1 == len(p.stages) else by_name[p.stages[i + 1].device].node
-            hop_d = 0.0 if nxt is None else problem.hop_decode_between_s(s.node, nxt)
-            hop_p = 0.0 if nxt is None else problem.hop_prefill_between_s(s.node, nxt)
-
-            def costs(batch: int, context: float, prompt: float, kind=kind, eff=eff, profile=profile):
-                return operating_costs(arch, kind, spec.dtype, spec.dtype_bytes, eff, max(1, batch),
-                                       math.ceil(context), math.ceil(prompt), profile=profile)
-
-            def decode(b, c, n_layers=n_layers, first=first, last=last, hop=hop_d, costs=costs):
-                k = costs(int(b), c, 128)
-                return n_layers * k.layer_decode_s + (k.embed_decode_s if first else 0) + (
-                    k.head_decode_s if last else hop)
-
-            def prefill(n, n_layers=n_layers, first=first, last=last, hop=hop_p, costs=costs):
-                k = costs(1, 128, n)
-                return n_layers * k.layer_prefill_s + (k.embed_prefill_s if first else 0) + (
-                    k.head_prefill_s if last else hop)
-
-            stages.append((decode, prefill))
-        out.append(stages)
-    return out
 
 
 def error_pct(predicted: float, measured_value: float | None) -> float | None:
