@@ -258,7 +258,14 @@ def report(args, split, predicted, at_rate: dict, at_full: dict) -> None:
               f"{pred['throughput_tok_s']:7.1f} vs {meas['throughput_tok_s']:7.1f} {e_tput or 0:+7.1f}")
         table.append({"case": name, "predicted": pred, "measured": meas,
                       "tpot_error_pct": e_tpot, "throughput_error_pct": e_tput})
-    out = {"spec": args.spec, "plan": split, "predicted": predicted,
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "load_average_1m_at_end": os.getloadavg()[0]}
+    print(f"machine: {machine} (another load on the cores makes every figure slower)")
+    out = {"spec": args.spec, "plan": split, "predicted": predicted, "machine": machine,
            "measured": {"at_rate": at_rate, "at_saturation": at_full}, "table": table}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str))
