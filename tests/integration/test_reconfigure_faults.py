@@ -41,26 +41,33 @@ def prompts(gguf_path):
 
 def _serve() -> tuple[PipelineEngine, ServerThread]:
     engine = PipelineEngine(EngineConfig(n_devices=3, stages=[(0, 15), (15, 30)], ping_interval_s=0.2,
-                                         hang_timeout_s=5.0)).start()
+                                         hang_timeout_s=30.0)).start()
     return engine, ServerThread(create_app(engine, aliases=["smollm2-135m"])).start()
 
 
 @pytest.fixture(scope="module")
-def unchanged_texts(prompts):
+def steady():
+    """One deployment for the cases that leave it as it was (applies aborted before the switch):
+    it serves OLD at epoch 1 throughout. Cases that kill a worker or switch get their own."""
     engine, server = _serve()
-    try:
-        streams = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
-    finally:
-        server.stop()
-        engine.stop()
+    yield engine, server
+    server.stop()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def unchanged_texts(prompts, steady):
+    _, server = steady
+    streams = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
     assert not any(s.error for s in streams)
     return [s.text for s in streams]
 
 
-def _run_with_fault(prompts, act) -> tuple[list, dict, PipelineEngine, AdminClient, ServerThread]:
+def _run_with_fault(prompts, act, served=None) -> tuple[list, dict, PipelineEngine, AdminClient, ServerThread]:
     """Streams the prompts; once all stream, applies NEW with `act(engine, record, phase, event)`
-    called at each phase boundary; returns the streams, the finished record and the live server."""
-    engine, server = _serve()
+    called at each phase boundary; returns the streams, the finished record and the server
+    (`served`, or a new one)."""
+    engine, server = served or _serve()
     admin = AdminClient(server.base_url)
     started = threading.Event()
     result: dict = {}
@@ -79,11 +86,14 @@ def _run_with_fault(prompts, act) -> tuple[list, dict, PipelineEngine, AdminClie
 
     thread = threading.Thread(target=reconfigure)
     thread.start()
-    streams = asyncio.run(stream_completions(
-        server.base_url, prompts, MAX_TOKENS,
-        on_progress=lambda s: started.set() if all(len(x.times) >= 2 for x in s) else None,
-    ))
-    thread.join()
+    try:
+        streams = asyncio.run(stream_completions(
+            server.base_url, prompts, MAX_TOKENS,
+            on_progress=lambda s: started.set() if all(len(x.times) >= 2 for x in s) else None,
+        ))
+        thread.join()
+    finally:
+        engine.reconfig.observers.remove(observer)
     return streams, result["record"], engine, admin, server
 
 
@@ -153,12 +163,13 @@ def test_destination_killed_leaves_the_old_epoch_serving(prompts, unchanged_text
     ("prepare", "aborted"), ("prefetch", "aborted"), ("precopy", "aborted"),
     ("switch", "applied"), ("cleanup", "applied"),
 ])
-def test_cancel_in_each_phase(prompts, unchanged_texts, phase, outcome):
+def test_cancel_in_each_phase(prompts, unchanged_texts, phase, outcome, request):
     def act(engine, admin, record, at, event):
         if at == phase and event == "begin":
             admin.cancel(record.apply_id)
 
-    streams, record, engine, admin, server = _run_with_fault(prompts, act)
+    shared = request.getfixturevalue("steady") if outcome == "aborted" else None
+    streams, record, engine, admin, server = _run_with_fault(prompts, act, shared)
     try:
         assert record["outcome"] == outcome, record
         assert record["cancel_requested"]
@@ -170,11 +181,12 @@ def test_cancel_in_each_phase(prompts, unchanged_texts, phase, outcome):
             _check_consistent(engine, admin, epoch=2, stages=NEW)
         _serves_a_new_request(server)
     finally:
-        server.stop()
-        engine.stop()
+        if shared is None:
+            server.stop()
+            engine.stop()
 
 
-def test_ctrl_c_of_pipeshift_apply_cancels_before_the_switch(prompts, unchanged_texts):
+def test_ctrl_c_of_pipeshift_apply_cancels_before_the_switch(prompts, unchanged_texts, steady):
     """The real CLI, interrupted with SIGINT during prefetch, asks the server to cancel."""
     cli: dict = {}
 
@@ -182,9 +194,13 @@ def test_ctrl_c_of_pipeshift_apply_cancels_before_the_switch(prompts, unchanged_
         if at == "prefetch" and event == "begin":
             cli["proc"].send_signal(signal.SIGINT)
 
-    engine, server = _serve()
+    engine, server = steady
     admin = AdminClient(server.base_url)
-    engine.reconfig.observers.append(lambda record, at, event: act(engine, admin, record, at, event))
+
+    def observer(record, at, event) -> None:
+        act(engine, admin, record, at, event)
+
+    engine.reconfig.observers.append(observer)
     started = threading.Event()
 
     def reconfigure() -> None:
@@ -209,5 +225,4 @@ def test_ctrl_c_of_pipeshift_apply_cancels_before_the_switch(prompts, unchanged_
         _assert_texts(streams, unchanged_texts)
         _check_consistent(engine, admin, epoch=1, stages=OLD)
     finally:
-        server.stop()
-        engine.stop()
+        engine.reconfig.observers.remove(observer)

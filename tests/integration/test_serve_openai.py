@@ -1,6 +1,9 @@
-"""`pipeshift serve` with 1, 2, 3 and 5 worker processes, driven by the official openai client.
+"""`pipeshift serve` driven by the official openai client: greedy completions identical to
+transformers' generate, and bad input answered with what to fix.
 
-Greedy completions must be identical across splits and identical to transformers' generate.
+One worker holds the whole model here; the multi-stage splits against transformers are in
+test_openai_params.py (1 and 3 stages, logprobs within 1e-4) and the live tests (2 and 3
+stages, texts unchanged across applies); every split's logits are in tests/agent.
 """
 
 from __future__ import annotations
@@ -71,16 +74,10 @@ def one_worker():
         yield server
 
 
-# 1: the whole model in one stage; 5: first, middle and last stages (2 stages: the live tests)
-@pytest.mark.parametrize("devices", [1, 5])
-def test_greedy_streams_match_transformers(devices, transformers_texts, request):
-    if devices == 1:
-        texts = asyncio.run(_stream_all(request.getfixturevalue("one_worker").base_url))
-    else:
-        with ServeProcess("--devices", str(devices)) as server:
-            texts = asyncio.run(_stream_all(server.base_url))
+def test_greedy_streams_match_transformers(transformers_texts, one_worker):
+    texts = asyncio.run(_stream_all(one_worker.base_url))
     for prompt, got, expected in zip(PROMPTS, texts, transformers_texts, strict=True):
-        assert got == expected, f"{devices} workers, prompt {prompt!r}"
+        assert got == expected, f"prompt {prompt!r}"
     assert all(len(t) > 20 for t in texts)
 
 
