@@ -57,3 +57,20 @@ def test_simulate_command_json(capsys, tmp_path) -> None:
         assert key in out
     assert set(out["ttft_ms"]) == set(out["tpot_ms"]) == {"p50", "p90", "p99"}
     assert (tmp_path / "latency.png").exists()
+
+
+def test_auto_gives_devices_back_when_load_falls_and_takes_them_when_it_rises() -> None:
+    from planner.simulator import Trace
+
+    # 2 req/s for 10 minutes, then 11 req/s for 10 minutes; fixed lengths
+    arrivals = [i / 2 for i in range(1200)] + [600 + i / 11 for i in range(6600)]
+    trace = Trace(arrivals, [800] * len(arrivals), [150] * len(arrivals))
+    result = simulate(load_spec(SPEC), trace, "auto", window_s=120)
+    down = [r for r in result.reconfigurations if r.devices_after < r.devices_before]
+    up = [r for r in result.reconfigurations if r.devices_after > r.devices_before]
+    assert down and up and down[0].decided_s < 600 < up[0].decided_s
+    # the step up (x5.5 in one instant) costs SLOs until the devices are back, then it serves
+    late = [b["slo_attainment"] for b in result.timeline if b["t_s"] >= 900]
+    assert late and min(late) > 0.95
+    static = simulate(load_spec(SPEC), trace, "static")
+    assert result.device_hours < static.device_hours
