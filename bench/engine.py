@@ -1,6 +1,7 @@
 """Engine benchmark: model runtime vs transformers, pipeline throughput, transport, memory.
 
     python bench/engine.py [--threads 1] [--decode-steps 32] [--repeats 3] [--skip-runtime] [--skip-pipeline]
+                           [--skip-constrained]
 
 Prints tables and writes bench/out/engine.json. All timings on the real SmolLM2-135M (fp32).
 """
@@ -13,12 +14,17 @@ import json
 import multiprocessing as mp
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 OUT = Path(__file__).resolve().parent / "out"
+# `python bench/engine.py` puts bench/ first on sys.path, where bench/planner.py would hide the
+# planner package the engine imports: the checkout's root goes there instead.
+if sys.path and Path(sys.path[0]).resolve() == OUT.parent:
+    sys.path[0] = str(OUT.parent.parent)
 
 
 def machine() -> str:
@@ -158,6 +164,91 @@ def engine_run(n_devices: int, n_requests: int, max_tokens: int) -> dict[str, fl
         engine.stop()
 
 
+# An answer that cannot be complete within the bench's max_tokens (at least 100 objects), so
+# every request, constrained or not, generates exactly max_tokens tokens.
+BENCH_SCHEMA = {
+    "type": "array", "minItems": 100,
+    "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "id": {"type": "integer"}},
+              "required": ["name", "id"], "additionalProperties": False},
+}
+
+
+def constrained_run(n_devices: int, batches: tuple[int, ...], max_tokens: int, repeats: int) -> list[dict]:
+    """Returns decode throughput with and without a JSON schema (response_format) for each
+    batch size: `batch` concurrent greedy requests of `max_tokens` tokens each on the real engine,
+    the median of `repeats` runs, alternating plain and constrained."""
+    from agent.constrained import json_schema_grammar
+    from agent.engine import EngineConfig, PipelineEngine
+    from agent.engine_api import SamplingParams
+
+    grammar = json_schema_grammar(BENCH_SCHEMA)
+    engine = PipelineEngine(EngineConfig(n_devices=n_devices, kv_cache_bytes=64 << 20)).start()
+    try:
+        prompt = engine.encode_chat([{"role": "user", "content": "List people with their ids as JSON."}])
+
+        async def one(rid: str, constrained: bool) -> int:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=not constrained,
+                                    grammar=grammar if constrained else None)
+            n = 0
+            async for ev in engine.generate(rid, prompt, params):
+                n = ev.completion_tokens
+            return n
+
+        def timed(batch: int, constrained: bool, tag: str) -> dict[str, float]:
+            async def run_all() -> int:
+                return sum(await asyncio.gather(*(one(f"{tag}-{i}", constrained) for i in range(batch))))
+            t0 = time.perf_counter()
+            tokens = asyncio.run(run_all())
+            elapsed = time.perf_counter() - t0
+            assert tokens == batch * max_tokens, (tokens, batch, max_tokens)
+            return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+        timed(1, True, "warm-json")  # the worker builds the grammar's tokenizer once
+        timed(1, False, "warm-plain")
+        rows = []
+        for batch in batches:
+            runs: dict[str, list[dict[str, float]]] = {"plain": [], "json_schema": []}
+            for r in range(repeats):
+                runs["plain"].append(timed(batch, False, f"plain-{batch}-{r}"))
+                runs["json_schema"].append(timed(batch, True, f"json-{batch}-{r}"))
+            rows.append({"devices": n_devices, "batch": batch, "max_tokens": max_tokens,
+                         **{name: median_run(r) for name, r in runs.items()}})
+        return rows
+    finally:
+        engine.stop()
+
+
+def grammar_mask_cost(samples: int = 200) -> dict[str, float]:
+    """Returns the last stage's per-row cost of a JSON schema: computing the grammar's mask after
+    each token of a valid answer, and applying it to a row of logits (median ms)."""
+    from agent.constrained import GrammarMatchers, json_schema_grammar
+    from agent.loaders import resolve_model
+    from agent.sampler import process_logits
+    from agent.tokenizer import load_tokenizer
+
+    source = resolve_model("smollm2-135m")
+    tokenizer = load_tokenizer(source.format, source.path)
+    matchers = GrammarMatchers()
+    matchers.use_tokenizer(tokenizer)
+    grammar = json_schema_grammar(BENCH_SCHEMA)
+    answer = json.dumps([{"name": f"Person {i}", "id": 1000 + i} for i in range(100)])
+    ids = tokenizer.encode(answer, add_special_tokens=False)[:samples]
+    vocab = source.arch.vocab_size
+    logits = torch.randn(vocab)
+    mask_ms, apply_ms = [], []
+    for k in range(len(ids)):
+        t0 = time.perf_counter()
+        allowed = matchers.allowed("bench", grammar, ids[:k], vocab)
+        t1 = time.perf_counter()
+        process_logits(logits, {}, allowed)
+        t2 = time.perf_counter()
+        mask_ms.append(1000 * (t1 - t0))
+        apply_ms.append(1000 * (t2 - t1))
+    return {"tokens": len(ids), "mask_ms_p50": statistics.median(mask_ms),
+            "mask_ms_p90": statistics.quantiles(mask_ms, n=10)[-1], "apply_ms_p50": statistics.median(apply_ms)}
+
+
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """Returns the median of each figure over repeated runs."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -203,6 +294,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each runtime measurement")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-runtime", action="store_true", help="skip the comparison with transformers")
+    parser.add_argument("--skip-constrained", action="store_true",
+                        help="skip the cost of response_format JSON schemas (constrained decoding)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from agent.loaders import resolve_model
@@ -242,6 +335,19 @@ def main() -> None:
         for key in ("pss_bytes", "uss_bytes", "rss_bytes", "weight_bytes"):
             ratio = sum(m[key] for m in three["memory"]) / sum(m[key] for m in one["memory"])
             print(f"  3 stages / 1 full process, workers' {key.split('_')[0].upper()}: {ratio:.2f}x")
+    if not args.skip_constrained:
+        report["constrained"] = constrained_run(1, (1, 8), max_tokens=args.decode_steps, repeats=args.repeats)
+        report["grammar_mask"] = grammar_mask_cost()
+        print(f"\nConstrained decoding (response_format json_schema, llguidance), 1 process, greedy, "
+              f"{args.decode_steps} tokens per request, median of {args.repeats} runs")
+        print(f"{'batch':>5} | {'plain tok/s':>11} | {'json_schema tok/s':>17} | {'ratio':>6}")
+        for r in report["constrained"]:
+            plain, constrained = r["plain"]["tok_s"], r["json_schema"]["tok_s"]
+            print(f"{r['batch']:>5} | {plain:>11.1f} | {constrained:>17.1f} | {constrained / plain:>5.2f}x")
+        g = report["grammar_mask"]
+        print(f"  per constrained row on the last stage: mask {g['mask_ms_p50']:.3f} ms p50 "
+              f"({g['mask_ms_p90']:.3f} ms p90), applying it {g['apply_ms_p50']:.3f} ms p50 "
+              f"(over {g['tokens']} tokens of an answer)")
     OUT.mkdir(exist_ok=True)
     (OUT / "engine.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {OUT / 'engine.json'}")
