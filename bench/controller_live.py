@@ -32,7 +32,8 @@ PHASES = (
     ("long", 40.0, 0.25, 320, 32),
     ("burst", 40.0, 2.2, 48, 32),
 )
-START = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "256", "--max-overhead", "0.25")
+START = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "256", "--max-overhead", "0.25",
+         "--max-batch-size", "8")
 CONTROLLER = ("--controller-interval", "5", "--workload-window", "20", "--controller-dwell", "20",
               "--controller-horizon", "60")
 
