@@ -67,7 +67,7 @@ class EngineConfig:
     host: str = "127.0.0.1"
     startup_timeout_s: float = 180.0
     ping_interval_s: float = 1.0
-    hang_timeout_s: float = 10.0  # a stage busy (or silent) this long is declared hung
+    hang_timeout_s: float = 10.0  # a stage silent, or stuck in one step without computing, this long is hung
 
     def initial_pipelines(self, n_layers: int) -> list[list[StagePlacement]]:
         """Returns the starting configuration as (worker, start, end) stages; raises ValueError."""
@@ -806,9 +806,24 @@ class PipelineEngine:
                 info.busy_s, info.rss_bytes = reply["busy_s"], reply["rss_bytes"]
                 info.layers, info.num_blocks = reply["layers"], reply["num_blocks"]
                 info.weight_bytes = reply["weight_bytes"]
-                if reply["busy_for_s"] > cfg.hang_timeout_s:
+                if is_hung(reply["busy_for_s"], reply.get("busy_cpu_s"), cfg.hang_timeout_s):
                     self.events.put(("worker_lost", (worker_id, f"is hung: one step has run "
                                                                 f"{reply['busy_for_s']:.0f} s")))
+
+
+HUNG_CPU_SHARE = 0.01  # a step using less than this share of a core is not computing
+HUNG_HARD_LIMIT = 10  # a step longer than this many hang timeouts is hung however busy
+
+
+def is_hung(busy_for_s: float, busy_cpu_s: float | None, hang_timeout_s: float) -> bool:
+    """A step is hung when it has run longer than the hang timeout without using the CPU
+    (blocked, not slow: a loaded host slows a step but its thread still computes), or longer
+    than HUNG_HARD_LIMIT timeouts in any case."""
+    if busy_for_s <= hang_timeout_s:
+        return False
+    if busy_cpu_s is None or busy_for_s > HUNG_HARD_LIMIT * hang_timeout_s:
+        return True
+    return busy_cpu_s < HUNG_CPU_SHARE * busy_for_s
 
 
 def _find_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:

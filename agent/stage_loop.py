@@ -55,17 +55,33 @@ class StageHost:
         self.compute_lock = threading.Lock()
         self.busy_s = 0.0
         self.busy_since: float | None = None
+        self._busy_clock: tuple[int, float] | None = None  # (thread CPU clock, its reading at start)
         self.steps = 0
 
     @contextmanager
     def computing(self) -> Iterator[None]:
         with self.compute_lock:
+            if hasattr(time, "pthread_getcpuclockid"):  # not on every platform
+                clock = time.pthread_getcpuclockid(threading.get_ident())
+                self._busy_clock = (clock, time.clock_gettime(clock))
             self.busy_since = time.monotonic()
             try:
                 yield
             finally:
                 self.busy_s += time.monotonic() - self.busy_since
                 self.busy_since = None
+                self._busy_clock = None
+
+    def busy_cpu_s(self) -> float | None:
+        """CPU seconds the step running now has used on its thread (None when idle): a step
+        that is slow because the host is loaded keeps using CPU, a stuck one does not."""
+        busy = self._busy_clock
+        if busy is None:
+            return None
+        try:
+            return time.clock_gettime(busy[0]) - busy[1]
+        except OSError:  # the step ended (and its thread with it) between the two reads
+            return None
 
 
 class StageLoop:

@@ -153,6 +153,7 @@ class Worker:
         busy_since = host.busy_since if host else None
         return {
             "busy_for_s": 0.0 if busy_since is None else time.monotonic() - busy_since,
+            "busy_cpu_s": host.busy_cpu_s() if host else None,
             "busy_s": host.busy_s if host else 0.0,
             "steps": host.steps if host else 0,
             **memory_breakdown(),
