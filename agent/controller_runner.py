@@ -235,7 +235,6 @@ class ControllerRunner:
             return None
 
     # ---- what the admin API shows -----------------------------------------------------------
-    def to_json(self, limit: int = 50) -> dict[str, Any]:
-        recent = list(self.decisions)[-limit:]
+    def to_json(self) -> dict[str, Any]:
         return {**self.settings.to_json(), "running": self._thread is not None and self._thread.is_alive(),
-                "decisions": [r.to_json() for r in recent]}
+                "decisions": [r.to_json() for r in self.decisions]}

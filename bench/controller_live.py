@@ -135,7 +135,7 @@ def run(policy: str, tokenizer, scale: float) -> dict:
         began = time.time()
         asyncio.run(replay(server.base_url, trace))
         admin = AdminClient(server.base_url)
-        controller = admin.controller(limit=200)
+        controller = admin.controller()
         applies = admin._request("GET", "/admin/v1/applies")["data"]
         final = admin.deployment()
     total_s = sum(p[1] for p in PHASES)

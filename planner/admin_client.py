@@ -92,9 +92,9 @@ class AdminClient:
     def workload(self) -> dict[str, Any]:
         return self._request("GET", "/admin/v1/workload")["workload"]
 
-    def controller(self, limit: int = 50) -> dict[str, Any]:
+    def controller(self) -> dict[str, Any]:
         """Returns the live controller's mode, policy and most recent decisions."""
-        return self._request("GET", f"/admin/v1/controller?limit={limit}")
+        return self._request("GET", "/admin/v1/controller")
 
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None = None

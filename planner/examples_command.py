@@ -60,13 +60,16 @@ def summary(text: str) -> str:
 
 
 def copy_example(source: Path, to: Path) -> Path:
-    """Copies the spec `source`, the trace and the profiles it names into `to`; returns the
-    copied spec."""
+    """Copies the spec `source`, the traces (its own, or its models') and the profiles it names
+    into `to`; returns the copied spec."""
     import yaml
 
     text = source.read_text()
-    trace = (yaml.safe_load(text).get("workload") or {}).get("trace")
-    if trace is not None and not PurePosixPath(trace).is_absolute():
+    loaded = yaml.safe_load(text)
+    workloads = [loaded.get("workload") or {}, *((m or {}).get("workload") or {} for m in loaded.get("models") or [])]
+    for trace in sorted({w["trace"] for w in workloads if w.get("trace") is not None}):
+        if PurePosixPath(trace).is_absolute():
+            continue
         inside = ".." not in PurePosixPath(trace).parts
         target = trace if inside else f"traces/{PurePosixPath(trace).name}"
         text = text.replace(f"trace: {trace}", f"trace: {target}")

@@ -30,10 +30,13 @@ def test_every_example_copies_with_the_trace_it_reads(tmp_path):
     assert examples
     for source in examples:
         spec = load_spec(copy_example(source, tmp_path / source.stem))
-        spec.lengths()  # reads the trace, when the spec names one
-        if spec.workload.trace is not None:
-            assert (tmp_path / source.stem / spec.workload.trace).is_file()
-            assert ".." not in Path(spec.workload.trace).parts
+        workloads = [spec.workload] if spec.models is None else [m.workload for m in spec.models]
+        for workload in workloads:
+            if workload.trace is not None:
+                assert (tmp_path / source.stem / workload.trace).is_file()
+                assert ".." not in Path(workload.trace).parts
+        if spec.models is None:
+            spec.lengths()  # reads the trace, when the spec names one
         for profile in spec.profiles:  # loading the spec read them from the copy
             assert (tmp_path / source.stem / profile).is_file()
 

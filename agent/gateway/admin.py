@@ -172,12 +172,13 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
         return JSONResponse({"workload": workload_json()})
 
     @router.get("/controller")
-    async def controller(request: Request, limit: int = Query(50, ge=1, le=200)) -> JSONResponse:
-        """The live controller's mode, policy and its most recent decisions with their reasons."""
+    async def controller(request: Request) -> JSONResponse:
+        """The live controller's mode, policy and its most recent decisions (the last
+        MAX_DECISIONS kept) with their reasons."""
         runner = getattr(request.app.state, "controller", None)
         if runner is None:
             return JSONResponse({"mode": "off", "running": False, "decisions": []})
-        return JSONResponse(runner.to_json(limit))
+        return JSONResponse(runner.to_json())
 
     def device_refused(exc: Exception) -> APIError:
         code = {404: "not_found", 503: "unavailable"}.get(exc.status, "device_refused")
