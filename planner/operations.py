@@ -58,6 +58,9 @@ class PlannedChange:
         return bool(self.dry["plan"].get("has_changes", True))
 
 
+UNUSABLE_STATES = ("dead", "drained", "draining")  # devices a plan may not use (`pipeshift device add` re-admits)
+
+
 def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: float) -> PlannedChange:
     """Refreshes the store from the server, plans `spec` from what serves and asks the server
     for the diff. Raises OperationError: 409 when the spec does not fit this deployment (its
@@ -67,11 +70,13 @@ def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: flo
     except AdminError as exc:
         raise _from_admin(exc) from None
     refreshed = refresh(store, deployment)
-    names = [d["name"] for d in deployment["devices"] if d["state"] != "dead"]
+    unusable = {d["name"]: d["state"] for d in deployment["devices"] if d["state"] in UNUSABLE_STATES}
+    names = [d["name"] for d in deployment["devices"] if d["name"] not in unusable]
     try:
         target = plan_spec(spec, deployment, names, time_limit_s)
     except (SpecError, ValueError) as exc:
-        raise OperationError(str(exc), 409) from None
+        left_out = ", ".join(f"{name} {state}" for name, state in unusable.items())
+        raise OperationError(str(exc) + (f" (left out: {left_out})" if left_out else ""), 409) from None
     try:
         dry = client.plan({"target": target.to_json()})
     except AdminError as exc:

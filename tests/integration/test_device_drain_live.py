@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from planner.admin_client import AdminClient, AdminError
 
 pytestmark = pytest.mark.slow
 
+LOCAL_SPEC = Path(__file__).resolve().parents[2] / "data" / "specs" / "local-cpu-smollm2.yaml"
 PROMPT_LENGTHS = [48, 96, 128, 64]
 MAX_TOKENS = 32
 SERVE_ARGS = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "64", "--max-overhead", "0.5",
@@ -52,7 +54,7 @@ def states(admin: AdminClient) -> dict[str, str]:
     return {d["name"]: d["state"] for d in admin.deployment()["devices"]}
 
 
-def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts):
+def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_path):
     admin = AdminClient(server.base_url)
     unchanged = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
     assert not any(s.error for s in unchanged)
@@ -100,6 +102,25 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts):
         with pytest.raises(AdminError, match=says) as refused:
             admin.drain(name)
         assert refused.value.status == status
+    # a plan from a spec leaves drained devices out, and says so when the spec counts them
+    from planner.operations import OperationError, plan_change
+    from planner.spec import load_spec
+    from planner.store import init_schema, open_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_schema(url)
+    store = open_store(url)
+    try:
+        with pytest.raises(OperationError, match="left out: worker-1 drained, worker-2 drained") as refused:
+            plan_change(store, admin, load_spec(LOCAL_SPEC), time_limit_s=10)  # 4 devices
+        assert refused.value.status == 409
+        one = tmp_path / "one.yaml"
+        one.write_text(LOCAL_SPEC.read_text().replace("count: 4", "count: 1"))
+        change = plan_change(store, admin, load_spec(one), time_limit_s=10)
+        assert {s.device for p in change.target.pipelines for s in p.stages} == {"worker-0"}
+    finally:
+        store.close()
+
     added = device(["add", "worker-1"], server)
     assert added.returncode == 0 and "worker-1 is available again" in added.stdout
     assert states(admin)["worker-1"] == "spare"
