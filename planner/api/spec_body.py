@@ -2,8 +2,10 @@
 with every constraint the planner enforces written into the schema (catalog names as enums,
 bounds on numbers), so a body the OpenAPI document allows is a spec the planner can read.
 
-Left out: `workload.trace` and `calibration` (files of the planner's host), device `names` and
-`pins` (the deployment's workers name the devices), `current` (the deployment says what serves).
+Left out: `workload.trace`, `calibration` and `profiles` (files of the planner's host), device
+`names` and `pins` (the deployment's workers name the devices), `current` (the deployment says
+what serves). What JSON Schema cannot say (every device's node listed in `nodes`, links between
+known nodes or regions) is a 409 naming the problem.
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ class DeviceGroupBody(_Body):
     node: str = Field("local", min_length=1, max_length=100)
 
 
+class NodeBody(_Body):
+    """A node of the topology (the YAML `nodes` entry): its NIC, region, internal link, and
+    for CPU workers the host's cores and memory bus they share."""
+
+    name: str = Field(min_length=1, max_length=100)
+    nic_gbps: float = Field(gt=0, le=1e6)
+    nic_latency_us: float = Field(10.0, ge=0, le=1e9)
+    region: str | None = Field(None, min_length=1, max_length=100)
+    intra_gbps: float | None = Field(None, gt=0, le=1e6)
+    intra_latency_us: float | None = Field(None, ge=0, le=1e9)
+    cpu_cores: int | None = Field(None, ge=1, le=4096)
+    threads_per_worker: int = Field(1, ge=1, le=4096)
+    memory_gb_s: float | None = Field(None, gt=0, le=1e6)
+
+
+class LinkBody(_Body):
+    """The path between two nodes or regions (the YAML `links` entry)."""
+
+    between: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=2, max_length=2)
+    gbps: float = Field(gt=0, le=1e6)
+    latency_us: float = Field(ge=0, le=1e9)
+
+
 class WorkloadBody(_Body):
     request_rate_per_s: float = Field(1.0, gt=0, le=1e6)
     prompt_tokens: Lengths | TokenCount
@@ -76,9 +101,27 @@ class SpecBody(_Body):
     memory_utilization: float = Field(0.9, gt=0, le=1)
     max_stages: int = Field(16, ge=1, le=256)
     controller: Literal["auto", "propose", "off"] = "off"
+    nodes: list[NodeBody] | None = Field(None, min_length=1, max_length=256)
+    links: list[LinkBody] | None = Field(None, max_length=4096)
 
     def to_spec(self) -> Spec:
-        return Spec.model_validate(self.model_dump(mode="json", exclude_none=True))
+        return _validated(self.model_dump(mode="json", exclude_none=True))
+
+
+def _validated(data: dict) -> Spec:
+    """Returns the Spec; raises OperationError 409 naming what does not hold together (a
+    device on a node `nodes` does not list, a link to an unknown node), which the schema
+    cannot say."""
+    from planner.operations import OperationError
+    from planner.spec import SpecError, _check_topology
+
+    try:
+        spec = Spec.model_validate(data)
+        _check_topology(spec, "spec", {})
+    except (ValueError, SpecError) as exc:
+        problems = str(exc).replace("spec:1: ", "")  # a body has no lines to point at
+        raise OperationError(f"the spec does not hold together: {problems}", 409) from None
+    return spec
 
 
 class ModelBody(_Body):
@@ -109,7 +152,7 @@ class PoolSpecBody(_Body):
             label = entry.get("name") or entry["model"]
             seen[label] = seen.get(label, 0) + 1
             entry["name"] = label if seen[label] == 1 else f"{label}#{seen[label]}"
-        return Spec.model_validate(data)
+        return _validated(data)
 
 
 AnySpecBody = SpecBody | PoolSpecBody

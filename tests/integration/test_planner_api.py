@@ -121,6 +121,13 @@ def test_plan_apply_show_rollback_and_stale(deployment):
         assert bad.status_code == 422 and "devices" in str(bad.json()["detail"][0]["loc"])
         two = api.post("/v1/plans", json={"spec": {**SPEC, "devices": [{"kind": "cpu", "count": 2}]}})
         assert two.status_code == 409 and "the server has 3" in two.json()["detail"]
+        # the topology over the API: nodes (a host's shared cores) are taken, and checked
+        local = {**SPEC, "devices": [{"kind": "cpu", "count": 3, "node": "box"}]}
+        shared = api.post("/v1/plans", json={"spec": {**local, "nodes": [{"name": "box", "nic_gbps": 10, "cpu_cores": 1}]}})
+        assert shared.status_code == 201, shared.text
+        assert all(p["stages"][-1]["end"] == 30 for p in shared.json()["target"])
+        unknown = api.post("/v1/plans", json={"spec": {**local, "nodes": [{"name": "other", "nic_gbps": 10}]}})
+        assert unknown.status_code == 409 and "node 'box' is not in `nodes`" in unknown.json()["detail"]
         history = api.get("/v1/history").json()["data"]
         assert [e["type"] for e in history].count("apply") == 2
 
