@@ -41,39 +41,7 @@ def reference_throughput_tok_s(problem: PlanningProblem) -> float:
     """Returns the optimal total throughput of a small problem (no TTFT SLO, no migration)."""
     if problem.ttft_slo_s is not None or problem.migration is not None:
         raise ValueError("the reference DP covers max-throughput without TTFT SLO or migration")
-    L = problem.n_layers
-    K = len(problem.kinds)
-    if problem.topology is not None:
-        return _best_total(problem, _topology_bottleneck(problem))
-
-    @functools.cache
-    def g(n_stages: int, done: int, rem: tuple[int, ...]) -> float:
-        left = sum(rem)
-        if left == 0:
-            return 0.0 if done == L else math.inf
-        if L - done < left:
-            return math.inf  # every stage needs a layer
-        best = math.inf
-        for k in range(K):
-            if rem[k] == 0:
-                continue
-            rest = rem[:k] + (rem[k] - 1,) + rem[k + 1 :]
-            last = left == 1
-            first = done == 0
-            js = [L - done] if last else range(1, L - done)
-            for j in js:
-                if (
-                    problem.stage_memory_bytes(j, n_stages, first, last)
-                    > problem.kinds[k].memory_bytes
-                ):
-                    break
-                t = problem.stage_decode_s(k, j, first, last)
-                if t >= best:
-                    break
-                best = min(best, max(t, g(n_stages, done + j, rest)))
-        return best
-
-    return _best_total(problem, lambda c: g(sum(c), 0, c))
+    return _best_total(problem, _bottleneck_of(problem))
 
 
 def _topology_bottleneck(problem: PlanningProblem) -> Callable[[tuple[int, ...]], float]:

@@ -78,18 +78,8 @@ def solve_cpsat(master: MasterProblem, time_limit_s: float) -> MasterSolution:
         scale = 1e9 / max((abs(w) for w in weights), default=1.0)
         model.maximize(sum(round(scale * w) * x[i] for i, w in enumerate(weights)))
 
-    # a greedy plan as the hint, so a short limit still ends with a plan
-    hint = greedy_copies(master)
-    if hint is not None:
-        for i, v in enumerate(x):
-            model.add_hint(v, hint.get(i, 0))
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.num_workers = NUM_WORKERS
-    solver.parameters.random_seed = RANDOM_SEED
-    status = solver.solve(model)
-    solve_s = time.perf_counter() - t0
+    solver, status, solve_s = _run(model, x, master, t0, time_limit_s)
 
     name = {
         cp_model.OPTIMAL: "OPTIMAL",
@@ -108,6 +98,23 @@ def solve_cpsat(master: MasterProblem, time_limit_s: float) -> MasterSolution:
         slack = 0.5 / scale * sum(master.kind_counts)  # each copy takes a device
         bound = max(objective, master.constant + solver.best_objective_bound / scale + slack)
     return MasterSolution(name, objective, bound, solve_s, "cpsat", copies)
+
+
+def _run(
+    model: cp_model.CpModel, x: list[cp_model.IntVar], master: MasterProblem, t0: float, time_limit_s: float
+) -> tuple[cp_model.CpSolver, int, float]:
+    """Solves `model` with a greedy plan as the hint (so a short limit still ends with a plan);
+    returns the solver, its status and the seconds since `t0`."""
+    hint = greedy_copies(master)
+    if hint is not None:
+        for i, v in enumerate(x):
+            model.add_hint(v, hint.get(i, 0))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_workers = NUM_WORKERS
+    solver.parameters.random_seed = RANDOM_SEED
+    status = solver.solve(model)
+    return solver, status, time.perf_counter() - t0
 
 
 def _solve_goodput(
@@ -136,16 +143,7 @@ def _solve_goodput(
         sum(a[m] * g for m, g in enumerate(goodput))
         + sum(b[c.model] * units[i] * x[i] for i, c in enumerate(cols))
     )
-    hint = greedy_copies(master)
-    if hint is not None:
-        for i, v in enumerate(x):
-            model.add_hint(v, hint.get(i, 0))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.num_workers = NUM_WORKERS
-    solver.parameters.random_seed = RANDOM_SEED
-    status = solver.solve(model)
-    solve_s = time.perf_counter() - t0
+    solver, status, solve_s = _run(model, x, master, t0, time_limit_s)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         name = "INFEASIBLE" if status == cp_model.INFEASIBLE else "UNKNOWN"
         return MasterSolution(name, None, None, solve_s, "cpsat")

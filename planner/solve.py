@@ -158,20 +158,7 @@ def plan(
             message=explain_infeasible(problem),
         )
     if not lazy:
-        remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
-        sol = solve_master(master, backend, remaining_s)
-        if sol.objective is None and sol.status == "UNKNOWN":
-            # out of time without an incumbent: fall back to the greedy plan, gap unknown
-            greedy = greedy_copies(master)
-            if greedy is not None:
-                sol = MasterSolution(
-                    "FEASIBLE",
-                    solution_objective(master, greedy),
-                    None,
-                    sol.solve_s,
-                    backend,
-                    greedy,
-                )
+        sol = _solve_listed(master, backend, max(0.1, time_limit_s - (time.perf_counter() - t0)))
     total_s = time.perf_counter() - t0
     details = {
         "shapes_complete": master.complete,
@@ -228,6 +215,18 @@ def plan(
         details=details,
     )
     return result
+
+
+def _solve_listed(master: MasterProblem, backend: str, time_limit_s: float) -> MasterSolution:
+    """Solves a master over listed columns; out of time without an incumbent, falls back to
+    the greedy plan (FEASIBLE, gap unknown)."""
+    sol = solve_master(master, backend, time_limit_s)
+    if sol.objective is None and sol.status == "UNKNOWN":
+        greedy = greedy_copies(master)
+        if greedy is not None:
+            return MasterSolution("FEASIBLE", solution_objective(master, greedy), None, sol.solve_s,
+                                  backend, greedy)
+    return sol
 
 
 def pool_pipelines_of(
@@ -298,19 +297,7 @@ def plan_pool(
             details=details,
         )
     if not lazy:
-        remaining_s = max(0.1, time_limit_s - (time.perf_counter() - t0))
-        sol = solve_master(master, backend, remaining_s)
-        if sol.objective is None and sol.status == "UNKNOWN":
-            greedy = greedy_copies(master)
-            if greedy is not None:
-                sol = MasterSolution(
-                    "FEASIBLE",
-                    solution_objective(master, greedy),
-                    None,
-                    sol.solve_s,
-                    backend,
-                    greedy,
-                )
+        sol = _solve_listed(master, backend, max(0.1, time_limit_s - (time.perf_counter() - t0)))
     details["solver_s"] = round(sol.solve_s, 4)
     total_s = time.perf_counter() - t0
     if sol.objective is None:
