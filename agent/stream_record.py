@@ -24,6 +24,13 @@ class Stream:
     def ttft_s(self) -> float | None:
         return self.times[0] - self.started_s if self.times else None
 
+    @property
+    def mean_tpot_s(self) -> float | None:
+        """Returns the mean gap between chunks over the whole stream (None below two chunks)."""
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
     def gaps(self) -> list[tuple[float, float]]:
         """Returns (time, gap since the previous chunk) for every chunk after the first."""
         return [(b, b - a) for a, b in zip(self.times, self.times[1:], strict=False)]

@@ -19,9 +19,10 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from agent.stream_record import Stream
 from bench.serve_process import ServeProcess
 from bench.streaming_load import prompt_token_ids
 
@@ -38,30 +39,19 @@ CONTROLLER = ("--controller-interval", "5", "--workload-window", "20", "--contro
               "--controller-horizon", "60")
 
 
-@dataclass
-class Request:
+@dataclass(kw_only=True)
+class Request(Stream):
+    """One request of the segment: when it is sent, and its stream (`started_s`: sent)."""
+
     phase: str
     at_s: float  # offset in the segment
     prompt: list[int]
     max_tokens: int
-    times: list[float] = field(default_factory=list)
-    sent_s: float = 0.0
-    error: str | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.times[0] - self.sent_s if self.times else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        if len(self.times) < 2:
-            return None
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
 
     @property
     def met_slo(self) -> bool:
         return (self.error is None and self.ttft_s is not None and self.ttft_s <= TTFT_SLO_S
-                and (self.tpot_s is None or self.tpot_s <= TPOT_SLO_S))
+                and (self.mean_tpot_s is None or self.mean_tpot_s <= TPOT_SLO_S))
 
 
 def make_trace(tokenizer, scale: float, seed: int = 0) -> list[Request]:
@@ -75,7 +65,8 @@ def make_trace(tokenizer, scale: float, seed: int = 0) -> list[Request]:
             if t >= t0 + seconds:
                 break
             n = max(8, int(rng.gauss(prompt, prompt * 0.1)))
-            out.append(Request(name, t, prompt_token_ids(tokenizer, n, seed=len(out)), output))
+            prompt_ids = prompt_token_ids(tokenizer, n, seed=len(out))
+            out.append(Request(prompt_tokens=n, phase=name, at_s=t, prompt=prompt_ids, max_tokens=output))
         t0 += seconds
     return out
 
@@ -89,7 +80,7 @@ async def replay(base_url: str, trace: list[Request]) -> float:
 
     async def one(r: Request) -> None:
         await asyncio.sleep(max(0.0, start + r.at_s - time.monotonic()))
-        r.sent_s = time.monotonic()
+        r.started_s = time.monotonic()
         try:
             stream = await client.completions.create(
                 model="smollm2-135m", prompt=r.prompt, max_tokens=r.max_tokens, temperature=0, stream=True,
@@ -115,7 +106,7 @@ def figures(requests: list[Request], seconds: float) -> dict:
         return round(v[min(len(v) - 1, max(0, round(p / 100 * len(v)) - 1))] * 1000, 1)
 
     ttft = [r.ttft_s for r in requests if r.ttft_s is not None]
-    tpot = [r.tpot_s for r in requests if r.tpot_s is not None]
+    tpot = [r.mean_tpot_s for r in requests if r.mean_tpot_s is not None]
     return {
         "requests": len(requests), "failed": sum(r.error is not None for r in requests),
         "met_slo": sum(r.met_slo for r in requests),

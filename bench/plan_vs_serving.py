@@ -31,35 +31,18 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's packages before bench/planner.py
 
+from agent.stream_record import Stream  # noqa: E402
 from bench.serve_process import ServeProcess  # noqa: E402
 from bench.streaming_load import prompt_token_ids  # noqa: E402
 
 
-@dataclass
-class Request:
-    started_s: float
-    times: list[float]
-    error: str | None = None
-
-    @property
-    def tpot_s(self) -> float | None:
-        if len(self.times) < 2:
-            return None
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.times[0] - self.started_s if self.times else None
-
-
-async def _one(client, prompt: list[int], max_tokens: int, out: list[Request]) -> Request:
-    req = Request(time.monotonic(), [])
+async def _one(client, prompt: list[int], max_tokens: int, out: list[Stream]) -> Stream:
+    req = Stream(len(prompt), started_s=time.monotonic())
     out.append(req)
     try:
         stream = await client.completions.create(
@@ -75,13 +58,13 @@ async def _one(client, prompt: list[int], max_tokens: int, out: list[Request]) -
 
 
 async def open_loop(base_url: str, prompts, max_tokens: int, rate: float, duration_s: float,
-                    seed: int) -> list[Request]:
+                    seed: int) -> list[Stream]:
     """Poisson arrivals at `rate` for `duration_s`; waits for every request to end."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
     rng = random.Random(seed)
-    out: list[Request] = []
+    out: list[Stream] = []
     tasks = []
     t_end = time.monotonic() + duration_s
     i = 0
@@ -95,12 +78,12 @@ async def open_loop(base_url: str, prompts, max_tokens: int, rate: float, durati
 
 
 async def closed_loop(base_url: str, prompts, max_tokens: int, clients: int,
-                      duration_s: float) -> list[Request]:
+                      duration_s: float) -> list[Stream]:
     """`clients` streams at once, each sending its next request when the last ends."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
-    out: list[Request] = []
+    out: list[Stream] = []
     t_end = time.monotonic() + duration_s
 
     async def loop(k: int) -> None:
@@ -116,10 +99,10 @@ async def closed_loop(base_url: str, prompts, max_tokens: int, clients: int,
     return out
 
 
-def measured(requests: list[Request], window: tuple[float, float]) -> dict:
+def measured(requests: list[Stream], window: tuple[float, float]) -> dict:
     """Returns TPOT p50 / TTFT p50 of the requests started in the window, and tokens/s in it."""
     inside = [r for r in requests if window[0] <= r.started_s <= window[1] and not r.error]
-    tpots = [r.tpot_s for r in inside if r.tpot_s is not None]
+    tpots = [r.mean_tpot_s for r in inside if r.mean_tpot_s is not None]
     ttfts = [r.ttft_s for r in inside if r.ttft_s is not None]
     tokens = sum(1 for r in requests for t in r.times if window[0] <= t <= window[1])
     return {
