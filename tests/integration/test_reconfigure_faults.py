@@ -41,7 +41,7 @@ def prompts(gguf_path):
 
 def _serve() -> tuple[PipelineEngine, ServerThread]:
     engine = PipelineEngine(EngineConfig(n_devices=3, stages=[(0, 15), (15, 30)], ping_interval_s=0.2,
-                                         hang_timeout_s=30.0)).start()
+                                         hang_timeout_s=5.0)).start()
     return engine, ServerThread(create_app(engine, aliases=["smollm2-135m"])).start()
 
 
