@@ -260,9 +260,20 @@ class PagedKVCache:
             self._gather_k = torch.empty(n, dtype=self.spec.dtype, device=self.device)
             self._gather_v = torch.empty(n, dtype=self.spec.dtype, device=self.device)
         shape = (self.spec.n_kv_heads, slots.numel(), self.spec.head_dim)
-        k = torch.index_select(self.k[layer], 1, slots, out=self._gather_k[:n].view(shape))
-        v = torch.index_select(self.v[layer], 1, slots, out=self._gather_v[:n].view(shape))
+        k_store, v_store = self._contiguous(layer)
+        k = torch.index_select(k_store, 1, slots, out=self._gather_k[:n].view(shape))
+        v = torch.index_select(v_store, 1, slots, out=self._gather_v[:n].view(shape))
         return k, v
+
+    def _contiguous(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the layer's whole K and V storage, `[n_kv_heads, max slots, head_dim]`.
+
+        Reads select from it, not from the `[:, :slots]` view in use: that view is strided
+        (each head's row spans the reserved maximum), and index_select copies a strided
+        source whole before selecting - the used pool, every layer, every step.
+        """
+        k, v = self._storage[layer]
+        return k.full, v.full
 
     def export(self, request_id: str, layers: range, tokens: range) -> torch.Tensor:
         """Returns K and V of `(request, layers, tokens)` as one contiguous
@@ -273,8 +284,9 @@ class PagedKVCache:
             dtype=self.spec.dtype,
         )
         for i, layer in enumerate(layers):
-            out[0, i] = self.k[layer].index_select(1, slots).transpose(0, 1)
-            out[1, i] = self.v[layer].index_select(1, slots).transpose(0, 1)
+            k_store, v_store = self._contiguous(layer)
+            out[0, i] = k_store.index_select(1, slots).transpose(0, 1)
+            out[1, i] = v_store.index_select(1, slots).transpose(0, 1)
         return out
 
     def import_(self, request_id: str, layers: range, tokens: range, kv: torch.Tensor) -> None:
