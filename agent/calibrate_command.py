@@ -7,7 +7,9 @@ prefills) over the grid (agent/profiling.py), fits `Efficiency` for the device k
 (cost_models/calibration.py), prints predicted against measured with the MAPE, and writes
   --out X.json: the JSON that `cost_models.latency.load_efficiencies` reads (fitted factors);
   --out X.yaml: a profile (cost_models/profile.py) - host, fitted factors, the measured
-      per-layer grid and head times - that a spec's `profiles:` list references.
+      per-layer grid and head times - that a spec's `profiles:` list references. On a CPU it
+      also measures how much slower a worker steps while cores // threads workers step at
+      once (the memory bus they share: host `shared_workers`, `shared_slowdown`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kind", default=None, help="device kind (default: cpu, or what NVML finds)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one per worker)")
     p.add_argument("--random-weights", action="store_true", help="skip loading the weights")
+    p.add_argument(
+        "--shared-workers",
+        type=int,
+        default=None,
+        help="CPU: workers stepping at once to measure how they slow each other on the memory "
+        "bus (default: cores // threads; 0 or 1 skips)",
+    )
     p.add_argument(
         "--fit-overhead",
         action="store_true",
@@ -127,11 +136,22 @@ def run(args: argparse.Namespace) -> int:
 
         head = profiling.measure_head_s(arch, sorted(set(_ints(args.batches)) | {1}), setup)
         memory = profiling.device_memory_bytes(args.device)
+        host = profiling.host_description(args.device, args.threads)
+        if args.device == "cpu":
+            import os
+
+            workers = args.shared_workers
+            if workers is None:
+                workers = max(1, (os.cpu_count() or 1) // args.threads)
+            if workers > 1:
+                slowdown = profiling.measure_shared_slowdown(setup, workers)
+                host.update(shared_workers=workers, shared_slowdown=round(slowdown, 4))
+                print(f"{workers} workers stepping at once: each {slowdown:.3f}x slower (memory bus)")
         profile = profile_of_points(
             kind=kind.name,
             model=arch.name,
             dtype=args.dtype,
-            host=profiling.host_description(args.device, args.threads),
+            host=host,
             points=points,
             fit=fit,
             head_s=head,

@@ -9,7 +9,9 @@ Contract (agent/calibrate_command.py and bench/profile_fit.py call these):
     measure_grid(stage, arch, kind, batches, contexts, prefill_batches, prefill_tokens, setup)
                                             -> list[Measurement] (times of the whole stage)
     measure_overhead_s(setup)               -> seconds per layer of dispatch (tiny layers)
-    measure_head_s(arch, rows, setup)       -> {rows: seconds of final norm + logits}
+    measure_head_s(arch, rows, setup)       -> {rows: seconds of final norm + logits + pick}
+    measure_shared_slowdown(setup, workers) -> float: a decode step with `workers` busy at once,
+                                               over one alone
     host_description(device, threads)       -> dict: CPU model, vector extensions, accelerator
     device_memory_bytes(device)             -> int | None (GPU memory; None on CPU)
 """
@@ -196,24 +198,82 @@ def measure_overhead_s(setup: ProfilingSetup) -> float:
 
 
 def measure_head_s(arch: ModelArch, rows: list[int], setup: ProfilingSetup) -> dict[int, float]:
-    """Returns the seconds of the final RMS norm and the logits matmul for each row count
-    (random weights of the head's shape: timing does not depend on the values)."""
+    """Returns the seconds of the last stage's step beyond its layers for each row count: the
+    final RMS norm, the logits in the layout the engine runs (agent/model.py, oneDNN-packed on
+    CPU) and the greedy pick over them (random weights of the head's shape: timing does not
+    depend on the values). A plain `x @ W` over an unpacked matrix is up to 3x slower at 4-16
+    rows than what a worker runs."""
     import torch
 
-    dtype = setup.torch_dtype
-    weight_t = torch.randn(arch.hidden_size, arch.vocab_size, dtype=dtype, device=setup.device)
-    norm = torch.ones(arch.hidden_size, dtype=dtype, device=setup.device)
-    shape = (arch.hidden_size,)
+    from agent.model import LlamaStage
+
+    last = arch.n_layers
+    torch.manual_seed(0)
+    stage = LlamaStage(arch, last - 1, last).to(device=setup.device, dtype=setup.torch_dtype)
+    stage.eval().settle_weights()
     out = {}
     with torch.inference_mode():
         for n in rows:
-            x = torch.randn(n, arch.hidden_size, dtype=dtype, device=setup.device)
+            x = torch.randn(n, arch.hidden_size, dtype=setup.torch_dtype, device=setup.device)
 
             def head(x: Any = x) -> Any:
-                return torch.nn.functional.rms_norm(x, shape, norm) @ weight_t
+                return torch.argmax(stage.logits(x), dim=-1)
 
             out[n] = _median_s(head, setup)
     return out
+
+
+def _shared_worker(setup: ProfilingSetup, barrier: Any, results: Any, index: int) -> None:
+    """One process of measure_shared_slowdown: times decode steps alone, then with the others."""
+    import torch
+
+    torch.set_num_threads(setup.threads)
+    stage, arch, _ = build_stage(setup)
+    barrier.wait()  # every stage built: the host is quiet
+    alone = time_forward(stage, arch, 1, SHARED_CONTEXT, 1, setup) if index == 0 else None
+    barrier.wait()  # the others wait (blocked, not computing) while the first times alone
+    together = time_forward(stage, arch, 1, SHARED_CONTEXT, 1, setup)
+    results.put((index, alone, together))
+
+
+SHARED_CONTEXT = 512  # a decode step's weights and KV: the memory traffic that workers share
+SHARED_STAGE_BYTES = 1 << 30
+
+
+def measure_shared_slowdown(setup: ProfilingSetup, workers: int) -> float:
+    """Returns how much slower a worker's decode step runs while `workers` workers step at
+    once on this host (one process each, `setup.threads` threads): median together / alone.
+
+    With no more busy threads than cores only the memory bus is shared; the planner turns this
+    factor into the host's bandwidth (cost_models/host_sharing.py, bandwidth_from_slowdown).
+    """
+    import multiprocessing as mp
+
+    if workers < 2:
+        return 1.0
+    from cost_models.memory import dtype_bytes_of, layer_weight_bytes
+    from cost_models.model_catalog import get_model_arch
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    # Stream as many layers as a worker does (caches hold a few layers, not a stage), up to
+    # SHARED_STAGE_BYTES of weights per process.
+    try:
+        arch = get_model_arch(setup.model)
+    except KeyError:
+        arch = build_stage(dataclasses.replace(setup, layers=1))[1]
+    per_layer = layer_weight_bytes(arch, dtype_bytes_of(setup.dtype))
+    layers = max(setup.layers, min(arch.n_layers - 2, int(SHARED_STAGE_BYTES // per_layer)))
+    probe = dataclasses.replace(setup, layers=layers, random_weights=True, repeats=max(setup.repeats, 10))
+    procs = [ctx.Process(target=_shared_worker, args=(probe, barrier, results, i)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    alone = next(a for i, a, _ in got if i == 0)
+    together = statistics.median(t for _, _, t in got)
+    return max(1.0, together / alone)
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:

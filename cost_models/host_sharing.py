@@ -9,6 +9,7 @@ Contract (the planner's topology code and the benchmarks import these names):
     runnable_workers, engine_inflight, busy_workers mirror the engine's rule below
     shared_efficiency(eff, share)                   -> Efficiency (the roofline on a shared host)
     shared_time_s(seconds, share)                   -> float  (a measured time on a shared host)
+    bandwidth_from_slowdown(workers, slowdown, worker_bandwidth) -> float  host bandwidth
 
 A worker only works while a micro-batch is on its stage. The engine (agent/engine.py,
 `micro_batches`) keeps, per pipeline of S stages on a CPU host with R = cores // threads
@@ -25,6 +26,11 @@ share the memory bus:
 
     compute factor  f_c = max(1, B * threads / cores)
     memory factor   f_m = f_c * max(1, min(B, R) * worker_bandwidth / host_bandwidth)
+
+When `pipeshift calibrate` measured that W workers stepping at once (W <= cores) each run s
+times slower than one alone, the bus carries W workers at 1 / s of their speed:
+
+    host_bandwidth = W * worker_bandwidth / s          (so f_m = f_c * s at B = W)
 
 a layer's compute time is multiplied by f_c, its memory time (weights, KV) by f_m, its fixed
 dispatch cost by f_c. host_bandwidth defaults to R * worker_bandwidth (the bus is not the
@@ -117,3 +123,13 @@ def shared_efficiency(eff: Efficiency, share: HostShare) -> Efficiency:
 def shared_time_s(seconds: float, share: HostShare) -> float:
     """Returns a time measured on a worker alone, on the shared host: seconds * f_m."""
     return seconds * share.memory
+
+
+def bandwidth_from_slowdown(
+    workers: int, slowdown: float, worker_bandwidth_bytes_per_s: float
+) -> float:
+    """Returns the host's memory bandwidth implied by a measurement: `workers` workers stepping
+    at once each ran `slowdown` times slower than one alone (formula in the module docstring)."""
+    if workers < 1 or slowdown <= 0:
+        raise ValueError(f"need workers >= 1 and a positive slowdown, got {workers}, {slowdown}")
+    return workers * worker_bandwidth_bytes_per_s / max(1.0, slowdown)

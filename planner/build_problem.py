@@ -33,6 +33,7 @@ from planner.topology import (
     node_hosts,
     node_links,
     planning_shares,
+    profiled_buses,
 )
 
 
@@ -124,7 +125,8 @@ def build_problem(spec: Spec) -> PlanningProblem:
         for d in devices:
             if dev_kinds[d.kind].vendor == "cpu":
                 cpu_on_node.setdefault(d.node, []).append(dev_kinds[d.kind])
-        shares = planning_shares(node_hosts(spec.nodes), cpu_on_node)
+        hosts = node_hosts(spec.nodes, profiled_buses(cpu_on_node, {k: p.host for k, p in profiles.items()}))
+        shares = planning_shares(hosts, cpu_on_node)
 
     kinds = []
     for k, (_, node) in zip(dev_kinds, pool_keys, strict=True):

@@ -28,7 +28,7 @@ from cost_models.profiled_latency import operating_costs
 from planner.problem import PlanningProblem
 from planner.solution import PlanResult
 from planner.spec import Spec, spec_profiles
-from planner.topology import node_hosts
+from planner.topology import node_hosts, profiled_buses
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,16 @@ def predict_at_load(spec: Spec, problem: PlanningProblem, result: PlanResult) ->
     pipes = result.pipelines
     if not pipes:
         raise ValueError("the plan has no pipelines to predict")
-    hosts = node_hosts(spec.nodes or [])
+    kinds = {s.kind: _kind_costs(spec, s.kind) for p in pipes for s in p.stages}
+    cpu_on_node: dict[str, list[DeviceKind]] = {}
+    for p in pipes:
+        for s in p.stages:
+            if kinds[s.kind][0].vendor == "cpu":
+                cpu_on_node.setdefault(s.node, []).append(kinds[s.kind][0])
+    profile_hosts = {k.name.lower(): prof.host for k, _, prof in kinds.values() if prof is not None}
+    hosts = node_hosts(spec.nodes or [], profiled_buses(cpu_on_node, profile_hosts))
     nodes = {s.node for p in pipes for s in p.stages}
     host = hosts.get(next(iter(nodes))) if len(nodes) == 1 else None
-    kinds = {s.kind: _kind_costs(spec, s.kind) for p in pipes for s in p.stages}
     times = [
         PipelineTimes(
             decode_s=tuple(_decode_curve(spec, problem, p, i, kinds) for i in range(len(p.stages))),

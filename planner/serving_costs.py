@@ -37,7 +37,7 @@ from cost_models.model_catalog import ModelArch, get_model_arch
 from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
 from planner.spec import Spec, spec_profiles
-from planner.topology import node_hosts, planning_shares
+from planner.topology import node_hosts, planning_shares, profiled_buses
 
 CONTEXT_BUCKET = 64
 PROMPT_BUCKET = 32
@@ -99,7 +99,8 @@ class PipelineCosts:
             for kind, node in by_name.values():
                 if kind.vendor == "cpu":
                     cpu_on_node.setdefault(node, []).append(kind)
-            shares = planning_shares(node_hosts(spec.nodes), cpu_on_node)
+            buses = profiled_buses(cpu_on_node, {k: p.host for k, p in profiles.items()})
+            shares = planning_shares(node_hosts(spec.nodes, buses), cpu_on_node)
         out, kv_tokens = [], math.inf
         kv_tok = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(spec.dtype_bytes))
         for i, (name, start, end) in enumerate(stages):

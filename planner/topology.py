@@ -35,7 +35,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cost_models.device_catalog import DeviceKind
-from cost_models.host_sharing import Host, HostShare, busy_workers, contention
+from cost_models.host_sharing import (
+    Host,
+    HostShare,
+    bandwidth_from_slowdown,
+    busy_workers,
+    contention,
+)
 from cost_models.migration import DISK_BANDWIDTH_BYTES_PER_S, fetch_s
 from cost_models.transfer import Link, link_transfer_s
 
@@ -112,19 +118,44 @@ def build_topology(
     )
 
 
-def node_hosts(nodes: Sequence[object]) -> dict[str, Host]:
-    """Returns the Host of every spec node that gives `cpu_cores` (spec `NodeSpec`s in)."""
+def node_hosts(
+    nodes: Sequence[object], measured_bus: Mapping[str, float] | None = None
+) -> dict[str, Host]:
+    """Returns the Host of every spec node that gives `cpu_cores` (spec `NodeSpec`s in). A
+    node's memory bandwidth is its `memory_gb_s`, else what a profile measured on its workers
+    (`measured_bus`, bytes/s: profiled_buses), else unlimited but by the cores."""
     out = {}
     for n in nodes:
         cores = getattr(n, "cpu_cores", None)
         if cores is None:
             continue
         gb_s = getattr(n, "memory_gb_s", None)
+        bus = (measured_bus or {}).get(n.name) if gb_s is None else gb_s * 1e9  # type: ignore[attr-defined]
         out[n.name] = Host(  # type: ignore[attr-defined]
             cores=cores,
             threads_per_worker=getattr(n, "threads_per_worker", 1),
-            memory_bandwidth_bytes_per_s=None if gb_s is None else gb_s * 1e9,
+            memory_bandwidth_bytes_per_s=bus,
         )
+    return out
+
+
+def profiled_buses(
+    cpu_kinds_on_node: Mapping[str, Sequence[DeviceKind]], host_of_kind: Mapping[str, Mapping]
+) -> dict[str, float]:
+    """Returns, per node, the memory bandwidth its CPU workers' profiles measured (bytes/s):
+    a profile's host `shared_workers` W and `shared_slowdown` s give W * bandwidth / s
+    (host_sharing.bandwidth_from_slowdown); the lowest over the node's kinds. `host_of_kind`
+    maps a lower-case kind name to its profile's `host` section."""
+    out: dict[str, float] = {}
+    for node, kinds in cpu_kinds_on_node.items():
+        for k in kinds:
+            host = host_of_kind.get(k.name.lower()) or {}
+            if "shared_slowdown" not in host or "shared_workers" not in host:
+                continue
+            bus = bandwidth_from_slowdown(
+                int(host["shared_workers"]), float(host["shared_slowdown"]), k.memory_bandwidth_bytes_per_s
+            )
+            out[node] = min(bus, out.get(node, math.inf))
     return out
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -39,6 +40,9 @@ def test_calibrate_out_yaml_writes_a_profile_a_spec_plans_from(tmp_path, capsys)
     assert profile.prefill.cols == (8,) and profile.head.rows == (1, 2)
     assert profile.efficiency is not None and profile.fit_stats["n_points"] == 5
     assert "avx" in " ".join(profile.host["vector_extensions"]) or profile.host["cpu"]
+    if (os.cpu_count() or 1) > 1:  # workers stepping at once, one per core
+        assert profile.host["shared_workers"] == os.cpu_count()
+        assert 1.0 <= profile.host["shared_slowdown"] < 4.0
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"

@@ -59,6 +59,27 @@ def test_a_catalog_kinds_profile_replaces_its_roofline_inside_the_grid(write_spe
     assert cpu.layer_decode_s != pytest.approx(roofline)
 
 
+def test_a_profiles_measured_bus_slows_the_workers_of_a_host_that_gives_no_bandwidth(write_spec):
+    """Two CPU workers on a 2-core host: the cores are not shared (f_c = 1), so the only
+    slowdown is the bus, and the profile's measured 1.25 (2 workers at once) is what the
+    planner prices; a node's own `memory_gb_s` wins over it."""
+    host = "host: {cpu: AMD EPYC, shared_workers: 2, shared_slowdown: 1.25}\n"
+    spec = (
+        "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"
+        "profiles: [p.yaml]\nnodes: [{name: local, nic_gbps: 10, cpu_cores: 2NODE}]\n"
+        "workload: {prompt_tokens: 512, output_tokens: 64, batch: 4}\n"
+    )
+    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + TABLES, "p.yaml")
+    (alone,) = build_problem(load_spec(write_spec(spec.replace("NODE", "")))).kinds
+    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + host + TABLES, "p.yaml")
+    (shared,) = build_problem(load_spec(write_spec(spec.replace("NODE", "")))).kinds
+    assert shared.layer_decode_s == pytest.approx(1.25 * alone.layer_decode_s)
+    assert shared.layer_prefill_s == pytest.approx(1.25 * alone.layer_prefill_s)
+    wide_bus = spec.replace("NODE", ", memory_gb_s: 1000")
+    (given,) = build_problem(load_spec(write_spec(wide_bus))).kinds
+    assert given.layer_decode_s == pytest.approx(alone.layer_decode_s)
+
+
 def test_a_kind_defined_only_by_tables_plans_and_the_report_says_so(write_spec, capsys):
     path = write_spec(NEW_KIND, "p.yaml")
     spec = write_spec(SPEC.replace("KIND", "npu-x"))
