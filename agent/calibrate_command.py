@@ -9,7 +9,9 @@ prefills) over the grid (agent/profiling.py), fits `Efficiency` for the device k
   --out X.yaml: a profile (cost_models/profile.py) - host, fitted factors, the measured
       per-layer grid and head times - that a spec's `profiles:` list references. On a CPU it
       also measures how much slower a worker steps while cores // threads workers step at
-      once (the memory bus they share: host `shared_workers`, `shared_slowdown`).
+      once (the memory bus they share: host `shared_workers`, `shared_slowdown`), and, with
+      the model's weights at hand, times one greedy stream through a real pipeline of 1 and
+      of 2 stages for what a step costs beyond its layers and head (`step`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kind", default=None, help="device kind (default: cpu, or what NVML finds)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one per worker)")
     p.add_argument("--random-weights", action="store_true", help="skip loading the weights")
+    p.add_argument(
+        "--skip-pipeline",
+        action="store_true",
+        help="CPU: do not time a real 1- and 2-stage pipeline for the step's overheads",
+    )
     p.add_argument(
         "--shared-workers",
         type=int,
@@ -80,6 +87,34 @@ def _default_kind(device: str) -> str:
     if match == "assumed":
         print(f"{props.name} is not in the device catalog; calibrating it as {kind.name}")
     return kind.name
+
+
+def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any) -> Any:
+    """Returns the profile with a real pipeline's step overheads (`step`), its own tables
+    giving the layers and head they are measured beyond (agent/profiling.py)."""
+    import dataclasses
+
+    from agent import profiling
+
+    context = profiling.PIPELINE_PROMPT_TOKENS + profiling.PIPELINE_OUTPUT_TOKENS // 2
+    layer_s = profile.decode.at(1, context)[0]
+    head_s = profile.head.at(1, 1)[0]
+    got = profiling.measure_pipeline_overheads(
+        args.model, arch.n_layers, layer_s, head_s, threads=args.threads
+    )
+    print(
+        f"real pipeline, one greedy stream: {got.tpot_s[0] * 1e3:.1f} ms/token on 1 stage, "
+        f"{got.tpot_s[1] * 1e3:.1f} on 2; beyond layers and head: {got.return_s * 1e3:.2f} ms "
+        f"per step, {got.hop_s * 1e3:.2f} ms per further stage"
+    )
+    step = {
+        "return_s": got.return_s,
+        "hop_s": got.hop_s,
+        "tpot_1_stage_s": got.tpot_s[0],
+        "tpot_2_stages_s": got.tpot_s[1],
+        "context": float(got.context),
+    }
+    return dataclasses.replace(profile, step=step)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
             path=args.out,
             measured_overhead_s=overhead_s,
         )
+        if args.device == "cpu" and origin.startswith("weights") and not args.skip_pipeline:
+            profile = _with_pipeline_overheads(profile, args, arch)
         save_profile(args.out, profile)
         print(f"wrote profile {args.out} (decode and prefill per layer, head by rows)")
     else:

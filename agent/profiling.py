@@ -12,6 +12,9 @@ Contract (agent/calibrate_command.py and bench/profile_fit.py call these):
     measure_head_s(arch, rows, setup)       -> {rows: seconds of final norm + logits + pick}
     measure_shared_slowdown(setup, workers) -> float: a decode step with `workers` busy at once,
                                                over one alone
+    measure_pipeline_overheads(model, n_layers, decode_layer_s, head_s)
+                                            -> PipelineOverheads: a real 1- and 2-stage pipeline's
+                                               step beyond layers and head (return_s, hop_s)
     host_description(device, threads)       -> dict: CPU model, vector extensions, accelerator
     device_memory_bytes(device)             -> int | None (GPU memory; None on CPU)
 """
@@ -23,7 +26,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cost_models.calibration import Measurement
@@ -274,6 +277,72 @@ def measure_shared_slowdown(setup: ProfilingSetup, workers: int) -> float:
     alone = next(a for i, a, _ in got if i == 0)
     together = statistics.median(t for _, _, t in got)
     return max(1.0, together / alone)
+
+
+PIPELINE_PROMPT_TOKENS = 128
+PIPELINE_OUTPUT_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class PipelineOverheads:
+    """What a real pipeline's decode step costs beyond its layers and head, on this host."""
+
+    return_s: float  # one stage: a step's receive, bookkeeping, result back to the engine
+    hop_s: float  # each further stage: its receive, bookkeeping and the hop to it
+    tpot_s: tuple[float, ...]  # measured time per output token with 1 and 2 stages
+    context: int  # mean context of the timed steps
+
+
+def _stream_tpot_s(model: str, stages: list[tuple[int, int]], threads: int) -> float:
+    """Returns the median gap between the tokens of one greedy stream through a real pipeline
+    (agent/engine.py) of `stages` on CPU workers."""
+    import asyncio
+
+    from agent.engine import EngineConfig, PipelineEngine
+    from agent.engine_api import SamplingParams
+
+    engine = PipelineEngine(
+        EngineConfig(model=model, n_devices=len(stages), stages=stages, threads_per_worker=threads)
+    ).start()
+    try:
+        prompt = [1 + (7 * i) % 1000 for i in range(PIPELINE_PROMPT_TOKENS)]
+        params = SamplingParams(max_tokens=PIPELINE_OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
+
+        async def stream(rid: str, params: SamplingParams) -> list[float]:
+            times = []
+            async for _ in engine.generate(rid, prompt, params):
+                times.append(time.perf_counter())
+            return times
+
+        asyncio.run(stream("warm-up", replace(params, max_tokens=4)))
+        times = asyncio.run(stream("timed", params))
+    finally:
+        engine.stop()
+    gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]  # decode steps only
+    return statistics.median(gaps)
+
+
+def measure_pipeline_overheads(
+    model: str, n_layers: int, decode_layer_s: float, head_s: float, threads: int = 1
+) -> PipelineOverheads:
+    """Returns the step overheads of a real pipeline serving `model` on CPU workers.
+
+    One greedy stream (PIPELINE_PROMPT_TOKENS in, PIPELINE_OUTPUT_TOKENS out) through one stage
+    and through two; with L = n_layers * decode_layer_s and H = head_s (this profile's own
+    tables at batch 1 and the stream's mean context):
+
+        return_s = TPOT(1 stage) - L - H       (the ring: engine -> stage -> engine)
+        hop_s    = TPOT(2 stages) - TPOT(1)    (a stage more: one more receive and send)
+    """
+    half = n_layers // 2
+    one = _stream_tpot_s(model, [(0, n_layers)], threads)
+    two = _stream_tpot_s(model, [(0, half), (half, n_layers)], threads)
+    return PipelineOverheads(
+        return_s=max(0.0, one - n_layers * decode_layer_s - head_s),
+        hop_s=max(0.0, two - one),
+        tpot_s=(one, two),
+        context=PIPELINE_PROMPT_TOKENS + PIPELINE_OUTPUT_TOKENS // 2,
+    )
 
 
 def _cpu_model_and_flags() -> tuple[str, list[str]]:

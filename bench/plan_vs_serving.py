@@ -10,7 +10,8 @@ grid) and plans the spec with that profile, so the prediction speaks of this CPU
 one the catalog's defaults were fitted on; a spec that references profiles keeps its own.
 
 Two loads, each against its prediction:
-  * the spec's rate: Poisson arrivals at `workload.request_rate_per_s`, prompts and outputs of
+  * the spec's rate: Poisson arrivals at `workload.request_rate_per_s` (as many as the rate
+    times the duration, at random times), prompts and outputs of
     the spec's mean lengths; predicted by cost_models/load_point.py from the plan's stage
     costs at the batches the engine forms at that rate, on the shared host;
   * saturation: as many clients at once as the plan's micro-batches hold (in flight x batch),
@@ -59,19 +60,21 @@ async def _one(client, prompt: list[int], max_tokens: int, out: list[Stream]) ->
 
 async def open_loop(base_url: str, prompts, max_tokens: int, rate: float, duration_s: float,
                     seed: int) -> list[Stream]:
-    """Poisson arrivals at `rate` for `duration_s`; waits for every request to end."""
+    """Poisson arrivals at `rate` for `duration_s`, conditioned on their count: exactly
+    round(rate * duration_s) requests at uniformly random times (a Poisson process given its
+    count), so the load offered is the spec's rate and not a draw around it; waits for every
+    request to end."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
     rng = random.Random(seed)
+    offsets = sorted(rng.uniform(0, duration_s) for _ in range(round(rate * duration_s)))
     out: list[Stream] = []
     tasks = []
-    t_end = time.monotonic() + duration_s
-    i = 0
-    while time.monotonic() < t_end:
+    t0 = time.monotonic()
+    for i, at in enumerate(offsets):
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         tasks.append(asyncio.create_task(_one(client, prompts[i % len(prompts)], max_tokens, out)))
-        i += 1
-        await asyncio.sleep(rng.expovariate(rate))
     await asyncio.gather(*tasks)
     await client.close()
     return out

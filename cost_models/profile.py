@@ -25,6 +25,10 @@ A profile is versioned YAML (FORMAT) that `pipeshift calibrate --out PROFILE.yam
     decode:  {batches: [...], contexts: [...], layer_s: [[...] per batch]}  # one decode step
     prefill: {batches: [...], tokens: [...], layer_s: [[...] per batch]}    # whole prompts
     head:    {rows: [...], s: [...]}              # final norm + logits for `rows` positions
+    step:    {return_s, hop_s, ...}   # a real pipeline's decode step beyond layers and head:
+                                      # return_s once per step (to the engine and back),
+                                      # hop_s per further stage (it becomes the kind's link
+                                      # latency unless `device` gives link_latency_s)
 
 A kind not in the catalog needs `device` (memory_gib, link_bandwidth_gb_s,
 network_bandwidth_gb_s), `decode`, `prefill` and `head`; there is no roofline to fall back on.
@@ -146,6 +150,7 @@ class Profile:
     decode: Table | None = None  # rows: batch, cols: context; per layer
     prefill: Table | None = None  # rows: batch, cols: prompt tokens; per layer
     head: Table | None = None  # rows: logit rows, one column
+    step: dict[str, float] = field(default_factory=dict)  # return_s, hop_s (+ what they came from)
 
     def to_doc(self) -> dict[str, Any]:
         """Returns the YAML document of this profile."""
@@ -183,6 +188,8 @@ class Profile:
                 "rows": [int(x) for x in self.head.rows],
                 "s": [_g(row[0]) for row in self.head.seconds],
             }
+        if self.step:
+            doc["step"] = {k: _g(v) for k, v in self.step.items()}
         return doc
 
 
@@ -305,6 +312,7 @@ def load_profile(path: str | Path) -> Profile:
         "decode",
         "prefill",
         "head",
+        "step",
     }
     for key in sorted(set(doc) - known):
         r.error((key,), "unknown field; remove it or fix its spelling")
@@ -353,6 +361,16 @@ def load_profile(path: str | Path) -> Profile:
                 r.error(("head", "s"), f"{len(s)} values for {len(rows)} rows; give one per row")
             else:
                 head = Table(tuple(rows), (1.0,), tuple((x,) for x in s))
+    step: dict[str, float] = {}
+    raw_step = doc.get("step") or {}
+    if not isinstance(raw_step, dict):
+        r.error(("step",), "give a mapping: return_s, hop_s (seconds)")
+        raw_step = {}
+    for key, value in raw_step.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            r.error(("step", key), f"give a non-negative number of seconds (got {value!r})")
+        else:
+            step[key] = float(value)
     kind = doc.get("kind")
     if isinstance(kind, str) and kind.lower() not in load_device_catalog():
         missing = [k for k in _NEW_KIND_NEEDS if k not in device]
@@ -379,6 +397,7 @@ def load_profile(path: str | Path) -> Profile:
         decode=decode,
         prefill=prefill,
         head=head,
+        step=step,
     )
 
 
@@ -392,6 +411,8 @@ def device_kind_of(profile: Profile, catalog_kind: DeviceKind | None) -> DeviceK
     }
     if "memory_bytes" in values:
         values["memory_bytes"] = int(values["memory_bytes"])
+    if "link_latency_s" not in values and "hop_s" in profile.step:
+        values["link_latency_s"] = profile.step["hop_s"]  # a stage more, measured end to end
     if catalog_kind is not None:
         return replace(catalog_kind, **values)
     return DeviceKind(
@@ -492,9 +513,11 @@ def profile_of_points(
     memory_bytes: int | None = None,
     path: str = "",
     measured_overhead_s: float | None = None,
+    step: dict[str, float] | None = None,
 ) -> Profile:
     """Returns the profile of measured points (cost_models.calibration.Measurement), a
-    FitResult and head times by rows; memory_bytes (a GPU's) goes under `device`."""
+    FitResult, head times by rows and a real pipeline's step overheads; memory_bytes (a
+    GPU's) goes under `device`."""
     head = None
     if head_s:
         rows = sorted(head_s)
@@ -522,6 +545,7 @@ def profile_of_points(
         decode=_table_of(points, "decode"),
         prefill=_table_of(points, "prefill"),
         head=head,
+        step=dict(step or {}),
     )
 
 

@@ -16,6 +16,9 @@ With a profile whose tables hold this model in this dtype:
     layer_decode_s  = decode table at (batch, decode_context)
     layer_prefill_s = prefill table at (1, prompt_tokens)
     head_*_s        = head table at rows (batch for decode, 1 for prefill)
+plus, where the profile measured a real pipeline (`step`), its return_s on the head (the last
+stage's step hands the result back to the engine: once per step; the step's further stages
+pay hop_s each as the kind's link latency, cost_models/profile.device_kind_of);
 interpolated as cost_models/profile.py says (bilinear inside the grid; outside, the roofline
 anchored to the nearest measured edge, or for a kind defined only by measurement, linear
 extrapolation). The roofline uses the profile's fitted factors when it has them. A kind
@@ -132,6 +135,15 @@ def operating_costs(
     head_decode = pick("head", "head", batch, 1)
     head_prefill = pick("head prefill", "head", 1, 1)
     how.pop("head prefill")
+    step = profile.step if profile is not None and use_tables else {}
+    if "return_s" in step:
+        back = step["return_s"] if share is None else shared_time_s(step["return_s"], share)
+        head_decode += back
+        head_prefill += back
+        how["step"] = (
+            f"measured on a real pipeline (return {step['return_s'] * 1e3:.1f} ms"
+            + (f", hop {step['hop_s'] * 1e3:.1f} ms)" if "hop_s" in step else ")")
+        )
     if has_roofline:
         embed_decode = latency.embed_s(arch, device, batch, dtype_bytes, eff)
         embed_prefill = latency.embed_s(arch, device, prompt_tokens, dtype_bytes, eff)

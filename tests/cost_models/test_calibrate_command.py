@@ -52,3 +52,27 @@ def test_calibrate_out_yaml_writes_a_profile_a_spec_plans_from(tmp_path, capsys)
     assert main(["plan", "-f", str(spec)]) == 0
     printed = capsys.readouterr().out
     assert f"cpu: profile {out}" in printed and "decode measured (interpolated)" in printed
+
+
+@pytest.mark.slow
+def test_calibrate_times_a_real_pipeline_for_the_steps_overheads(tmp_path, capsys):
+    """With the model's weights at hand, calibrate streams through a real 1- and 2-stage
+    pipeline: the profile's `step` holds what a step costs beyond the layers and the head,
+    and the planner prices a further stage at its hop."""
+    from cost_models.device_catalog import get_device_kind
+    from cost_models.profile import device_kind_of, load_profile
+
+    out = tmp_path / "cpu.yaml"
+    argv = [
+        "calibrate", "--layers", "2", "--batches", "1", "--contexts", "128,256",
+        "--prefill-tokens", "", "--repeats", "2", "--shared-workers", "0", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    step = load_profile(out).step
+    one, two = step["tpot_1_stage_s"], step["tpot_2_stages_s"]
+    assert 0.005 < one < 1.0 and 0.005 < two < 1.0
+    assert step["hop_s"] == pytest.approx(max(0.0, two - one), rel=1e-4, abs=1e-6)
+    assert 0 <= step["return_s"] < one  # the layers and head are most of a step
+    kind = device_kind_of(load_profile(out), get_device_kind("cpu"))
+    assert kind.link_latency_s == pytest.approx(step["hop_s"])
+    assert "real pipeline, one greedy stream" in capsys.readouterr().out

@@ -80,6 +80,29 @@ def test_a_profiles_measured_bus_slows_the_workers_of_a_host_that_gives_no_bandw
     assert given.layer_decode_s == pytest.approx(alone.layer_decode_s)
 
 
+def test_a_profiles_pipeline_step_costs_each_step_once_and_each_further_stage_a_hop(write_spec):
+    """`step` measured on a real pipeline: return_s joins the head (once per step, the result
+    goes back to the engine), hop_s becomes the kind's link latency (a stage more)."""
+    spec = (
+        "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"
+        "profiles: [p.yaml]\nworkload: {prompt_tokens: 512, output_tokens: 64, batch: 4}\n"
+    )
+    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + TABLES, "p.yaml")
+    before = build_problem(load_spec(write_spec(spec)))
+    step = "step: {return_s: 0.002, hop_s: 0.0035, context: 176}\n"
+    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + TABLES + step, "p.yaml")
+    after = build_problem(load_spec(write_spec(spec)))
+    (k0,), (k1,) = before.kinds, after.kinds
+    assert k1.head_decode_s == pytest.approx(k0.head_decode_s + 0.002)
+    assert k1.head_prefill_s == pytest.approx(k0.head_prefill_s + 0.002)
+    assert k1.layer_decode_s == pytest.approx(k0.layer_decode_s)
+    assert after.hop_decode_s == pytest.approx(before.hop_decode_s - get_device_kind("cpu").link_latency_s + 0.0035)
+    assert "measured on a real pipeline (return 2.0 ms, hop 3.5 ms)" in k1.cost_source.describe()
+    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + TABLES + "step: {hop_s: -1}\n", "p.yaml")
+    with pytest.raises(SpecError, match="step.hop_s|non-negative"):
+        load_spec(write_spec(spec))
+
+
 def test_a_kind_defined_only_by_tables_plans_and_the_report_says_so(write_spec, capsys):
     path = write_spec(NEW_KIND, "p.yaml")
     spec = write_spec(SPEC.replace("KIND", "npu-x"))
