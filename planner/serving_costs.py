@@ -160,10 +160,11 @@ class PipelineCosts:
         return out
 
     def capacity_rps(self, prompt_mean: float, output_mean: float) -> float:
-        """Returns requests/s at full batches: 1 / (prefill busy + output * step / slots)."""
+        """Returns requests/s at full batches: 1 / (prefill + output * step / slots), where a
+        prompt costs the running sequences its whole traversal of the stages."""
         step = self.decode_step_s(self.slots, prompt_mean + output_mean / 2)
-        busy, _ = self.prefill_s(math.ceil(prompt_mean))
-        return 1.0 / (busy + output_mean * step / self.slots)
+        _, traversal = self.prefill_s(math.ceil(prompt_mean))
+        return 1.0 / (traversal + output_mean * step / self.slots)
 
 
 def _operating(s: StageCost, arch: ModelArch, dtype: float, batch: int, context: int, prompt: int):

@@ -8,8 +8,10 @@ the set of sequences a pipeline decodes does not change, so its decode steps are
 chunk, each step costed at the chunk's middle context (step time is linear in context within
 a CONTEXT_BUCKET; planner/serving_costs.py). Continuous batching: a pipeline admits queued
 requests while it has a free slot (S stages x batch) and KV room for prompt + output; each
-admitted prompt is prefilled before decode resumes. Requests go to the least loaded of up to
-ROUTE_CHOICES pipelines (load: queued + active per slot).
+admitted prompt is prefilled before decode resumes: a pipeline with sequences running loses
+the prompt's whole traversal (each micro-batch waits behind it at every stage in turn), an
+idle one only its slowest stage (prompts back to back overlap across stages). Requests go to
+the least loaded of up to ROUTE_CHOICES pipelines (load: queued + active per slot).
 
 Policies: `static` serves the initial configuration throughout. `auto` calls
 planner.adapt.propose (the controller's decision rule, planner/controller.py) every
@@ -146,6 +148,8 @@ def _advance(p: SimPipeline, run: _Run, until: float) -> None:
                 p.t = start
                 if not run.prefilled[r]:
                     busy, first = costs.prefill_s(tr.prompt[r])
+                    if p.active:  # running sequences pass every stage behind the prompt
+                        busy = first
                     run.first_s[r] = p.t + first * p.slow
                     p.t += busy * p.slow
                     run.prefilled[r] = True
