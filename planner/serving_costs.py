@@ -13,7 +13,7 @@ slowed as the planner prices them, planner/topology.planning_shares), and latenc
 ceil(active / S) sequences are in flight (planner/problem.py), so a decode step for all of
 them takes max(S * bottleneck, sum of stages). A prefill keeps the pipeline busy for its
 slowest stage; its first token comes after every stage. Contexts are costed in buckets of
-CONTEXT_BUCKET tokens, prompts in buckets of PROMPT_BUCKET (rounded up).
+CONTEXT_BUCKET tokens (rounded up); prompts linearly between multiples of PROMPT_BUCKET.
 """
 
 from __future__ import annotations
@@ -151,8 +151,17 @@ class PipelineCosts:
         return step
 
     def prefill_s(self, prompt: int) -> tuple[float, float]:
-        """Returns (seconds the pipeline is busy, seconds until the first token) of one prompt."""
-        bucket = max(1, math.ceil(prompt / PROMPT_BUCKET))
+        """Returns (seconds the pipeline is busy, seconds until the first token) of one prompt:
+        linear between the PROMPT_BUCKET multiples around it (from the first bucket up)."""
+        lo = max(1, prompt // PROMPT_BUCKET)
+        w = min(1.0, max(0.0, prompt / PROMPT_BUCKET - lo))
+        a = self._prefill_bucket(lo)
+        if w == 0.0:
+            return a
+        b = self._prefill_bucket(lo + 1)
+        return ((1 - w) * a[0] + w * b[0], (1 - w) * a[1] + w * b[1])
+
+    def _prefill_bucket(self, bucket: int) -> tuple[float, float]:
         out = self._prefills.get(bucket)
         if out is None:
             times = [_stage_prefill_s(self.arch, s, self.dtype_bytes, bucket) for s in self.stages]
