@@ -74,3 +74,23 @@ def test_auto_gives_devices_back_when_load_falls_and_takes_them_when_it_rises() 
     assert late and min(late) > 0.95
     static = simulate(load_spec(SPEC), trace, "static")
     assert result.device_hours < static.device_hours
+
+
+def test_prefill_is_linear_between_prompt_buckets_and_running_sequences_wait_the_whole_traversal() -> None:
+    """A 165-token prompt costs between the 160- and 192-token buckets, in proportion (not the
+    192 above it); a two-stage pipeline's traversal is the sum of its stages, its busy time
+    when idle the slowest stage."""
+    import pytest
+
+    from planner.serving_costs import PROMPT_BUCKET, PipelineCosts
+
+    spec = load_spec(SPEC)
+    names = [n for n, _, _ in spec.device_names()]
+    costs = PipelineCosts.of(spec, [(names[0], 0, 16), (names[1], 16, 32)], 4)
+    lo, hi = costs.prefill_s(5 * PROMPT_BUCKET), costs.prefill_s(6 * PROMPT_BUCKET)
+    mid = costs.prefill_s(5 * PROMPT_BUCKET + 5)
+    for i in (0, 1):
+        assert lo[i] < mid[i] < hi[i]
+        assert mid[i] == pytest.approx(lo[i] + 5 / PROMPT_BUCKET * (hi[i] - lo[i]))
+    busy, traversal = hi
+    assert busy < traversal  # two stages: the slowest alone is less than both in turn
