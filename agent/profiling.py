@@ -267,7 +267,7 @@ def measure_shared_slowdown(setup: ProfilingSetup, workers: int) -> float:
         arch = build_stage(dataclasses.replace(setup, layers=1))[1]
     per_layer = layer_weight_bytes(arch, dtype_bytes_of(setup.dtype))
     layers = max(setup.layers, min(arch.n_layers - 2, int(SHARED_STAGE_BYTES // per_layer)))
-    probe = dataclasses.replace(setup, layers=layers, random_weights=True, repeats=max(setup.repeats, 10))
+    probe = dataclasses.replace(setup, layers=layers, random_weights=True, repeats=max(setup.repeats, 30))
     procs = [ctx.Process(target=_shared_worker, args=(probe, barrier, results, i)) for i in range(workers)]
     for p in procs:
         p.start()
