@@ -36,7 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.problem import PlanningProblem
-from planner.shapes import CapTable, PipelineShape, best_shape, candidate_bottlenecks_s
+from planner.shapes import (
+    CapTable,
+    PipelineShape,
+    best_shape,
+    candidate_bottlenecks_s,
+    shape_at,
+)
 
 _INF = math.inf
 
@@ -59,7 +65,12 @@ class Pricer:
         self.kind_counts = kind_counts
         self.table = CapTable(problem)
         self.candidates = candidate_bottlenecks_s(problem)
-        self.exact = problem.ttft_slo_s is None and problem.topology is None
+        self.exact = problem.topology is None
+        # a TTFT SLO without topology: labels (cost, prefill), kinds by prefill speed
+        self.ttft = problem.ttft_slo_s is not None and problem.topology is None
+        self.by_prefill = sorted(
+            range(len(problem.kinds)), key=lambda k: (problem.kinds[k].layer_prefill_s, k)
+        )
         self.max_stages = min(problem.max_stages, problem.n_layers, sum(kind_counts))
         # with a topology, the relaxation: every non-last stage pays its pool's fastest hop
         self.fast_hop_s = (
@@ -108,9 +119,19 @@ class Pricer:
         return out[0], out[1], out[2]
 
     def cheapest(
-        self, n_stages: int, idx: int, prices: np.ndarray, want_vector: bool = False
+        self,
+        n_stages: int,
+        idx: int,
+        prices: np.ndarray,
+        want_vector: bool = False,
+        relaxed: bool = False,
     ) -> tuple[float, tuple[int, ...] | None]:
-        """Returns cost_S(T) and, if wanted, its count vector (None when no pipeline fits)."""
+        """Returns cost_S(T) and, if wanted, its count vector (None when no pipeline fits);
+        `relaxed`: ignoring the TTFT SLO (a lower bound on the cost, faster)."""
+        if self.ttft and not relaxed:
+            return self.within_ttft(
+                n_stages, idx, prices, self.cheapest(n_stages, idx, prices, True, True)
+            )
         mid, first, last = self.caps(n_stages, idx)
         L = self.problem.n_layers
         K = len(prices)
@@ -166,6 +187,96 @@ class Pricer:
             state = self._backtrack_free(f, bounded, state, free, prices, mid, first, last, counts)
         self._backtrack(history, bounded, state, limited, prices, mid, first, last, counts)
         return float(best), tuple(counts)
+
+    def within_ttft(
+        self,
+        n_stages: int,
+        idx: int,
+        prices: np.ndarray,
+        relaxed: tuple[float, tuple[int, ...] | None],
+    ) -> tuple[float, tuple[int, ...] | None]:
+        """Returns cost_S(T) under the TTFT SLO given the relaxed (cost, vector): the relaxed
+        one when its vector meets the SLO at T (it is then the cheapest), else the labels'."""
+        cost, vec = relaxed
+        if vec is None:
+            return _INF, None
+        if shape_at(self.problem, vec, self.candidates[idx], self.table, any_fit=True):
+            return cost, vec
+        return self.cheapest_within_ttft(n_stages, idx, prices)
+
+    def cheapest_within_ttft(
+        self, n_stages: int, idx: int, prices: np.ndarray
+    ) -> tuple[float, tuple[int, ...] | None]:
+        """Returns cost_S(T) among pipelines that meet the TTFT SLO, and its count vector
+        (None when none does): labels (cost, prefill) per state, kinds fastest prefill
+        first, each block of kind k taking x_k = min(hi, L - l - (S - s - d)) layers (module
+        docstring)."""
+        p = self.problem
+        mid, first, last = self.caps(n_stages, idx)
+        L, S, K = p.n_layers, n_stages, len(prices)
+        kinds = p.kinds
+        budget_s = p.ttft_slo_s * (1 + 1e-9) - (S - 1) * p.hop_prefill_s
+        if S == 1:
+            ok = [
+                k
+                for k in range(K)
+                if last[k] >= L
+                and self.kind_counts[k] > 0
+                and L * kinds[k].layer_prefill_s + kinds[k].embed_prefill_s
+                + kinds[k].head_prefill_s
+                <= budget_s
+            ]
+            if not ok:
+                return _INF, None
+            k = min(ok, key=lambda k: (prices[k], k))
+            return float(prices[k]), tuple(int(j == k) for j in range(K))
+        order = [k for k in self.by_prefill if self.kind_counts[k] > 0]
+        base = max(self.kind_counts) + 1  # count vectors packed base `base`, kind k at base**k
+        # labels: stages, first placed, last placed, layers, cost, prefill seconds, counts
+        s, F, G, lay, code = (np.zeros(1, np.int64) for _ in range(5))
+        cost, pre = np.zeros(1), np.zeros(1)
+        for pos, k in enumerate(order):
+            n_k, kind = self.kind_counts[k], kinds[k]
+            # kind k's blocks: f first, g last, t middle stages (0, 0, 0: kind k unused)
+            opts = np.array(
+                [
+                    (f, g, t)
+                    for f in ((0, 1) if first[k] >= 1 else (0,))
+                    for g in ((0, 1) if last[k] >= 1 else (0,))
+                    for t in range(0, (n_k - f - g) + 1 if mid[k] >= 1 else 1)
+                    if f + g + t <= min(n_k, S)
+                ],
+                np.int64,
+            )
+            of, og, ot = opts.T
+            d = of + og + ot
+            hi = ot * int(mid[k]) + of * int(first[k]) + og * int(last[k])
+            ok = (F[:, None] + of <= 1) & (G[:, None] + og <= 1) & (s[:, None] + d <= S)
+            li, oi = np.nonzero(ok)
+            x = np.minimum(hi[oi], L - lay[li] - (S - s[li] - d[oi]))
+            s, F, G = s[li] + d[oi], F[li] + of[oi], G[li] + og[oi]
+            lay = lay[li] + x
+            pre = (
+                pre[li]
+                + x * kind.layer_prefill_s
+                + of[oi] * kind.embed_prefill_s
+                + og[oi] * kind.head_prefill_s
+            )
+            cost = cost[li] + d[oi] * float(prices[k])
+            code = code[li] + d[oi] * base**k
+            # every layer still to place goes to a kind no faster than the next one
+            rest = L - lay
+            if pos + 1 < len(order):
+                keep = pre + rest * kinds[order[pos + 1]].layer_prefill_s <= budget_s
+            else:
+                keep = (rest == 0) & (pre <= budget_s) & (s == S) & (F == 1) & (G == 1)
+            s, F, G, lay, cost, pre, code = _pareto_labels(
+                *(a[keep] for a in (s, F, G, lay, cost, pre, code)), L
+            )
+        if len(cost) == 0:
+            return _INF, None
+        i = int(np.argmin(cost))
+        return float(cost[i]), tuple(int(code[i]) // base**k % base for k in range(K))
 
     def _add_kind(
         self,
@@ -383,12 +494,22 @@ class Pricer:
         """Returns the best value of S-stage pipelines over candidates [lo, hi), its vector
         and candidate if it beats `floor` (branch and bound over the candidates; module
         docstring)."""
-        memo: dict[int, float] = {}
+        memo: dict[int, tuple[float, tuple[int, ...] | None]] = {}
+        relaxed: dict[int, tuple[float, tuple[int, ...] | None]] = {}
+
+        def relaxed_cost(i: int) -> float:  # with its vector when there is a TTFT SLO
+            if i not in relaxed:
+                relaxed[i] = self.cheapest(S, i, prices, want_vector=self.ttft, relaxed=True)
+            return relaxed[i][0]
 
         def cost(i: int) -> float:
             if i not in memo:
-                memo[i] = self.cheapest(S, i, prices)[0]
-            return memo[i]
+                if self.ttft:
+                    relaxed_cost(i)
+                    memo[i] = self.within_ttft(S, i, prices, relaxed[i])
+                else:
+                    memo[i] = self.cheapest(S, i, prices)
+            return memo[i][0]
 
         def value(i: int, c: float) -> float:
             return value_per_tok_s * self.problem.batch / self.candidates[i] - c - constant
@@ -397,6 +518,8 @@ class Pricer:
         stack = [(lo, hi - 1)]
         while stack:
             lo, up = stack.pop()
+            if self.ttft and value(lo, relaxed_cost(up)) <= best:
+                continue  # the cost without the TTFT SLO already bounds it
             c_up = cost(up)
             if value(lo, c_up) <= best:
                 continue  # nothing in [lo, up] beats what is known
@@ -411,6 +534,8 @@ class Pricer:
             stack.append((lo, half))
         if best_i is None:
             return best, None, -1
+        if self.ttft:
+            return best, memo[best_i][1], best_i
         return best, self.cheapest(S, best_i, prices, want_vector=True)[1], best_i
 
 
@@ -469,3 +594,31 @@ def _shift_layers(src: np.ndarray, add: int, L: int) -> np.ndarray:
     # every l >= L - add reaches L; keep the cheapest
     out[..., L] = src[..., max(0, L - add) :].min(axis=-1)
     return out
+
+
+def _pareto_labels(
+    s: np.ndarray,
+    F: np.ndarray,
+    G: np.ndarray,
+    lay: np.ndarray,
+    cost: np.ndarray,
+    pre: np.ndarray,
+    code: np.ndarray,
+    L: int,
+) -> tuple[np.ndarray, ...]:
+    """Returns the labels no other label of the same state (s, F, G, layers) beats: as cheap
+    or cheaper with no more prefill (ties keep one)."""
+    if len(s) == 0:
+        return s, F, G, lay, cost, pre, code
+    key = ((s * 2 + F) * 2 + G) * (L + 1) + lay
+    order = np.lexsort((cost, key))  # equal costs in any order: keeps a few extra labels
+    key_sorted, pre_sorted = key[order], pre[order]
+    starts = np.r_[True, key_sorted[1:] != key_sorted[:-1]]
+    # least prefill so far within each state: shift each state below all earlier ones
+    shift = float(pre_sorted.max(initial=0.0)) + 1.0
+    v = pre_sorted - key_sorted * shift
+    least = np.minimum.accumulate(v)
+    keep = starts.copy()
+    keep[1:] |= v[1:] < least[:-1] - 1e-12 * shift
+    idx = order[keep]
+    return s[idx], F[idx], G[idx], lay[idx], cost[idx], pre[idx], code[idx]

@@ -68,19 +68,16 @@ ENUMERATE_LIMIT = 6000  # count vectors listed at most; beyond, column generatio
 def shape_mode(problem: PlanningProblem, shapes: str = "auto") -> str:
     """Returns how the master gets its columns: "enumerate" (every count vector, exact) or
     "lazy" (column generation, planner/column_generation.py). "auto" lists them while there
-    are at most ENUMERATE_LIMIT vectors, and always for min_devices, a TTFT SLO or a topology:
-    there pricing is a relaxation (planner/pricing.py), whose bound holds but can stall far
-    from the plan; listing at least answers with the best pipelines of the lengths it got to.
+    are at most ENUMERATE_LIMIT vectors, and always for min_devices or a topology: there
+    pricing is a relaxation (planner/pricing.py), whose bound holds but can stall far from
+    the plan; listing at least answers with the best pipelines of the lengths it got to.
+    Under a TTFT SLO pricing is exact, as without one.
     """
     if shapes not in ("auto", "enumerate", "lazy"):
         raise ValueError(f"unknown shapes mode {shapes!r}; use auto, enumerate or lazy")
     if shapes != "auto":
         return shapes
-    if (
-        problem.objective == "min_devices"
-        or problem.topology is not None
-        or problem.ttft_slo_s is not None
-    ):
+    if problem.objective == "min_devices" or problem.topology is not None:
         return "enumerate"
     n = count_vectors_total(problem.kind_counts, problem.max_stages)
     return "enumerate" if n <= ENUMERATE_LIMIT else "lazy"

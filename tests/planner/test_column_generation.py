@@ -48,6 +48,74 @@ def test_pricing_finds_the_best_reduced_cost(seed):
         assert best == pytest.approx(brute, rel=1e-9)
 
 
+def _with_binding_ttft(seed: int, max_stages: int):
+    """Returns small instance `seed` with a TTFT SLO that some of its shapes miss (None when
+    it has no shape)."""
+    problem = random_small_problem(seed)
+    problem = replace(problem, max_stages=min(problem.max_stages, max_stages))
+    free = enumerate_shapes(problem).shapes
+    if not free:
+        return None
+    ttfts = sorted(s.ttft_s for s in free.values())
+    return replace(problem, ttft_slo_s=ttfts[(seed * 7) % len(ttfts)])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_pricing_under_a_ttft_slo_finds_the_best_reduced_cost(seed):
+    """With a TTFT SLO pricing is exact: against every shape listed under the SLO."""
+    problem = _with_binding_ttft(seed, 2 + seed % 6)
+    if problem is None:
+        return
+    shapes = enumerate_shapes(problem).shapes
+    pricer = Pricer(problem, problem.kind_counts)
+    rng = random.Random(seed)
+    for _ in range(3):
+        prices = np.array(
+            [
+                rng.uniform(0, 0.7) * problem.batch / (problem.n_layers * k.layer_decode_s)
+                for k in problem.kinds
+            ]
+        )
+        a = rng.uniform(0.5, 2.0)
+        brute = max(
+            (a * s.throughput_tok_s - float(prices @ s.counts) for s in shapes.values()),
+            default=-math.inf,
+        )
+        got = pricer.price(a, prices, 0.0, -math.inf)
+        assert got.exact and got.complete
+        if brute == -math.inf:
+            assert got.best_value == -math.inf
+            continue
+        assert got.best_value == pytest.approx(brute, rel=1e-9)
+        best = max(a * s.throughput_tok_s - float(prices @ s.counts) for s in got.shapes)
+        assert best == pytest.approx(brute, rel=1e-9)
+        assert all(s.ttft_s <= problem.ttft_slo_s * (1 + 1e-9) for s in got.shapes)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_generation_under_a_ttft_slo_certifies_the_optimum(seed):
+    """The bound is the LP over every shape meeting the SLO, and the plan the optimum found by
+    listing every shape."""
+    problem = _with_binding_ttft(seed, 8)
+    if problem is None:
+        return
+    full = build_master(problem)
+    lp_all = _solve_lp(full)[0] if full.columns else 0.0
+    gen = generate(build_master(problem, list_shapes=False), (problem,), time.perf_counter() + 10)
+    assert gen.converged
+    assert gen.bound == pytest.approx(lp_all, rel=1e-6, abs=1e-9)
+    listed = plan(problem, "highs", 10.0, shapes="enumerate")  # every shape: the optimum
+    r = plan(problem, "highs", 10.0, shapes="lazy")
+    if listed.status == "INFEASIBLE":
+        assert r.status == "INFEASIBLE"
+        return
+    assert listed.status == "OPTIMAL"
+    ref = listed.objective
+    assert r.details["converged"]
+    assert r.objective <= ref * (1 + 1e-9) <= r.bound * (1 + 1e-9)
+    assert r.objective == pytest.approx(ref, rel=1e-7)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_generated_bound_is_the_lp_over_every_shape(seed):
     problem = random_small_problem(seed)
