@@ -194,18 +194,20 @@ class Pricer:
         idx: int,
         prices: np.ndarray,
         relaxed: tuple[float, tuple[int, ...] | None],
+        cost_cap: float = _INF,
     ) -> tuple[float, tuple[int, ...] | None]:
         """Returns cost_S(T) under the TTFT SLO given the relaxed (cost, vector): the relaxed
-        one when its vector meets the SLO at T (it is then the cheapest), else the labels'."""
+        one when its vector meets the SLO at T (it is then the cheapest), else the labels'
+        (infinite when it is `cost_cap` or more)."""
         cost, vec = relaxed
-        if vec is None:
+        if vec is None or cost >= cost_cap:
             return _INF, None
         if shape_at(self.problem, vec, self.candidates[idx], self.table, any_fit=True):
             return cost, vec
-        return self.cheapest_within_ttft(n_stages, idx, prices)
+        return self.cheapest_within_ttft(n_stages, idx, prices, cost_cap)
 
     def cheapest_within_ttft(
-        self, n_stages: int, idx: int, prices: np.ndarray
+        self, n_stages: int, idx: int, prices: np.ndarray, cost_cap: float = _INF
     ) -> tuple[float, tuple[int, ...] | None]:
         """Returns cost_S(T) among pipelines that meet the TTFT SLO, and its count vector
         (None when none does): labels (cost, prefill) per state, kinds fastest prefill
@@ -231,6 +233,8 @@ class Pricer:
             k = min(ok, key=lambda k: (prices[k], k))
             return float(prices[k]), tuple(int(j == k) for j in range(K))
         order = [k for k in self.by_prefill if self.kind_counts[k] > 0]
+        # the least price of a stage from the kinds at or after each position
+        after = np.minimum.accumulate(np.array([prices[k] for k in order] + [_INF])[::-1])[::-1]
         base = max(self.kind_counts) + 1  # count vectors packed base `base`, kind k at base**k
         # labels: stages, first placed, last placed, layers, cost, prefill seconds, counts
         s, F, G, lay, code = (np.zeros(1, np.int64) for _ in range(5))
@@ -268,8 +272,12 @@ class Pricer:
             rest = L - lay
             if pos + 1 < len(order):
                 keep = pre + rest * kinds[order[pos + 1]].layer_prefill_s <= budget_s
+                if math.isfinite(cost_cap):  # labels that cannot end below the cap
+                    more = S - s
+                    keep &= cost + np.where(more > 0, more * after[pos + 1], 0.0) < cost_cap
             else:
                 keep = (rest == 0) & (pre <= budget_s) & (s == S) & (F == 1) & (G == 1)
+                keep &= cost < cost_cap
             s, F, G, lay, cost, pre, code = _pareto_labels(
                 *(a[keep] for a in (s, F, G, lay, cost, pre, code)), L
             )
@@ -495,6 +503,7 @@ class Pricer:
         and candidate if it beats `floor` (branch and bound over the candidates; module
         docstring)."""
         memo: dict[int, tuple[float, tuple[int, ...] | None]] = {}
+        capped: dict[int, float] = {}  # TTFT SLO: candidates whose cost is known >= this
         relaxed: dict[int, tuple[float, tuple[int, ...] | None]] = {}
 
         def relaxed_cost(i: int) -> float:  # with its vector when there is a TTFT SLO
@@ -502,14 +511,22 @@ class Pricer:
                 relaxed[i] = self.cheapest(S, i, prices, want_vector=self.ttft, relaxed=True)
             return relaxed[i][0]
 
-        def cost(i: int) -> float:
-            if i not in memo:
-                if self.ttft:
-                    relaxed_cost(i)
-                    memo[i] = self.within_ttft(S, i, prices, relaxed[i])
-                else:
-                    memo[i] = self.cheapest(S, i, prices)
-            return memo[i][0]
+        def cost(i: int, cap: float = _INF) -> float:
+            """cost_S at candidate i; under a TTFT SLO infinite when it is `cap` or more."""
+            if i in memo:
+                return memo[i][0]
+            if not self.ttft:
+                memo[i] = self.cheapest(S, i, prices)
+                return memo[i][0]
+            if capped.get(i, -_INF) >= cap:
+                return _INF
+            relaxed_cost(i)
+            c, vec = self.within_ttft(S, i, prices, relaxed[i], cap)
+            if math.isfinite(c) or not math.isfinite(cap):
+                memo[i] = (c, vec)
+            else:
+                capped[i] = cap
+            return c
 
         def value(i: int, c: float) -> float:
             return value_per_tok_s * self.problem.batch / self.candidates[i] - c - constant
@@ -518,12 +535,14 @@ class Pricer:
         stack = [(lo, hi - 1)]
         while stack:
             lo, up = stack.pop()
-            if self.ttft and value(lo, relaxed_cost(up)) <= best:
+            # what a pipeline in [lo, up] may cost at most to beat what is known
+            cap = value(lo, 0.0) - best if self.ttft else _INF
+            if self.ttft and relaxed_cost(up) >= cap:
                 continue  # the cost without the TTFT SLO already bounds it
-            c_up = cost(up)
+            c_up = cost(up, cap)
             if value(lo, c_up) <= best:
                 continue  # nothing in [lo, up] beats what is known
-            c_lo = cost(lo)
+            c_lo = cost(lo, cap)
             if c_lo == c_up or up - lo <= 1:
                 for i, c in ((lo, c_lo), (up, c_up)):
                     if math.isfinite(c) and value(i, c) > best:
