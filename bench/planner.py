@@ -14,7 +14,9 @@ d. Topology: Llama-2-70B on 8 nodes of 4 GPUs in two regions joined by a 1 Gbit/
 e. No size limit: 16 device kinds x 16 devices (256), Llama-2-70B (80 layers), up to 16
    stages per pipeline, TPOT SLO: column generation (C(16 + 16, 16) count vectors cannot be
    listed), on every backend within 60 s; gap against the LP bound over every shape.
-f. The former limit, 8 kinds x 8 devices with 10 stages (and 12), by column generation.
+f. The former limit, 8 kinds x 8 devices with 10 stages (and 12): the cluster spec's
+   workload with its TTFT SLO (5 s) and TPOT SLO (400 ms), by column generation; and the
+   same without the TTFT SLO.
 g. Several models: Llama-2-70B, Qwen2.5-32B and Llama-3.1-8B sharing 32 devices of 4 kinds,
    on every backend; and the same three on the 256 devices of e (column generation).
 Prints tables, writes bench/out/planner.json and the `## Planner` section of docs/results.md.
@@ -422,12 +424,13 @@ def lazy_row(r: PlanResult) -> dict:
     return row
 
 
-def bench_no_limit(limit_s: float) -> dict:
+def bench_no_limit(limit_s: float, parts: set[str] = frozenset("ef")) -> dict:
     from planner.shapes import count_vectors_total
 
-    big = many_kind_problem(16, 16, 16)
-    out: dict = {
-        "e": {
+    out: dict = {}
+    if "e" in parts:
+        big = many_kind_problem(16, 16, 16)
+        out["e"] = {
             "kinds": 16,
             "devices": len(big.devices),
             "layers": big.n_layers,
@@ -435,15 +438,20 @@ def bench_no_limit(limit_s: float) -> dict:
             "limit_s": limit_s,
             "count_vectors": count_vectors_total(big.kind_counts, big.max_stages),
             "rows": {b: lazy_row(plan(big, b, limit_s)) for b in BACKENDS},
-        },
-        "f": {"limit_s": limit_s, "rows": {}},
-    }
-    for stages in (10, 12):
-        eight = many_kind_problem(8, 8, stages)
-        out["f"]["rows"][f"max_stages_{stages}"] = {
-            "count_vectors": count_vectors_total(eight.kind_counts, eight.max_stages),
-            **lazy_row(plan(eight, "cpsat", limit_s)),
         }
+    if "f" in parts:
+        # the former limit as b states it: the cluster's workload and SLOs on 8 kinds x 8
+        eight = eight_kind_problem(build_problem(load_spec(CLUSTER_SPEC)))
+        out["f"] = {"limit_s": limit_s, "ttft_slo_s": eight.ttft_slo_s, "rows": {}}
+        for ttft in ("ttft", "no_ttft"):
+            for stages in (10, 12):
+                p = replace(eight, max_stages=stages)
+                if ttft == "no_ttft":
+                    p = replace(p, ttft_slo_s=None)
+                out["f"]["rows"][f"{ttft}_max_stages_{stages}"] = {
+                    "count_vectors": count_vectors_total(p.kind_counts, p.max_stages),
+                    **lazy_row(plan(p, "cpsat", limit_s)),
+                }
     return out
 
 
@@ -540,8 +548,8 @@ def markdown(res: dict, command: str) -> str:
                     "",
                     f"Command: `{command}`. Machine: {MACHINE}. Date: {res['date']}.",
                 ]
-                + no_limit_markdown(res["no_limit"]) * ("no_limit" in res)
-                + pool_markdown(res["pool"]) * ("pool" in res)
+                + (no_limit_markdown(res["no_limit"]) if "no_limit" in res else [])
+                + (pool_markdown(res["pool"]) if "pool" in res else [])
             )
             + "\n"
         )
@@ -652,23 +660,36 @@ def markdown(res: dict, command: str) -> str:
 
 
 def no_limit_markdown(nl: dict) -> list[str]:
-    e, f = nl["e"], nl["f"]
-    lines = [
-        "",
-        f"### e. No size limit: {e['devices']} devices of {e['kinds']} kinds, {e['layers']} "
-        f"layers, up to {e['max_stages']} stages",
-        "",
-        f"Llama-2-70B, the cluster spec's workload with a TPOT SLO of 400 ms; "
-        f"{e['count_vectors']:,} count vectors, so shapes come from column generation "
-        f"(docs/planner.md); time limit {e['limit_s']:g} s. The bound is the LP relaxation "
-        "over every shape (Lagrangian when pricing had not finished).",
-        "",
+    e, f = nl.get("e"), nl.get("f")
+    lines = [""]
+    if e is not None:
+        lines += [
+            f"### e. No size limit: {e['devices']} devices of {e['kinds']} kinds, {e['layers']} "
+            f"layers, up to {e['max_stages']} stages",
+            "",
+            f"Llama-2-70B, the cluster spec's workload with a TPOT SLO of 400 ms; "
+            f"{e['count_vectors']:,} count vectors, so shapes come from column generation "
+            f"(docs/planner.md); time limit {e['limit_s']:g} s. The bound is the LP relaxation "
+            "over every shape (Lagrangian when pricing had not finished).",
+            "",
+        ]
+    if f is not None:
+        lines += [
+            "f: the former limit, 8 kinds x 8 devices (the cluster spec's workload, TPOT SLO "
+            f"400 ms, TTFT SLO {f['ttft_slo_s']:g} s unless 'no ttft'), time limit "
+            f"{f['limit_s']:g} s.",
+            "",
+        ]
+    lines += [
         "| backend / case | status | objective tok/s | bound tok/s | gap | time | LP rounds | "
         "columns |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rows = [(f"e / {b}", r) for b, r in e["rows"].items()]
-    rows += [(f"f: 8 kinds x 8, {k.replace('_', ' ')} / cpsat", r) for k, r in f["rows"].items()]
+    rows = [(f"e / {b}", r) for b, r in (e or {"rows": {}})["rows"].items()]
+    rows += [
+        (f"f: 8 kinds x 8, {k.replace('_', ' ')} / cpsat", r)
+        for k, r in (f or {"rows": {}})["rows"].items()
+    ]
     for name, r in rows:
         lines.append(
             f"| {name} | {r['status']} | {fmt_num(r['objective'])} | {fmt_num(r['bound'])} | "
@@ -828,14 +849,17 @@ def main() -> int:
 
     t = time.perf_counter()
     if "e" in parts or "f" in parts:
-        res["no_limit"] = nl = bench_no_limit(60.0)
+        res["no_limit"] = nl = bench_no_limit(60.0, parts)
         print(f"e, f. column generation ({time.perf_counter() - t:.0f} s)")
-        e = nl["e"]
-        print(
-            f"   e: {e['kinds']} kinds, {e['devices']} devices, {e['layers']} layers, "
-            f"max_stages {e['max_stages']}, {e['count_vectors']:,} count vectors"
-        )
-        for name, r in [*e["rows"].items(), *nl["f"]["rows"].items()]:
+        e = nl.get("e")
+        if e is not None:
+            print(
+                f"   e: {e['kinds']} kinds, {e['devices']} devices, {e['layers']} layers, "
+                f"max_stages {e['max_stages']}, {e['count_vectors']:,} count vectors"
+            )
+        e_rows = e["rows"] if e is not None else {}
+        f_rows = nl["f"]["rows"] if "f" in nl else {}
+        for name, r in [*e_rows.items(), *f_rows.items()]:
             print(
                 f"   {name:<14}{r['status']:<10} obj {fmt_num(r.get('objective')):>12} "
                 f"bound {fmt_num(r.get('bound')):>12} gap {fmt_gap(r.get('gap')):>10} "

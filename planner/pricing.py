@@ -19,11 +19,29 @@ too, so the best T of each S is searched by branch and bound over the sorted can
 on an interval [T_lo, T_hi] no value beats A * batch / T_lo - cost_S(T_hi), and where
 cost_S(T_lo) = cost_S(T_hi) the best is at T_lo.
 
-Exact when the problem has neither a TTFT SLO nor a topology. With a TTFT SLO the path ignores
-TTFT, and with a topology each stage is costed with its pool's fastest outgoing hop: both
-relax the pipeline, so the value found is an upper bound (the bound column generation
-certifies stays valid), and the count vector found is then costed exactly by
-planner/shapes.py's best_shape before it becomes a column.
+With a TTFT SLO the TTFT of a pipeline is additive along the path,
+
+    TTFT = sum over stages of x_i * prefill_k(i) + embed_first + head_last + (S - 1) * hop,
+
+where x_i (1 <= x_i <= cap of stage i, sum x_i = L) is least when the layers beyond one per
+stage go to the kinds with the fastest prefill first (planner/shapes.py). So the kinds are
+taken in order of prefill speed, and a block of d stages of kind k (t middle, f first, g
+last; hi = t * mid_k + f * first_k + g * last_k) takes exactly that fill:
+
+    x_k = min(hi, L - l - (S - s - d))          (leave one layer to every later stage)
+
+over states (s, l exact, F, G) that each keep the labels (cost, prefill so far) no other
+label beats (the rest of a path depends only on the state, so this is exact). A label is
+dropped when its prefill plus L - l layers at the next kind's speed passes the budget, or
+(in the branch and bound) when its cost plus the cheapest remaining stages cannot beat what
+is known. The relaxed path (TTFT ignored) bounds the cost from below and prunes first; when
+its vector meets the SLO at T (planner/shapes.py shape_at) it is the answer.
+
+Exact when the problem has no topology (with or without a TTFT SLO). With a topology each
+stage is costed with its pool's fastest outgoing hop and TTFT is ignored: that relaxes the
+pipeline, so the value found is an upper bound (the bound column generation certifies stays
+valid). In every case the count vector found is costed exactly by planner/shapes.py's
+best_shape before it becomes a column.
 """
 
 from __future__ import annotations
