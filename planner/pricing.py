@@ -616,20 +616,11 @@ def _add_stage(f: np.ndarray, layers: int, price: float, L: int, role: int) -> n
         src, dst = f[:-1, :1], out[1:, 1:]
     else:
         src, dst = f[:-1, :, :1], out[1:, :, 1:]
-    dst[...] = _shift_layers(src, layers, L) + price
-    return out
-
-
-def _shift_layers(src: np.ndarray, add: int, L: int) -> np.ndarray:
-    """Returns src moved `add` layers up along its last axis, everything at or past L
-    landing on L."""
-    out = np.full(src.shape, _INF)
-    if add <= 0:
-        return src.copy()
-    if add <= L:
-        out[..., add:] = src[..., : L + 1 - add]
-    # every l >= L - add reaches L; keep the cheapest
-    out[..., L] = src[..., max(0, L - add) :].min(axis=-1)
+    # src moved `layers` up along its last axis (layers >= 1), everything at or past L
+    # landing on L with the cheapest
+    if layers <= L:
+        np.add(src[..., : L + 1 - layers], price, out=dst[..., layers:])
+    dst[..., L] = src[..., max(0, L - layers) :].min(axis=-1) + price
     return out
 
 
