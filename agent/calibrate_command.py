@@ -9,9 +9,10 @@ prefills) over the grid (agent/profiling.py), fits `Efficiency` for the device k
   --out X.yaml: a profile (cost_models/profile.py) - host, fitted factors, the measured
       per-layer grid and head times - that a spec's `profiles:` list references. On a CPU it
       also measures how much slower a worker steps while cores // threads workers step at
-      once (the memory bus they share: host `shared_workers`, `shared_slowdown`), and, with
-      the model's weights at hand, times one greedy stream through a real pipeline of 1 and
-      of 2 stages for what a step costs beyond its layers and head (`step`).
+      once (host `shared_workers`, `shared_slowdown`) and, with the model's weights at hand,
+      times greedy streams through real pipelines: 1 and 2 stages for what a step costs
+      beyond its layers and head (`step`), and one stream on each of cores // threads
+      one-stage pipelines at once for the slowdown (without weights: decode layers at once).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def register(subparsers: Any) -> None:
         "--shared-workers",
         type=int,
         default=None,
-        help="CPU: workers stepping at once to measure how they slow each other on the memory "
-        "bus (default: cores // threads; 0 or 1 skips)",
+        help="CPU: workers stepping at once to measure how they slow each other (at most 4 "
+        "with a real pipeline; default: cores // threads; 0 or 1 skips)",
     )
     p.add_argument(
         "--fit-overhead",
@@ -89,7 +90,7 @@ def _default_kind(device: str) -> str:
     return kind.name
 
 
-def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any) -> Any:
+def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any, workers: int) -> Any:
     """Returns the profile with a real pipeline's step overheads (`step`), its own tables
     giving the layers and head they are measured beyond (agent/profiling.py)."""
     import dataclasses
@@ -100,13 +101,20 @@ def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any) 
     layer_s = profile.decode.at(1, context)[0]
     head_s = profile.head.at(1, 1)[0]
     got = profiling.measure_pipeline_overheads(
-        args.model, arch.n_layers, layer_s, head_s, threads=args.threads
+        args.model, arch.n_layers, layer_s, head_s, threads=args.threads, replicas=min(workers, 4)
     )
     print(
         f"real pipeline, one greedy stream: {got.tpot_s[0] * 1e3:.1f} ms/token on 1 stage, "
         f"{got.tpot_s[1] * 1e3:.1f} on 2; beyond layers and head: {got.return_s * 1e3:.2f} ms "
         f"per step, {got.hop_s * 1e3:.2f} ms per further stage"
     )
+    host = dict(profile.host)
+    if got.shared_slowdown is not None:
+        host.update(shared_workers=got.replicas, shared_slowdown=round(got.shared_slowdown, 4))
+        print(
+            f"{got.replicas} one-stage pipelines streaming at once: each "
+            f"{got.shared_slowdown:.3f}x slower (memory bus, engine waiting for a core)"
+        )
     step = {
         "return_s": got.return_s,
         "hop_s": got.hop_s,
@@ -114,7 +122,7 @@ def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any) 
         "tpot_2_stages_s": got.tpot_s[1],
         "context": float(got.context),
     }
-    return dataclasses.replace(profile, step=step)
+    return dataclasses.replace(profile, host=host, step=step)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,16 +180,16 @@ def run(args: argparse.Namespace) -> int:
         head = profiling.measure_head_s(arch, sorted(set(_ints(args.batches)) | {1}), setup)
         memory = profiling.device_memory_bytes(args.device)
         host = profiling.host_description(args.device, args.threads)
-        if args.device == "cpu":
+        workers = args.shared_workers
+        if workers is None:
             import os
 
-            workers = args.shared_workers
-            if workers is None:
-                workers = max(1, (os.cpu_count() or 1) // args.threads)
-            if workers > 1:
-                slowdown = profiling.measure_shared_slowdown(setup, workers)
-                host.update(shared_workers=workers, shared_slowdown=round(slowdown, 4))
-                print(f"{workers} workers stepping at once: each {slowdown:.3f}x slower (memory bus)")
+            workers = max(1, (os.cpu_count() or 1) // args.threads) if args.device == "cpu" else 1
+        pipeline = args.device == "cpu" and origin.startswith("weights") and not args.skip_pipeline
+        if workers > 1 and not pipeline:  # no real pipeline to time: decode layers at once
+            slowdown = profiling.measure_shared_slowdown(setup, workers)
+            host.update(shared_workers=workers, shared_slowdown=round(slowdown, 4))
+            print(f"{workers} workers stepping at once: each {slowdown:.3f}x slower (memory bus)")
         profile = profile_of_points(
             kind=kind.name,
             model=arch.name,
@@ -194,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
             path=args.out,
             measured_overhead_s=overhead_s,
         )
-        if args.device == "cpu" and origin.startswith("weights") and not args.skip_pipeline:
-            profile = _with_pipeline_overheads(profile, args, arch)
+        if pipeline:
+            profile = _with_pipeline_overheads(profile, args, arch, workers)
         save_profile(args.out, profile)
         print(f"wrote profile {args.out} (decode and prefill per layer, head by rows)")
     else:

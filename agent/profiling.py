@@ -291,18 +291,24 @@ class PipelineOverheads:
     hop_s: float  # each further stage: its receive, bookkeeping and the hop to it
     tpot_s: tuple[float, ...]  # measured time per output token with 1 and 2 stages
     context: int  # mean context of the timed steps
+    shared_slowdown: float | None = None  # `replicas` streams at once over one alone
+    replicas: int = 1
 
 
-def _stream_tpot_s(model: str, stages: list[tuple[int, int]], threads: int) -> float:
-    """Returns the median gap between the tokens of one greedy stream through a real pipeline
-    (agent/engine.py) of `stages` on CPU workers."""
+def _stream_tpot_s(
+    model: str, pipelines: list[list[tuple[int, int, int]]], threads: int, streams: int = 1
+) -> float:
+    """Returns the median gap between the tokens of `streams` greedy streams at once through a
+    real engine (agent/engine.py) of `pipelines` ((worker, start, end) stages) on CPU workers
+    (the median over the streams of each one's median gap)."""
     import asyncio
 
     from agent.engine import EngineConfig, PipelineEngine
     from agent.engine_api import SamplingParams
 
+    n_workers = sum(len(p) for p in pipelines)
     engine = PipelineEngine(
-        EngineConfig(model=model, n_devices=len(stages), stages=stages, threads_per_worker=threads)
+        EngineConfig(model=model, n_devices=n_workers, pipelines=pipelines, threads_per_worker=threads)
     ).start()
     try:
         prompt = [1 + (7 * i) % 1000 for i in range(PIPELINE_PROMPT_TOKENS)]
@@ -314,16 +320,22 @@ def _stream_tpot_s(model: str, stages: list[tuple[int, int]], threads: int) -> f
                 times.append(time.perf_counter())
             return times
 
-        asyncio.run(stream("warm-up", replace(params, max_tokens=4)))
-        times = asyncio.run(stream("timed", params))
+        async def together(n: int, params: SamplingParams) -> list[list[float]]:
+            return list(await asyncio.gather(*(stream(f"s{k}", params) for k in range(n))))
+
+        asyncio.run(together(len(pipelines), replace(params, max_tokens=4)))  # warm every worker
+        runs = asyncio.run(together(streams, params))
     finally:
         engine.stop()
-    gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]  # decode steps only
-    return statistics.median(gaps)
+    # decode steps only: from the second token on
+    return statistics.median(
+        statistics.median(b - a for a, b in zip(t[1:], t[2:], strict=False)) for t in runs
+    )
 
 
 def measure_pipeline_overheads(
-    model: str, n_layers: int, decode_layer_s: float, head_s: float, threads: int = 1
+    model: str, n_layers: int, decode_layer_s: float, head_s: float, threads: int = 1,
+    replicas: int = 1,
 ) -> PipelineOverheads:
     """Returns the step overheads of a real pipeline serving `model` on CPU workers.
 
@@ -333,15 +345,25 @@ def measure_pipeline_overheads(
 
         return_s = TPOT(1 stage) - L - H       (the ring: engine -> stage -> engine)
         hop_s    = TPOT(2 stages) - TPOT(1)    (a stage more: one more receive and send)
+
+    and, with `replicas` > 1, one stream on each of that many one-stage pipelines at once:
+    shared_slowdown = their TPOT / TPOT(1 stage) (the memory bus, and the engine's own work
+    waiting for a core, as serving meets them).
     """
     half = n_layers // 2
-    one = _stream_tpot_s(model, [(0, n_layers)], threads)
-    two = _stream_tpot_s(model, [(0, half), (half, n_layers)], threads)
+    one = _stream_tpot_s(model, [[(0, 0, n_layers)]], threads)
+    two = _stream_tpot_s(model, [[(0, 0, half), (1, half, n_layers)]], threads)
+    shared = None
+    if replicas > 1:  # one stream on each of `replicas` one-stage pipelines at once
+        together = _stream_tpot_s(model, [[(w, 0, n_layers)] for w in range(replicas)], threads, replicas)
+        shared = max(1.0, together / one)
     return PipelineOverheads(
         return_s=max(0.0, one - n_layers * decode_layer_s - head_s),
         hop_s=max(0.0, two - one),
         tpot_s=(one, two),
         context=PIPELINE_PROMPT_TOKENS + PIPELINE_OUTPUT_TOKENS // 2,
+        shared_slowdown=shared,
+        replicas=replicas,
     )
 
 

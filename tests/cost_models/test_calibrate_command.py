@@ -58,18 +58,22 @@ def test_calibrate_out_yaml_writes_a_profile_a_spec_plans_from(tmp_path, capsys)
 def test_calibrate_times_a_real_pipeline_for_the_steps_overheads(tmp_path, capsys):
     """With the model's weights at hand, calibrate streams through a real 1- and 2-stage
     pipeline: the profile's `step` holds what a step costs beyond the layers and the head,
-    and the planner prices a further stage at its hop."""
+    and the planner prices a further stage at its hop; two one-stage pipelines streaming at
+    once give the host's slowdown."""
     from cost_models.device_catalog import get_device_kind
     from cost_models.profile import device_kind_of, load_profile
 
     out = tmp_path / "cpu.yaml"
     argv = [
         "calibrate", "--layers", "2", "--batches", "1", "--contexts", "128,256",
-        "--prefill-tokens", "", "--repeats", "2", "--shared-workers", "0", "--out", str(out),
+        "--prefill-tokens", "", "--repeats", "2", "--shared-workers", "2", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
-    step = load_profile(out).step
+    profile = load_profile(out)
+    step = profile.step
     one, two = step["tpot_1_stage_s"], step["tpot_2_stages_s"]
+    # two one-stage pipelines streaming at once: each no faster than one alone
+    assert profile.host["shared_workers"] == 2 and 1.0 <= profile.host["shared_slowdown"] < 4.0
     assert 0.005 < one < 1.0 and 0.005 < two < 1.0
     assert step["hop_s"] == pytest.approx(max(0.0, two - one), rel=1e-4, abs=1e-6)
     assert 0 <= step["return_s"] < one  # the layers and head are most of a step
