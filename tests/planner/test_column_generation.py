@@ -161,6 +161,21 @@ def test_auto_switches_to_generation_past_the_limit(monkeypatch):
     assert r.objective == pytest.approx(reference_throughput_tok_s(problem), rel=1e-7)
 
 
+def test_auto_generates_under_a_ttft_slo_past_the_limit(monkeypatch):
+    """Pricing is exact under a TTFT SLO, so past the limit auto generates and converges to
+    the optimum of every listed shape."""
+    problem = _with_binding_ttft(3, 7)  # the SLO leaves 27 of 33 shapes and lowers the optimum
+    assert plan(replace(problem, ttft_slo_s=None), "highs", 10.0).objective > plan(
+        problem, "highs", 10.0
+    ).objective * (1 + 1e-6)
+    listed = plan(problem, "highs", 10.0)
+    assert listed.details.get("shapes") != "column generation" and listed.status == "OPTIMAL"
+    monkeypatch.setattr(solve, "ENUMERATE_LIMIT", 0)
+    r = plan(problem, "highs", 10.0)
+    assert r.details["shapes"] == "column generation" and r.details["converged"]
+    assert r.objective == pytest.approx(listed.objective, rel=1e-7)
+
+
 def test_count_vectors_total_counts_without_listing():
     for counts, stages in (((3, 2, 5), 6), ((4, 4, 4, 4), 16), ((1,), 3), ((2, 0, 3), 4)):
         assert count_vectors_total(counts, stages) == sum(1 for _ in count_vectors(counts, stages))
