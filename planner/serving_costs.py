@@ -3,13 +3,15 @@ cached, for the simulator and the controller's predictions.
 
     costs = PipelineCosts.of(spec, [(device, start, end), ...], batch)
     costs.decode_step_s(active, mean_context)   one token for every active sequence
-    costs.prefill_s(prompt)                     (pipeline busy, first token after)
+    costs.prefill_s(prompt, active)             (pipeline busy, first token after)
     costs.capacity_rps(prompt_mean, output_mean)
 
 Every time comes from the planner's cost models as build_problem uses them: per kind
 cost_models/profiled_latency.operating_costs (a measured profile where the spec gives one, the
 roofline with the spec's calibration elsewhere; CPU workers that share a host's `cpu_cores`
-slowed as the planner prices them, planner/topology.planning_shares), and latency.hop_s. With S stages, S micro-batches of
+slowed as the planner prices them, planner/topology.planning_shares, except that this
+pipeline's own stages count busy only while they have work: min(S, active) in decode), and
+latency.hop_s. With S stages, S micro-batches of
 ceil(active / S) sequences are in flight (planner/problem.py), so a decode step for all of
 them takes max(S * bottleneck, sum of stages). A prefill keeps the pipeline busy for its
 slowest stage; its first token comes after every stage. Contexts are costed in buckets of
@@ -19,13 +21,13 @@ CONTEXT_BUCKET tokens (rounded up); prompts linearly between multiples of PROMPT
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind, get_device_kind
-from cost_models.host_sharing import HostShare
+from cost_models.host_sharing import Host, HostShare, contention
 from cost_models.memory import (
     embedding_bytes,
     head_bytes,
@@ -75,12 +77,21 @@ class PipelineCosts:
     stages: tuple[StageCost, ...]
     batch: int  # sequences per micro-batch
     kv_capacity_tokens: int  # KV positions the tightest stage holds
-    # (micro, context bucket) -> step s, (prompt bucket) -> (busy s, first token s): the
+    # (micro, context bucket, busy stages) -> step s, (prompt bucket, busy stages) -> (busy s,
+    # first token s): the
     # simulator asks millions of times, and hashing the stages each time was most of its run
-    _steps: dict[tuple[int, int], float] = field(
+    _steps: dict[tuple[int, int, int], float] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
-    _prefills: dict[int, tuple[float, float]] = field(
+    _prefills: dict[tuple[int, int], tuple[float, float]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    # CPU hosts this pipeline's stages share: node -> (host, worker bandwidth, the node's other
+    # CPU workers, priced busy as the planner prices them)
+    hosts: dict[str, tuple[Host, float, int]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    _by_busy: dict[int, tuple[StageCost, ...]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
@@ -94,13 +105,20 @@ class PipelineCosts:
         if spec.calibration is not None:
             calibrated = latency.load_efficiencies(Path(spec.base_dir) / spec.calibration)
         shares: dict[str, HostShare] = {}
+        hosts: dict[str, tuple[Host, float, int]] = {}
         if spec.nodes is not None:
             cpu_on_node: dict[str, list[DeviceKind]] = {}
             for kind, node in by_name.values():
                 if kind.vendor == "cpu":
                     cpu_on_node.setdefault(node, []).append(kind)
             buses = profiled_buses(cpu_on_node, {k: p.host for k, p in profiles.items()})
-            shares = planning_shares(node_hosts(spec.nodes, buses), cpu_on_node)
+            node_host = node_hosts(spec.nodes, buses)
+            shares = planning_shares(node_host, cpu_on_node)
+            for node, kinds_here in cpu_on_node.items():
+                mine = sum(1 for n, _, _ in stages if by_name[n][1] == node)
+                if node in node_host and mine:
+                    bandwidth = max(k.memory_bandwidth_bytes_per_s for k in kinds_here)
+                    hosts[node] = (node_host[node], bandwidth, len(kinds_here) - mine)
         out, kv_tokens = [], math.inf
         kv_tok = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(spec.dtype_bytes))
         for i, (name, start, end) in enumerate(stages):
@@ -127,7 +145,7 @@ class PipelineCosts:
             weights += head_bytes(arch, spec.dtype_bytes) if end == arch.n_layers else 0
             room = kind.memory_bytes * spec.memory_utilization - weights
             kv_tokens = min(kv_tokens, max(0.0, room) / (kv_tok * (end - start)))
-        return cls(arch, spec.dtype_bytes, tuple(out), batch, int(kv_tokens))
+        return cls(arch, spec.dtype_bytes, tuple(out), batch, int(kv_tokens), hosts=hosts)
 
     @property
     def n_stages(self) -> int:
@@ -138,41 +156,72 @@ class PipelineCosts:
         """Sequences in flight at most: S micro-batches of `batch`."""
         return self.n_stages * self.batch
 
+    def stages_busy(self, busy: int) -> tuple[StageCost, ...]:
+        """Returns the stages costed with `busy` of this pipeline's stages working at once: on
+        a shared CPU host, contention(min(busy, its stages there) + the host's other workers)
+        (planner/topology.py prices those others busy, as the planner does)."""
+        busy = min(busy, self.n_stages)
+        out = self._by_busy.get(busy)
+        if out is None:
+            out = self.stages
+            if self.hosts:
+                out = tuple(
+                    s if s.share is None or s.node not in self.hosts else replace(
+                        s, share=self._share(s.node, busy)
+                    )
+                    for s in self.stages
+                )
+            self._by_busy[busy] = out
+        return out
+
+    def _share(self, node: str, busy: int) -> HostShare:
+        host, bandwidth, others = self.hosts[node]
+        here = sum(1 for s in self.stages if s.node == node)
+        return contention(min(busy, here) + others, host, bandwidth)
+
     def decode_step_s(self, active: int, mean_context: float) -> float:
-        """Returns seconds for every one of `active` sequences to get its next token."""
+        """Returns seconds for every one of `active` sequences to get its next token (with
+        S micro-batches in flight, min(S, active) stages work at once)."""
         micro = max(1, math.ceil(active / self.n_stages))
         bucket = max(1, math.ceil(mean_context / CONTEXT_BUCKET))
-        step = self._steps.get((micro, bucket))
+        busy = min(self.n_stages, max(1, active))
+        step = self._steps.get((micro, bucket, busy))
         if step is None:
             times = [
-                _stage_decode_s(self.arch, s, self.dtype_bytes, micro, bucket) for s in self.stages
+                _stage_decode_s(self.arch, s, self.dtype_bytes, micro, bucket)
+                for s in self.stages_busy(busy)
             ]
-            step = self._steps[(micro, bucket)] = max(self.n_stages * max(times), sum(times))
+            step = self._steps[(micro, bucket, busy)] = max(self.n_stages * max(times), sum(times))
         return step
 
-    def prefill_s(self, prompt: int) -> tuple[float, float]:
-        """Returns (seconds the pipeline is busy, seconds until the first token) of one prompt:
-        linear between the PROMPT_BUCKET multiples around it (from the first bucket up)."""
+    def prefill_s(self, prompt: int, active: int = 0) -> tuple[float, float]:
+        """Returns (seconds the pipeline is busy, seconds until the first token) of one prompt
+        while `active` sequences decode: linear between the PROMPT_BUCKET multiples around it
+        (from the first bucket up)."""
         lo = max(1, prompt // PROMPT_BUCKET)
         w = min(1.0, max(0.0, prompt / PROMPT_BUCKET - lo))
-        a = self._prefill_bucket(lo)
+        busy = min(self.n_stages, 1 + active)
+        a = self._prefill_bucket(lo, busy)
         if w == 0.0:
             return a
-        b = self._prefill_bucket(lo + 1)
+        b = self._prefill_bucket(lo + 1, busy)
         return ((1 - w) * a[0] + w * b[0], (1 - w) * a[1] + w * b[1])
 
-    def _prefill_bucket(self, bucket: int) -> tuple[float, float]:
-        out = self._prefills.get(bucket)
+    def _prefill_bucket(self, bucket: int, busy: int) -> tuple[float, float]:
+        out = self._prefills.get((bucket, busy))
         if out is None:
-            times = [_stage_prefill_s(self.arch, s, self.dtype_bytes, bucket) for s in self.stages]
-            out = self._prefills[bucket] = (max(times), sum(times))
+            times = [
+                _stage_prefill_s(self.arch, s, self.dtype_bytes, bucket)
+                for s in self.stages_busy(busy)
+            ]
+            out = self._prefills[(bucket, busy)] = (max(times), sum(times))
         return out
 
     def capacity_rps(self, prompt_mean: float, output_mean: float) -> float:
         """Returns requests/s at full batches: 1 / (prefill + output * step / slots), where a
         prompt costs the running sequences its whole traversal of the stages."""
         step = self.decode_step_s(self.slots, prompt_mean + output_mean / 2)
-        _, traversal = self.prefill_s(math.ceil(prompt_mean))
+        _, traversal = self.prefill_s(math.ceil(prompt_mean), self.slots)
         return 1.0 / (traversal + output_mean * step / self.slots)
 
 

@@ -147,7 +147,7 @@ def _advance(p: SimPipeline, run: _Run, until: float) -> None:
                 p.queue.popleft()
                 p.t = start
                 if not run.prefilled[r]:
-                    busy, first = costs.prefill_s(tr.prompt[r])
+                    busy, first = costs.prefill_s(tr.prompt[r], p.active)
                     if p.active:  # running sequences pass every stage behind the prompt
                         busy = first
                     run.first_s[r] = p.t + first * p.slow

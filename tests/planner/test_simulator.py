@@ -94,3 +94,35 @@ def test_prefill_is_linear_between_prompt_buckets_and_running_sequences_wait_the
         assert mid[i] == pytest.approx(lo[i] + 5 / PROMPT_BUCKET * (hi[i] - lo[i]))
     busy, traversal = hi
     assert busy < traversal  # two stages: the slowest alone is less than both in turn
+
+
+def test_a_pipelines_own_idle_stages_do_not_slow_its_busy_ones(tmp_path) -> None:
+    """Two CPU workers on a 2-core host whose profile measured 1.5x with both stepping: a
+    2-stage pipeline with one sequence has one stage working at a time (no slowdown), with two
+    both work (the bus slowdown); a replica beside another is priced with the other busy."""
+    import pytest
+
+    from planner.serving_costs import PipelineCosts
+    from planner.spec import parse_spec
+
+    (tmp_path / "p.yaml").write_text(
+        "format: pipeshift-profile/1\nkind: cpu\nmodel: SmolLM2-135M\ndtype: fp32\n"
+        "host: {shared_workers: 2, shared_slowdown: 1.5}\n"
+        "decode: {batches: [1, 4], contexts: [128, 1024], layer_s: [[0.001, 0.002], [0.002, 0.004]]}\n"
+        "prefill: {batches: [1], tokens: [32, 512], layer_s: [[0.004, 0.06]]}\n"
+        "head: {rows: [1, 4], s: [0.004, 0.008]}\n"
+    )
+    spec = parse_spec(
+        "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"
+        "nodes: [{name: local, nic_gbps: 10, cpu_cores: 2}]\nprofiles: [p.yaml]\n"
+        "workload: {prompt_tokens: 128, output_tokens: 32, batch: 4}\n",
+        "t",
+        str(tmp_path),
+    )
+    a, b = (n for n, _, _ in spec.device_names())
+    two = PipelineCosts.of(spec, [(a, 0, 15), (b, 15, 30)], 4)
+    one_seq, two_seqs = two.decode_step_s(1, 256), two.decode_step_s(2, 256)
+    assert 1.35 < two_seqs / one_seq <= 1.5  # the layers and head slow 1.5x; the hop does not
+    assert two.prefill_s(128, 0)[1] < two.prefill_s(128, 3)[1]
+    replica = PipelineCosts.of(spec, [(a, 0, 30)], 4)
+    assert replica.stages_busy(1)[0].share.memory == pytest.approx(1.5)  # the other worker busy
