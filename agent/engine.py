@@ -729,7 +729,8 @@ class PipelineEngine:
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
-        if had_blocks and not self.failure and runtime is not None and not runtime.retired:
+        stopping = self._stopping.is_set()  # the workers are going: nothing to free on them
+        if had_blocks and not self.failure and not stopping and runtime is not None and not runtime.retired:
             try:
                 runtime.to_first.send({"op": "free", "epoch": runtime.epoch, "ids": [seq.request_id]})
             except Exception as exc:  # its first stage died: the failure path reports it
