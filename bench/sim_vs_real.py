@@ -2,7 +2,7 @@
 against `pipeshift serve` (SmolLM2-135M on CPU workers) and simulated with the calibrated CPU
 costs; p50 and p90 TTFT and TPOT from both, and the relative error (goal: within 15 %).
 
-    python bench/sim_vs_real.py [--requests 24] [--start-s 1200] [--rate 0.3]
+    python bench/sim_vs_real.py [--requests 48] [--start-s 1200] [--rate 0.3]
         [--prompt-divisor 8] [--output-divisor 2] [--max-prompt 512] [--max-output 64] [--workers 2]
         [--batch 4] [--profile data/specs/profiles/cpu-amd-epyc-avx2.yaml] [--out FILE]
 
@@ -112,7 +112,7 @@ async def replay(base_url: str, trace: Trace, tokenizer) -> list[dict[str, Any]]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--start-s", type=float, default=1200.0)
     ap.add_argument("--rate", type=float, default=0.3, help="mean requests/s of the replay")
     ap.add_argument("--prompt-divisor", type=float, default=8.0)

@@ -19,11 +19,18 @@ spreading its N_p running requests over them. Per pipeline, at a fixed point in 
                                                        the host contention its requests see
 
 With arrivals at a rate the running requests are counted as Poisson (a request sees the
-others: m_p = min(M_p, round(1 + N_p)), b_p = 1 + N_p / m_p, u_p = 1 - exp(-N_p)).
+others: m_p = min(M_p, round(1 + N_p)), b_p = 1 + N_p / m_p), and since each new request
+goes to the least loaded pipeline the others, M ~ Poisson(N = sum_p N_p), keep
+min(P - 1, M) other pipelines busy: f_p = E[share_of(k_p + min(P - 1, M) * mean k_q).memory],
+and u_p = E[min(P, N)] / P.
 Then, with f = f_p:
     t_s    = f * decode_s[s](b_p, context)             context = prompt + output / 2
     cycle  = max(sum_s t_s, m_p * max_s t_s)           every running request gets one token
-    rho    = lambda_p * f * sum_s prefill_s[s]         share of time spent prefilling
+    rho    = lambda_p * f * sum_s prefill_s[s] * a     share of time spent prefilling, where
+                                                       a = 1 with `concurrent` clients and
+                                                       P(M >= P - 1) with arrivals at a rate
+                                                       (a prompt goes to an idle pipeline
+                                                       while one is left)
     TPOT   = cycle / (1 - rho)
     TTFT   = f * sum_s prefill_s[s] + cycle / 2        its prefill, after half a step's wait
     N_p    = lambda_p * (TTFT + (output - 1) * TPOT)   Little's law
@@ -95,7 +102,10 @@ def load_point(
             # a request sees the others as Poisson: 1 + N_p / m_p in its micro-batch
             mb = [min(p.inflight, max(1, round(1 + n))) for p, n in zip(pipelines, running, strict=True)]
             batch = [1 + n / m for n, m in zip(running, mb, strict=True)]
-            busy_prob = [1 - math.exp(-n) for n in running]
+            # the engine sends a request to the least loaded pipeline, so the others running
+            # fill idle pipelines first: of P pipelines, min(P, N) are busy, N ~ Poisson
+            total = sum(running)
+            busy_prob = [_busy_share(total, n_pipes)] * n_pipes
         else:
             mb = [min(p.inflight, max(1, math.ceil(n - 1e-9))) for p, n in zip(pipelines, running, strict=True)]
             batch = [max(1.0, n / m) for n, m in zip(running, mb, strict=True)]
@@ -104,7 +114,10 @@ def load_point(
         busy = sum(k * u for k, u in zip(stages_busy, busy_prob, strict=True))
         tpots, ttfts, new_running, new_lam, seen = [], [], [], [], []
         for i, (p, n, m, lam_p) in enumerate(zip(pipelines, running, mb, lam, strict=True)):
-            f = _seen_contention(i, stages_busy, busy_prob, share_of)
+            if concurrent is None:
+                f = _seen_contention_spread(i, stages_busy, sum(running), share_of)
+            else:
+                f = _seen_contention(i, stages_busy, busy_prob, share_of)
             times = [f * _at(curve, batch[i], context) for curve in p.decode_s]
             cycle = max(sum(times), m * max(times))
             prefill = f * sum(curve(prompt_tokens) for curve in p.prefill_s)
@@ -119,7 +132,10 @@ def load_point(
                 new_lam.append(lam_p)
                 new_running.append(n)
             else:
-                rho = lam_p * prefill
+                # a new prompt delays a running request's decodes only when it lands on its
+                # pipeline, and it goes to an idle one while one is left: only when the
+                # others running, M ~ Poisson(N), keep the other P - 1 pipelines busy
+                rho = lam_p * prefill * _all_busy(sum(running), n_pipes - 1)
                 if rho >= 1:
                     saturated = True
                     rho = 0.99
@@ -164,6 +180,52 @@ def _at(curve: DecodeCurve, batch: float, context: float) -> float:
         return curve(lo, context)
     w = batch - lo
     return (1 - w) * curve(lo, context) + w * curve(hi, context)
+
+
+def _all_busy(total: float, n_pipes: int) -> float:
+    """Returns P(M >= n) for M ~ Poisson(total): the chance that M requests keep n pipelines
+    busy (1 - P(M < n); 1 for n = 0)."""
+    term, below = math.exp(-total), 0.0
+    for k in range(n_pipes):
+        below += term
+        term *= total / (k + 1)
+    return max(0.0, 1.0 - below)
+
+
+def _busy_share(total: float, n_pipes: int) -> float:
+    """Returns E[min(P, N)] / P for N ~ Poisson(total): the share of P pipelines with work
+    when requests go to the least loaded one."""
+    if total <= 0:
+        return 0.0
+    term, below, expected = math.exp(-total), 0.0, 0.0
+    for k in range(n_pipes):  # E[min(P, N)] = sum_{k<P} k p_k + P * P(N >= P)
+        expected += k * term
+        below += term
+        term *= total / (k + 1)
+    return (expected + n_pipes * max(0.0, 1.0 - below)) / n_pipes
+
+
+def _seen_contention_spread(
+    i: int,
+    stages_busy: Sequence[int],
+    total_running: float,
+    share_of: Callable[[float], HostShare] | None,
+) -> float:
+    """Returns E[f_m] a running request of pipeline i sees when requests go to the least loaded
+    pipeline: the others running, M ~ Poisson(N), keep min(P - 1, M) other pipelines busy, each
+    with the mean busy workers of the other pipelines."""
+    if share_of is None:
+        return 1.0
+    others = [k for q, k in enumerate(stages_busy) if q != i]
+    if not others:
+        return share_of(stages_busy[i]).memory
+    k_other = sum(others) / len(others)
+    term, below, out = math.exp(-total_running), 0.0, 0.0
+    for m in range(len(others)):
+        out += term * share_of(stages_busy[i] + m * k_other).memory
+        below += term
+        term *= total_running / (m + 1)
+    return out + max(0.0, 1.0 - below) * share_of(stages_busy[i] + len(others) * k_other).memory
 
 
 def _seen_contention(
