@@ -18,14 +18,13 @@ from planner.shapes import count_vectors, count_vectors_total, enumerate_shapes
 from planner.solve import plan, plan_pool
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_pricing_finds_the_best_reduced_cost(seed):
-    """Against every shape listed: max A * v(c) - B . c, at random prices and stage caps."""
-    problem = random_small_problem(seed)
-    problem = replace(problem, max_stages=min(problem.max_stages, 1 + seed % 4))
+def _check_pricing_against_every_shape(problem, seed: int) -> list:
+    """Prices `problem` at three random duals and checks pricing against every listed shape
+    (max A * v(c) - B . c); returns the shapes pricing found."""
     shapes = enumerate_shapes(problem).shapes
     pricer = Pricer(problem, problem.kind_counts)
     rng = random.Random(seed)
+    found = []
     for _ in range(3):
         prices = np.array(
             [
@@ -46,6 +45,16 @@ def test_pricing_finds_the_best_reduced_cost(seed):
         assert got.best_value == pytest.approx(brute, rel=1e-9)
         best = max(a * s.throughput_tok_s - float(prices @ s.counts) for s in got.shapes)
         assert best == pytest.approx(brute, rel=1e-9)
+        found.extend(got.shapes)
+    return found
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_pricing_finds_the_best_reduced_cost(seed):
+    """Against every shape listed: max A * v(c) - B . c, at random prices and stage caps."""
+    problem = random_small_problem(seed)
+    problem = replace(problem, max_stages=min(problem.max_stages, 1 + seed % 4))
+    _check_pricing_against_every_shape(problem, seed)
 
 
 def _with_binding_ttft(seed: int, max_stages: int):
@@ -66,30 +75,8 @@ def test_pricing_under_a_ttft_slo_finds_the_best_reduced_cost(seed):
     problem = _with_binding_ttft(seed, 2 + seed % 6)
     if problem is None:
         return
-    shapes = enumerate_shapes(problem).shapes
-    pricer = Pricer(problem, problem.kind_counts)
-    rng = random.Random(seed)
-    for _ in range(3):
-        prices = np.array(
-            [
-                rng.uniform(0, 0.7) * problem.batch / (problem.n_layers * k.layer_decode_s)
-                for k in problem.kinds
-            ]
-        )
-        a = rng.uniform(0.5, 2.0)
-        brute = max(
-            (a * s.throughput_tok_s - float(prices @ s.counts) for s in shapes.values()),
-            default=-math.inf,
-        )
-        got = pricer.price(a, prices, 0.0, -math.inf)
-        assert got.exact and got.complete
-        if brute == -math.inf:
-            assert got.best_value == -math.inf
-            continue
-        assert got.best_value == pytest.approx(brute, rel=1e-9)
-        best = max(a * s.throughput_tok_s - float(prices @ s.counts) for s in got.shapes)
-        assert best == pytest.approx(brute, rel=1e-9)
-        assert all(s.ttft_s <= problem.ttft_slo_s * (1 + 1e-9) for s in got.shapes)
+    found = _check_pricing_against_every_shape(problem, seed)
+    assert all(s.ttft_s <= problem.ttft_slo_s * (1 + 1e-9) for s in found)
 
 
 @pytest.mark.parametrize("seed", range(12))
