@@ -281,6 +281,7 @@ def measure_shared_slowdown(setup: ProfilingSetup, workers: int) -> float:
 
 PIPELINE_PROMPT_TOKENS = 128
 PIPELINE_OUTPUT_TOKENS = 48
+PIPELINE_TRIES = 3  # timed runs per configuration; the fastest is kept
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def _stream_tpot_s(
 ) -> float:
     """Returns the median gap between the tokens of `streams` greedy streams at once through a
     real engine (agent/engine.py) of `pipelines` ((worker, start, end) stages) on CPU workers
-    (the median over the streams of each one's median gap)."""
+    (the median over the streams of each one's median gap; the fastest of PIPELINE_TRIES)."""
     import asyncio
 
     from agent.engine import EngineConfig, PipelineEngine
@@ -324,13 +325,17 @@ def _stream_tpot_s(
             return list(await asyncio.gather(*(stream(f"s{k}", params) for k in range(n))))
 
         asyncio.run(together(len(pipelines), replace(params, max_tokens=4)))  # warm every worker
-        runs = asyncio.run(together(streams, params))
+        tries = [asyncio.run(together(streams, params)) for _ in range(PIPELINE_TRIES)]
     finally:
         engine.stop()
-    # decode steps only: from the second token on
-    return statistics.median(
-        statistics.median(b - a for a, b in zip(t[1:], t[2:], strict=False)) for t in runs
-    )
+
+    def gap_s(runs: list[list[float]]) -> float:  # decode steps only: from the second token on
+        return statistics.median(
+            statistics.median(b - a for a, b in zip(t[1:], t[2:], strict=False)) for t in runs
+        )
+
+    # other work on the host only ever slows a try down: the fastest is the engine's own
+    return min(gap_s(runs) for runs in tries)
 
 
 def measure_pipeline_overheads(
