@@ -53,6 +53,12 @@ def register(subparsers: Any) -> None:
         help="CPU: do not time a real 1- and 2-stage pipeline for the step's overheads",
     )
     p.add_argument(
+        "--pipeline-tries",
+        type=int,
+        default=3,
+        help="CPU: timed streams per real-pipeline figure; the fastest is kept",
+    )
+    p.add_argument(
         "--shared-workers",
         type=int,
         default=None,
@@ -101,7 +107,8 @@ def _with_pipeline_overheads(profile: Any, args: argparse.Namespace, arch: Any, 
     layer_s = profile.decode.at(1, context)[0]
     head_s = profile.head.at(1, 1)[0]
     got = profiling.measure_pipeline_overheads(
-        args.model, arch.n_layers, layer_s, head_s, threads=args.threads, replicas=min(workers, 4)
+        args.model, arch.n_layers, layer_s, head_s, threads=args.threads,
+        replicas=min(workers, 4), tries=args.pipeline_tries,
     )
     print(
         f"real pipeline, one greedy stream: {got.tpot_s[0] * 1e3:.1f} ms/token on 1 stage, "

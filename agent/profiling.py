@@ -297,7 +297,11 @@ class PipelineOverheads:
 
 
 def _stream_tpot_s(
-    model: str, pipelines: list[list[tuple[int, int, int]]], threads: int, streams: int = 1
+    model: str,
+    pipelines: list[list[tuple[int, int, int]]],
+    threads: int,
+    streams: int = 1,
+    tries: int = PIPELINE_TRIES,
 ) -> float:
     """Returns the median gap between the tokens of `streams` greedy streams at once through a
     real engine (agent/engine.py) of `pipelines` ((worker, start, end) stages) on CPU workers
@@ -325,7 +329,7 @@ def _stream_tpot_s(
             return list(await asyncio.gather(*(stream(f"s{k}", params) for k in range(n))))
 
         asyncio.run(together(len(pipelines), replace(params, max_tokens=4)))  # warm every worker
-        tries = [asyncio.run(together(streams, params)) for _ in range(PIPELINE_TRIES)]
+        timed = [asyncio.run(together(streams, params)) for _ in range(max(1, tries))]
     finally:
         engine.stop()
 
@@ -335,12 +339,12 @@ def _stream_tpot_s(
         )
 
     # other work on the host only ever slows a try down: the fastest is the engine's own
-    return min(gap_s(runs) for runs in tries)
+    return min(gap_s(runs) for runs in timed)
 
 
 def measure_pipeline_overheads(
     model: str, n_layers: int, decode_layer_s: float, head_s: float, threads: int = 1,
-    replicas: int = 1,
+    replicas: int = 1, tries: int = PIPELINE_TRIES,
 ) -> PipelineOverheads:
     """Returns the step overheads of a real pipeline serving `model` on CPU workers.
 
@@ -356,11 +360,12 @@ def measure_pipeline_overheads(
     waiting for a core, as serving meets them).
     """
     half = n_layers // 2
-    one = _stream_tpot_s(model, [[(0, 0, n_layers)]], threads)
-    two = _stream_tpot_s(model, [[(0, 0, half), (1, half, n_layers)]], threads)
+    one = _stream_tpot_s(model, [[(0, 0, n_layers)]], threads, tries=tries)
+    two = _stream_tpot_s(model, [[(0, 0, half), (1, half, n_layers)]], threads, tries=tries)
     shared = None
     if replicas > 1:  # one stream on each of `replicas` one-stage pipelines at once
-        together = _stream_tpot_s(model, [[(w, 0, n_layers)] for w in range(replicas)], threads, replicas)
+        pipes = [[(w, 0, n_layers)] for w in range(replicas)]
+        together = _stream_tpot_s(model, pipes, threads, replicas, tries)
         shared = max(1.0, together / one)
     return PipelineOverheads(
         return_s=max(0.0, one - n_layers * decode_layer_s - head_s),

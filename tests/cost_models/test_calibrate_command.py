@@ -66,7 +66,8 @@ def test_calibrate_times_a_real_pipeline_for_the_steps_overheads(tmp_path, capsy
     out = tmp_path / "cpu.yaml"
     argv = [
         "calibrate", "--layers", "2", "--batches", "1", "--contexts", "128,256",
-        "--prefill-tokens", "", "--repeats", "2", "--shared-workers", "2", "--out", str(out),
+        "--prefill-tokens", "", "--repeats", "2", "--shared-workers", "2", "--pipeline-tries", "1",
+        "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
     profile = load_profile(out)
