@@ -18,7 +18,8 @@ A profile is versioned YAML (FORMAT) that `pipeshift calibrate --out PROFILE.yam
                               # or a new name (the profile defines the kind entirely)
     model: SmolLM2-135M       # the tables hold this model's layers in this dtype
     dtype: fp32
-    host: {cpu: ..., vector_extensions: [...], threads: 1, accelerator: ..., torch: ...}
+    host: {cpu: ..., vector_extensions: [...], threads: 1, accelerator: ..., torch: ...,
+           shared_workers: W, shared_slowdown: s}   # W workers stepping at once ran s x slower
     device: {memory_gib, link_bandwidth_gb_s, link_latency_s, network_bandwidth_gb_s,
              network_latency_s, host_link_bandwidth_gb_s}     # catalog units
     fit: {compute, memory, kv_memory, overhead_s, overlap, mape_pct, max_error_pct, n_points}
