@@ -1,7 +1,7 @@
 """Following the workload, in simulation: the controller against the best static configuration
 chosen in hindsight, and against a controller without the payback rule.
 
-    python bench/adapt.py [--cases 8b:2.0,13b:1.5] [--window 300] [--speed] [--out FILE]
+    python bench/adapt.py [--cases 8b:1.5,13b:1.5,13b:1.65] [--window 300] [--speed] [--out FILE]
 
 For each case (spec, rate scale) the Azure conversational trace (data/traces/) has its
 inter-arrival times divided by the rate scale (the hour is compressed; nothing else changes),
@@ -217,7 +217,7 @@ def print_case(c: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="8b:2.0,13b:1.5", help="KEY:RATE_SCALE,... (keys 8b, 13b)")
+    ap.add_argument("--cases", default="8b:1.5,13b:1.5,13b:1.65", help="KEY:RATE_SCALE,... (keys 8b, 13b)")
     ap.add_argument("--window", type=float, default=300.0, help="seconds per planning window")
     ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
     ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))
