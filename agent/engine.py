@@ -268,27 +268,72 @@ class PipelineEngine:
 
     def _configure_workers(self, runtimes: list[PipelineRuntime]) -> None:
         """Loads every stage's layers; spare workers start empty, ready to gain layers."""
-        cfg = self.config
         ranges = {s.worker_id: (s.start, s.end) for r in runtimes for s in r.stages}
 
         def configure(worker_id: int) -> None:
-            start, end = ranges.get(worker_id, (0, 0))
-            reply = self.workers[worker_id].call(
-                "configure", timeout_s=cfg.startup_timeout_s, model=cfg.model, start=start, end=end,
-                kv_cap_bytes=cfg.kv_cache_bytes, memory_budget_bytes=self.memory_budget_bytes,
-                block_size=cfg.block_size, dtype="float32",
-            )
-            info = self.worker_info[worker_id]
-            info.num_blocks, info.max_blocks = reply["num_blocks"], reply["max_blocks"]
-            info.weight_bytes, info.rss_bytes = reply["weight_bytes"], reply["rss_bytes"]
-            info.layers = list(range(start, end))
-            for part, n in reply["part_bytes"].items():
-                if n is not None:
-                    self.part_bytes[part] = n
-            self.kv_bytes_per_token_per_layer = reply["kv_bytes_per_token_per_layer"]
+            self._configure_worker(self.worker_info[worker_id], *ranges.get(worker_id, (0, 0)))
 
         with ThreadPoolExecutor(len(self.workers)) as pool:
             list(pool.map(configure, sorted(self.workers)))
+
+    def _configure_worker(self, info: WorkerInfo, start: int, end: int) -> None:
+        """Loads layers [start, end) on a worker (none for a spare) and sizes its KV pool."""
+        cfg = self.config
+        reply = self.workers[info.worker_id].call(
+            "configure", timeout_s=cfg.startup_timeout_s, model=cfg.model, start=start, end=end,
+            kv_cap_bytes=cfg.kv_cache_bytes, memory_budget_bytes=self.memory_budget_bytes,
+            block_size=cfg.block_size, dtype="float32",
+        )
+        info.num_blocks, info.max_blocks = reply["num_blocks"], reply["max_blocks"]
+        info.weight_bytes, info.rss_bytes = reply["weight_bytes"], reply["rss_bytes"]
+        info.layers = list(range(start, end))
+        for part, n in reply["part_bytes"].items():
+            if n is not None:
+                self.part_bytes[part] = n
+        self.kv_bytes_per_token_per_layer = reply["kv_bytes_per_token_per_layer"]
+
+    def add_worker(self, worker_id: int) -> WorkerInfo:
+        """Starts one more worker process while serving (`pipeshift device add`), the way
+        `start` starts them: a spare holding no layers, with the others' KV cap and memory
+        budget, so that an apply can place layers on it. Returns its info once it answers;
+        raises ValueError when the id is taken, RuntimeError when it does not come up (its
+        process is then stopped). One at a time: it takes the next worker that connects."""
+        if self._stopping.is_set() or self.scheduler is None:
+            raise RuntimeError("the engine is not serving")
+        if worker_id in self.worker_info or worker_id in self.workers:
+            raise ValueError(f"worker {worker_id} exists already")
+        self.launcher.launch(worker_id)
+        info = WorkerInfo(worker_id)
+        try:
+            deadline = time.monotonic() + self.config.startup_timeout_s
+            while worker_id not in self.workers:
+                code = self.launcher.exit_codes().get(worker_id)
+                if code is not None:
+                    raise RuntimeError(f"worker {worker_id} exited during start-up with code {code}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {worker_id} did not connect within "
+                                       f"{self.config.startup_timeout_s:.0f} s")
+                try:
+                    conn = self._control.accept(timeout_s=min(5.0, max(0.1, deadline - time.monotonic())))
+                except ControlError:
+                    continue
+                if conn.worker_id != worker_id:  # not ours: nothing else is starting
+                    conn.close()
+                    continue
+                self.workers[worker_id] = conn
+            self._configure_worker(info, 0, 0)
+            self.on_scheduler(lambda: self.scheduler.set_worker_capacity(worker_id, 0))
+        except Exception as exc:
+            conn = self.workers.pop(worker_id, None)
+            if conn is not None:
+                conn.close()
+            self.launcher.kill(worker_id)
+            if isinstance(exc, ControlError):
+                raise RuntimeError(str(exc)) from None
+            raise
+        self.worker_info[worker_id] = info  # last: the monitor watches it from now on
+        log.info("worker %d added (pid %d), a spare", worker_id, self.workers[worker_id].pid)
+        return info
 
     def _new_runtime(self, placements: list[StagePlacement], epoch: int) -> PipelineRuntime:
         pid = next(self._pipeline_ids)
@@ -347,7 +392,7 @@ class PipelineEngine:
             return
         self._stopping.set()
         self.events.put(("stop", None))
-        for conn in self.workers.values():
+        for conn in list(self.workers.values()):
             try:
                 conn.call("shutdown", timeout_s=2.0)
             except ControlError:
@@ -792,7 +837,7 @@ class PipelineEngine:
             if self.failure:
                 return
             codes = self.launcher.exit_codes()
-            for worker_id, info in self.worker_info.items():
+            for worker_id, info in list(self.worker_info.items()):  # `add_worker` may add one
                 if not info.alive:
                     continue
                 if codes.get(worker_id) is not None:

@@ -16,6 +16,10 @@ from agent.worker import main as worker_main
 class Launcher(Protocol):
     def start(self, n_workers: int, control_address: str) -> None: ...
 
+    def launch(self, worker_id: int) -> None:
+        """Starts one more worker (`pipeshift device add`), after `start`."""
+        ...
+
     def exit_codes(self) -> dict[int, int | None]:
         """Returns each worker's exit code (negative: killed by that signal), None while it runs."""
         ...
@@ -43,23 +47,30 @@ class LocalLauncher:
     def start(self, n_workers: int, control_address: str) -> None:
         # Read by OpenMP when the fork server imports torch; set before it starts.
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads_per_worker))
+        self.control_address = control_address
+        for worker_id in range(n_workers):
+            self.launch(worker_id)
+
+    def launch(self, worker_id: int) -> None:
+        """Starts worker `worker_id`, forked from the same fork server as the others."""
+        if self.devices and worker_id >= len(self.devices):
+            raise ValueError(f"no device for worker {worker_id}: this launcher was given {len(self.devices)}")
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["agent.worker_preload"])
-        for worker_id in range(n_workers):
-            device = self.devices[worker_id] if self.devices else "cpu"
-            argv = [
-                "--control", control_address,
-                "--worker-id", str(worker_id),
-                "--threads", str(self.threads_per_worker),
-                "--device", device,
-            ]
-            process = ctx.Process(target=worker_main, args=(argv,), name=f"pipeshift-worker-{worker_id}",
-                                  daemon=True)
-            process.start()
-            self.processes[worker_id] = process
+        device = self.devices[worker_id] if self.devices else "cpu"
+        argv = [
+            "--control", self.control_address,
+            "--worker-id", str(worker_id),
+            "--threads", str(self.threads_per_worker),
+            "--device", device,
+        ]
+        process = ctx.Process(target=worker_main, args=(argv,), name=f"pipeshift-worker-{worker_id}", daemon=True)
+        process.start()
+        self.processes[worker_id] = process
 
     def exit_codes(self) -> dict[int, int | None]:
-        return {wid: p.exitcode for wid, p in self.processes.items()}
+        # a copy first: `launch` may add a worker while the engine's monitor reads these
+        return {wid: p.exitcode for wid, p in list(self.processes.items())}
 
     def pid(self, worker_id: int) -> int:
         return self.processes[worker_id].pid
