@@ -1,8 +1,9 @@
-"""Devices joining and leaving a serving deployment: drain one live, re-admit it later.
+"""Devices joining and leaving a serving deployment: drain one live, add one (new or back).
 
     fleet = DeviceFleet(reconfig)
     fleet.drain("worker-2")   # plans the configuration without it and applies it live
-    fleet.add("worker-2")     # makes it available to the planner (and the controller) again
+    fleet.add("worker-2")     # a drained device: available to the planner (and the controller) again
+    fleet.add("worker-3")     # a new device: starts its worker process, a spare holding no layers
 
 Draining plans the least movement that frees the device (`drain_target`): a spare device
 takes over its stage as it is; without a spare its layers join the neighbouring stage of its
@@ -11,24 +12,45 @@ through the same path as the admin API's (agent/reconfigurations.py), so it neve
 another. Once the apply has switched, the device holds nothing and is marked `drained`: the
 controller and admin targets leave it alone until it is added back.
 
-In local mode the engine starts its worker processes once, so `add` re-admits a drained
-device; it does not start a new worker process.
+Adding a name the deployment does not have yet starts one more worker process the way the
+engine starts its workers (`PipelineEngine.add_worker`): named as they are (worker-N), of the
+server's kind, with their KV cap and memory budget. It returns once the worker answers; the
+worker then serves nothing until an apply (the controller's, `pipeshift apply`, or
+`POST /admin/v1/applies`) places layers on it. Refusals say what to do: a name taken (409), a
+name outside the worker-N scheme or a kind this server cannot start (400), a server at its
+`max_devices` (409), a host whose available memory cannot hold what the new worker may load,
+the whole model plus its KV cap or its memory budget when that is smaller (409).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from planner.configuration import Configuration, PipelineConfig, StageConfig
 
 
 class DeviceRefused(Exception):
-    """A drain or add that cannot be done; `status` is the HTTP answer (404, 409, 503)."""
+    """A drain or add that cannot be done; `status` is the HTTP answer (400, 404, 409, 503)
+    and `code` the error's code."""
 
-    def __init__(self, message: str, status: int = 409):
+    def __init__(self, message: str, status: int = 409, code: str | None = None):
         super().__init__(message)
         self.message, self.status = message, status
+        self.code = code or {400: "invalid_device", 404: "not_found", 503: "unavailable"}.get(status, "device_refused")
+
+
+def host_memory_available_bytes() -> int | None:
+    """Returns what this host's kernel says is available (MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def drain_target(current: Configuration, device: str, spares: list[str]) -> Configuration:
@@ -59,11 +81,15 @@ def drain_target(current: Configuration, device: str, spares: list[str]) -> Conf
 
 
 class DeviceFleet:
-    def __init__(self, reconfig: Any):
+    def __init__(self, reconfig: Any, max_devices: int | None = None,
+                 memory_available: Callable[[], int | None] = host_memory_available_bytes):
         self.reconfig = reconfig
+        self.max_devices = max_devices  # workers alive at most (None: no limit)
+        self.memory_available = memory_available
         self.drained: set[str] = set()
         self._draining: dict[str, Any] = {}  # device -> ApplyRecord of its drain
         self._lock = threading.Lock()
+        self._adding = threading.Lock()  # one new worker at a time (the engine takes the next to connect)
 
     def _settle(self) -> None:
         """Turns finished drains into `drained` (applied) or back to available (not applied)."""
@@ -92,9 +118,12 @@ class DeviceFleet:
         out = self.unavailable()
         return [d.name for d in self.reconfig.devices() if d.name not in out]
 
+    def _workers(self) -> dict[str, Any]:
+        """Returns the engine's workers by name (dead ones too)."""
+        return {info.name: info for info in list(self.reconfig.engine.worker_info.values())}
+
     def _known(self, device: str) -> None:
-        engine = self.reconfig.engine
-        names = {info.name: info for info in engine.worker_info.values()}
+        names = self._workers()
         if device not in names:
             raise DeviceRefused(f"no device {device!r}: this deployment's devices are {', '.join(sorted(names))}",
                                 status=404)
@@ -128,21 +157,92 @@ class DeviceFleet:
             self._draining[device] = record
             return record, f"draining {device}: apply {record.apply_id} moves it to {target.describe()}"
 
-    def add(self, device: str | None = None) -> tuple[list[str], str]:
-        """Makes a drained device available again (the first drained one when None); returns
-        (the devices added, what was done)."""
-        if device is not None:
-            self._known(device)
+    def kind(self) -> str:
+        """Returns the kind of device this server's workers are (and new ones would be)."""
+        device = self.reconfig.engine.config.device
+        return "cpu" if device == "cpu" else device
+
+    def add(self, device: str | None = None, kind: str | None = None) -> tuple[list[str], str, bool]:
+        """Adds `device`: a drained one is made available again; a name the deployment does not
+        have starts a new worker under it. Without a name: the first drained device (a new
+        worker needs its name). Returns (the devices added, what was done, whether a worker
+        process was started); raises DeviceRefused saying what to do."""
+        if kind is not None and kind != self.kind():
+            raise DeviceRefused(f"this server cannot start a device of kind {kind!r}: its workers are "
+                                f"{self.kind()} workers (local mode starts them on this host); omit the kind "
+                                f"or give {self.kind()!r}", status=400)
+        names = self._workers()
         with self._lock:
             self._settle()
-            if device is not None and device in self._draining:
-                raise DeviceRefused(f"{device} is being drained by apply {self._draining[device].apply_id}: "
-                                    "wait for it to end, then add it")
-            wanted = [device] if device is not None else sorted(self.drained)[:1]
-            added = [d for d in wanted if d in self.drained]
-            self.drained.difference_update(added)
-        if added:
-            return added, (f"{added[0]} is available again; the planner and the controller may place layers "
-                           "on it (local mode re-admits drained workers; it starts no new worker process)")
-        return [], ((f"{device} is available already" if device else "no drained device to re-admit")
-                    + "; local mode starts no new worker process while serving")
+            if device is None and self.drained:
+                device = sorted(self.drained)[0]
+            if device is None:
+                raise DeviceRefused(f"no drained device to re-admit: name the new device to start one "
+                                    f"(the next free name is {self._next_name()})")
+            if device in names:
+                return self._readmit(device, names[device])
+        return self._start_worker(device)
+
+    def _readmit(self, device: str, info: Any) -> tuple[list[str], str, bool]:
+        """Under the lock: a drained device is available again; any other known one is refused."""
+        if device in self._draining:
+            raise DeviceRefused(f"{device} is being drained by apply {self._draining[device].apply_id}: "
+                                "wait for it to end, then add it")
+        if not info.alive:
+            raise DeviceRefused(f"{device} is dead; its name stays taken: add a new device "
+                                f"(the next free name is {self._next_name()})")
+        if device not in self.drained:
+            raise DeviceRefused(f"{device} is in this deployment already, and not drained: nothing to add "
+                                f"(a new device needs a new name; the next free one is {self._next_name()})")
+        self.drained.discard(device)
+        return [device], f"{device} is available again; the planner and the controller may place layers on it", False
+
+    def _next_name(self) -> str:
+        from agent.engine import worker_name
+
+        return worker_name(max(self.reconfig.engine.worker_info, default=-1) + 1)
+
+    def _start_worker(self, device: str) -> tuple[list[str], str, bool]:
+        """Starts a new worker process named `device`."""
+        from agent.engine import worker_id_of, worker_name
+
+        engine = self.reconfig.engine
+        with self._adding:
+            try:
+                worker_id = worker_id_of(device)
+            except ValueError:
+                raise DeviceRefused(f"no device {device!r}, and a new one cannot have that name: this server's "
+                                    f"devices are named worker-N (the next free one is {self._next_name()})",
+                                    status=400) from None
+            if worker_id in engine.worker_info:
+                raise DeviceRefused(f"{device} is in this deployment already: nothing to add")
+            if engine.failure:
+                raise DeviceRefused(f"the deployment is down: {engine.failure}", status=503)
+            alive = [info.name for info in list(engine.worker_info.values()) if info.alive]
+            if self.max_devices is not None and len(alive) >= self.max_devices:
+                raise DeviceRefused(f"this server holds {len(alive)} devices ({', '.join(alive)}), its limit "
+                                    f"(--max-devices {self.max_devices}): restart it with a larger --max-devices "
+                                    "to add more")
+            self._check_memory(device)
+            try:
+                info = engine.add_worker(worker_id)
+            except (RuntimeError, ValueError) as exc:
+                raise DeviceRefused(f"could not start {device}: {exc}", status=503) from None
+        return [worker_name(info.worker_id)], (
+            f"{device} is up (pid {engine.workers[info.worker_id].pid}), a spare holding no layers: an apply "
+            "(`pipeshift apply`, POST /admin/v1/applies) or the controller may place layers on it"), True
+
+    def _check_memory(self, device: str) -> None:
+        """Refuses a new worker when the host's available memory cannot hold what it may load:
+        the whole model and its KV cap, or its memory budget when that is smaller."""
+        available = self.memory_available()
+        if available is None:
+            return
+        engine, footprint = self.reconfig.engine, self.reconfig.footprint()
+        model_bytes = footprint.n_layers * footprint.layer_weight_bytes + footprint.embed_bytes + footprint.head_bytes
+        needed = min(engine.memory_budget_bytes, model_bytes + engine.config.kv_cache_bytes)
+        if available < needed:
+            raise DeviceRefused(f"this host has {available / 2**20:.0f} MiB of memory available and {device} may "
+                                f"need {needed / 2**20:.0f} MiB (the model's weights and its KV cap, or its memory "
+                                "budget): free memory on the host, or restart the server with a smaller "
+                                "--memory-budget or --kv-cache-mb")

@@ -82,6 +82,13 @@ def register(subparsers) -> None:
         "(default $PIPESHIFT_ADMIN_TOKEN; without one it answers this host only)",
     )
     parser.add_argument(
+        "--max-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most devices (worker processes) `pipeshift device add` may grow this server to (default: no limit)",
+    )
+    parser.add_argument(
         "--planner-api",
         action="store_true",
         help="also serve the planner REST API (plans, applies, history over the store) under /planner; "
@@ -208,6 +215,9 @@ def engine_config_from_args(args):
     devices = 1 if devices is None else devices
     if devices < 1:
         raise ValueError(f"--devices must be at least 1, got {devices}")
+    max_devices = getattr(args, "max_devices", None)
+    if max_devices is not None and max_devices < devices:
+        raise ValueError(f"--max-devices {max_devices} is below the {devices} devices the server starts with")
     if args.micro_batches is not None and args.micro_batches < 1:
         raise ValueError(f"--micro-batches must be at least 1, got {args.micro_batches}")
     if args.kv_cache_mb < 1:
@@ -288,6 +298,8 @@ def run(args) -> int:
               f"http://{args.host}:{args.port}/admin/v1"
               + ("" if args.admin_token else " (this host only)"), flush=True)
         app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token)
+        if getattr(app.state, "device_fleet", None) is not None:
+            app.state.device_fleet.max_devices = args.max_devices
         if store is not None:
             mount_planner_api(app, store, args)
         runner = start_controller(app, engine, args, spec, settings, store)

@@ -85,9 +85,10 @@ class AdminClient:
 
         return self._request("POST", f"/admin/v1/devices/{quote(device, safe='')}/drain")
 
-    def add_device(self, device: str | None = None) -> dict[str, Any]:
-        """Re-admits a drained device (the first drained one when None): {"added", "message"}."""
-        return self._request("POST", "/admin/v1/devices", {"device": device})
+    def add_device(self, device: str | None = None, kind: str | None = None) -> dict[str, Any]:
+        """Adds a device: a new worker under a new name (returns once it is up), or a drained one
+        back (the first drained one when None): {"added", "started", "message", "devices"}."""
+        return self._request("POST", "/admin/v1/devices", {"device": device, "kind": kind})
 
     def workload(self) -> dict[str, Any]:
         return self._request("GET", "/admin/v1/workload")["workload"]

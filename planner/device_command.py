@@ -1,7 +1,9 @@
 """`pipeshift device drain DEVICE` and `pipeshift device add [DEVICE]`: devices leave and join a
 serving deployment. Draining moves the device's layers elsewhere live (the admin API plans the
-configuration without it and applies it), then marks it drained; adding makes a drained device
-available to the planner and the controller again (local mode starts no new worker process)."""
+configuration without it and applies it), then marks it drained. Adding a new name (worker-N,
+as the server names its workers) starts a worker process for it and returns once it is up, a
+spare holding no layers until an apply or the controller places some on it; adding a drained
+device makes it available to the planner and the controller again."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import sys
 def register(subparsers: argparse._SubParsersAction) -> None:
     from planner.apply_command import DEFAULT_SERVER
 
-    p = subparsers.add_parser("device", help="drain a device of a serving deployment, or add one back",
+    p = subparsers.add_parser("device", help="drain a device of a serving deployment, or add one",
                               description=__doc__)
     actions = p.add_subparsers(dest="device_action", metavar="ACTION")
     drain = actions.add_parser("drain", help="move a device's layers elsewhere live, then mark it drained")
     drain.add_argument("device", metavar="DEVICE", help="e.g. worker-2 (GET /admin/v1/deployment lists them)")
     drain.add_argument("--no-wait", action="store_true", help="return once the apply has started")
-    add = actions.add_parser("add", help="make a drained device available to the planner again")
+    add = actions.add_parser("add", help="start a new device (a worker process), or make a drained one available again")
     add.add_argument("device", nargs="?", default=None, metavar="DEVICE",
-                     help="the device to re-admit (default: the first drained one)")
+                     help="a new name (worker-N) to start a worker under, or a drained device to re-admit "
+                          "(default: the first drained one)")
+    add.add_argument("--kind", default=None,
+                     help="the new device's kind; a local server starts its own kind only (cpu)")
     for sub in (drain, add):
         sub.add_argument("--server", default=DEFAULT_SERVER,
                          help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     client = AdminClient(args.server, args.token)
     try:
         if args.device_action == "add":
-            answer = client.add_device(args.device)
+            answer = client.add_device(args.device, args.kind)
             print(answer["message"])
             return 0
         answer = client.drain(args.device)

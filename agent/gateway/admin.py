@@ -9,7 +9,7 @@
   POST /admin/v1/applies/{id}/cancel   stop an apply (before its switch it aborts)
   GET  /admin/v1/workload              the workload monitor's window (also in the deployment)
   POST /admin/v1/devices/{name}/drain  move a device's layers elsewhere live, then mark it drained
-  POST /admin/v1/devices               re-admit a drained device (`device`, else the first drained)
+  POST /admin/v1/devices               add a device: a drained one back, or a new worker (201)
   GET  /admin/v1/controller            the live controller's mode, policy and recent decisions
 
 It answers clients on this host only, unless the server was given a token; then every admin
@@ -104,7 +104,10 @@ class ApplyBody(BaseModel):
 
 class AddDeviceBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device: str | None = Field(None, min_length=1, description="a drained device; default: the first drained one")
+    device: str | None = Field(None, min_length=1, description=(
+        "a new name (worker-N) to start a worker under, or a drained device to re-admit; default: the first "
+        "drained device"))
+    kind: str | None = Field(None, min_length=1, description="the new device's kind: the server's own (cpu)")
 
 
 def install_workload_monitor(app: FastAPI, reconfig: Reconfigurations) -> tuple[Any, Any]:
@@ -181,8 +184,7 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
         return JSONResponse(runner.to_json())
 
     def device_refused(exc: Exception) -> APIError:
-        code = {404: "not_found", 503: "unavailable"}.get(exc.status, "device_refused")
-        return APIError(exc.message, status=exc.status, code=code)
+        return APIError(exc.message, status=exc.status, code=exc.code)
 
     @router.post("/devices/{device}/drain", status_code=202, responses={
         200: {"description": "nothing to move: the device held no stage, or was drained already"},
@@ -203,18 +205,27 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
             return JSONResponse(body, status_code=200)
         return JSONResponse(body, status_code=202, headers={"Location": f"/admin/v1/applies/{record.apply_id}"})
 
-    @router.post("/devices", responses=error_responses(404, 409))
-    async def add_device(body: AddDeviceBody | None = None) -> JSONResponse:
-        """Makes a drained device available to the planner and the controller again."""
+    @router.post("/devices", responses={
+        201: {"description": "a new worker process was started: a spare holding no layers"},
+        **error_responses(400, 409, 503)})
+    def add_device(body: AddDeviceBody | None = None) -> JSONResponse:
+        """Adds a device: a drained one is available to the planner and the controller again; a
+        new name starts a worker process (a spare) and answers once it is up (201). A plain
+        `def` (run on a worker thread): starting a worker takes seconds the streams must not wait."""
         from agent.device_fleet import DeviceRefused
 
         if fleet is None:
             raise APIError("this engine cannot add devices", status=409, code="device_refused")
         try:
-            added, message = fleet.add(body.device if body is not None else None)
+            added, message, started = fleet.add(body.device if body is not None else None,
+                                                body.kind if body is not None else None)
         except DeviceRefused as exc:
             raise device_refused(exc) from None
-        return JSONResponse({"added": added, "message": message})
+        devices = [d for d in deployment_json(reconfig.engine)["devices"] if d["name"] in added]
+        for d in devices:
+            d["state"] = fleet.state(d["name"]) or d["state"]
+        return JSONResponse({"added": added, "started": started, "message": message, "devices": devices},
+                            status_code=201 if started else 200)
 
     @router.post("/applies", status_code=202, responses={
         200: {"description": "`dry_run`: the plan, nothing applied"}, **error_responses(400, 409, 503)})

@@ -1,11 +1,16 @@
-"""Draining plans the least movement that frees a device."""
+"""Draining plans the least movement that frees a device; adding starts a worker for a new name,
+re-admits a drained one, and refuses what it cannot do with what to do instead."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from agent.device_fleet import DeviceRefused, drain_target
+from agent.device_fleet import DeviceFleet, DeviceRefused, drain_target
+from agent.engine import WorkerInfo
 from planner.configuration import Configuration
+from planner.reconfig import DeviceInfo, ModelFootprint
 
 
 def config(text: str) -> Configuration:
@@ -44,3 +49,101 @@ def test_a_single_stage_pipeline_goes_while_another_serves() -> None:
 def test_the_last_device_cannot_be_drained() -> None:
     with pytest.raises(DeviceRefused, match="only device serving"):
         drain_target(config("w0:0-30"), "w0", [])
+
+
+# ---- adding devices: what the fleet decides before and after the engine starts a worker -----
+
+class FakeEngine:
+    """What the fleet reads of agent.engine.PipelineEngine; `add_worker` records the ids asked."""
+
+    def __init__(self, n_workers: int, device: str = "cpu"):
+        self.config = SimpleNamespace(device=device, kv_cache_bytes=64 << 20)
+        self.memory_budget_bytes = 4 << 30
+        self.failure = None
+        self.worker_info = {w: WorkerInfo(w) for w in range(n_workers)}
+        self.workers = {w: SimpleNamespace(pid=1000 + w) for w in range(n_workers)}
+        self.started: list[int] = []
+
+    def add_worker(self, worker_id: int) -> WorkerInfo:
+        self.started.append(worker_id)
+        self.workers[worker_id] = SimpleNamespace(pid=1000 + worker_id)
+        self.worker_info[worker_id] = WorkerInfo(worker_id)
+        return self.worker_info[worker_id]
+
+
+class FakeReconfig:
+    def __init__(self, engine: FakeEngine):
+        self.engine = engine
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo(i.name, "cpu", "local", 4 << 30, 64 << 20) for i in self.engine.worker_info.values()
+                if i.alive]
+
+    def current(self) -> Configuration:
+        return config("worker-0:0-30")
+
+    def footprint(self) -> ModelFootprint:
+        return ModelFootprint(30, 18 << 20, 110 << 20, 110 << 20, 1536, 16)
+
+
+def fleet(n_workers: int = 2, **kwargs) -> tuple[DeviceFleet, FakeEngine]:
+    engine = FakeEngine(n_workers)
+    return DeviceFleet(FakeReconfig(engine), **kwargs), engine
+
+
+def test_a_new_name_starts_a_worker_that_the_planner_may_then_use() -> None:
+    devices, engine = fleet(memory_available=lambda: 16 << 30)
+    added, message, started = devices.add("worker-2")
+    assert (added, started, engine.started) == (["worker-2"], True, [2])
+    assert "worker-2 is up (pid 1002), a spare holding no layers" in message
+    assert devices.available() == ["worker-0", "worker-1", "worker-2"]
+    assert devices.add("worker-7", kind="cpu")[0] == ["worker-7"]  # any free number, the server's kind
+    assert engine.started == [2, 7]
+
+
+def test_adding_refuses_what_it_cannot_do_and_says_what_to_do() -> None:
+    devices, engine = fleet(memory_available=lambda: 16 << 30)
+    cases = [
+        ({"device": "worker-1"}, 409, "worker-1 is in this deployment already, and not drained: nothing to add "
+                                      r"\(a new device needs a new name; the next free one is worker-2\)"),
+        ({"device": "worker-01"}, 409, "worker-01 is in this deployment already"),
+        ({"device": "gpu-3"}, 400, r"devices are named worker-N \(the next free one is worker-2\)"),
+        ({"device": "worker-2", "kind": "cuda"}, 400, "cannot start a device of kind 'cuda': its workers are cpu"),
+        ({}, 409, r"no drained device to re-admit: name the new device to start one \(the next free name is "
+                  r"worker-2\)"),
+    ]
+    for kwargs, status, says in cases:
+        with pytest.raises(DeviceRefused, match=says) as refused:
+            devices.add(**kwargs)
+        assert refused.value.status == status, kwargs
+    assert engine.started == []
+    engine.worker_info[1].alive = False
+    with pytest.raises(DeviceRefused, match="worker-1 is dead; its name stays taken"):
+        devices.add("worker-1")
+
+
+def test_a_drained_device_comes_back_without_a_new_worker() -> None:
+    devices, engine = fleet(memory_available=lambda: 16 << 30)
+    devices.drained.add("worker-1")
+    assert devices.available() == ["worker-0"]
+    added, message, started = devices.add()  # the first drained one
+    assert (added, started, engine.started) == (["worker-1"], False, [])
+    assert "worker-1 is available again" in message and devices.available() == ["worker-0", "worker-1"]
+
+
+def test_the_server_limit_and_the_host_memory_are_respected() -> None:
+    devices, engine = fleet(max_devices=2, memory_available=lambda: 16 << 30)
+    with pytest.raises(DeviceRefused, match=r"holds 2 devices \(worker-0, worker-1\), its limit \(--max-devices 2\)") \
+            as refused:
+        devices.add("worker-2")
+    assert refused.value.status == 409
+    engine.worker_info[1].alive = False  # a dead worker holds no place
+    assert devices.add("worker-2")[0] == ["worker-2"]
+
+    # the model (30 x 18 + 2 x 110 = 760 MiB) plus its KV cap (64 MiB), below the 4 GiB budget
+    devices, engine = fleet(memory_available=lambda: 800 << 20)
+    with pytest.raises(DeviceRefused, match="has 800 MiB of memory available and worker-2 may need 824 MiB") as refused:
+        devices.add("worker-2")
+    assert refused.value.status == 409 and engine.started == []
+    devices.memory_available = lambda: 824 << 20
+    assert devices.add("worker-2")[2]

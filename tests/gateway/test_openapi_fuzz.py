@@ -7,8 +7,10 @@ may be refused only for what JSON Schema cannot state, and only truthfully: a pr
 max_tokens that do not fit the context together (400 `context_length_exceeded`), a prompt of
 characters the tokenizer has no token for (400 `empty_prompt`), both checked against the
 tokenizer, and an admin target that misfits the deployment's layers or devices (400
-`invalid_configuration`), and a response_format JSON schema the grammar library cannot
-enforce (400 `invalid_json_schema`, checked against the library).
+`invalid_configuration`), a device to add whose name is outside the server's worker-N scheme
+or whose kind is not the server's (400 `invalid_device`, checked against both), and a
+response_format JSON schema the grammar library cannot enforce (400 `invalid_json_schema`,
+checked against the library).
 
 The admin routes are fuzzed too, with a token: on one device every valid target is the
 configuration already serving, so an apply changes nothing and the run stays reproducible.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.request
 from typing import Any
 
@@ -115,6 +118,11 @@ def test_the_gateway_answers_as_its_openapi_document_says(served):
                     assert prompt_tokens + (limit or 1) > engine.max_context, response.text
                 return None
             if code == "invalid_configuration" and case.operation.path.startswith("/admin/"):
+                return None
+            if code == "invalid_device" and case.operation.path == "/admin/v1/devices":
+                body = case.body if isinstance(case.body, dict) else {}
+                named = re.fullmatch(r"worker-[0-9]+", body.get("device") or "worker-0")
+                assert body.get("kind") not in (None, "cpu") or not named, response.text
                 return None
             if code == "invalid_json_schema":  # a JSON Schema the grammar library refuses
                 with pytest.raises(InvalidSchema):
