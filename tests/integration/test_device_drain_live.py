@@ -4,11 +4,14 @@ monitor and the controller (propose mode) report on the same server.
 One server (3 CPU workers, 2 stages, one spare): the same greedy requests stream once on the
 unchanged deployment and once while `pipeshift device drain` moves a stage to the spare and
 then merges the next drained device's layers into its neighbour; every text must be the same.
+Then `pipeshift device add worker-3` starts a fourth worker on the running server and an apply
+moves a stage onto it while the requests stream again, with the same texts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.slow
 LOCAL_SPEC = Path(__file__).resolve().parents[2] / "data" / "specs" / "local-cpu-smollm2.yaml"
 PROMPT_LENGTHS = [48, 96, 128, 64]
 MAX_TOKENS = 32
+ADDED_MAX_TOKENS = 64  # the new worker loads half the model while these stream
 SERVE_ARGS = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "64", "--max-overhead", "0.5",
               "--controller", "propose", "--controller-interval", "1", "--workload-window", "120")
 
@@ -54,6 +58,12 @@ def states(admin: AdminClient) -> dict[str, str]:
     return {d["name"]: d["state"] for d in admin.deployment()["devices"]}
 
 
+def switched_at(record: dict) -> float:
+    """Returns when an apply's switch ended, on this process's monotonic clock (the streams')."""
+    switch = next(p for p in record["phases"] if p["name"] == "switch")
+    return switch["ended_at"] - (time.time() - time.monotonic())
+
+
 def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_path):
     admin = AdminClient(server.base_url)
     unchanged = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
@@ -68,7 +78,8 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
     def drain() -> None:
         assert streaming.wait(120), "the requests never started streaming"
         drains.append(device(["drain", "worker-1"], server))  # a spare takes its stage
-        drained.append(time.monotonic())
+        apply_id = re.search(r"\(apply (\S+?),", drains[-1].stdout)
+        drained.append(switched_at(admin.get_apply(apply_id[1])) if apply_id else float("inf"))
         configurations.append(admin.deployment()["configuration"])
         second = admin.drain("worker-2")  # no spare left: worker-0 takes 0-29
         outcomes.append(admin.wait(second["apply"]["id"])["outcome"])
@@ -89,7 +100,7 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
     assert not any(s.error for s in streams), [s.error for s in streams]
     assert [s.text for s in streams] == [s.text for s in unchanged]
     assert all(s.completion_tokens == MAX_TOKENS for s in streams)
-    # the drains ran while the requests streamed: tokens came after each switch
+    # the drain ran while the requests streamed: tokens came before and after its switch
     assert all(min(s.times) < drained[0] for s in streams) and max(s.times[-1] for s in streams) > drained[0]
     assert states(admin) == {"worker-0": "serving", "worker-1": "drained", "worker-2": "drained"}
 
@@ -124,6 +135,67 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
     added = device(["add", "worker-1"], server)
     assert added.returncode == 0 and "worker-1 is available again" in added.stdout
     assert states(admin)["worker-1"] == "spare"
+
+
+def test_a_device_added_while_serving_takes_a_stage_live(server, prompts):
+    """`pipeshift device add worker-3` starts a fourth worker on the running server; an apply
+    then moves the second stage onto it while requests stream, and the texts stay the greedy
+    ones; a drain takes it out again like any device."""
+    admin = AdminClient(server.base_url)
+    reference = asyncio.run(stream_completions(server.base_url, prompts, ADDED_MAX_TOKENS))
+    assert not any(s.error for s in reference)
+
+    began = time.monotonic()
+    added = device(["add", "worker-3"], server)
+    add_s = time.monotonic() - began
+    assert added.returncode == 0 and "worker-3 is up" in added.stdout, added.stderr
+    new = {d["name"]: d for d in admin.deployment()["devices"]}["worker-3"]
+    assert new["state"] == "spare" and new["held_layers"] == [] and new["pid"] > 0 and new["kv_blocks"] >= 1
+    assert add_s < 60, f"adding a worker took {add_s:.1f} s"
+
+    # refusals are 4xx that say what to do, and start nothing
+    for body, status, says in (({"device": "worker-3"}, 409, "worker-3 is in this deployment already"),
+                               ({"device": "gpu-0"}, 400, "devices are named worker-N"),
+                               ({"device": "worker-4", "kind": "cuda"}, 400, "cannot start a device of kind 'cuda'")):
+        with pytest.raises(AdminError, match=says) as refused:
+            admin.add_device(**body)
+        assert refused.value.status == status, body
+    bad = device(["add", "worker-4", "--kind", "cuda"], server)
+    assert bad.returncode == 2 and "its workers are cpu workers" in bad.stderr
+    assert "worker-4" not in states(admin)
+
+    target = [{"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-3", "start": 15, "end": 30}]
+    streaming = threading.Event()
+    outcomes: list[dict] = []
+    ended: list[float] = []
+
+    def place() -> None:
+        assert streaming.wait(120), "the requests never started streaming"
+        started = admin.apply({"target": {"pipelines": [{"stages": target}]}})
+        outcomes.append(admin.wait(started["id"]))
+        ended.append(switched_at(outcomes[-1]))
+
+    thread = threading.Thread(target=place)
+    thread.start()
+    streams = asyncio.run(stream_completions(
+        server.base_url, prompts, ADDED_MAX_TOKENS,
+        on_progress=lambda s: streaming.set() if all(len(x.times) >= 2 for x in s) else None))
+    thread.join()
+
+    assert outcomes and outcomes[0]["outcome"] == "applied", outcomes
+    assert admin.deployment()["configuration"] == {"pipelines": [{"stages": target}]}
+    assert not any(s.error for s in streams), [s.error for s in streams]
+    assert [s.text for s in streams] == [s.text for s in reference]
+    assert all(s.completion_tokens == ADDED_MAX_TOKENS for s in streams)
+    # the apply ran while the requests streamed: tokens came before and after its switch
+    assert all(min(s.times) < ended[0] for s in streams) and max(s.times[-1] for s in streams) > ended[0]
+    assert states(admin)["worker-3"] == "serving"
+
+    drained = admin.drain("worker-3")  # a spare takes its stage, as from any device
+    assert admin.wait(drained["apply"]["id"])["outcome"] == "applied"
+    assert states(admin)["worker-3"] == "drained"
+    assert "worker-3" not in {s["device"] for p in admin.deployment()["configuration"]["pipelines"]
+                              for s in p["stages"]}
 
 
 def test_the_workload_window_and_the_controller_report(server, prompts):
