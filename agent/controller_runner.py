@@ -9,8 +9,10 @@ the workload monitor's window, re-plans with the migration term and asks the dec
   off      no loop.
 
 Every decision, acting or not, is logged with its reason and predicted figures, kept (the most
-recent MAX_DECISIONS) for `GET /admin/v1/controller`, and proposals and applies started are
-written to the store as plans when there is one.
+recent MAX_DECISIONS) for `GET /admin/v1/controller`, and, when the server has a store
+(`serve --planner-api`), written to it: every decision as a row of `decisions` (`pipeshift
+history --decisions` lists them), and a proposal's or a started apply's target as a saved plan
+the row names.
 
 The spec the controller plans from is the served deployment's: its devices are the workers
 that are alive and not drained (agent/device_fleet.py), named as the workers are; its SLOs and
@@ -70,6 +72,13 @@ class DecisionRecord:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def finite(figures: dict[str, Any]) -> dict[str, Any]:
+    """Returns `figures` with infinite or NaN numbers as None (JSON columns refuse them)."""
+    import math
+
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in figures.items()}
 
 
 def deployment_spec(template: Any, devices: list[str]) -> Any:
@@ -193,6 +202,7 @@ class ControllerRunner:
             self._apply(record, target)
         elif record.act:
             record.plan_id = self._save_plan(record, target)
+        self._store_decision(record)
         self.decisions.append(record)
         verb = {"auto": "apply", "propose": "propose"}.get(self.settings.mode, "decide")
         log.info("controller decision %d: %s %s -> %s: %s (goodput %.3f -> %.3f req/s, stall %.1f ms)%s",
@@ -233,6 +243,20 @@ class ControllerRunner:
         except Exception:  # the store is a record of decisions, not a condition for them
             log.exception("controller: could not write decision %d to the store", record.id)
             return None
+
+    def _store_decision(self, record: DecisionRecord) -> None:
+        """Writes the decision, acting or not, to the store when there is one."""
+        if self.store is None:
+            return
+        from datetime import UTC, datetime
+
+        try:
+            self.store.record_decision(
+                record.id, record.mode, record.act, record.reason, record.current, record.target,
+                finite(record.predicted), finite(record.workload), decided_at=datetime.fromtimestamp(record.time, UTC),
+                plan_id=record.plan_id, server_apply_id=record.apply_id, error=record.error)
+        except Exception:  # the store is a record of decisions, not a condition for them
+            log.exception("controller: could not write decision %d to the store", record.id)
 
     # ---- what the admin API shows -----------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""`pipeshift history [--json]`: the configurations and applies of the store, oldest first."""
+"""`pipeshift history [--decisions] [--json]`: the configurations and applies of the store, oldest
+first; with --decisions, every decision of the live controller too (acting or not, its reason and
+predicted figures)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("history", help="list the configurations and applies the store recorded")
     p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument("--decisions", action="store_true",
+                   help="also list the live controller's decisions (`serve --controller` with a store)")
     add_database_argument(p)
     p.set_defaults(func=run)
 
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if store is None:
         return 1
     try:
-        events = store.history()
+        events = store.history(decisions=args.decisions)
     finally:
         store.close()
     if args.json:
@@ -39,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for e in events:
         when = e["at"][:19].replace("T", " ")
-        if e["type"] == "configuration":
+        if e["type"] == "decision":
+            print(decision_line(when, e))
+        elif e["type"] == "configuration":
             print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<9} {layout(e['pipelines'])}")
         else:
             result = e["outcome"] or e["state"]
@@ -48,3 +54,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"{when}  apply {e['id']:<19} {result:<11} {e['from']} -> {e['to'] or '-'}  moved {moved}, "
                   f"stall {stall}" + (f"  ({e['error']})" if e["error"] else ""))
     return 0
+
+
+def decision_line(when: str, e: dict) -> str:
+    """Returns `WHEN  decision 12  auto  apply  [0:15,15:30] -> [0:30]: REASON (goodput ...)`."""
+    from planner.configuration import Configuration
+
+    verb = ("apply" if e["mode"] == "auto" else "propose") if e["act"] else "keep"
+    current = Configuration.from_json(e["current"]).describe()
+    target = Configuration.from_json(e["target"]).describe()
+    p = e["predicted"]
+    figures = (f"goodput {p.get('goodput_current_rps', 0):.3f} -> {p.get('goodput_target_rps', 0):.3f} req/s, "
+               f"stall {p.get('stall_ms', 0):.1f} ms")
+    outcome = f"; apply {e['server_apply_id']}" if e["server_apply_id"] else (f"; {e['error']}" if e["error"] else "")
+    return (f"{when}  decision {e['id']:<4} {e['mode']:<7} {verb:<7} {current} -> {target}: {e['reason']} "
+            f"({figures}){outcome}")

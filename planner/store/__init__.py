@@ -1,4 +1,5 @@
-"""The SQL history of a deployment: devices, configurations, plans, applies and locks.
+"""The SQL history of a deployment: devices, configurations, plans, applies, locks, and the
+live controller's decisions.
 
 SQLite by default (a file in the user's data directory), PostgreSQL (or any SQLAlchemy URL)
 when `PIPESHIFT_DATABASE_URL` says so. The schema is made by Alembic (`migrations/`);

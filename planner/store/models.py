@@ -97,6 +97,28 @@ class ApplyRow(Base):
     finished_at: Mapped[datetime | None]
 
 
+class DecisionRow(Base):
+    """One decision of the live controller (agent/controller_runner.py), acting or not: what
+    it saw, what it would serve, why it did or did not change, and the figures it predicted."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    serial: Mapped[int]  # the controller's own count, as GET /admin/v1/controller shows it
+    holder: Mapped[str] = mapped_column(String(200))  # host:pid of the serving process
+    mode: Mapped[str] = mapped_column(String(20))  # auto | propose
+    act: Mapped[bool]
+    reason: Mapped[str] = mapped_column(Text)
+    current: Mapped[dict[str, Any]]  # configuration: {"pipelines": [...]}
+    target: Mapped[dict[str, Any]]
+    predicted: Mapped[dict[str, Any]]  # goodput, value, gain, cost, payback, stall, prefetch
+    workload: Mapped[dict[str, Any]]  # the window it decided on
+    plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id"))  # a proposal's or a started apply's plan
+    server_apply_id: Mapped[str | None] = mapped_column(String(64))  # auto: the apply it started
+    error: Mapped[str | None] = mapped_column(Text)  # the apply path refused
+    decided_at: Mapped[datetime] = mapped_column(default=utc_now)
+
+
 class LockRow(Base):
     """Who may change a deployment now. One row per locked deployment."""
 

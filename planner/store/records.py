@@ -4,6 +4,7 @@ Configurations of one deployment form a lineage counted by serial; a saved plan 
 (lineage, serial) it was made against and is refused once another serial serves. An apply's
 row is written when it begins and as it progresses, so a killed process leaves a `running` row
 that the next reader marks `interrupted`. A lock row says who may change a deployment now.
+Every decision of a serving process's controller is a row too, acting or not.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from planner.store.models import ApplyRow, ConfigurationRow, DeviceRow, LockRow, PlanRow, utc_now
+from planner.store.models import (
+    ApplyRow,
+    ConfigurationRow,
+    DecisionRow,
+    DeviceRow,
+    LockRow,
+    PlanRow,
+    utc_now,
+)
 
 
 class UnknownId(LookupError):
@@ -212,6 +221,30 @@ class Store:
         with self.transaction() as s:
             return list(s.scalars(select(ApplyRow).order_by(ApplyRow.started_at, ApplyRow.id)))
 
+    # ---- controller decisions ---------------------------------------------------------------
+    def record_decision(self, serial: int, mode: str, act: bool, reason: str, current: dict[str, Any],
+                        target: dict[str, Any], predicted: dict[str, Any], workload: dict[str, Any],
+                        decided_at: datetime | None = None, plan_id: str | None = None,
+                        server_apply_id: str | None = None, error: str | None = None,
+                        holder: str | None = None) -> DecisionRow:
+        """Writes one decision of the live controller, acting or not."""
+        with self.transaction() as s:
+            row = DecisionRow(serial=serial, holder=holder or this_process(), mode=mode, act=act, reason=reason,
+                              current=current, target=target, predicted=predicted, workload=workload,
+                              plan_id=plan_id, server_apply_id=server_apply_id, error=error,
+                              decided_at=decided_at or utc_now())
+            s.add(row)
+            s.flush()
+            return row
+
+    def decisions(self, limit: int | None = None) -> list[DecisionRow]:
+        """Returns the controller's decisions, oldest first (the newest `limit` when given)."""
+        with self.transaction() as s:
+            query = select(DecisionRow).order_by(DecisionRow.id.desc())
+            if limit is not None:
+                query = query.limit(limit)
+            return list(reversed(s.scalars(query).all()))
+
     # ---- locks ------------------------------------------------------------------------------
     def lock(self, name: str, reason: str, holder: str | None = None) -> LockRow:
         """Takes the lock on `name`, or raises LockHeld saying who holds it."""
@@ -247,8 +280,9 @@ class Store:
             return list(s.scalars(select(LockRow)))
 
     # ---- history ----------------------------------------------------------------------------
-    def history(self) -> list[dict[str, Any]]:
-        """Returns configurations and applies in the order they happened."""
+    def history(self, decisions: bool = False) -> list[dict[str, Any]]:
+        """Returns configurations and applies (and the controller's decisions, when asked) in
+        the order they happened."""
         events: list[tuple[datetime, int, dict[str, Any]]] = []
         for c in self.configurations():
             events.append((c.created_at, 0, {
@@ -262,4 +296,16 @@ class Store:
                 "from": a.from_id, "to": a.to_id, "plan": a.plan_id, "at": a.started_at.isoformat(),
                 "bytes_moved": a.bytes_moved, "stall_ms": a.stall_ms,
             }))
+        for d in self.decisions() if decisions else ():
+            events.append((d.decided_at, 2, decision_event(d)))
         return [e for _, _, e in sorted(events, key=lambda e: (e[0].replace(tzinfo=None), e[1]))]
+
+
+def decision_event(d: DecisionRow) -> dict[str, Any]:
+    """Returns a decision as `pipeshift history --decisions` and its JSON list it."""
+    return {
+        "type": "decision", "id": d.id, "serial": d.serial, "at": d.decided_at.isoformat(), "mode": d.mode,
+        "act": d.act, "reason": d.reason, "current": d.current, "target": d.target, "predicted": d.predicted,
+        "workload": d.workload, "plan": d.plan_id, "server_apply_id": d.server_apply_id, "error": d.error,
+        "holder": d.holder,
+    }

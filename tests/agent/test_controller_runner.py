@@ -139,3 +139,44 @@ def test_serve_takes_the_mode_from_the_flag_or_the_spec() -> None:
     assert controller_settings(parser.parse_args(["serve", "--controller", "auto"]), spec).mode == "auto"
     with pytest.raises(ValueError, match="--controller-interval must be positive"):
         controller_settings(parser.parse_args(["serve", "--controller-interval", "0"]), None)
+
+
+def test_every_decision_acting_or_not_is_written_to_the_store(tmp_path) -> None:
+    from datetime import UTC
+
+    from planner.store import init_schema, open_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_schema(url)
+    store = open_store(url)
+    try:
+        reconfig = Reconfig("0:15,15:30")
+        settings = ControllerSettings(mode="auto", interval_s=5, policy=POLICY, time_limit_s=2)
+        control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), settings, store=store)
+        acted = control.step(now_s=1000.0)
+        kept = control.step(now_s=1001.0)  # the first apply still runs
+        rows = store.decisions()
+        assert [(r.serial, r.mode, r.act) for r in rows] == [(1, "auto", True), (2, "auto", False)]
+        assert [r.reason for r in rows] == [acted.reason, kept.reason] and "never two at once" in rows[1].reason
+        assert rows[0].server_apply_id == "apply-1" and rows[1].server_apply_id is None
+        assert rows[0].predicted == acted.predicted and rows[0].workload == acted.workload
+        assert rows[0].current == acted.current and rows[0].target == acted.target != acted.current
+        assert rows[0].decided_at.replace(tzinfo=UTC).timestamp() == pytest.approx(1000.0)
+    finally:
+        store.close()
+
+
+def test_a_store_that_fails_loses_the_record_not_the_decision(tmp_path) -> None:
+    class Broken:
+        def record_decision(self, *args, **kwargs):
+            raise OSError("disk full")
+
+        def save_plan(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    reconfig = Reconfig("0:15,15:30")
+    settings = ControllerSettings(mode="auto", interval_s=5, policy=POLICY, time_limit_s=2)
+    control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), settings, store=Broken())
+    decision = control.step(now_s=1000.0)
+    assert decision.act and decision.apply_id == "apply-1" and len(reconfig.started) == 1
+    assert [d["id"] for d in control.to_json()["decisions"]] == [1]
