@@ -11,6 +11,7 @@ moves a stage onto it while the requests stream again, with the same texts.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -36,8 +37,18 @@ SERVE_ARGS = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "64",
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServeProcess(*SERVE_ARGS) as served:
+def store_url(tmp_path_factory) -> str:
+    """The server's own store (`--planner-api`): the controller writes its decisions there."""
+    from planner.store import init_schema
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('drain-store') / 'store.db'}"
+    init_schema(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def server(store_url):
+    with ServeProcess(*SERVE_ARGS, "--planner-api", "--database-url", store_url) as served:
         yield served
 
 
@@ -198,7 +209,7 @@ def test_a_device_added_while_serving_takes_a_stage_live(server, prompts):
                               for s in p["stages"]}
 
 
-def test_the_workload_window_and_the_controller_report(server, prompts):
+def test_the_workload_window_and_the_controller_report(server, prompts, store_url):
     admin = AdminClient(server.base_url)
     if admin.workload()["arrivals"] < 5:  # this test alone: give the monitor something to see
         asyncio.run(stream_completions(server.base_url, prompts + prompts, 8))
@@ -220,3 +231,13 @@ def test_the_workload_window_and_the_controller_report(server, prompts):
     assert decision["reason"] and decision["mode"] == "propose" and decision["apply_id"] is None
     assert {"goodput_current_rps", "goodput_target_rps", "stall_ms", "payback_s"} <= set(decision["predicted"])
     assert decision["workload"]["rate_per_s"] > 0
+
+    # every decision, acting or not, is in the server's store too (written before it is listed)
+    shown = {d["id"]: d for d in admin.controller()["decisions"]}
+    history = subprocess.run([sys.executable, "-m", "planner.cli", "history", "--decisions", "--json",
+                              "--database-url", store_url], capture_output=True, text=True, timeout=120)
+    assert history.returncode == 0, history.stderr
+    stored = {e["serial"]: e for e in json.loads(history.stdout) if e["type"] == "decision"}
+    assert shown and set(shown) <= set(stored)
+    assert all((stored[i]["act"], stored[i]["reason"], stored[i]["predicted"]) ==
+               (d["act"], d["reason"], d["predicted"]) for i, d in shown.items())
