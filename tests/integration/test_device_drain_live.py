@@ -75,19 +75,35 @@ def switched_at(record: dict) -> float:
     return switch["ended_at"] - (time.time() - time.monotonic())
 
 
+def stream_while(server: ServeProcess, prompts, max_tokens: int, action) -> list:
+    """Streams `prompts` and runs `action` on a thread once every stream has two tokens;
+    returns the streams when both are done."""
+    streaming = threading.Event()
+
+    def act() -> None:
+        assert streaming.wait(120), "the requests never started streaming"
+        action()
+
+    thread = threading.Thread(target=act)
+    thread.start()
+    streams = asyncio.run(stream_completions(
+        server.base_url, prompts, max_tokens,
+        on_progress=lambda s: streaming.set() if all(len(x.times) >= 2 for x in s) else None))
+    thread.join()
+    return streams
+
+
 def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_path):
     admin = AdminClient(server.base_url)
     unchanged = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
     assert not any(s.error for s in unchanged)
 
-    streaming = threading.Event()
     drains: list[subprocess.CompletedProcess] = []
     configurations: list[dict] = []
     drained: list[float] = []
     outcomes: list[str] = []
 
     def drain() -> None:
-        assert streaming.wait(120), "the requests never started streaming"
         drains.append(device(["drain", "worker-1"], server))  # a spare takes its stage
         apply_id = re.search(r"\(apply (\S+?),", drains[-1].stdout)
         drained.append(switched_at(admin.get_apply(apply_id[1])) if apply_id else float("inf"))
@@ -96,12 +112,7 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
         outcomes.append(admin.wait(second["apply"]["id"])["outcome"])
         configurations.append(admin.deployment()["configuration"])
 
-    thread = threading.Thread(target=drain)
-    thread.start()
-    streams = asyncio.run(stream_completions(
-        server.base_url, prompts, MAX_TOKENS,
-        on_progress=lambda s: streaming.set() if all(len(x.times) >= 2 for x in s) else None))
-    thread.join()
+    streams = stream_while(server, prompts, MAX_TOKENS, drain)
 
     assert drains[0].returncode == 0 and "worker-1 is drained" in drains[0].stdout, drains[0].stderr
     assert outcomes == ["applied"]
@@ -176,22 +187,15 @@ def test_a_device_added_while_serving_takes_a_stage_live(server, prompts):
     assert "worker-4" not in states(admin)
 
     target = [{"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-3", "start": 15, "end": 30}]
-    streaming = threading.Event()
     outcomes: list[dict] = []
     ended: list[float] = []
 
     def place() -> None:
-        assert streaming.wait(120), "the requests never started streaming"
         started = admin.apply({"target": {"pipelines": [{"stages": target}]}})
         outcomes.append(admin.wait(started["id"]))
         ended.append(switched_at(outcomes[-1]))
 
-    thread = threading.Thread(target=place)
-    thread.start()
-    streams = asyncio.run(stream_completions(
-        server.base_url, prompts, ADDED_MAX_TOKENS,
-        on_progress=lambda s: streaming.set() if all(len(x.times) >= 2 for x in s) else None))
-    thread.join()
+    streams = stream_while(server, prompts, ADDED_MAX_TOKENS, place)
 
     assert outcomes and outcomes[0]["outcome"] == "applied", outcomes
     assert admin.deployment()["configuration"] == {"pipelines": [{"stages": target}]}
