@@ -99,8 +99,20 @@ def describe(config: Stages | list[Stages]) -> str:
     return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
 
 
+def case_spec(key: str) -> Spec:
+    """Returns the spec of a case key: `8b` or `13b`, with `-bN` for a micro-batch of at most
+    N sequences instead of the spec's 16 (e.g. 13b-b64: a server that admits by KV, as vLLM's
+    default max_num_seqs of 256 does)."""
+    name, _, batch = key.partition("-b")
+    path = SPECS[name]
+    if not batch:
+        return load_spec(path)
+    text = path.read_text().replace("batch: 16", f"batch: {int(batch)}")
+    return parse_spec(text, str(path), str(path.parent))
+
+
 def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
-    spec = load_spec(SPECS[key])
+    spec = case_spec(key)
     trace, dropped = within_context(
         load_trace(TRACE, rate_scale=rate_scale), get_model_arch(spec.model).max_context
     )
@@ -125,7 +137,8 @@ def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
     best_dh = max(fair, key=lambda r: r.result.goodput_rps) if fair else None
     return {
         "case": key,
-        "spec": str(SPECS[key].relative_to(ROOT)),
+        "spec": str(SPECS[key.partition("-b")[0]].relative_to(ROOT)),
+        "batch": spec.workload.batch,
         "rate_scale": rate_scale,
         "requests": len(trace),
         "dropped_beyond_context": dropped,
@@ -191,7 +204,8 @@ def _row(label: str, r: dict[str, Any], ref: dict[str, Any]) -> str:
 
 def print_case(c: dict[str, Any]) -> None:
     print(
-        f"\n{c['spec']}, rate x{c['rate_scale']:g}: {c['requests']} requests over "
+        f"\n{c['spec']}, batch {c.get('batch', 16)}, rate x{c['rate_scale']:g}: "
+        f"{c['requests']} requests over "
         f"{c['duration_s']:.0f} s; {c['static_candidates']} static candidates "
         f"(planned in {c['candidate_planning_s']} s)"
     )
@@ -217,7 +231,11 @@ def print_case(c: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="8b:1.5,13b:1.5,13b:1.65", help="KEY:RATE_SCALE,... (keys 8b, 13b)")
+    ap.add_argument(
+        "--cases",
+        default="8b:1.5,13b:1.5,13b:1.65",
+        help="KEY:RATE_SCALE,... (keys 8b, 13b; 13b-b64: at most 64 sequences per micro-batch)",
+    )
     ap.add_argument("--window", type=float, default=300.0, help="seconds per planning window")
     ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
     ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))

@@ -21,7 +21,10 @@ the deployment serves in time for T_ok only:
 
 It is continuous and rises with C, so more capacity never looks worse, and it prices
 shedding a device below the load at what a FIFO queue in overload really loses (nearly every
-request), not at the few requests a plain min(rate, U * C) would say.
+request), not at the few requests a plain min(rate, U * C) would say. A candidate with fewer
+devices than the current configuration is considered only when it carries the window
+(rate <= U * C, `carries`): in an overload every goodput is near 0 and the device cost alone
+would pick the smallest configuration.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from planner.controller import (
     Outlook,
     decide,
 )
-from planner.evaluate import build_pipeline, pipeline_violations
+from planner.evaluate import build_pipeline
 from planner.problem import PlanningProblem
 from planner.reconfig import DeviceInfo, ModelFootprint, RequestKV, plan_reconfiguration
 from planner.serving_costs import PipelineCosts
@@ -128,15 +131,73 @@ def window_spec(spec: Spec, window: WorkloadWindow, current: Sequence[Stages] | 
 def outlook(
     spec: Spec, problem: PlanningProblem, pipelines: Sequence[Stages], window: WorkloadWindow
 ) -> Outlook:
-    """Returns the predicted goodput and devices of `pipelines` under the window."""
+    """Returns the predicted goodput, capacity and devices of `pipelines` under the window.
+
+    Each pipeline is judged at the batch it holds: A = admitted(...) requests of the window's
+    mean lengths (every slot, or what its KV holds; planner/serving_costs.py). It counts when,
+    at the SLOs' percentiles of the window,
+
+        TPOT = decode_step_s(A, min(c_q, KV / A)) <= tpot_slo      c_q = prompt_q + output_q / 2
+        TTFT = the traversal of prompt_q with A running  <= ttft_slo
+
+    (every sequence of a step waits for the whole step, whose KV read the pool bounds: A
+    sequences hold at most KV tokens). A pipeline whose KV holds no request counts nothing."""
     capacity = 0.0
+    slo = spec.slo
     for stages in pipelines:
-        if pipeline_violations(problem, build_pipeline(problem, stages)):
-            continue  # it would serve, but miss an SLO at the window's percentiles
         costs = PipelineCosts.of(spec, list(stages), problem.batch)
+        active = costs.admitted(window.prompt.mean, window.output.mean)
+        if active < 1:
+            continue
+        if slo.tpot_ms is not None:
+            q = slo.tpot_percentile
+            context = window.prompt.quantile(q) + window.output.quantile(q) / 2
+            context = min(context, costs.kv_capacity_tokens / active)
+            if costs.decode_step_s(active, context) * 1000 > slo.tpot_ms * (1 + 1e-9):
+                continue  # it would serve, but miss the TPOT SLO
+        if slo.ttft_ms is not None:
+            prompt = math.ceil(window.prompt.quantile(slo.ttft_percentile))
+            if costs.prefill_s(prompt, active)[1] * 1000 > slo.ttft_ms * (1 + 1e-9):
+                continue  # nor the TTFT SLO
         capacity += costs.capacity_rps(window.prompt.mean, window.output.mean)
     devices = sum(len(p) for p in pipelines)
-    return Outlook(goodput_rps=goodput_rps(window.rate_per_s, capacity, spec), devices=devices)
+    return Outlook(
+        goodput_rps=goodput_rps(window.rate_per_s, capacity, spec),
+        devices=devices,
+        capacity_rps=capacity,
+    )
+
+
+def operating_batches(problem: PlanningProblem) -> list[int]:
+    """Returns the micro-batch sizes to plan at: the spec's `batch` B and then its halvings
+    while a device that holds the whole model cannot also hold the KV of b sequences of the
+    workload's mean length,
+
+        b in (B, B/2, B/4, ...)  while  b > 1  and  some kind k with W <= M_k has
+                                                     W + b * KV_seq > M_k
+
+    (W the model's weights, M_k the kind's usable memory, KV_seq one mean request's KV over
+    every layer). A server admits by KV, so at a large B a replica runs the batch its KV holds;
+    the planner, which reserves KV for every slot, would rule that replica out and split the
+    model deeper than serving wants. Planning at each b gives the replicas and the shallow
+    splits as candidates too; `outlook` judges each at the batch it will hold."""
+    weights = problem.model_weight_bytes
+    seq_bytes = problem.kv_bytes_per_seq_per_layer * problem.n_layers
+    holders = [k.memory_bytes for k in problem.kinds if k.memory_bytes >= weights]
+    out = [problem.batch]
+    b = problem.batch
+    while b > 1 and any(weights + b * seq_bytes > m for m in holders):
+        b = max(1, b // 2)
+        out.append(b)
+    return out
+
+
+def carries(o: Outlook, window: WorkloadWindow) -> bool:
+    """Returns whether the configuration serves the window's rate within UTILISATION of its
+    capacity: rate <= U * capacity, where the SLOs still hold. Only such a configuration may
+    take the place of one with more devices; when every configuration's predicted goodput
+    collapses (an overload), the device cost alone would otherwise favour the smallest."""
+    return o.capacity_rps is not None and window.rate_per_s <= UTILISATION * o.capacity_rps
 
 
 def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec) -> float:
@@ -156,18 +217,49 @@ def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec) -> float:
 def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float) -> list[Stages]:
     """Returns the planner's configurations for the spec: the most throughput, and the fewest
     devices that carry the demand times each of DEMAND_HEADROOM (the planner's throughput
-    leaves out prefill and queueing), each with the migration term when `current` is set."""
+    leaves out prefill and queueing), each with the migration term when `current` is set,
+    planned at each of operating_batches."""
     out: list[list[Stages]] = []
     rate = spec.workload.request_rate_per_s
     runs = [("max_throughput", 1.0)] + [("min_devices", h) for h in DEMAND_HEADROOM]
-    for objective, headroom in runs:
-        workload = spec.workload.model_copy(update={"request_rate_per_s": rate * headroom})
-        s = spec.model_copy(update={"objective": objective, "workload": workload})
+    for batch in operating_batches(build_problem(spec)):
+        for objective, headroom in runs:
+            workload = spec.workload.model_copy(
+                update={"request_rate_per_s": rate * headroom, "batch": batch}
+            )
+            s = spec.model_copy(update={"objective": objective, "workload": workload})
+            result = plan(build_problem(s), time_limit_s=time_limit_s)
+            found = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
+            if found and found not in out:
+                out.append(found)
+    return out  # type: ignore[return-value]
+
+
+def throughput_plans(spec: Spec, time_limit_s: float) -> list[list[Stages]]:
+    """Returns the planner's most-throughput configuration at each of operating_batches."""
+    out: list[list[Stages]] = []
+    for batch in operating_batches(build_problem(spec)):
+        workload = spec.workload.model_copy(update={"batch": batch})
+        s = spec.model_copy(update={"objective": "max_throughput", "workload": workload})
         result = plan(build_problem(s), time_limit_s=time_limit_s)
         found = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
         if found and found not in out:
             out.append(found)
     return out  # type: ignore[return-value]
+
+
+def best_of(spec: Spec, window: WorkloadWindow, configs: Sequence[list[Stages]]) -> list[Stages]:
+    """Returns the configuration with the most predicted goodput under the window (`outlook`),
+    the first among equals; [] for none."""
+    wspec = window_spec(spec, window, None)
+    problem = build_problem(wspec)
+    best: list[Stages] = []
+    best_rps = -1.0
+    for config in configs:
+        rps = outlook(wspec, problem, config, window).goodput_rps
+        if rps > best_rps + 1e-9:
+            best, best_rps = config, rps
+    return best
 
 
 def device_infos(spec: Spec) -> list[DeviceInfo]:
@@ -214,6 +306,8 @@ def propose(
     best, best_outlook = current, cur_outlook
     for cand in candidates(wspec, current, time_limit_s):
         o = outlook(wspec, problem, cand, window)
+        if o.devices < cur_outlook.devices and not carries(o, window):
+            continue  # devices go back only to a configuration that carries the load
         if o.value(policy) > best_outlook.value(policy) + 1e-9:
             best, best_outlook = cand, o
     fp = footprint(spec)

@@ -61,6 +61,7 @@ class Outlook:
 
     goodput_rps: float  # requests/s predicted to meet every SLO
     devices: int
+    capacity_rps: float | None = None  # requests/s it serves within the SLOs at most
 
     def value(self, policy: ControllerPolicy) -> float:
         return self.goodput_rps - policy.device_cost_rps * self.devices

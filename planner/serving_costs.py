@@ -4,6 +4,7 @@ cached, for the simulator and the controller's predictions.
     costs = PipelineCosts.of(spec, [(device, start, end), ...], batch)
     costs.decode_step_s(active, mean_context)   one token for every active sequence
     costs.prefill_s(prompt, active)             (pipeline busy, first token after)
+    costs.admitted(prompt_mean, output_mean)    requests running at once (slots or KV)
     costs.capacity_rps(prompt_mean, output_mean)
 
 Every time comes from the planner's cost models as build_problem uses them: per kind
@@ -217,12 +218,27 @@ class PipelineCosts:
             out = self._prefills[(bucket, busy)] = (max(times), sum(times))
         return out
 
+    def admitted(self, prompt_mean: float, output_mean: float) -> int:
+        """Returns how many requests of the mean lengths run at once: every slot, or as many as
+        the tightest stage's KV holds when each reserves its prompt + output (the simulator's
+        admission rule, and the engine's: a request is admitted only with KV room for it),
+
+            admitted = min(slots, floor(kv_capacity_tokens / (prompt_mean + output_mean)))
+
+        0 when not even one fits."""
+        need = max(1.0, prompt_mean + output_mean)
+        return min(self.slots, int(self.kv_capacity_tokens // need))
+
     def capacity_rps(self, prompt_mean: float, output_mean: float) -> float:
-        """Returns requests/s at full batches: 1 / (prefill + output * step / slots), where a
-        prompt costs the running sequences its whole traversal of the stages."""
-        step = self.decode_step_s(self.slots, prompt_mean + output_mean / 2)
-        _, traversal = self.prefill_s(math.ceil(prompt_mean), self.slots)
-        return 1.0 / (traversal + output_mean * step / self.slots)
+        """Returns requests/s with every admissible request running (A = admitted(...)):
+        1 / (prefill + output * step(A) / A), where a prompt costs the running sequences its
+        whole traversal of the stages; 0 when the KV holds no request."""
+        active = self.admitted(prompt_mean, output_mean)
+        if active < 1:
+            return 0.0
+        step = self.decode_step_s(active, prompt_mean + output_mean / 2)
+        _, traversal = self.prefill_s(math.ceil(prompt_mean), active)
+        return 1.0 / (traversal + output_mean * step / active)
 
 
 def _operating(s: StageCost, arch: ModelArch, dtype: float, batch: int, context: int, prompt: int):

@@ -15,8 +15,9 @@ the least loaded of up to ROUTE_CHOICES pipelines (load: queued + active per slo
 
 Policies: `static` serves the initial configuration throughout. `auto` calls
 planner.adapt.propose (the controller's decision rule, planner/controller.py) every
-`control_interval_s` with the last `window_s` of arrivals (from the first full window on;
-the backlog counts as demand to serve within the next interval); an applied change prefetches for
+`control_interval_s` with the last `window_s` of arrivals (the time so far until a full
+window has passed, as the live workload monitor reports it; the backlog counts as demand to
+serve within the next interval); an applied change prefetches for
 its predicted duration while the old configuration serves (slowed by the paced overhead),
 then every pipeline stalls for the predicted switch, and requests of changed or removed
 pipelines continue, with their KV, on the new ones. Device-hours count every device a
@@ -249,17 +250,15 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 def initial_plan(spec: Spec, trace: Trace, objective: str = "max_throughput") -> list[Stages]:
     """Returns the planner's configuration for the whole trace's workload, or, where none
     meets the SLOs under it, for the spec's own workload (the trace then shows the misses)."""
-    from planner.adapt import WorkloadWindow, candidates, window_spec
-    from planner.build_problem import build_problem
-    from planner.solve import plan
+    from planner.adapt import WorkloadWindow, best_of, candidates, throughput_plans, window_spec
 
     window = WorkloadWindow.of(trace.prompt, trace.output, max(trace.duration_s, 1.0))
     found: list[list[Stages]] = []
     for base in (window_spec(spec, window, None), spec):
         wspec = base.model_copy(update={"objective": objective})
         if objective == "max_throughput":
-            result = plan(build_problem(wspec), time_limit_s=10.0)
-            config = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
+            # at a batch the KV does not hold, the most-throughput plans at smaller batches too
+            config = best_of(wspec, window, throughput_plans(wspec, 10.0))
             found = [config] if config else []
         else:
             found = candidates(wspec, None, 10.0)
@@ -337,12 +336,11 @@ def simulate(
         nonlocal pending, devices_now, state
         for p in pipes:
             _advance(p, run, t)
-        if t < window_s:
-            return  # decide on a full window of evidence, never on the first minute's noise
-        lo, hi = _bisect(trace.arrival_s, t - window_s), _bisect(trace.arrival_s, t)
+        # the window so far, as the live workload monitor reports it (agent/workload_monitor.py)
+        seconds = min(window_s, t)
+        lo, hi = _bisect(trace.arrival_s, t - seconds), _bisect(trace.arrival_s, t)
         if hi - lo < 10:
             return
-        seconds = window_s
         window = WorkloadWindow.of(trace.prompt[lo:hi], trace.output[lo:hi], seconds)
         # the backlog is demand too: what waits now must be served within the next interval
         backlog = sum(len(p.queue) for p in pipes)
