@@ -92,3 +92,27 @@ def test_candidates_at_a_kv_bound_batch_serve_where_the_batch_alone_plans_nothin
     # reserving KV for 64 sequences per slot, the planner alone finds nothing that meets the
     # SLOs at this workload (or, were it to, far less)
     assert not alone or predicted > 1.3 * outlook(spec, problem, alone, window).goodput_rps
+
+
+def test_in_an_overload_the_controller_keeps_its_devices() -> None:
+    from planner.adapt import WorkloadWindow, propose
+    from planner.controller import ControllerPolicy, ControllerState
+
+    spec = _at_batch(64)
+    names = [n for n, _, _ in spec.device_names()]
+    a100, l40s = names[:2], names[2:]
+    current = [[(d, 0, 40)] for d in a100]
+    current += [[(l40s[i], 0, 20), (l40s[i + 1], 20, 40)] for i in (0, 2, 4)]
+    idle = ControllerState(None, False)
+    # past what the pool serves (about 19 req/s): every configuration's predicted goodput is
+    # near 0, and the device cost alone picked the smallest (8 -> 4 devices at 20 req/s)
+    for rate in (20, 30):
+        window = WorkloadWindow.of([800] * rate * 60, [180] * rate * 60, 60.0)
+        proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
+        assert proposal.current_outlook.capacity_rps < rate
+        assert proposal.target_outlook.devices >= len(names)
+    # below it, a configuration that carries the load with fewer devices is taken
+    window = WorkloadWindow.of([800] * 720, [180] * 720, 60.0)
+    proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
+    assert proposal.decision.act and proposal.target_outlook.devices < len(names)
+    assert 12.0 <= 0.75 * proposal.target_outlook.capacity_rps
