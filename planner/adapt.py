@@ -53,6 +53,7 @@ from planner.controller import (
     decide,
 )
 from planner.evaluate import build_pipeline
+from planner.operating_batch import operating_batches
 from planner.problem import PlanningProblem
 from planner.reconfig import DeviceInfo, ModelFootprint, RequestKV, plan_reconfiguration
 from planner.serving_costs import PipelineCosts
@@ -166,30 +167,6 @@ def outlook(
         devices=devices,
         capacity_rps=capacity,
     )
-
-
-def operating_batches(problem: PlanningProblem) -> list[int]:
-    """Returns the micro-batch sizes to plan at: the spec's `batch` B and then its halvings
-    while a device that holds the whole model cannot also hold the KV of b sequences of the
-    workload's mean length,
-
-        b in (B, B/2, B/4, ...)  while  b > 1  and  some kind k with W <= M_k has
-                                                     W + b * KV_seq > M_k
-
-    (W the model's weights, M_k the kind's usable memory, KV_seq one mean request's KV over
-    every layer). A server admits by KV, so at a large B a replica runs the batch its KV holds;
-    the planner, which reserves KV for every slot, would rule that replica out and split the
-    model deeper than serving wants. Planning at each b gives the replicas and the shallow
-    splits as candidates too; `outlook` judges each at the batch it will hold."""
-    weights = problem.model_weight_bytes
-    seq_bytes = problem.kv_bytes_per_seq_per_layer * problem.n_layers
-    holders = [k.memory_bytes for k in problem.kinds if k.memory_bytes >= weights]
-    out = [problem.batch]
-    b = problem.batch
-    while b > 1 and any(weights + b * seq_bytes > m for m in holders):
-        b = max(1, b // 2)
-        out.append(b)
-    return out
 
 
 def carries(o: Outlook, window: WorkloadWindow) -> bool:

@@ -87,8 +87,7 @@ def plan_spec(
     term then prices what moves); the spec's devices stand for the server's, in order.
     Raises ValueError saying what is wrong (device count, infeasible)."""
     from cost_models.model_catalog import get_model_arch
-    from planner.build_problem import build_problem
-    from planner.solve import plan
+    from planner.operating_batch import plan_fitting_batch
     from planner.spec import CurrentConfig, SpecError
 
     if spec.models is not None:
@@ -122,7 +121,7 @@ def plan_spec(
         }
     )
     try:
-        result = plan(build_problem(spec), time_limit_s=time_limit_s)
+        _, result = plan_fitting_batch(spec, time_limit_s=time_limit_s)
     except SpecError as exc:
         raise ValueError("\n".join(exc.lines)) from None
     if result.objective is None:

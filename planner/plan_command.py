@@ -65,16 +65,21 @@ def run(args: argparse.Namespace) -> int:
     """Plans the spec; returns 0 with a plan, 1 when the spec is malformed or infeasible."""
     if args.server or args.out:
         return run_against_server(args)
-    from planner.build_problem import build_pool_problem, build_problem
+    from planner.build_problem import build_pool_problem
+    from planner.operating_batch import plan_fitting_batch
     from planner.report import render, render_pool
-    from planner.solve import plan, plan_pool
+    from planner.solve import plan_pool
     from planner.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.file)
         # several models share the pool: each gets its own pipelines (planner/master.py)
         pool = build_pool_problem(spec) if spec.models is not None else None
-        problem = build_problem(spec) if pool is None else None
+        if pool is None:
+            # at the spec's batch, or the batch a replica's KV holds (planner/operating_batch.py)
+            problem, result = plan_fitting_batch(
+                spec, backend=args.backend, time_limit_s=args.time_limit
+            )
     except SpecError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -83,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
         result = plan_pool(pool, backend=args.backend, time_limit_s=args.time_limit)
         text = render_pool(pool, result)
     else:
-        assert problem is not None
-        result = plan(problem, backend=args.backend, time_limit_s=args.time_limit)
         text = render(problem, result)
     print(json.dumps(result.to_json(), indent=2) if args.json else text)
     if result.objective is None:

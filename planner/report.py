@@ -152,4 +152,6 @@ def render(problem: PlanningProblem, result: PlanResult) -> str:
             f"from disk), {m.kv_bytes / GIB:.2f} GiB of KV, {m.kept_pipelines} pipeline(s) kept"
         )
         out.extend(device_changes(problem, result))
+    if result.message:
+        out.append(result.message)
     return "\n".join(out)
