@@ -164,8 +164,8 @@ class DeviceFleet:
 
     def add(self, device: str | None = None, kind: str | None = None) -> tuple[list[str], str, bool]:
         """Adds `device`: a drained one is made available again; a name the deployment does not
-        have starts a new worker under it. Without a name: the first drained device (a new
-        worker needs its name). Returns (the devices added, what was done, whether a worker
+        have starts a new worker under it. Without a name: the first drained device, or, with
+        none drained, a new worker under the next free name (worker-N). Returns (the devices added, what was done, whether a worker
         process was started); raises DeviceRefused saying what to do."""
         if kind is not None and kind != self.kind():
             raise DeviceRefused(f"this server cannot start a device of kind {kind!r}: its workers are "
@@ -177,8 +177,7 @@ class DeviceFleet:
             if device is None and self.drained:
                 device = sorted(self.drained)[0]
             if device is None:
-                raise DeviceRefused(f"no drained device to re-admit: name the new device to start one "
-                                    f"(the next free name is {self._next_name()})")
+                device = self._next_name()
             if device in names:
                 return self._readmit(device, names[device])
         return self._start_worker(device)

@@ -3,7 +3,8 @@ serving deployment. Draining moves the device's layers elsewhere live (the admin
 configuration without it and applies it), then marks it drained. Adding a new name (worker-N,
 as the server names its workers) starts a worker process for it and returns once it is up, a
 spare holding no layers until an apply or the controller places some on it; adding a drained
-device makes it available to the planner and the controller again."""
+device makes it available to the planner and the controller again. Without a name, add
+re-admits the first drained device, or else starts a new worker under the next free name."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = actions.add_parser("add", help="start a new device (a worker process), or make a drained one available again")
     add.add_argument("device", nargs="?", default=None, metavar="DEVICE",
                      help="a new name (worker-N) to start a worker under, or a drained device to re-admit "
-                          "(default: the first drained one)")
+                          "(default: the first drained one, or else a new worker under the next free name)")
     add.add_argument("--kind", default=None,
                      help="the new device's kind; a local server starts its own kind only (cpu)")
     for sub in (drain, add):

@@ -106,7 +106,7 @@ class AddDeviceBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: str | None = Field(None, min_length=1, description=(
         "a new name (worker-N) to start a worker under, or a drained device to re-admit; default: the first "
-        "drained device"))
+        "drained device, or else a new worker under the next free name"))
     kind: str | None = Field(None, min_length=1, description="the new device's kind: the server's own (cpu)")
 
 

@@ -99,6 +99,10 @@ def test_a_new_name_starts_a_worker_that_the_planner_may_then_use() -> None:
     assert devices.available() == ["worker-0", "worker-1", "worker-2"]
     assert devices.add("worker-7", kind="cpu")[0] == ["worker-7"]  # any free number, the server's kind
     assert engine.started == [2, 7]
+    # no name and nothing drained: the next free name
+    added, message, started = devices.add()
+    assert (added, started, engine.started) == (["worker-8"], True, [2, 7, 8])
+    assert "worker-8 is up" in message
 
 
 def test_adding_refuses_what_it_cannot_do_and_says_what_to_do() -> None:
@@ -109,8 +113,6 @@ def test_adding_refuses_what_it_cannot_do_and_says_what_to_do() -> None:
         ({"device": "worker-01"}, 409, "worker-01 is in this deployment already"),
         ({"device": "gpu-3"}, 400, r"devices are named worker-N \(the next free one is worker-2\)"),
         ({"device": "worker-2", "kind": "cuda"}, 400, "cannot start a device of kind 'cuda': its workers are cpu"),
-        ({}, 409, r"no drained device to re-admit: name the new device to start one \(the next free name is "
-                  r"worker-2\)"),
     ]
     for kwargs, status, says in cases:
         with pytest.raises(DeviceRefused, match=says) as refused:
