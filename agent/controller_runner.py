@@ -36,6 +36,8 @@ log = logging.getLogger("pipeshift.controller")
 Mode = Literal["auto", "propose", "off"]
 MODES = ("auto", "propose", "off")
 MAX_DECISIONS = 200
+DECISIONS_KEPT = 10_000  # the store keeps the newest this many decisions (pruned every PRUNE_EVERY)
+PRUNE_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,8 @@ class ControllerRunner:
                 record.id, record.mode, record.act, record.reason, record.current, record.target,
                 finite(record.predicted), finite(record.workload), decided_at=datetime.fromtimestamp(record.time, UTC),
                 plan_id=record.plan_id, server_apply_id=record.apply_id, error=record.error)
+            if record.id % PRUNE_EVERY == 0:
+                self.store.prune_decisions(DECISIONS_KEPT)
         except Exception:  # the store is a record of decisions, not a condition for them
             log.exception("controller: could not write decision %d to the store", record.id)
 

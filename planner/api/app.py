@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from agent.gateway.server import is_loopback
@@ -127,8 +127,9 @@ def create_planner_app(store: Store, server: str, admin_token: str | None = None
         return ConfigurationList(data=[ConfigurationOut.of(c) for c in store.configurations()])
 
     @app.get("/v1/history")
-    def history() -> History:
-        return History.model_validate({"data": store.history()})
+    def history(decisions: bool = Query(False, description="also the live controller's decisions, "
+                                        "acting or not, with their reasons and predicted figures")) -> History:
+        return History.model_validate({"data": store.history(decisions=decisions)})
 
     @app.post("/v1/rollback", status_code=202, response_model=ApplyStarted,
               responses={200: {"model": ApplyStarted, "description": "nothing to change"},

@@ -178,7 +178,7 @@ class ConfigurationList(BaseModel):
 
 class HistoryEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["configuration", "apply"]
+    type: Literal["configuration", "apply", "decision"]
     id: int | str
     at: str
 

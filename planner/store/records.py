@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -236,6 +236,17 @@ class Store:
             s.add(row)
             s.flush()
             return row
+
+    def prune_decisions(self, keep: int) -> int:
+        """Deletes all but the newest `keep` decisions; returns how many went. Configurations
+        and applies are never pruned: they are the history a rollback reads."""
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        with self.transaction() as s:
+            newest = s.scalars(select(DecisionRow.id).order_by(DecisionRow.id.desc()).offset(keep).limit(1)).first()
+            if newest is None:
+                return 0
+            return s.execute(delete(DecisionRow).where(DecisionRow.id <= newest)).rowcount or 0
 
     def decisions(self, limit: int | None = None) -> list[DecisionRow]:
         """Returns the controller's decisions, oldest first (the newest `limit` when given)."""

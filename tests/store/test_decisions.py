@@ -111,3 +111,43 @@ def test_history_lists_the_decisions_when_asked(sqlite_url, capsys):
     assert main(["history", "--decisions", "--json", "--database-url", sqlite_url]) == 0
     events = json.loads(capsys.readouterr().out)
     assert [(e["serial"], e["act"]) for e in events] == [(7, True), (8, False)]
+
+
+def test_old_decisions_are_pruned_and_the_rest_kept_in_order(sqlite_url):
+    init_schema(sqlite_url)
+    store = open_store(sqlite_url)
+    try:
+        conf = store.record_configuration("SmolLM2-135M", TWO_STAGES["pipelines"], "observed", epoch=1)
+        for serial in range(1, 8):
+            store.record_decision(serial, "auto", False, f"no gain {serial}", TWO_STAGES, TWO_STAGES,
+                                  PREDICTED, WORKLOAD)
+        assert store.prune_decisions(10) == 0
+        assert store.prune_decisions(3) == 4
+        assert [r.serial for r in store.decisions()] == [5, 6, 7]
+        assert store.prune_decisions(0) == 3 and store.decisions() == []
+        assert [c.id for c in store.configurations()] == [conf.id]  # never pruned
+        with pytest.raises(ValueError, match="keep must be >= 0"):
+            store.prune_decisions(-1)
+    finally:
+        store.close()
+
+
+def test_the_planner_api_lists_decisions_in_its_history_when_asked(sqlite_url):
+    from fastapi.testclient import TestClient
+
+    from planner.api.app import create_planner_app
+
+    init_schema(sqlite_url)
+    store = open_store(sqlite_url)
+    try:
+        store.record_configuration("SmolLM2-135M", TWO_STAGES["pipelines"], "observed", epoch=1)
+        store.record_decision(1, "auto", True, "gains 40.0 requests over 600 s, costs 1.5", TWO_STAGES,
+                              ONE_STAGE, PREDICTED, WORKLOAD, decided_at=datetime.now(UTC) + timedelta(seconds=1))
+        api = TestClient(create_planner_app(store, "http://127.0.0.1:9"))
+        assert [e["type"] for e in api.get("/v1/history").json()["data"]] == ["configuration"]
+        events = api.get("/v1/history", params={"decisions": "true"}).json()["data"]
+        assert [e["type"] for e in events] == ["configuration", "decision"]
+        assert events[1]["reason"].startswith("gains 40.0") and events[1]["target"] == ONE_STAGE
+        assert api.get("/v1/history", params={"decisions": "maybe"}).status_code == 422
+    finally:
+        store.close()
