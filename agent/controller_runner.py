@@ -163,7 +163,9 @@ class ControllerRunner:
             window = self.monitor.window()
             # the backlog is demand too: what waits now must be served within the next interval
             waiting = len(engine.scheduler.waiting) if engine.scheduler else 0
-            window = replace(window, rate_per_s=window.rate_per_s + waiting / self.settings.interval_s)
+            extra = waiting / self.settings.interval_s
+            window = replace(window, rate_per_s=window.rate_per_s + extra,
+                             peak_rate_per_s=window.peak_rate_per_s + extra)
             current_config = self.reconfig.current()
             current = [[(s.device, s.start, s.end) for s in p.stages] for p in current_config.pipelines]
             devices = self.fleet.available() if self.fleet is not None else [d.name for d in self.reconfig.devices()]
@@ -171,7 +173,10 @@ class ControllerRunner:
             requests = self.reconfig.requests()
             in_flight = [(r.pipeline, r.cached_tokens) for r in requests] + [(0, 0)] * waiting
             spec = deployment_spec(self.spec, devices)
-            proposal = propose(spec, window, current, in_flight, now_s, self.state(), self.settings.policy,
+            # devices go back on a full window's evidence (planner/adapt.may_shed)
+            policy = replace(self.settings.policy, scale_down_window_s=min(
+                self.settings.policy.scale_down_window_s, self.monitor.window_s))
+            proposal = propose(spec, window, current, in_flight, now_s, self.state(), policy,
                                time_limit_s=self.settings.time_limit_s)
             return self._record(now_s, window, current_config, proposal, len(requests), waiting)
 

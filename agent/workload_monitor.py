@@ -222,9 +222,10 @@ class WorkloadMonitor:
         arrivals, finished, samples = self._copy(now_s)
         seconds = self.seconds(now_s)
         outputs = [f.output_tokens for f in finished if not f.failed]
-        window = WorkloadWindow.of([a.prompt_tokens for a in arrivals], outputs, seconds)
+        window = WorkloadWindow.of([a.prompt_tokens for a in arrivals], outputs, seconds,
+                                   [a.t_s for a in arrivals])
         if not arrivals:
-            window = replace(window, rate_per_s=0.0)
+            window = replace(window, rate_per_s=0.0, peak_rate_per_s=0.0)
         return window
 
     def requests_in_window(self, now_s: float | None = None) -> int:

@@ -22,9 +22,11 @@ the deployment serves in time for T_ok only:
 It is continuous and rises with C, so more capacity never looks worse, and it prices
 shedding a device below the load at what a FIFO queue in overload really loses (nearly every
 request), not at the few requests a plain min(rate, U * C) would say. A candidate with fewer
-devices than the current configuration is considered only when it carries the window
-(rate <= U * C, `carries`): in an overload every goodput is near 0 and the device cost alone
-would pick the smallest configuration.
+devices than the current configuration is considered only when it carries the window's
+busiest minute (peak rate <= U * C, `carries`) and the window spans the policy's
+`scale_down_window_s` (`may_shed`): in an overload every goodput is near 0 and the device cost
+alone would pick the smallest configuration, and a configuration sized on a minute's evidence
+or on the mean rate misses the next burst.
 """
 
 from __future__ import annotations
@@ -69,15 +71,45 @@ DEMAND_HEADROOM = (1.25, 1.6, 2.0)
 Stages = list[tuple[str, int, int]]
 
 
+PEAK_BIN_S = 60.0  # the peak rate is the busiest bin of this length in the window
+
+
 @dataclass(frozen=True)
 class WorkloadWindow:
     rate_per_s: float
     prompt: LengthDistribution
     output: LengthDistribution
+    seconds: float = 0.0  # how much time the window spans (0: unknown)
+    peak_rate_per_s: float = 0.0  # the busiest PEAK_BIN_S of it (0: unknown, use the rate)
 
     @classmethod
-    def of(cls, prompts: Sequence[int], outputs: Sequence[int], seconds: float) -> WorkloadWindow:
-        return cls(max(len(prompts), 1) / seconds, _dist(prompts), _dist(outputs))
+    def of(
+        cls,
+        prompts: Sequence[int],
+        outputs: Sequence[int],
+        seconds: float,
+        arrivals_s: Sequence[float] | None = None,
+    ) -> WorkloadWindow:
+        """Returns the window of `prompts` that arrived over `seconds` (at `arrivals_s`, which
+        give the peak: the most arrivals in one of the PEAK_BIN_S bins that end at the
+        window's end and lie inside it)."""
+        rate = max(len(prompts), 1) / seconds
+        peak = rate
+        if arrivals_s and seconds >= PEAK_BIN_S:
+            end = max(arrivals_s)
+            bins = int(seconds // PEAK_BIN_S)
+            counts = [0] * bins
+            for a in arrivals_s:
+                k = int((end - a) // PEAK_BIN_S)
+                if 0 <= k < bins:
+                    counts[k] += 1
+            peak = max(rate, max(counts) / PEAK_BIN_S)
+        return cls(rate, _dist(prompts), _dist(outputs), seconds, peak)
+
+    @property
+    def busiest_rate_per_s(self) -> float:
+        """Returns the peak rate, or the mean where the window has none."""
+        return max(self.rate_per_s, self.peak_rate_per_s)
 
     def mean_request_s(self, tpot_s: float, ttft_s: float) -> float:
         """Returns how long a request occupies the deployment: TTFT + output * TPOT."""
@@ -170,11 +202,22 @@ def outlook(
 
 
 def carries(o: Outlook, window: WorkloadWindow) -> bool:
-    """Returns whether the configuration serves the window's rate within UTILISATION of its
-    capacity: rate <= U * capacity, where the SLOs still hold. Only such a configuration may
-    take the place of one with more devices; when every configuration's predicted goodput
-    collapses (an overload), the device cost alone would otherwise favour the smallest."""
-    return o.capacity_rps is not None and window.rate_per_s <= UTILISATION * o.capacity_rps
+    """Returns whether the configuration serves the window's busiest minute within UTILISATION
+    of its capacity: peak rate <= U * capacity, where the SLOs still hold. Only such a
+    configuration may take the place of one with more devices; when every configuration's
+    predicted goodput collapses (an overload), the device cost alone would otherwise favour the
+    smallest, and a configuration sized to the window's mean rate misses its bursts."""
+    return o.capacity_rps is not None and window.busiest_rate_per_s <= UTILISATION * o.capacity_rps
+
+
+def may_shed(o: Outlook, current: Outlook, window: WorkloadWindow, policy: ControllerPolicy) -> bool:
+    """Returns whether `o` may replace `current`: always with as many devices or more; with
+    fewer only when it `carries` the window and the window spans at least the policy's
+    `scale_down_window_s` (capacity is added on the first evidence, given back on a full
+    window's, as a Kubernetes autoscaler stabilises its scale-down)."""
+    if o.devices >= current.devices:
+        return True
+    return carries(o, window) and window.seconds >= policy.scale_down_window_s - 1e-9
 
 
 def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec) -> float:
@@ -283,7 +326,7 @@ def propose(
     best, best_outlook = current, cur_outlook
     for cand in candidates(wspec, current, time_limit_s):
         o = outlook(wspec, problem, cand, window)
-        if o.devices < cur_outlook.devices and not carries(o, window):
+        if not may_shed(o, cur_outlook, window, policy):
             continue  # devices go back only to a configuration that carries the load
         if o.value(policy) > best_outlook.value(policy) + 1e-9:
             best, best_outlook = cand, o

@@ -42,6 +42,7 @@ class ControllerPolicy:
     min_dwell_s: float = 300.0  # a configuration serves at least this long after an apply
     device_cost_rps: float = 0.5  # goodput (req/s) a device must add to be worth holding
     payback: bool = True  # False: act on any gain (the rule without payback, to compare)
+    scale_down_window_s: float = 300.0  # devices go back only on a window this long (adapt.may_shed)
 
     @classmethod
     def without_payback(cls, device_cost_rps: float = 0.5) -> ControllerPolicy:
@@ -52,6 +53,7 @@ class ControllerPolicy:
             min_dwell_s=0.0,
             device_cost_rps=device_cost_rps,
             payback=False,
+            scale_down_window_s=0.0,
         )
 
 

@@ -301,6 +301,10 @@ def simulate(
         raise ValueError(f"unknown policy {policy!r}; use static or auto")
     wall0 = time.perf_counter()
     controller = controller or ControllerPolicy()
+    # devices go back on a full window's evidence (planner/adapt.may_shed)
+    controller = replace(
+        controller, scale_down_window_s=min(controller.scale_down_window_s, window_s)
+    )
     config = initial if initial is not None else initial_plan(spec, trace)
     batch = spec.workload.batch
     n = len(trace)
@@ -341,10 +345,16 @@ def simulate(
         lo, hi = _bisect(trace.arrival_s, t - seconds), _bisect(trace.arrival_s, t)
         if hi - lo < 10:
             return
-        window = WorkloadWindow.of(trace.prompt[lo:hi], trace.output[lo:hi], seconds)
+        window = WorkloadWindow.of(
+            trace.prompt[lo:hi], trace.output[lo:hi], seconds, trace.arrival_s[lo:hi]
+        )
         # the backlog is demand too: what waits now must be served within the next interval
-        backlog = sum(len(p.queue) for p in pipes)
-        window = replace(window, rate_per_s=window.rate_per_s + backlog / control_interval_s)
+        extra = sum(len(p.queue) for p in pipes) / control_interval_s
+        window = replace(
+            window,
+            rate_per_s=window.rate_per_s + extra,
+            peak_rate_per_s=window.peak_rate_per_s + extra,
+        )
         in_flight = [
             (j, trace.prompt[r] + trace.output[r] - 1 - (end - p.steps))
             for j, p in enumerate(pipes)

@@ -111,8 +111,20 @@ def test_in_an_overload_the_controller_keeps_its_devices() -> None:
         proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
         assert proposal.current_outlook.capacity_rps < rate
         assert proposal.target_outlook.devices >= len(names)
-    # below it, a configuration that carries the load with fewer devices is taken
-    window = WorkloadWindow.of([800] * 720, [180] * 720, 60.0)
+    # below it, a configuration that carries the load with fewer devices is taken, on a full
+    # window's evidence (300 s), not on a minute's
+    minute = WorkloadWindow.of([800] * 720, [180] * 720, 60.0)
+    proposal = propose(spec, minute, current, [], 1000.0, idle, ControllerPolicy())
+    assert proposal.target_outlook.devices >= len(names)
+    arrivals = [i / 12.0 for i in range(3600)]  # 12 req/s, evenly
+    window = WorkloadWindow.of([800] * 3600, [180] * 3600, 300.0, arrivals)
+    assert abs(window.peak_rate_per_s - 12.0) < 0.1
     proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
     assert proposal.decision.act and proposal.target_outlook.devices < len(names)
     assert 12.0 <= 0.75 * proposal.target_outlook.capacity_rps
+    # the same mean rate with a burst of 30 req/s in one minute keeps what carries the burst
+    bursty = [i / 7.5 for i in range(1800)] + [240 + i / 30.0 for i in range(1800)]
+    window = WorkloadWindow.of([800] * 3600, [180] * 3600, 300.0, bursty)
+    assert window.peak_rate_per_s >= 29.0 and abs(window.rate_per_s - 12.0) < 1e-9
+    proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
+    assert proposal.target_outlook.devices >= len(names)
