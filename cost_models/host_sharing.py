@@ -8,8 +8,8 @@ Contract (the planner's topology code and the benchmarks import these names):
     contention(busy, host, worker_bandwidth)        -> HostShare(compute, memory)
     runnable_workers, engine_inflight, busy_workers mirror the engine's rule below
     shared_efficiency(eff, share)                   -> Efficiency (the roofline on a shared host)
-    shared_time_s(seconds, share)                   -> float  (a measured time on a shared host)
-    bandwidth_from_slowdown(workers, slowdown, worker_bandwidth) -> float  host bandwidth
+    shared_time_s(seconds, share, memory_s=None)    -> float  (a measured time on a shared host)
+    bandwidth_from_slowdown(workers, slowdown, worker_bandwidth, memory_share=1) -> float  host bandwidth
 
 A worker only works while a micro-batch is on its stage. The engine (agent/engine.py,
 `micro_batches`) keeps, per pipeline of S stages on a CPU host with R = cores // threads
@@ -27,15 +27,31 @@ share the memory bus:
     compute factor  f_c = max(1, B * threads / cores)
     memory factor   f_m = f_c * max(1, min(B, R) * worker_bandwidth / host_bandwidth)
 
-When `pipeshift calibrate` measured that W workers stepping at once (W <= cores) each run s
-times slower than one alone, the bus carries W workers at 1 / s of their speed:
-
-    host_bandwidth = W * worker_bandwidth / s          (so f_m = f_c * s at B = W)
-
-a layer's compute time is multiplied by f_c, its memory time (weights, KV) by f_m, its fixed
+A layer's compute time is multiplied by f_c, its memory time (weights, KV) by f_m, its fixed
 dispatch cost by f_c. host_bandwidth defaults to R * worker_bandwidth (the bus is not the
-limit, only the cores are). A measured time (a profile's table, a calibrated total) has no
-compute/memory split and is multiplied by f_m, the larger factor.
+limit, only the cores are).
+
+A measured time t (a profile's table, a pipeline's step) is split by the roofline at the same
+operating point: its memory part m = min(t, bytes moved / (bandwidth * eff.memory), KV
+likewise; latency.memory_s) streams over the bus, the rest (compute, dispatch, waits on the
+engine) needs a core:
+
+    t_shared = m * f_m + (t - m) * f_c
+
+so a compute-bound time (a prefill, a large decode batch) is slowed by about f_c and a
+memory-bound one (a batch-1 decode) by about f_m. A step's return to the engine and a hop move
+no weights (m = 0: f_c). Where no roofline splits it (a kind defined only by measurement) the
+whole time is multiplied by f_m, the larger factor.
+
+When `pipeshift calibrate` measured that W workers stepping at once (W <= cores, so f_c = 1)
+each run s times slower than one alone, on a step whose memory share is mu (its memory part
+over its measured time, cost_models/profiled_latency.slowdown_memory_share), the bus slowed
+that memory part by s_m with mu * s_m + (1 - mu) = s:
+
+    s_m            = 1 + (s - 1) / mu
+    host_bandwidth = W * worker_bandwidth / s_m        (so f_m = f_c * s_m at B = W)
+
+and the measured step is predicted s times slower again where it was measured.
 
 Only busy workers count: on the 2-core AMD EPYC, 4 single-stage pipelines with 2 requests
 streaming, the 2 idle workers used 0.02 of a core each (a stage waiting on gloo blocks) and
@@ -120,16 +136,25 @@ def shared_efficiency(eff: Efficiency, share: HostShare) -> Efficiency:
     )
 
 
-def shared_time_s(seconds: float, share: HostShare) -> float:
-    """Returns a time measured on a worker alone, on the shared host: seconds * f_m."""
-    return seconds * share.memory
+def shared_time_s(seconds: float, share: HostShare, memory_s: float | None = None) -> float:
+    """Returns a time measured on a worker alone, on the shared host: with m = min(seconds,
+    memory_s) its memory part, m * f_m + (seconds - m) * f_c; without a split (memory_s None),
+    seconds * f_m."""
+    if memory_s is None:
+        return seconds * share.memory
+    memory = min(seconds, max(0.0, memory_s))
+    return memory * share.memory + (seconds - memory) * share.compute
 
 
 def bandwidth_from_slowdown(
-    workers: int, slowdown: float, worker_bandwidth_bytes_per_s: float
+    workers: int, slowdown: float, worker_bandwidth_bytes_per_s: float, memory_share: float = 1.0
 ) -> float:
     """Returns the host's memory bandwidth implied by a measurement: `workers` workers stepping
-    at once each ran `slowdown` times slower than one alone (formula in the module docstring)."""
+    at once each ran `slowdown` times slower than one alone, on a step whose memory part was
+    `memory_share` of its time: W * worker_bandwidth / (1 + (s - 1) / mu) (module docstring)."""
     if workers < 1 or slowdown <= 0:
         raise ValueError(f"need workers >= 1 and a positive slowdown, got {workers}, {slowdown}")
-    return workers * worker_bandwidth_bytes_per_s / max(1.0, slowdown)
+    if not 0 < memory_share <= 1:
+        raise ValueError(f"the memory share of a step is in (0, 1], got {memory_share}")
+    bus_slowdown = 1.0 + (max(1.0, slowdown) - 1.0) / memory_share
+    return workers * worker_bandwidth_bytes_per_s / bus_slowdown

@@ -6,6 +6,7 @@ Contract (the planner imports these names):
     load_efficiencies(path)                          -> dict[str, Efficiency] (keyed by lower-cased kind)
     layer_prefill_s(arch, device, n_tokens, dtype_bytes=2, eff=None, batch=1, context_before=0)
     layer_decode_s(arch, device, batch, context, dtype_bytes=2, eff=None)
+    layer_decode_memory_s / layer_prefill_memory_s / head_memory_s(...)   their memory term alone
     embed_s(arch, device, n_tokens, dtype_bytes=2, eff=None)
     head_s(arch, device, n_tokens, dtype_bytes=2, eff=None)     n_tokens = rows of logits
     hop_s(arch, n_tokens, src, dst, same_node, dtype_bytes=2)
@@ -16,7 +17,11 @@ The model, per layer:
                dense_bytes / (bandwidth * eff.memory) + kv_bytes / (bandwidth * eff.kv))
            + eff.overhead_s
 with flops, dense_bytes (weights, hidden states) and kv_bytes (KV read and written) of one
-layer from cost_models/layer_work.py.
+layer from cost_models/layer_work.py. The memory term alone,
+
+    memory_s = dense_bytes / (bandwidth * eff.memory) + kv_bytes / (bandwidth * eff.kv),
+
+is what a shared memory bus slows (cost_models/host_sharing.py splits measured times by it).
 
 `dtype_bytes` is bytes per weight (see cost_models/memory.py); compute runs at the fp32 peak
 for 4-byte models and at the bf16 peak otherwise; KV and activations are 4 bytes for fp32
@@ -128,10 +133,55 @@ def roofline_s(
     n_bytes is the dense traffic (weights, hidden states); kv_bytes the KV-cache traffic.
     No per-layer overhead is added here.
     """
-    bandwidth = device.memory_bandwidth_bytes_per_s
     compute_s = flops / (device.peak_flops_per_s(dtype_bytes) * eff.compute)
-    memory_s = n_bytes / (bandwidth * eff.memory) + kv_bytes / (bandwidth * eff.kv)
-    return max(compute_s, memory_s) if eff.overlap else compute_s + memory_s
+    mem_s = memory_s(n_bytes, device, eff, kv_bytes)
+    return max(compute_s, mem_s) if eff.overlap else compute_s + mem_s
+
+
+def memory_s(n_bytes: float, device: DeviceKind, eff: Efficiency, kv_bytes: float = 0.0) -> float:
+    """Returns the roofline's memory term: n_bytes / (bw * memory) + kv_bytes / (bw * kv)."""
+    bandwidth = device.memory_bandwidth_bytes_per_s
+    return n_bytes / (bandwidth * eff.memory) + kv_bytes / (bandwidth * eff.kv)
+
+
+def layer_decode_memory_s(
+    arch: ModelArch,
+    device: DeviceKind,
+    batch: int,
+    context: int,
+    dtype_bytes: float = 2,
+    eff: Efficiency | None = None,
+) -> float:
+    """Returns the memory term of layer_decode_s: weights, hidden states and KV moved."""
+    eff = eff or default_efficiency(device)
+    dense = layer_decode_dense_bytes(arch, batch, dtype_bytes)
+    return memory_s(dense, device, eff, layer_decode_kv_bytes(arch, batch, context, dtype_bytes))
+
+
+def layer_prefill_memory_s(
+    arch: ModelArch,
+    device: DeviceKind,
+    n_tokens: int,
+    dtype_bytes: float = 2,
+    eff: Efficiency | None = None,
+    batch: int = 1,
+) -> float:
+    """Returns the memory term of layer_prefill_s (no context before the prompt)."""
+    eff = eff or default_efficiency(device)
+    dense = layer_prefill_dense_bytes(arch, n_tokens, dtype_bytes, batch)
+    return memory_s(dense, device, eff, layer_prefill_kv_bytes(arch, n_tokens, dtype_bytes, batch))
+
+
+def head_memory_s(
+    arch: ModelArch,
+    device: DeviceKind,
+    n_tokens: int,
+    dtype_bytes: float = 2,
+    eff: Efficiency | None = None,
+) -> float:
+    """Returns the memory term of head_s: the vocab x hidden matrix and the fp32 logits."""
+    eff = eff or default_efficiency(device)
+    return memory_s(_head_bytes(arch, n_tokens, dtype_bytes), device, eff)
 
 
 def layer_prefill_s(
@@ -195,8 +245,12 @@ def head_s(
     """
     eff = eff or default_efficiency(device)
     flops = 2 * arch.vocab_size * arch.hidden_size * n_tokens
-    n_bytes = arch.embedding_params * dtype_bytes + n_tokens * arch.vocab_size * LOGIT_BYTES
+    n_bytes = _head_bytes(arch, n_tokens, dtype_bytes)
     return roofline_s(flops, n_bytes, device, dtype_bytes, eff) + 2 * eff.overhead_s
+
+
+def _head_bytes(arch: ModelArch, n_tokens: int, dtype_bytes: float) -> float:
+    return arch.embedding_params * dtype_bytes + n_tokens * arch.vocab_size * LOGIT_BYTES
 
 
 def hop_s(

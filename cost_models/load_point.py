@@ -15,24 +15,28 @@ spreading its N_p running requests over them. Per pipeline, at a fixed point in 
     b_p    = max(1, N_p / m_p)                         sequences per micro-batch
     k_p    = min(S_p, m_p)                             its busy workers while it has work
     u_p    = min(1, N_p)                               the chance that it has work
-    f_p    = E[share_of(k_p + sum_{q != p} k_q [w.p. u_q]).memory]
-                                                       the host contention its requests see
+    f_p    = E[share_of(k_p + sum_{q != p} k_q [w.p. u_q])]
+                                                       the host contention its requests see:
+                                                       (E[f_c], E[f_m]), both factors
 
 With arrivals at a rate the running requests are counted as Poisson (a request sees the
 others: m_p = min(M_p, round(1 + N_p)), b_p = 1 + N_p / m_p), and since each new request
 goes to the least loaded pipeline the others, M ~ Poisson(N = sum_p N_p), keep
-min(P - 1, M) other pipelines busy: f_p = E[share_of(k_p + min(P - 1, M) * mean k_q).memory],
+min(P - 1, M) other pipelines busy: f_p = E[share_of(k_p + min(P - 1, M) * mean k_q)],
 and u_p = E[min(P, N)] / P.
-Then, with f = f_p:
-    t_s    = f * decode_s[s](b_p, context)             context = prompt + output / 2
+A stage's curves give its time on the host at the factors f = (f_c, f_m) its requests see:
+a time on a worker alone split into its memory part m and the rest, m * f_m + (t - m) * f_c
+(cost_models/host_sharing.py), linear in both factors, so the curve at (E[f_c], E[f_m]) is
+its expected time. Then, with f = f_p:
+    t_s    = decode_s[s](b_p, context; f)              context = prompt + output / 2
     cycle  = max(sum_s t_s, m_p * max_s t_s)           every running request gets one token
-    rho    = lambda_p * f * sum_s prefill_s[s] * a     share of time spent prefilling, where
+    rho    = lambda_p * sum_s prefill_s[s](f) * a      share of time spent prefilling, where
                                                        a = 1 with `concurrent` clients and
                                                        P(M >= P - 1) with arrivals at a rate
                                                        (a prompt goes to an idle pipeline
                                                        while one is left)
     TPOT   = cycle / (1 - rho)
-    TTFT   = f * sum_s prefill_s[s] + cycle / 2        its prefill, after half a step's wait
+    TTFT   = sum_s prefill_s[s](f) + cycle / 2         its prefill, after half a step's wait
     N_p    = lambda_p * (TTFT + (output - 1) * TPOT)   Little's law
 
 and throughput = lambda * output while every rho < 1 and N_p stays below what the pipeline
@@ -48,13 +52,16 @@ from dataclasses import dataclass
 
 from cost_models.host_sharing import HostShare
 
-DecodeCurve = Callable[[float, float], float]  # (sequences per micro-batch, context) -> s
-PrefillCurve = Callable[[float], float]  # prompt tokens -> s
+# (sequences per micro-batch, context, the host's factors) -> s on the shared host
+DecodeCurve = Callable[[float, float, HostShare], float]
+PrefillCurve = Callable[[float, HostShare], float]  # (prompt tokens, the host's factors) -> s
+ALONE = HostShare()  # a worker alone: f_c = f_m = 1
 
 
 @dataclass(frozen=True)
 class PipelineTimes:
-    """One pipeline: every stage's decode and prefill time on a worker alone (hops included)."""
+    """One pipeline: every stage's decode and prefill time (hops included) on the host at the
+    factors given, linear in f_c and f_m (a worker alone at ALONE)."""
 
     decode_s: tuple[DecodeCurve, ...]
     prefill_s: tuple[PrefillCurve, ...]
@@ -74,8 +81,9 @@ class LoadPoint:
     running_per_pipeline: tuple[float, ...]
     batch_per_pipeline: tuple[float, ...]  # b_p
     busy_workers: float
-    contention: float  # f
+    contention: float  # E[f_m] the running requests see
     saturated: bool  # the rate exceeds what the configuration serves
+    compute_contention: float = 1.0  # E[f_c] they see
 
 
 def load_point(
@@ -118,9 +126,9 @@ def load_point(
                 f = _seen_contention_spread(i, stages_busy, sum(running), share_of)
             else:
                 f = _seen_contention(i, stages_busy, busy_prob, share_of)
-            times = [f * _at(curve, batch[i], context) for curve in p.decode_s]
+            times = [_at(curve, batch[i], context, f) for curve in p.decode_s]
             cycle = max(sum(times), m * max(times))
-            prefill = f * sum(curve(prompt_tokens) for curve in p.prefill_s)
+            prefill = sum(curve(prompt_tokens, f) for curve in p.prefill_s)
             ttft = prefill + cycle / 2
             if concurrent is not None:
                 # lam_p from Little's law with the previous TPOT guess, then TPOT from it
@@ -145,8 +153,10 @@ def load_point(
             tpots.append(tpot)
             ttfts.append(ttft)
             seen.append(f)
-        f = sum(x * max(n, 1e-12) for x, n in zip(seen, running, strict=True)) / sum(
-            max(n, 1e-12) for n in running
+        weights = [max(n, 1e-12) for n in running]
+        f = HostShare(
+            compute=sum(x.compute * w for x, w in zip(seen, weights, strict=True)) / sum(weights),
+            memory=sum(x.memory * w for x, w in zip(seen, weights, strict=True)) / sum(weights),
         )
         state = (tpots, ttfts, batch, busy, f)
         if any(n > max_running_per_pipeline for n in new_running):
@@ -167,19 +177,20 @@ def load_point(
         running_per_pipeline=tuple(running),
         batch_per_pipeline=tuple(batches),
         busy_workers=busy,
-        contention=f,
+        contention=f.memory,
         saturated=saturated,
+        compute_contention=f.compute,
     )
 
 
-def _at(curve: DecodeCurve, batch: float, context: float) -> float:
+def _at(curve: DecodeCurve, batch: float, context: float, share: HostShare) -> float:
     """Returns the curve at a fractional batch, linear between the whole batches around it."""
     lo = math.floor(batch)
     hi = math.ceil(batch)
     if lo == hi:
-        return curve(lo, context)
+        return curve(lo, context, share)
     w = batch - lo
-    return (1 - w) * curve(lo, context) + w * curve(hi, context)
+    return (1 - w) * curve(lo, context, share) + w * curve(hi, context, share)
 
 
 def _all_busy(total: float, n_pipes: int) -> float:
@@ -210,22 +221,33 @@ def _seen_contention_spread(
     stages_busy: Sequence[int],
     total_running: float,
     share_of: Callable[[float], HostShare] | None,
-) -> float:
-    """Returns E[f_m] a running request of pipeline i sees when requests go to the least loaded
-    pipeline: the others running, M ~ Poisson(N), keep min(P - 1, M) other pipelines busy, each
-    with the mean busy workers of the other pipelines."""
+) -> HostShare:
+    """Returns (E[f_c], E[f_m]) a running request of pipeline i sees when requests go to the
+    least loaded pipeline: the others running, M ~ Poisson(N), keep min(P - 1, M) other
+    pipelines busy, each with the mean busy workers of the other pipelines."""
     if share_of is None:
-        return 1.0
+        return ALONE
     others = [k for q, k in enumerate(stages_busy) if q != i]
     if not others:
-        return share_of(stages_busy[i]).memory
+        return share_of(stages_busy[i])
     k_other = sum(others) / len(others)
-    term, below, out = math.exp(-total_running), 0.0, 0.0
+    term, below, dist = math.exp(-total_running), 0.0, []
     for m in range(len(others)):
-        out += term * share_of(stages_busy[i] + m * k_other).memory
+        dist.append((stages_busy[i] + m * k_other, term))
         below += term
         term *= total_running / (m + 1)
-    return out + max(0.0, 1.0 - below) * share_of(stages_busy[i] + len(others) * k_other).memory
+    dist.append((stages_busy[i] + len(others) * k_other, max(0.0, 1.0 - below)))
+    return _expected(dist, share_of)
+
+
+def _expected(dist: Sequence[tuple[float, float]], share_of: Callable[[float], HostShare]) -> HostShare:
+    """Returns (E[f_c], E[f_m]) over (busy workers, probability) pairs."""
+    shares = [(share_of(b), pr) for b, pr in dist]
+    return HostShare(
+        compute=sum(s.compute * pr for s, pr in shares),
+        memory=sum(s.memory * pr for s, pr in shares),
+        busy_workers=sum(b * pr for b, pr in dist),
+    )
 
 
 def _seen_contention(
@@ -233,11 +255,11 @@ def _seen_contention(
     stages_busy: Sequence[int],
     busy_prob: Sequence[float],
     share_of: Callable[[float], HostShare] | None,
-) -> float:
-    """Returns E[f_m] a running request of pipeline i sees: its own k_i busy stages plus each
-    other pipeline's k_q with probability u_q (independent)."""
+) -> HostShare:
+    """Returns (E[f_c], E[f_m]) a running request of pipeline i sees: its own k_i busy stages
+    plus each other pipeline's k_q with probability u_q (independent)."""
     if share_of is None:
-        return 1.0
+        return ALONE
     dist = {stages_busy[i]: 1.0}  # busy workers -> probability
     for q, (k, u) in enumerate(zip(stages_busy, busy_prob, strict=True)):
         if q == i:
@@ -247,4 +269,4 @@ def _seen_contention(
             nxt[b + k] = nxt.get(b + k, 0.0) + pr * u
             nxt[b] = nxt.get(b, 0.0) + pr * (1 - u)
         dist = nxt
-    return sum(pr * share_of(b).memory for b, pr in dist.items())
+    return _expected(list(dist.items()), share_of)

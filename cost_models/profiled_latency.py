@@ -7,10 +7,17 @@ Contract (planner/build_problem.py reads these):
                         and per quantity how (measured, roofline anchored to the edge, ...)
     operating_costs(arch, device, dtype, eff, batch, decode_context, prompt_tokens,
                     profile=None, eff_origin="roofline", share=None) -> OperatingCosts
+    slowdown_memory_share(profile, device) -> float   mu of the step the host slowdown was timed on
 
 On a host whose CPU workers share its cores (`share`, cost_models/host_sharing.py) the
-roofline runs with shared_efficiency(eff, share) and every measured time is multiplied by
-the memory factor f_m (shared_time_s): tables are measured on a worker alone.
+roofline runs with shared_efficiency(eff, share), and a measured time t (tables are measured
+on a worker alone) is split by the roofline's memory term at the same operating point, m =
+min(t, memory_s) with the unshared factors (latency.layer_decode_memory_s, ...):
+
+    t_shared = m * f_m + (t - m) * f_c                  (host_sharing.shared_time_s)
+
+the step's return_s moves no weights (m = 0: f_c); a kind defined only by measurement has no
+roofline to split by and is slowed by f_m.
 
 With a profile whose tables hold this model in this dtype:
     layer_decode_s  = decode table at (batch, decode_context)
@@ -33,7 +40,8 @@ from dataclasses import dataclass, field
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind
 from cost_models.host_sharing import HostShare, shared_efficiency, shared_time_s
-from cost_models.model_catalog import ModelArch
+from cost_models.memory import dtype_bytes_of
+from cost_models.model_catalog import ModelArch, get_model_arch
 from cost_models.profile import INSIDE, Profile
 
 ROOFLINE = "roofline"
@@ -100,6 +108,16 @@ def operating_costs(
     has_roofline = device.memory_bandwidth_bytes_per_s > 0
     if profile is not None and profile.efficiency is not None:
         eff = profile.efficiency
+    alone = eff  # the memory terms that split a measured time are a worker's alone
+    memory = {
+        "decode": lambda b, c: latency.layer_decode_memory_s(
+            arch, device, round(b), round(c), dtype_bytes, alone
+        ),
+        "prefill": lambda b, n: latency.layer_prefill_memory_s(
+            arch, device, round(n), dtype_bytes, alone, batch=round(b)
+        ),
+        "head": lambda rows, _: latency.head_memory_s(arch, device, round(rows), dtype_bytes, alone),
+    }
     if share is not None:
         eff = shared_efficiency(eff, share)
     roof = {
@@ -128,7 +146,9 @@ def operating_costs(
         value, kind_of = table.at(r, c, roof[table_name] if has_roofline else None)
         how[name] = kind_of if kind_of != INSIDE else f"{INSIDE} (interpolated)"
         # tables (and the roofline anchored to their edge) are measured on a worker alone
-        return value if share is None else shared_time_s(value, share)
+        if share is None:
+            return value
+        return shared_time_s(value, share, memory[table_name](r, c) if has_roofline else None)
 
     decode = pick("decode", "decode", batch, decode_context)
     prefill = pick("prefill", "prefill", 1, prompt_tokens)
@@ -137,7 +157,8 @@ def operating_costs(
     how.pop("head prefill")
     step = profile.step if profile is not None and use_tables else {}
     if "return_s" in step:
-        back = step["return_s"] if share is None else shared_time_s(step["return_s"], share)
+        # to the engine and back: no weights move, it waits for a core (f_c)
+        back = step["return_s"] if share is None else shared_time_s(step["return_s"], share, 0.0)
         head_decode += back
         head_prefill += back
         how["step"] = (
@@ -162,3 +183,40 @@ def operating_costs(
     return OperatingCosts(
         decode, prefill, embed_decode, embed_prefill, head_decode, head_prefill, source
     )
+
+
+SLOWDOWN_CONTEXT = 512  # agent/profiling.SHARED_CONTEXT: decode layers timed at once, no pipeline
+
+
+def slowdown_memory_share(profile: Profile, device: DeviceKind) -> float:
+    """Returns mu, the memory share of the step on which the profile's host `shared_slowdown`
+    was measured, by the profile's own tables and the roofline's memory terms (model and dtype
+    of the profile, its fitted factors, else the kind's defaults):
+
+        with `step` (a real pipeline, one stream at batch 1, context c = step.context):
+            mu = (L * min(T_dec(1, c), M_dec(1, c)) + min(T_head(1), M_head(1)))
+                 / max(tpot_1_stage_s, L * T_dec(1, c) + T_head(1))
+        without (decode layers stepping at once, batch 1, context SLOWDOWN_CONTEXT):
+            mu = min(T_dec(1, c), M_dec(1, c)) / T_dec(1, c)
+
+    1 (the whole step on the bus, as before the split) where it cannot be told: no roofline,
+    no decode table, a model or dtype the catalog does not know.
+    """
+    if device.memory_bandwidth_bytes_per_s <= 0 or profile.decode is None:
+        return 1.0
+    try:
+        arch = get_model_arch(profile.model)
+        dtype_bytes = dtype_bytes_of(profile.dtype)
+    except KeyError:
+        return 1.0
+    eff = profile.efficiency or latency.default_efficiency(device)
+    step = profile.step
+    context = round(step.get("context", SLOWDOWN_CONTEXT)) if "tpot_1_stage_s" in step else SLOWDOWN_CONTEXT
+    layer_s = profile.decode.at(1, context)[0]
+    layer_m = min(layer_s, latency.layer_decode_memory_s(arch, device, 1, context, dtype_bytes, eff))
+    if "tpot_1_stage_s" not in step:
+        return max(1e-3, layer_m / layer_s)
+    head_s = profile.head.at(1, 1)[0] if profile.head is not None else 0.0
+    head_m = min(head_s, latency.head_memory_s(arch, device, 1, dtype_bytes, eff))
+    total = max(step["tpot_1_stage_s"], arch.n_layers * layer_s + head_s)
+    return min(1.0, max(1e-3, (arch.n_layers * layer_m + head_m) / total))

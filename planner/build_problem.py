@@ -125,7 +125,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
         for d in devices:
             if dev_kinds[d.kind].vendor == "cpu":
                 cpu_on_node.setdefault(d.node, []).append(dev_kinds[d.kind])
-        hosts = node_hosts(spec.nodes, profiled_buses(cpu_on_node, {k: p.host for k, p in profiles.items()}))
+        hosts = node_hosts(spec.nodes, profiled_buses(cpu_on_node, profiles))
         shares = planning_shares(hosts, cpu_on_node)
 
     kinds = []

@@ -5,10 +5,12 @@ to the planner's figures at full micro-batches.
     predict_at_load(spec, problem, result) -> LoadPrediction
 
 Stage curves come from the cost model the planner used (the spec's profiles, calibration, or
-the roofline) on a worker alone; a CPU host with `cpu_cores` shares its cores as
-cost_models/host_sharing.py says, with the busy workers the load really keeps (the planner
-prices the host at every worker busy). A configuration over several shared hosts is costed
-without sharing (not modelled yet).
+the roofline); a CPU host with `cpu_cores` shares its cores as cost_models/host_sharing.py
+says, with the busy workers the load really keeps (the planner prices the host at every
+worker busy): each curve is costed at the factors (f_c, f_m) the load point gives it, a
+measured time split by its memory part (operating_costs), the hop to the next stage (no
+weights move) at f_c. A configuration over several shared hosts is costed without sharing
+(not modelled yet).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from cost_models import latency
 from cost_models.device_catalog import DeviceKind, get_device_kind
 from cost_models.host_sharing import HostShare, contention, engine_inflight
-from cost_models.load_point import LoadPoint, PipelineTimes, load_point
+from cost_models.load_point import ALONE, LoadPoint, PipelineTimes, load_point
 from cost_models.model_catalog import get_model_arch
 from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
@@ -50,8 +52,8 @@ def predict_at_load(spec: Spec, problem: PlanningProblem, result: PlanResult) ->
         for s in p.stages:
             if kinds[s.kind][0].vendor == "cpu":
                 cpu_on_node.setdefault(s.node, []).append(kinds[s.kind][0])
-    profile_hosts = {k.name.lower(): prof.host for k, _, prof in kinds.values() if prof is not None}
-    hosts = node_hosts(spec.nodes or [], profiled_buses(cpu_on_node, profile_hosts))
+    profiles = {k.name.lower(): prof for k, _, prof in kinds.values() if prof is not None}
+    hosts = node_hosts(spec.nodes or [], profiled_buses(cpu_on_node, profiles))
     nodes = {s.node for p in pipes for s in p.stages}
     host = hosts.get(next(iter(nodes))) if len(nodes) == 1 else None
     times = [
@@ -96,34 +98,34 @@ def _stage_parts(spec, problem, pipeline, i, kinds):
     kind, eff, profile = kinds[s.kind]
     nxt = None if i + 1 == len(pipeline.stages) else pipeline.stages[i + 1].node
 
-    def costs(batch: int, context: float, prompt: float):
+    def costs(batch: int, context: float, prompt: float, share: HostShare):
         return operating_costs(
             arch, kind, spec.dtype, spec.dtype_bytes, eff, max(1, batch), math.ceil(context),
-            math.ceil(prompt), profile=profile,
+            math.ceil(prompt), profile=profile, share=None if share == ALONE else share,
         )
 
     return arch, s, nxt, costs
 
 
-def _decode_curve(spec, problem, pipeline, i, kinds) -> Callable[[float, float], float]:
+def _decode_curve(spec, problem, pipeline, i, kinds) -> Callable[[float, float, HostShare], float]:
     arch, s, nxt, costs = _stage_parts(spec, problem, pipeline, i, kinds)
     hop = 0.0 if nxt is None else problem.hop_decode_between_s(s.node, nxt)
 
-    def decode(batch: float, context: float) -> float:
-        k = costs(int(batch), context, 1)
+    def decode(batch: float, context: float, share: HostShare) -> float:
+        k = costs(int(batch), context, 1, share)
         t = (s.end - s.start) * k.layer_decode_s + (k.embed_decode_s if s.start == 0 else 0.0)
-        return t + (k.head_decode_s if s.end == arch.n_layers else hop)
+        return t + (k.head_decode_s if s.end == arch.n_layers else hop * share.compute)
 
     return decode
 
 
-def _prefill_curve(spec, problem, pipeline, i, kinds) -> Callable[[float], float]:
+def _prefill_curve(spec, problem, pipeline, i, kinds) -> Callable[[float, HostShare], float]:
     arch, s, nxt, costs = _stage_parts(spec, problem, pipeline, i, kinds)
     hop = 0.0 if nxt is None else problem.hop_prefill_between_s(s.node, nxt)
 
-    def prefill(prompt: float) -> float:
-        k = costs(1, prompt, prompt)
+    def prefill(prompt: float, share: HostShare) -> float:
+        k = costs(1, prompt, prompt, share)
         t = (s.end - s.start) * k.layer_prefill_s + (k.embed_prefill_s if s.start == 0 else 0.0)
-        return t + (k.head_prefill_s if s.end == arch.n_layers else hop)
+        return t + (k.head_prefill_s if s.end == arch.n_layers else hop * share.compute)
 
     return prefill

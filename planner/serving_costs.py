@@ -112,7 +112,7 @@ class PipelineCosts:
             for kind, node in by_name.values():
                 if kind.vendor == "cpu":
                     cpu_on_node.setdefault(node, []).append(kind)
-            buses = profiled_buses(cpu_on_node, {k: p.host for k, p in profiles.items()})
+            buses = profiled_buses(cpu_on_node, profiles)
             node_host = node_hosts(spec.nodes, buses)
             shares = planning_shares(node_host, cpu_on_node)
             for node, kinds_here in cpu_on_node.items():

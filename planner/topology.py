@@ -43,6 +43,8 @@ from cost_models.host_sharing import (
     contention,
 )
 from cost_models.migration import DISK_BANDWIDTH_BYTES_PER_S, fetch_s
+from cost_models.profile import Profile
+from cost_models.profiled_latency import slowdown_memory_share
 from cost_models.transfer import Link, link_transfer_s
 
 BYTES_PER_S_PER_GBPS = 1e9 / 8
@@ -140,20 +142,25 @@ def node_hosts(
 
 
 def profiled_buses(
-    cpu_kinds_on_node: Mapping[str, Sequence[DeviceKind]], host_of_kind: Mapping[str, Mapping]
+    cpu_kinds_on_node: Mapping[str, Sequence[DeviceKind]], profile_of_kind: Mapping[str, Profile]
 ) -> dict[str, float]:
     """Returns, per node, the memory bandwidth its CPU workers' profiles measured (bytes/s):
-    a profile's host `shared_workers` W and `shared_slowdown` s give W * bandwidth / s
-    (host_sharing.bandwidth_from_slowdown); the lowest over the node's kinds. `host_of_kind`
-    maps a lower-case kind name to its profile's `host` section."""
+    a profile's host `shared_workers` W and `shared_slowdown` s, timed on a step whose memory
+    share is mu (profiled_latency.slowdown_memory_share), give W * bandwidth / (1 + (s - 1) / mu)
+    (host_sharing.bandwidth_from_slowdown); the lowest over the node's kinds. `profile_of_kind`
+    maps a lower-case kind name to its profile."""
     out: dict[str, float] = {}
     for node, kinds in cpu_kinds_on_node.items():
         for k in kinds:
-            host = host_of_kind.get(k.name.lower()) or {}
-            if "shared_slowdown" not in host or "shared_workers" not in host:
+            profile = profile_of_kind.get(k.name.lower())
+            host = {} if profile is None else profile.host
+            if profile is None or "shared_slowdown" not in host or "shared_workers" not in host:
                 continue
             bus = bandwidth_from_slowdown(
-                int(host["shared_workers"]), float(host["shared_slowdown"]), k.memory_bandwidth_bytes_per_s
+                int(host["shared_workers"]),
+                float(host["shared_slowdown"]),
+                k.memory_bandwidth_bytes_per_s,
+                slowdown_memory_share(profile, k),
             )
             out[node] = min(bus, out.get(node, math.inf))
     return out

@@ -3,19 +3,30 @@ TPOT and throughput that follow, on a host of its own and on a shared one."""
 
 import pytest
 
-from cost_models.host_sharing import Host, contention, engine_inflight
+from cost_models.host_sharing import Host, HostShare, contention, engine_inflight, shared_time_s
 from cost_models.load_point import PipelineTimes, load_point
 
 BW = 1e10
 
 
 def _pipeline(
-    n_stages: int, inflight: int, per_seq_s: float = 0.0, prefill_s: float = 0.0, step_s=0.010
+    n_stages: int,
+    inflight: int,
+    per_seq_s: float = 0.0,
+    prefill_s: float = 0.0,
+    step_s=0.010,
+    memory_share: float = 1.0,
 ):
-    """Stages of step_s per step plus per_seq_s per sequence in the micro-batch."""
+    """Stages of step_s per step plus per_seq_s per sequence in the micro-batch, alone; on a
+    shared host `memory_share` of the step's time is memory traffic (f_m), the rest f_c."""
+
+    def decode(b: float, c: float, share: HostShare) -> float:
+        t = step_s + per_seq_s * b
+        return shared_time_s(t, share, memory_share * t)
+
     return PipelineTimes(
-        decode_s=tuple((lambda b, c: step_s + per_seq_s * b) for _ in range(n_stages)),
-        prefill_s=tuple((lambda n: prefill_s) for _ in range(n_stages)),
+        decode_s=tuple(decode for _ in range(n_stages)),
+        prefill_s=tuple((lambda n, share: prefill_s * share.compute) for _ in range(n_stages)),
         inflight=inflight,
     )
 
@@ -65,6 +76,25 @@ def test_four_replicas_on_two_cores_run_at_half_speed():
     deep_point = load_point(deep, 128, 64, concurrent=8, share_of=lambda b: contention(b, host, BW))
     assert deep_point.contention == 1.0
     assert deep_point.throughput_tok_s == pytest.approx(shared.throughput_tok_s, rel=0.05)
+
+
+def test_a_shared_bus_slows_memory_traffic_and_time_slicing_the_rest():
+    """Four replicas on two cores over a bus that carries one worker's traffic: f_c = 2,
+    f_m = 2 x 2 = 4. A memory-bound step is 4x slower, a compute-bound one 2x (before the
+    split every measured time was f_m = 4x), and a half-and-half one 3x."""
+    host = Host(cores=2, memory_bandwidth_bytes_per_s=BW)
+    share_of = lambda b: contention(b, host, BW)  # noqa: E731
+    inflight = engine_inflight(1, 4, host)
+    tpot = {}
+    for mu in (1.0, 0.5, 0.0):
+        pipes = [_pipeline(1, inflight, memory_share=mu)] * 4
+        point = load_point(pipes, 128, 64, concurrent=16, share_of=share_of)
+        assert (point.compute_contention, point.contention) == (2.0, 4.0)
+        tpot[mu] = point.tpot_s
+    alone = load_point([_pipeline(1, inflight)] * 4, 128, 64, concurrent=16).tpot_s
+    assert tpot[1.0] == pytest.approx(4 * alone)
+    assert tpot[0.5] == pytest.approx(3 * alone)
+    assert tpot[0.0] == pytest.approx(2 * alone)
 
 
 def test_exactly_one_load_is_given():

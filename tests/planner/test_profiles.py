@@ -61,21 +61,42 @@ def test_a_catalog_kinds_profile_replaces_its_roofline_inside_the_grid(write_spe
 
 def test_a_profiles_measured_bus_slows_the_workers_of_a_host_that_gives_no_bandwidth(write_spec):
     """Two CPU workers on a 2-core host: the cores are not shared (f_c = 1), so the only
-    slowdown is the bus, and the profile's measured 1.25 (2 workers at once) is what the
-    planner prices; a node's own `memory_gb_s` wins over it."""
+    slowdown is the bus. The profile's measured 1.25 (2 workers at once, decode layers at batch
+    1 and context 512, memory share mu) is what the planner prices there; elsewhere a measured
+    time is slowed on its memory part only: 1 + 0.25 * (its memory share) / mu, so a
+    compute-bound prefill hardly at all. A node's own `memory_gb_s` wins over it."""
+    from cost_models.latency import CPU_EFFICIENCY, layer_decode_memory_s
+
     host = "host: {cpu: AMD EPYC, shared_workers: 2, shared_slowdown: 1.25}\n"
     spec = (
         "model: SmolLM2-135M\ndtype: fp32\ndevices: [{kind: cpu, count: 2, node: local}]\n"
         "profiles: [p.yaml]\nnodes: [{name: local, nic_gbps: 10, cpu_cores: 2NODE}]\n"
-        "workload: {prompt_tokens: 512, output_tokens: 64, batch: 4}\n"
+        "workload: {prompt_tokens: PROMPT, output_tokens: 64, batch: BATCH}\n"
     )
-    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + TABLES, "p.yaml")
-    (alone,) = build_problem(load_spec(write_spec(spec.replace("NODE", "")))).kinds
-    write_spec("format: pipeshift-profile/1\nkind: cpu\n" + host + TABLES, "p.yaml")
-    (shared,) = build_problem(load_spec(write_spec(spec.replace("NODE", "")))).kinds
-    assert shared.layer_decode_s == pytest.approx(1.25 * alone.layer_decode_s)
-    assert shared.layer_prefill_s == pytest.approx(1.25 * alone.layer_prefill_s)
-    wide_bus = spec.replace("NODE", ", memory_gb_s: 1000")
+
+    def kinds(spec_text: str, with_host: bool, prompt: int = 512, batch: int = 4):
+        write_spec("format: pipeshift-profile/1\nkind: cpu\n" + (host if with_host else "") + TABLES, "p.yaml")
+        text = spec_text.replace("PROMPT", str(prompt)).replace("BATCH", str(batch))
+        (kind,) = build_problem(load_spec(write_spec(text))).kinds
+        return kind
+
+    plain = spec.replace("NODE", "")
+    alone, shared = kinds(plain, False), kinds(plain, True)
+    arch, cpu = get_model_arch("SmolLM2-135M"), get_device_kind("cpu")
+
+    def memory_share(batch: int, context: int, measured_s: float) -> float:
+        return layer_decode_memory_s(arch, cpu, batch, context, 4, CPU_EFFICIENCY) / measured_s
+
+    mu = memory_share(1, 512, 0.0014 + (512 - 128) / (1024 - 128) * (0.0017 - 0.0014))
+    at_batch_4 = memory_share(4, 544, alone.layer_decode_s)
+    assert 0 < at_batch_4 < mu < 1
+    assert shared.layer_decode_s == pytest.approx((1 + 0.25 * at_batch_4 / mu) * alone.layer_decode_s)
+    assert shared.layer_decode_s < 1.25 * alone.layer_decode_s
+    assert alone.layer_prefill_s < shared.layer_prefill_s < 1.01 * alone.layer_prefill_s
+    # where the slowdown was measured (batch 1, context 480 + 64 / 2 = 512): 1.25 again
+    one, one_shared = kinds(plain, False, 480, 1), kinds(plain, True, 480, 1)
+    assert one_shared.layer_decode_s == pytest.approx(1.25 * one.layer_decode_s)
+    wide_bus = spec.replace("NODE", ", memory_gb_s: 1000").replace("PROMPT", "512").replace("BATCH", "4")
     (given,) = build_problem(load_spec(write_spec(wide_bus))).kinds
     assert given.layer_decode_s == pytest.approx(alone.layer_decode_s)
 
