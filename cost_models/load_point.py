@@ -30,7 +30,15 @@ a time on a worker alone split into its memory part m and the rest, m * f_m + (t
 its expected time. Then, with f = f_p:
     t_s    = decode_s[s](b_p, context; f)              context = prompt + output / 2
     cycle  = max(sum_s t_s, m_p * max_s t_s)           every running request gets one token
-    rho    = lambda_p * sum_s prefill_s[s](f) * a      share of time spent prefilling, where
+    stall  = sum_s max(0, prefill_s[s](f) - decode_s[s](1, prompt; f))
+                                                       what a prompt delays the decodes by: it
+                                                       rides in a micro-batch with them (the
+                                                       engine's scheduler puts prefill chunks,
+                                                       up to 512 tokens, beside the decode
+                                                       tokens), so the step they share - weights
+                                                       streamed once, the head's weights, the
+                                                       return to the engine - is paid once
+    rho    = lambda_p * stall * a                      share of time the decodes stall, where
                                                        a = 1 with `concurrent` clients and
                                                        P(M >= P - 1) with arrivals at a rate
                                                        (a prompt goes to an idle pipeline
@@ -128,13 +136,19 @@ def load_point(
                 f = _seen_contention(i, stages_busy, busy_prob, share_of)
             times = [_at(curve, batch[i], context, f) for curve in p.decode_s]
             cycle = max(sum(times), m * max(times))
-            prefill = sum(curve(prompt_tokens, f) for curve in p.prefill_s)
+            prefills = [curve(prompt_tokens, f) for curve in p.prefill_s]
+            prefill = sum(prefills)
+            # the step a prompt shares with the decodes beside it is not a stall
+            stall = sum(
+                max(0.0, t - curve(1, prompt_tokens, f))
+                for t, curve in zip(prefills, p.decode_s, strict=True)
+            )
             ttft = prefill + cycle / 2
             if concurrent is not None:
                 # lam_p from Little's law with the previous TPOT guess, then TPOT from it
                 lam_p = n / (ttft + (output_tokens - 1) * cycle)
                 for _ in range(50):
-                    rho = min(0.95, lam_p * prefill)
+                    rho = min(0.95, lam_p * stall)
                     tpot = cycle / (1 - rho)
                     lam_p = n / (ttft + (output_tokens - 1) * tpot)
                 new_lam.append(lam_p)
@@ -143,7 +157,7 @@ def load_point(
                 # a new prompt delays a running request's decodes only when it lands on its
                 # pipeline, and it goes to an idle one while one is left: only when the
                 # others running, M ~ Poisson(N), keep the other P - 1 pipelines busy
-                rho = lam_p * prefill * _all_busy(sum(running), n_pipes - 1)
+                rho = lam_p * stall * _all_busy(sum(running), n_pipes - 1)
                 if rho >= 1:
                     saturated = True
                     rho = 0.99

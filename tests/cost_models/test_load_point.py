@@ -53,9 +53,15 @@ def test_a_light_rate_forms_batches_of_one_and_serves_the_rate():
 
 
 def test_prefill_takes_its_share_of_the_pipeline():
+    """A prompt rides in a micro-batch with the running decodes (the engine's scheduler), so it
+    stalls them by its prefill less the step they share: 0.2 s - 10 ms, once a second."""
     without = load_point([_pipeline(1, 1)], 128, 64, rate_per_s=1.0)
     with_prefill = load_point([_pipeline(1, 1, prefill_s=0.2)], 128, 64, rate_per_s=1.0)
-    assert with_prefill.tpot_s == pytest.approx(without.tpot_s / (1 - 0.2), rel=1e-3)
+    assert with_prefill.tpot_s == pytest.approx(without.tpot_s / (1 - 0.19), rel=1e-3)
+    assert with_prefill.ttft_s == pytest.approx(0.2 + without.tpot_s / 2, rel=1e-3)
+    # a prompt no dearer than the step it rides in stalls nothing
+    free = load_point([_pipeline(1, 1, prefill_s=0.010)], 128, 64, rate_per_s=1.0)
+    assert free.tpot_s == pytest.approx(without.tpot_s, rel=1e-6)
 
 
 def test_a_rate_beyond_capacity_is_saturated():
