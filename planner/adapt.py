@@ -22,8 +22,8 @@ the deployment serves in time for T_ok only:
 It is continuous and rises with C, so more capacity never looks worse, and it prices
 shedding a device below the load at what a FIFO queue in overload really loses (nearly every
 request), not at the few requests a plain min(rate, U * C) would say. A candidate with fewer
-devices than the current configuration is considered only when it carries the window's
-busiest minute (peak rate <= U * C, `carries`) and the window spans the policy's
+devices than the current configuration is considered only when it carries the window
+(rate <= U * C and its busiest minute <= C, `carries`) and the window spans the policy's
 `scale_down_window_s` (`may_shed`): in an overload every goodput is near 0 and the device cost
 alone would pick the smallest configuration, and a configuration sized on a minute's evidence
 or on the mean rate misses the next burst.
@@ -202,12 +202,20 @@ def outlook(
 
 
 def carries(o: Outlook, window: WorkloadWindow) -> bool:
-    """Returns whether the configuration serves the window's busiest minute within UTILISATION
-    of its capacity: peak rate <= U * capacity, where the SLOs still hold. Only such a
-    configuration may take the place of one with more devices; when every configuration's
-    predicted goodput collapses (an overload), the device cost alone would otherwise favour the
-    smallest, and a configuration sized to the window's mean rate misses its bursts."""
-    return o.capacity_rps is not None and window.busiest_rate_per_s <= UTILISATION * o.capacity_rps
+    """Returns whether the configuration carries the window: its rate within UTILISATION of the
+    capacity where the SLOs hold, and its busiest minute within the capacity,
+
+        rate <= U * capacity   and   peak rate <= capacity
+
+    Only such a configuration may take the place of one with more devices; when every
+    configuration's predicted goodput collapses (an overload), the device cost alone would
+    otherwise favour the smallest, and one sized to the mean rate alone misses the bursts."""
+    if o.capacity_rps is None:
+        return False
+    return (
+        window.rate_per_s <= UTILISATION * o.capacity_rps
+        and window.busiest_rate_per_s <= o.capacity_rps
+    )
 
 
 def may_shed(o: Outlook, current: Outlook, window: WorkloadWindow, policy: ControllerPolicy) -> bool:
