@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from ortools.graph.python import linear_sum_assignment
 
+from planner.migration_prices import has_pool_prices, stages_charge_tok_s
 from planner.problem import PlanningProblem
 from planner.solution import Migration, Pipeline
 
@@ -97,7 +98,9 @@ def assign_devices(
 
 
 def migration_of(problem: PlanningProblem, pipelines: Sequence[Pipeline]) -> Migration | None:
-    """Returns the bytes moving from the current configuration to `pipelines` (None if none)."""
+    """Returns the bytes moving from the current configuration to `pipelines` (None if none),
+    and what the objective charges the new pipelines' loads: sum over their stages of
+    mu_p * b_i (planner/migration_prices.py), mu * model_weight_bytes each with one price."""
     if problem.migration is None:
         return None
     held = held_ranges(problem)
@@ -140,6 +143,17 @@ def migration_of(problem: PlanningProblem, pipelines: Sequence[Pipeline]) -> Mig
         )
         if tuple(s.device for s in stages) not in kept_idx
     )
+    kind_of = {d.name: d.kind for d in problem.devices}
+    charge = 0.0
+    for p in pipelines:
+        if p.kept:
+            continue
+        if has_pool_prices(problem):
+            charge += stages_charge_tok_s(
+                problem, [(kind_of[st.device], st.end - st.start) for st in p.stages]
+            )
+        else:
+            charge += problem.migration.tok_s_per_byte * problem.model_weight_bytes
     return Migration(
         weight_bytes=peer_bytes + disk_bytes,
         weight_bytes_from_peer=peer_bytes,
@@ -148,4 +162,5 @@ def migration_of(problem: PlanningProblem, pipelines: Sequence[Pipeline]) -> Mig
         kept_pipelines=len(kept),
         loads=tuple(loads),
         frees=tuple(frees),
+        weight_charge_tok_s=charge,
     )

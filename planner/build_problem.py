@@ -18,6 +18,7 @@ from cost_models.memory import (
 from cost_models.model_catalog import get_model_arch
 from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
+from planner.migration_prices import node_fetch_bandwidths_bytes_per_s
 from planner.problem import (
     CurrentStage,
     Device,
@@ -174,6 +175,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
         for b in dev_kinds
     )
     topology = None
+    pool_move_bandwidths: list[float] | None = None
     move_bandwidth_bytes_per_s = min(k.network_bandwidth_bytes_per_s for k in dev_kinds)
     if spec.nodes is not None:
         kinds_on_node: dict[str, list[DeviceKind]] = {}
@@ -203,6 +205,11 @@ def build_problem(spec: Spec) -> PlanningProblem:
             move_bandwidth_bytes_per_s = migration_bandwidth_bytes_per_s(
                 links, holders, kinds_on_node, layer_weight_bytes(arch, dtype_bytes)
             )
+            # and a pool's bytes cost what its own node's fetch costs (planner/migration_prices.py)
+            node_bw = node_fetch_bandwidths_bytes_per_s(
+                links, holders, kinds_on_node, layer_weight_bytes(arch, dtype_bytes)
+            )
+            pool_move_bandwidths = [node_bw[node] for _, node in pool_keys]  # type: ignore[index]
     kv_token_layer = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(dtype_bytes))
 
     problem = PlanningProblem(
@@ -239,6 +246,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
             replan_interval_s=spec.replan_interval_s,
             move_bandwidth_bytes_per_s=move_bandwidth_bytes_per_s,
             keep_required=spec.pins.keep_current,
+            pool_move_bandwidths_bytes_per_s=pool_move_bandwidths,
         )
     return problem
 
@@ -260,12 +268,17 @@ def with_current(
     move_bandwidth_bytes_per_s: float,
     keep_required: list[int] | None = None,
     reference_tok_s: float | None = None,
+    pool_move_bandwidths_bytes_per_s: list[float] | None = None,
 ) -> PlanningProblem:
     """Returns the problem with a current configuration and the migration term's weight.
 
     Moving X bytes at bandwidth B stalls roughly X / B seconds of the affected capacity; spread
     over a re-plan interval R that costs `reference_tok_s * X / (B * R)` tokens/s on average,
-    so each byte costs `reference_tok_s / (B * R)` in the objective.
+    so each byte costs `mu = reference_tok_s / (B * R)` in the objective. With
+    `pool_move_bandwidths_bytes_per_s` (a topology: B_p per pool, its node's fetch) a byte a
+    stage on pool p loads costs `mu_p = reference_tok_s / (B_p * R)` instead
+    (planner/migration_prices.py); mu stays the one of `move_bandwidth_bytes_per_s` (the
+    slowest node's), for the KV term.
     """
     from dataclasses import replace
 
@@ -301,5 +314,9 @@ def with_current(
         tok_s_per_byte=reference_tok_s / (move_bandwidth_bytes_per_s * replan_interval_s),
         kv_bytes_per_pipeline=kv_per_pipeline,
         keep_required=frozenset(keep_required or ()),
+        pool_tok_s_per_byte=tuple(
+            reference_tok_s / (b * replan_interval_s)
+            for b in pool_move_bandwidths_bytes_per_s or ()
+        ),
     )
     return replace(problem, migration=migration)

@@ -15,7 +15,15 @@ A new column c of model m has reduced cost  rc(c) = obj_c - sum_k y_k c_k + y_m 
     A_m = 1, C = mu * move           one model (max_throughput, migration weight mu)
     A_m = w_m * eta + y_m, C = 0     several models (weighted goodput)
 
-which planner/pricing.py maximises over every pipeline without listing them. Columns with
+which planner/pricing.py maximises over every pipeline without listing them. With a
+topology the move is charged per stage, C = sum_i mu_{p_i} * b_i (planner/master.py); pricing
+then maximises with the lower bound
+
+    C >= mu_min * model_weight_bytes + sum_i (mu_{p_i} - mu_min) * layer_weight_bytes
+
+(migration_prices.pricing_terms): the constant as C, the sum in each stage's price
+(y_k + (mu_k - mu_min) * layer_weight_bytes). That overestimates rc, so rc* still bounds it;
+a vector found is costed exactly (its shape, its charge) before it joins. Columns with
 rc > 0 join and the LP is solved again. Any feasible z uses at most N = sum_k n_k copies, so
 for the duals y of the last LP (value z_RMP) and any rc* >= max_c rc(c)
 
@@ -37,7 +45,8 @@ import highspy
 import numpy as np
 
 from planner.formulation_pulp import _quiet_stdout
-from planner.master import SPARE_TOKEN_VALUE, Column, MasterProblem
+from planner.master import SPARE_TOKEN_VALUE, MasterProblem, shape_column
+from planner.migration_prices import pricing_terms
 from planner.pricing import Pricer
 from planner.problem import PlanningProblem
 from planner.shapes import PipelineShape, best_shape
@@ -73,19 +82,6 @@ def seed_shapes(problem: PlanningProblem, kind_counts: tuple[int, ...]) -> list[
             if shape is not None:
                 out.append(shape)
     return out
-
-
-def _column(
-    shape: PipelineShape, kind_counts: tuple[int, ...], move_bytes: float, model: int
-) -> Column:
-    return Column(
-        counts=shape.counts,
-        throughput_tok_s=shape.throughput_tok_s,
-        move_bytes=move_bytes,
-        upper=min(kind_counts[k] // c for k, c in enumerate(shape.counts) if c > 0),
-        shape=shape,
-        model=model,
-    )
 
 
 def _solve_lp(master: MasterProblem) -> tuple[float, np.ndarray, np.ndarray]:
@@ -155,7 +151,8 @@ def generate(
     kind_counts = master.kind_counts
     n_devices = sum(kind_counts)
     mu = master.tok_s_per_byte
-    move = [p.model_weight_bytes if p.migration is not None else 0.0 for p in problems]
+    # per model: the charge's lower bound that pricing adds (constant, per-kind extra)
+    terms = [pricing_terms(p) for p in problems]
     pricers = [Pricer(p, kind_counts) for p in problems]
     columns = list(master.columns)
     seen = {(c.model, c.counts) for c in columns if c.shape is not None}
@@ -163,7 +160,7 @@ def generate(
         for shape in seed_shapes(p, kind_counts):
             if (m, shape.counts) not in seen:
                 seen.add((m, shape.counts))
-                columns.append(_column(shape, kind_counts, move[m], m))
+                columns.append(shape_column(p, shape, kind_counts, m))
     bound = math.inf
     lp_value = -math.inf
     iterations = 0
@@ -187,20 +184,25 @@ def generate(
                 value_per_tok_s = master.weights[m] * SPARE_TOKEN_VALUE + y_model[m]
                 constant = 0.0
             else:
-                value_per_tok_s, constant = 1.0, mu * move[m]
-            priced = pricer.price(value_per_tok_s, y_kind, constant, tolerance, deadline)
+                value_per_tok_s, constant = 1.0, terms[m][0]
+            extra = np.asarray(terms[m][1]) if current.objective != "max_goodput" else 0.0
+            priced = pricer.price(value_per_tok_s, y_kind + extra, constant, tolerance, deadline)
             priced_all = priced_all and priced.complete
             best_rc = max(best_rc, priced.best_value)
-            exact = exact and priced.exact
+            exact = exact and priced.exact and not np.any(extra)
             for shape in priced.shapes:
+                column = shape_column(problems[m], shape, kind_counts, m)
+                charge = 0.0
+                if current.objective != "max_goodput":
+                    charge = (
+                        mu * column.move_bytes if column.move_tok_s is None else column.move_tok_s
+                    )
                 rc = (
-                    value_per_tok_s * shape.throughput_tok_s
-                    - float(y_kind @ shape.counts)
-                    - constant
+                    value_per_tok_s * shape.throughput_tok_s - float(y_kind @ shape.counts) - charge
                 )
                 if rc > tolerance and (m, shape.counts) not in seen:
                     seen.add((m, shape.counts))
-                    columns.append(_column(shape, kind_counts, move[m], m))
+                    columns.append(column)
                     added += 1
             if time.perf_counter() > deadline and m < len(pricers) - 1:
                 priced_all = False

@@ -9,7 +9,16 @@ y_p in {0, 1} keeping current pipeline p (throughput v_p, devices e_pk, in-fligh
     s.t.  sum_c c_k z_c + sum_p e_pk y_p <= n_k          for every kind k
           z_c in {0, .., min_k floor(n_k / c_k)}, y_p = 1 for pinned p
 
-mu is the migration weight (tokens/s per byte, see build_problem.with_current). For the
+mu is the migration weight (tokens/s per byte, see build_problem.with_current). With a
+topology a new column is charged on the nodes its stages land on instead of mu * m_c
+(planner/migration_prices.py): stage i of pool p_i loads b_i bytes (its layers, embedding
+first, head last) at its node's price mu_p, so column c, laid out as its shape lays it out,
+costs
+
+    C_c = sum_i mu_{p_i} * b_i          (mu * m_c without a topology)
+
+and the objective's first sum reads sum_c (v_c - C_c) z_c; the KV terms keep the scalar mu
+(the slowest node's). For the
 min-devices objective: min sum_c |c| z_c + sum_p |p| y_p (with a tie-break that prefers
 keeping) s.t. sum_c v_c z_c + sum_p v_p y_p >= demand. Symmetry among devices of one kind
 is gone by construction, and the LP relaxation has only K rows, so its bound is tight.
@@ -40,6 +49,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from planner.evaluate import usable_current
+from planner.migration_prices import has_pool_prices, split_margin_tok_s, stages_charge_tok_s
 from planner.problem import PlanningProblem, PoolProblem
 from planner.shapes import (
     PipelineShape,
@@ -47,6 +57,7 @@ from planner.shapes import (
     enumerate_shapes,
     minimal_shapes,
     split_beats,
+    stage_layers,
 )
 from planner.solution import Pipeline
 
@@ -64,6 +75,9 @@ class Column:
     keep_pipeline: Pipeline | None = None
     kv_bytes: float = 0.0  # in-flight KV saved by keeping
     model: int = 0  # which model's layers this pipeline holds (several models on one pool)
+    # C_c, what its loads cost the objective when pools are priced one by one (tokens/s);
+    # None: mu * move_bytes
+    move_tok_s: float | None = None
 
     @property
     def n_devices(self) -> int:
@@ -107,10 +121,12 @@ class MasterProblem:
         return self.weights[m] * ((1 - eta) * good + eta * throughput_tok_s)
 
     def net_value(self, i: int) -> float:
-        """Returns column i's contribution to the max-throughput objective."""
+        """Returns column i's contribution to the max-throughput objective:
+        v_c - C_c (C_c = mu * m_c, or the pools' charge move_tok_s) + mu * q_c."""
         c = self.columns[i]
         mu = self.tok_s_per_byte
-        return c.throughput_tok_s - mu * c.move_bytes + mu * c.kv_bytes
+        move = mu * c.move_bytes if c.move_tok_s is None else c.move_tok_s
+        return c.throughput_tok_s - move + mu * c.kv_bytes
 
     def cost(self, i: int) -> float:
         """Returns column i's contribution to the min-devices objective (keeping breaks ties)."""
@@ -135,24 +151,15 @@ def build_master(
     none with list_shapes=False, for column generation to find)."""
     t0 = time.perf_counter()
     counts = problem.kind_counts
-    move = problem.model_weight_bytes if problem.migration is not None else 0.0
-    mu = problem.migration.tok_s_per_byte if problem.migration is not None else 0.0
     if list_shapes:
         shape_set = enumerate_shapes(problem, deadline)
-        shapes = undominated(minimal_shapes(shape_set.shapes), shape_set.shapes, mu * move)
+        shapes = undominated(
+            minimal_shapes(shape_set.shapes), shape_set.shapes, split_margin_tok_s(problem)
+        )
     else:
         shape_set = ShapeSet({}, complete=True, max_stages_done=problem.max_stages)
         shapes = []
-    columns = [
-        Column(
-            counts=s.counts,
-            throughput_tok_s=s.throughput_tok_s,
-            move_bytes=move,
-            upper=min(counts[k] // c for k, c in enumerate(s.counts) if c > 0),
-            shape=s,
-        )
-        for s in shapes
-    ]
+    columns = [shape_column(problem, s, counts) for s in shapes]
     required: set[int] = set()
     constant = 0.0
     if problem.migration is not None:
@@ -190,6 +197,26 @@ def build_master(
     )
 
 
+def shape_column(
+    problem: PlanningProblem, shape: PipelineShape, kind_counts: tuple[int, ...], model: int = 0
+) -> Column:
+    """Returns the column of a new pipeline of this shape: m_c = model_weight_bytes (with a
+    current configuration) and, with pool prices, C_c on the shape's own layout."""
+    return Column(
+        counts=shape.counts,
+        throughput_tok_s=shape.throughput_tok_s,
+        move_bytes=problem.model_weight_bytes if problem.migration is not None else 0.0,
+        upper=min(kind_counts[k] // c for k, c in enumerate(shape.counts) if c > 0),
+        shape=shape,
+        move_tok_s=(
+            stages_charge_tok_s(problem, stage_layers(problem, shape))
+            if has_pool_prices(problem)
+            else None
+        ),
+        model=model,
+    )
+
+
 def build_pool_master(
     pool: PoolProblem, deadline: float | None = None, list_shapes: bool = True
 ) -> MasterProblem:
@@ -222,15 +249,19 @@ def build_pool_master(
 def undominated(
     shapes: list[PipelineShape],
     every: dict[tuple[int, ...], PipelineShape],
-    move_tok_s: float,
+    margin_tok_s: float,
 ) -> list[PipelineShape]:
     """Returns the shapes no split into two pipelines beats.
 
     If the devices of shape c also form two pipelines c1 + c2 = c with
-    v1 + v2 - 2 * move >= v - move, any plan using c does at least as well with c1 and c2
+    v1 + v2 - C1 - C2 >= v - C, any plan using c does at least as well with c1 and c2
     (same devices; for min-devices, same count and more throughput), so c is not needed.
+    With a margin M >= C1 + C2 - C (migration_prices.split_margin_tok_s; M = mu * move with
+    one price, as C = C1 = C2 then), v1 + v2 >= v + M is enough.
     """
-    return [s for s in shapes if not split_beats(s.counts, every, s.throughput_tok_s + move_tok_s)]
+    return [
+        s for s in shapes if not split_beats(s.counts, every, s.throughput_tok_s + margin_tok_s)
+    ]
 
 
 def solution_objective(master: MasterProblem, copies: dict[int, int]) -> float:

@@ -5,8 +5,10 @@ Column generation (planner/column_generation.py) asks, for one model with duals 
     max over pipelines c   A * batch / T*(c) - sum_k B_k c_k
 
 (A: what a token/s of this model is worth at the current duals, B_k: what a device of kind k
-costs). For a stage count S and a candidate bottleneck T the cheapest pipeline is a shortest
-path over (devices used, layers covered, first stage placed, last stage placed):
+costs; with per-node migration prices B_k also holds a stage's least share of the move,
+(mu_k - mu_min) * layer_weight_bytes: planner/column_generation.py). For a stage count S
+and a candidate bottleneck T the cheapest pipeline is a shortest path over (devices used,
+layers covered, first stage placed, last stage placed):
 
     f_k(s, l, F, G) = min over t, f, g of  f_{k-1}(s - t - f - g, l - t*mid_k - f*first_k - g*last_k,
                                                   F - f, G - g) + (t + f + g) * B_k

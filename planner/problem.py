@@ -69,6 +69,9 @@ class MigrationCosts:
     tok_s_per_byte: float  # objective penalty (tokens/s) per byte a plan moves
     kv_bytes_per_pipeline: tuple[float, ...]  # in-flight KV a dismantled pipeline must move
     keep_required: frozenset[int] = frozenset()  # current pipelines pinned to stay
+    # with a topology: mu_p per pool, from its node's fetch bandwidth (planner/migration_prices.py);
+    # empty: every byte at tok_s_per_byte. tok_s_per_byte is then the largest (slowest node)
+    pool_tok_s_per_byte: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,14 @@ class PlanningProblem:
         if last and not (first and self.tied_embeddings):
             extra += self.head_weight_bytes
         return n_layers * per_layer + extra
+
+    def stage_weight_bytes(self, n_layers: int, first: bool, last: bool) -> float:
+        """Returns the weight bytes a stage loads: its layers, the embedding (first) and the
+        head (last; a copy of the embedding when tied and not also first)."""
+        extra = self.embed_weight_bytes if first else 0.0
+        if last and not (first and self.tied_embeddings):
+            extra += self.head_weight_bytes
+        return n_layers * self.layer_weight_bytes + extra
 
     def stage_decode_s(
         self, kind: int, n_layers: int, first: bool, last: bool, hop_s: float | None = None

@@ -149,7 +149,8 @@ def render(problem: PlanningProblem, result: PlanResult) -> str:
         out.append(
             f"migration: {m.weight_bytes / GIB:.1f} GiB of weights to load "
             f"({m.weight_bytes_from_peer / GIB:.1f} from peers, {m.weight_bytes_from_disk / GIB:.1f} "
-            f"from disk), {m.kv_bytes / GIB:.2f} GiB of KV, {m.kept_pipelines} pipeline(s) kept"
+            f"from disk), {m.kv_bytes / GIB:.2f} GiB of KV, {m.kept_pipelines} pipeline(s) kept; "
+            f"new pipelines' loads charged {m.weight_charge_tok_s:.3g} tok/s"
         )
         out.extend(device_changes(problem, result))
     if result.message:

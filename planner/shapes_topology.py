@@ -26,13 +26,30 @@ a longest Hamiltonian path over the segments, solved exactly by DP over subsets
 fastest prefill; with a TTFT SLO, a multi-node pipeline is checked on the order with the
 most room (sound: no pipeline over the SLO is planned; one that only meets it in another
 order is missed). planner/dp.py checks all of this against every ordered sequence of stages.
+
+With a current configuration and pool prices (planner/migration_prices.py) the layers beyond
+one per stage go first to the nodes where loading them costs least, then to the fastest
+prefill, and the segment order is the one whose fill costs least,
+
+    C*(c, T) = min over orders with sum_s seg_s >= L of sum_i mu_{p_i} * b_i
+
+(all orders up to MAX_ORDERED_NODES nodes; more capacity on a node never costs more, so each
+segment keeps its most layers). That is the cheapest move at the best bottleneck: a slower
+layout that would load less is not weighed against it. Under a TTFT SLO the cheapest fill
+that misses it gives way to the least-TTFT one (the column then costs more than C*).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
+from planner.migration_prices import (
+    has_pool_prices,
+    pool_price_tok_s_per_byte,
+    stages_charge_tok_s,
+)
 from planner.problem import PlanningProblem
 from planner.shapes import CapTable, PipelineShape
 
@@ -156,31 +173,74 @@ def path_shape_at(
         mask &= ~(1 << path[-1])
         path.append(prev)
     path.reverse()
-    order: list[int] = []
-    for i, s in enumerate(path):
-        order.extend(seg(s, i == 0, path[i + 1] if i + 1 < m else -1)[1])
-    node_of = [problem.kinds[p].node for p in order]
-    caps, prefill_hops_s = [], []
-    for i, p in enumerate(order):
-        first, last = i == 0, i == n_stages - 1
-        hop_s = None if last else problem.hop_decode_between_s(node_of[i], node_of[i + 1])  # type: ignore[arg-type]
-        caps.append(table.cap(p, bottleneck_s, n_stages, (first, last), hop_s))
-        if not last:
-            prefill_hops_s.append(problem.hop_prefill_between_s(node_of[i], node_of[i + 1]))  # type: ignore[arg-type]
-    # each stage one layer, the rest where prefill is fastest (exact: unit items)
-    layers = [1] * n_stages
-    free = n_layers - n_stages
-    kinds = problem.kinds
-    for i in sorted(range(n_stages), key=lambda i: (kinds[order[i]].layer_prefill_s, i)):
-        add = min(free, caps[i] - 1)
-        layers[i] += add
-        free -= add
-    ttft_s = (
-        sum(n * kinds[p].layer_prefill_s for p, n in zip(order, layers, strict=True))
-        + sum(prefill_hops_s)
-        + kinds[order[0]].embed_prefill_s
-        + kinds[order[-1]].head_prefill_s
-    )
+
+    def layout(
+        path: Sequence[int], price: Sequence[float] | None
+    ) -> tuple[list[int], list[int], list[float]]:
+        """Returns (pool, layers, outgoing prefill hop) per stage of the segments in `path`:
+        each stage one layer, the rest to the cheapest loads first (`price`), then to the
+        fastest prefill (exact: unit items)."""
+        order: list[int] = []
+        for i, s in enumerate(path):
+            order.extend(seg(s, i == 0, path[i + 1] if i + 1 < m else -1)[1])
+        node_of = [problem.kinds[p].node for p in order]
+        caps, hops_s = [], []
+        for i, p in enumerate(order):
+            first, last = i == 0, i == n_stages - 1
+            hop_s = None if last else problem.hop_decode_between_s(node_of[i], node_of[i + 1])  # type: ignore[arg-type]
+            caps.append(table.cap(p, bottleneck_s, n_stages, (first, last), hop_s))
+            if not last:
+                hops_s.append(problem.hop_prefill_between_s(node_of[i], node_of[i + 1]))  # type: ignore[arg-type]
+        layers = [1] * n_stages
+        free = n_layers - n_stages
+        kinds = problem.kinds
+        for i in sorted(
+            range(n_stages),
+            key=lambda i: (
+                0.0 if price is None else price[order[i]],
+                kinds[order[i]].layer_prefill_s,
+                i,
+            ),
+        ):
+            add = min(free, caps[i] - 1)
+            layers[i] += add
+            free -= add
+        return order, layers, hops_s
+
+    def ttft_of(order: list[int], layers: list[int], hops_s: list[float]) -> float:
+        kinds = problem.kinds
+        return (
+            sum(n * kinds[p].layer_prefill_s for p, n in zip(order, layers, strict=True))
+            + sum(hops_s)
+            + kinds[order[0]].embed_prefill_s
+            + kinds[order[-1]].head_prefill_s
+        )
+
+    chosen = layout(path, None)
+    prices = _node_prices(problem, nodes)
+    if prices is not None:
+        # the pipeline's loads cost its nodes' prices: of the segment orders that fit L layers,
+        # the one whose fill (cheapest nodes first) loads cheapest; ties keep the order above
+        charged = layout(path, prices)
+        best_charge = _charge(problem, charged)
+        for other in _orders(m, path):
+            if (
+                sum(
+                    seg(s, i == 0, other[i + 1] if i + 1 < m else -1)[0]
+                    for i, s in enumerate(other)
+                )
+                < n_layers
+            ):
+                continue
+            candidate = layout(other, prices)
+            c = _charge(problem, candidate)
+            if c < best_charge - 1e-12 * abs(best_charge):
+                charged, best_charge = candidate, c
+        # a TTFT SLO the cheapest fill misses: the least-TTFT layout, as without prices
+        if problem.ttft_slo_s is None or ttft_of(*charged) <= problem.ttft_slo_s * (1 + _EPS):
+            chosen = charged
+    order, layers, prefill_hops_s = chosen
+    ttft_s = ttft_of(order, layers, prefill_hops_s)
     if problem.ttft_slo_s is not None and ttft_s > problem.ttft_slo_s * (1 + _EPS):
         return None
     per_pool = [0] * len(counts)
@@ -198,11 +258,36 @@ def path_shape_at(
     )
 
 
+MAX_ORDERED_NODES = 5  # a pipeline over more nodes keeps the order with the most layers
+
+
+def _orders(m: int, path: Sequence[int]) -> list[tuple[int, ...]]:
+    """Returns every other order of m segments (none past MAX_ORDERED_NODES)."""
+    if m <= 1 or m > MAX_ORDERED_NODES:
+        return []
+    return [o for o in itertools.permutations(range(m)) if list(o) != list(path)]
+
+
+def _node_prices(problem: PlanningProblem, used_nodes: Sequence[str]) -> list[float] | None:
+    """Returns mu_p of every pool when the pipeline's nodes are priced differently, else None
+    (one price: every layout loads the same bytes at it)."""
+    if not has_pool_prices(problem):
+        return None
+    prices = [pool_price_tok_s_per_byte(problem, p) for p in range(len(problem.kinds))]
+    on_used = {prices[p] for p, k in enumerate(problem.kinds) if k.node in used_nodes}
+    return prices if len(on_used) > 1 else None
+
+
+def _charge(problem: PlanningProblem, laid: tuple[list[int], list[int], list[float]]) -> float:
+    order, layers, _ = laid
+    return stages_charge_tok_s(problem, list(zip(order, layers, strict=True)))
+
+
 class NodeSymmetry:
-    """Nodes that are interchangeable: same pools (kind costs, device counts), same link
-    inside, same links to every other node. Count vectors that differ only by such a swap
-    have the same best shape, relabelled; `canonical` maps a vector to its class
-    representative and back, so each class is evaluated once."""
+    """Nodes that are interchangeable: same pools (kind costs, device counts, migration
+    price), same link inside, same links to every other node. Count vectors that differ
+    only by such a swap have the same best shape, relabelled; `canonical` maps a vector to
+    its class representative and back, so each class is evaluated once."""
 
     def __init__(self, problem: PlanningProblem):
         pools_of: dict[str, dict[str, int]] = {}
@@ -218,6 +303,8 @@ class NodeSymmetry:
                 return False
             for name in pools_of[u]:
                 pu, pv = pools_of[u][name], pools_of[v][name]
+                if pool_price_tok_s_per_byte(problem, pu) != pool_price_tok_s_per_byte(problem, pv):
+                    return False  # moves to them cost differently
                 if counts[pu] != counts[pv] or {
                     **problem.kinds[pu].__dict__,
                     "node": None,

@@ -53,6 +53,10 @@ class Migration:
     kept_pipelines: int
     loads: tuple[tuple[str, int, int], ...] = ()  # (device, start, end) newly loaded ranges
     frees: tuple[tuple[str, int, int], ...] = ()  # (device, start, end) ranges dropped
+    # what the objective charges the new pipelines' weight loads (tokens/s): sum over their
+    # stages of bytes x the stage's pool price (planner/migration_prices.py), mu x model bytes
+    # per new pipeline with one price
+    weight_charge_tok_s: float = 0.0
 
 
 @dataclass(frozen=True)

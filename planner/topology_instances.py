@@ -56,3 +56,40 @@ def random_topology_problem(
         hop_prefill_s=max(topology.prefill_s(a, b) for a in used for b in used),
         ttft_slo_s=None,
     )
+
+
+def random_topology_problem_with_current(seed: int, max_devices: int = 6) -> PlanningProblem:
+    """Returns random_topology_problem(seed) serving a current pipeline of 1-2 devices, with
+    migration priced per pool: a node fetches a layer at its own link when it holds the
+    weights, else over the fastest holder's link, or from a 2 GB/s disk when that is faster
+    (planner/migration_prices.py); the re-plan interval makes the slowest node's charge for
+    a whole model half the current throughput, so where a pipeline lands matters."""
+    from planner.build_problem import with_current
+
+    rng = random.Random(3000 + seed)
+    problem = random_topology_problem(seed, max_devices=max_devices, max_layers=16)
+    picked = rng.sample(problem.devices, min(len(problem.devices), rng.randint(1, 2)))
+    L = problem.n_layers
+    cut = [0] + sorted(rng.sample(range(1, L), len(picked) - 1)) + [L]
+    current = [[(d.name, cut[i], cut[i + 1]) for i, d in enumerate(picked)]]
+    topo = problem.topology
+    assert topo is not None
+    holders = {d.node for d in picked}
+    disk_bytes_per_s = 2e9
+    node_bw = {
+        n: max([disk_bytes_per_s] + [topo.links[(h, n)].bandwidth_bytes_per_s for h in holders])
+        for n in topo.nodes
+    }
+    pool_bw = [node_bw[k.node] for k in problem.kinds]  # type: ignore[index]
+    slowest = min(pool_bw)
+    probe = with_current(problem, current, 1.0, slowest)
+    reference = probe.migration.tok_s_per_byte * slowest  # type: ignore[union-attr]
+    interval_s = 2 * problem.model_weight_bytes / slowest
+    return with_current(
+        problem,
+        current,
+        replan_interval_s=interval_s,
+        move_bandwidth_bytes_per_s=slowest,
+        reference_tok_s=reference,
+        pool_move_bandwidths_bytes_per_s=pool_bw,
+    )

@@ -299,3 +299,172 @@ def test_migration_prices_moves_on_the_links_node_pairs_use():
         " {device: b/A100-80GB.0, start: 16, end: 32}]"
     )
     assert both > 50 * only_a
+
+
+def _plan_move(current: str, replan_interval_s: float, pool_prices: bool = True):
+    """Returns (problem, plan) of MOVE_SPEC in replicas of one A100 each (equally fast
+    wherever they land) at a re-plan interval; without `pool_prices` every byte is priced at
+    the slowest node's fetch (the scalar mu)."""
+    from dataclasses import replace
+
+    from planner.spec import parse_spec
+
+    spec = parse_spec(
+        MOVE_SPEC.format(current=current)
+        + f"replan_interval_s: {replan_interval_s}\nmax_stages: 1\n"
+    )
+    problem = build_problem(spec)
+    if not pool_prices:
+        problem = replace(problem, migration=replace(problem.migration, pool_tok_s_per_byte=()))
+    return problem, plan(problem, "cpsat", 10.0)
+
+
+def test_new_pipelines_land_where_the_weights_are_cheap_to_fetch():
+    """The weights live on node a; node b reads them from disk (1 Gbit/s to a). At a 4 s
+    re-plan interval a whole model costs b twice a replica's tokens/s, but a next to nothing
+    (NVLink): the plan adds the replica on a's free A100 and none on b's, equally fast ones,
+    and charges it a's price, not the slowest node's."""
+    current = "    - stages: [{device: a/A100-80GB.0, start: 0, end: 32}]"
+    problem, result = _plan_move(current, 4.0)
+    mig = problem.migration
+    prices = {problem.kinds[p].node: mu for p, mu in enumerate(mig.pool_tok_s_per_byte)}
+    assert prices["b"] == pytest.approx(mig.tok_s_per_byte)  # b is the slowest node
+    assert prices["b"] > 100 * prices["a"]
+    assert result.status == "OPTIMAL"
+    new = [p for p in result.pipelines if not p.kept]
+    assert len(new) == 1 and result.migration.kept_pipelines == 1
+    assert {s.node for p in new for s in p.stages} == {"a"}
+    assert len(result.pipelines) == 2  # b's devices stay idle: fetching there costs more
+    one = new[0].throughput_tok_s
+    scalar_charge = mig.tok_s_per_byte * problem.model_weight_bytes
+    assert scalar_charge > one  # at the scalar price no new replica is worth its move
+    charge = result.migration.weight_charge_tok_s
+    assert charge == pytest.approx(prices["a"] * problem.model_weight_bytes, rel=1e-9)
+    assert charge < scalar_charge / 100
+    # the objective is what the pipelines give less what the report says they are charged
+    kv = mig.tok_s_per_byte * result.migration.kv_bytes
+    assert result.objective == pytest.approx(result.throughput_tok_s - charge - kv, rel=1e-9)
+    # priced at the slowest node's fetch, the plan keeps the current replica alone
+    _, blind = _plan_move(current, 4.0, pool_prices=False)
+    assert [p.kept for p in blind.pipelines] == [True]
+    assert result.throughput_tok_s == pytest.approx(2 * blind.throughput_tok_s, rel=1e-9)
+
+
+def test_no_nodes_keeps_one_migration_price(write_spec):
+    from planner.master import build_master
+
+    spec = load_spec(
+        write_spec(
+            GOOD.split("nodes:")[0]
+            + "workload:"
+            + GOOD.split("workload:")[1]
+            + "current:\n  pipelines:\n    - stages: [{device: A100-80GB.0, start: 0, end: 40}, {device: A100-80GB.1, start: 40, end: 80}]\n"
+        )
+    )
+    problem = build_problem(spec)
+    assert problem.migration is not None and problem.migration.pool_tok_s_per_byte == ()
+    master = build_master(problem)
+    new = [c for c in master.columns if c.shape is not None]
+    assert new and all(c.move_tok_s is None for c in new)
+    mu = problem.migration.tok_s_per_byte
+    c = new[0]
+    assert master.net_value(master.columns.index(c)) == pytest.approx(
+        c.throughput_tok_s - mu * problem.model_weight_bytes
+    )
+
+
+def _recosted(problem, result) -> float:
+    """Returns the master objective of a plan's pipelines under `problem`'s prices."""
+    from planner.assign import migration_of
+
+    m = migration_of(problem, result.pipelines)
+    return (
+        result.throughput_tok_s
+        - m.weight_charge_tok_s
+        - problem.migration.tok_s_per_byte * m.kv_bytes
+    )
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_backends_hit_migration_reference_with_node_prices(seed):
+    """A current pipeline on 1-2 nodes, moves priced per node: every listed backend reaches
+    the exact DP's optimum (every ordered layout, the cheapest move at the best bottleneck),
+    the plan's pipelines and charges give that objective, and column generation (a relaxation
+    with a topology) stays within the bound it proves."""
+    from dataclasses import replace
+
+    from planner.dp import reference_migration_objective
+    from planner.topology_instances import random_topology_problem_with_current
+
+    problem = random_topology_problem_with_current(seed)
+    assert len(set(problem.migration.pool_tok_s_per_byte)) >= 1
+    ref = reference_migration_objective(problem)
+    feasible = reference_throughput_tok_s(replace(problem, migration=None)) > 0
+    for backend in ("cpsat", "highs", "cbc"):
+        r = plan(problem, backend, 10.0)
+        if not feasible:
+            assert r.status == "INFEASIBLE", backend
+            continue
+        assert r.status == "OPTIMAL", backend
+        assert r.objective == pytest.approx(ref, rel=1e-7), backend
+        assert _recosted(problem, r) == pytest.approx(ref, rel=1e-7), backend
+    lazy = plan(problem, "highs", 10.0, shapes="lazy")
+    if feasible:
+        assert lazy.objective <= ref + 1e-7 * abs(ref) <= lazy.bound + 2e-7 * abs(ref)
+
+
+def test_node_prices_change_the_plan_on_some_instances():
+    """Planned at the slowest node's price and re-costed at each node's, the plan is worse
+    than the one planned at each node's price on some random instances."""
+    from dataclasses import replace
+
+    from planner.topology_instances import random_topology_problem_with_current
+
+    better = 0
+    for seed in range(16):
+        problem = random_topology_problem_with_current(seed)
+        scalar = replace(problem, migration=replace(problem.migration, pool_tok_s_per_byte=()))
+        blind = plan(scalar, "cpsat", 10.0)
+        if blind.objective is None:
+            continue
+        aware = plan(problem, "cpsat", 10.0)
+        better += aware.objective > _recosted(problem, blind) * (1 + 1e-6)
+    assert better >= 2
+
+
+def test_nodes_that_hold_the_weights_are_not_interchangeable():
+    """Three identical nodes, the current pipeline on n0: n0 fetches over its own link, the
+    others over the network, so n0 leaves the symmetry class and the plan still matches the
+    exact DP with node prices."""
+    from dataclasses import replace
+
+    from cost_models.transfer import Link
+    from planner.build_problem import with_current
+    from planner.dp import reference_migration_objective
+    from planner.instances import random_small_problem
+    from planner.problem import Device
+    from planner.shapes_topology import NodeSymmetry
+    from planner.topology import build_topology
+
+    base = random_small_problem(11, max_devices=6, max_layers=16)
+    nodes = ("n0", "n1", "n2")
+    kinds = tuple(replace(base.kinds[0], node=n) for n in nodes)
+    devices = tuple(Device(f"{n}/g{i}", k, n) for k, n in enumerate(nodes) for i in range(2))
+    links = {(a, b): Link(200e9, 5e-6) if a == b else Link(1e9, 1e-3) for a in nodes for b in nodes}
+    problem = replace(
+        base,
+        kinds=kinds,
+        devices=devices,
+        topology=build_topology(links, 64 * 1024, 8 * 2**20),
+        ttft_slo_s=None,
+        max_stages=6,
+    )
+    current = [[("n0/g0", 0, problem.n_layers)]]
+    interval_s = 2 * problem.model_weight_bytes / 2e9
+    priced = with_current(
+        problem, current, interval_s, 2e9, pool_move_bandwidths_bytes_per_s=[200e9, 2e9, 2e9]
+    )
+    assert NodeSymmetry(priced).classes == [["n0"], ["n1", "n2"]]
+    r = plan(priced, "cpsat", 10.0)
+    assert r.status == "OPTIMAL"
+    assert r.objective == pytest.approx(reference_migration_objective(priced), rel=1e-7)
