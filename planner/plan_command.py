@@ -88,12 +88,39 @@ def run(args: argparse.Namespace) -> int:
         result = plan_pool(pool, backend=args.backend, time_limit_s=args.time_limit)
         text = render_pool(pool, result)
     else:
-        text = render(problem, result)
+        at_rate = load_line(spec, problem, result)
+        text = render(problem, result) + (f"\n{at_rate}" if at_rate else "")
     print(json.dumps(result.to_json(), indent=2) if args.json else text)
     if result.objective is None:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def load_line(spec, problem, result) -> str:
+    """Returns the plan's figures at the spec's request rate (the batches the engine forms at
+    that load, planner/load_prediction.py), and records them in result.details["at_spec_rate"];
+    "" when the plan has no pipelines or the spec no rate."""
+    from planner.load_prediction import predict_at_load
+
+    rate = spec.workload.request_rate_per_s if spec.workload is not None else None
+    if not result.pipelines or not rate:
+        return ""
+    point = predict_at_load(spec, problem, result).at_rate
+    result.details["at_spec_rate"] = {
+        "request_rate_per_s": rate, "tpot_ms": point.tpot_s * 1000, "ttft_ms": point.ttft_s * 1000,
+        "throughput_tok_s": point.throughput_tok_s, "batch_per_pipeline": list(point.batch_per_pipeline),
+        "saturated": point.saturated,
+    }
+    if point.saturated:
+        return (f"at the spec's rate ({rate:g} req/s): more than this configuration serves "
+                f"(it saturates at {point.throughput_tok_s:.0f} tok/s)")
+    batches = point.batch_per_pipeline
+    shown = (", ".join(f"{b:.1f}" for b in batches) if len(batches) <= 4
+             else f"{min(batches):.1f} to {max(batches):.1f}")
+    return (f"at the spec's rate ({rate:g} req/s): TPOT {point.tpot_s * 1000:.1f} ms, TTFT "
+            f"{point.ttft_s * 1000:.0f} ms, {point.throughput_tok_s:.0f} tok/s, with the batches the "
+            f"engine forms at that load ({shown} per pipeline)")
 
 
 def run_against_server(args: argparse.Namespace) -> int:

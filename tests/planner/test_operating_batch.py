@@ -46,3 +46,21 @@ def test_pipeshift_plan_prints_the_batch_it_planned_at(tmp_path, capsys) -> None
     assert main(["plan", "-f", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "planned at 32 sequences per micro-batch" in out
+
+
+def test_pipeshift_plan_prints_the_figures_at_the_specs_rate(capsys) -> None:
+    from planner.cli import main
+
+    spec = ROOT / "data/specs/local-cpu-smollm2.yaml"
+    assert main(["plan", "-f", str(spec)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("at the spec's rate (0.5 req/s): TPOT ")
+    assert "per pipeline" in last
+    assert main(["plan", "-f", str(spec), "--json"]) == 0
+    import json
+
+    at_rate = json.loads(capsys.readouterr().out)["details"]["at_spec_rate"]
+    assert at_rate["request_rate_per_s"] == 0.5 and not at_rate["saturated"]
+    # at 0.5 req/s the 4 workers run small batches: the TPOT is below the plan's full-batch one
+    assert 0 < at_rate["tpot_ms"] and len(at_rate["batch_per_pipeline"]) == 4
+    assert all(b < 4 for b in at_rate["batch_per_pipeline"])
