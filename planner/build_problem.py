@@ -18,7 +18,6 @@ from cost_models.memory import (
 from cost_models.model_catalog import get_model_arch
 from cost_models.profile import Profile, device_kind_of
 from cost_models.profiled_latency import operating_costs
-from planner.migration_prices import node_fetch_bandwidths_bytes_per_s
 from planner.problem import (
     CurrentStage,
     Device,
@@ -31,6 +30,7 @@ from planner.spec import Spec, SpecError, spec_profiles
 from planner.topology import (
     build_topology,
     migration_bandwidth_bytes_per_s,
+    node_fetch_bandwidths_bytes_per_s,
     node_hosts,
     node_links,
     planning_shares,

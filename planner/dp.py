@@ -63,29 +63,7 @@ def reference_migration_objective(problem: PlanningProblem) -> float:
     if mig is None or problem.ttft_slo_s is not None or problem.objective != "max_throughput":
         raise ValueError("the migration reference covers max-throughput with a current one")
     bottleneck = _bottleneck_of(problem)
-    charge = _charge_of(problem, bottleneck)
-
-    def value(c: tuple[int, ...]) -> float:
-        s = sum(c)
-        if s > problem.max_stages:
-            return 0.0
-        t = bottleneck(c)
-        if not math.isfinite(t):
-            return 0.0
-        if problem.tpot_slo_s is not None and s * t > problem.tpot_slo_s * (1 + 1e-9):
-            return 0.0
-        return problem.batch / t - charge(c, t)
-
-    @functools.cache
-    def g(pool: tuple[int, ...]) -> float:
-        out = 0.0
-        for c in itertools.product(*(range(n + 1) for n in pool)):
-            if sum(c) == 0:
-                continue
-            v = value(c)
-            if v > 0:
-                out = max(out, v + g(tuple(p - x for p, x in zip(pool, c, strict=True))))
-        return out
+    g = _best_table(problem, bottleneck, _charge_of(problem, bottleneck))
 
     kind_of = {d.name: d.kind for d in problem.devices}
     keeps = []
@@ -280,9 +258,12 @@ def _best_total(problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]]
 
 
 def _best_table(
-    problem: PlanningProblem, bottleneck: Callable[[tuple[int, ...]], float]
+    problem: PlanningProblem,
+    bottleneck: Callable[[tuple[int, ...]], float],
+    charge: Callable[[tuple[int, ...], float], float] | None = None,
 ) -> Callable[[tuple[int, ...]], float]:
-    """Returns F as a function of any part of the pool."""
+    """Returns F as a function of any part of the pool: the best sum over pipelines of
+    batch / T(c), less each new pipeline's migration charge C*(c, T(c)) when given."""
 
     def value(c: tuple[int, ...]) -> float:
         s = sum(c)
@@ -293,7 +274,7 @@ def _best_table(
             return 0.0
         if problem.tpot_slo_s is not None and s * t > problem.tpot_slo_s * (1 + 1e-9):
             return 0.0
-        return problem.batch / t
+        return problem.batch / t - (charge(c, t) if charge is not None else 0.0)
 
     @functools.cache
     def best(pool: tuple[int, ...]) -> float:

@@ -6,6 +6,7 @@ a byte costs what the link that brings it to the receiving node costs. Each node
 n_bytes (one layer) from its fastest source - the node of a device that holds the weights
 now, over the link between the two, its own link when it holds them itself, or its disk
 (cost_models.migration.fetch_s) - and its kinds fetch at
+(planner/topology.node_fetch_bandwidths_bytes_per_s)
 
     bandwidth(n) = n_bytes / max over kinds k on n of fetch_s(n_bytes, k, links(h -> n), h holders)
     mu_p         = reference_tok_s / (bandwidth(node(p)) * R)     for every pool p on node n
@@ -27,33 +28,9 @@ as before.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from cost_models.device_catalog import DeviceKind
-from cost_models.migration import DISK_BANDWIDTH_BYTES_PER_S, fetch_s
-from cost_models.transfer import Link
 from planner.problem import PlanningProblem
-
-
-def node_fetch_bandwidths_bytes_per_s(
-    links: Mapping[tuple[str, str], Link],
-    holder_nodes: Sequence[str],
-    kinds_on_node: Mapping[str, Sequence[DeviceKind]],
-    n_bytes: float,
-    disk_bandwidth_bytes_per_s: float = DISK_BANDWIDTH_BYTES_PER_S,
-) -> dict[str, float]:
-    """Returns, per node, the bandwidth its devices fetch n_bytes at (the bandwidth(n) of
-    the module docstring; the min over nodes is topology.migration_bandwidth_bytes_per_s)."""
-    out = {}
-    for node, kinds in kinds_on_node.items():
-        holder_links = [links[(h, node)] for h in set(holder_nodes) if (h, node) in links]
-        worst_s = max(
-            (fetch_s(n_bytes, k, holder_links, disk_bandwidth_bytes_per_s) for k in kinds),
-            default=0.0,
-        )
-        out[node] = n_bytes / worst_s if worst_s > 0 else math.inf
-    return out
 
 
 def has_pool_prices(problem: PlanningProblem) -> bool:

@@ -206,18 +206,37 @@ def migration_bandwidth_bytes_per_s(
     n_bytes: float,
     disk_bandwidth_bytes_per_s: float = DISK_BANDWIDTH_BYTES_PER_S,
 ) -> float:
-    """Returns the bandwidth the migration term prices a moved byte at: each node's devices
-    fetch n_bytes from their fastest source (a holder's node over the link between the two,
-    the node's own link when it holds them, or the disk: migration.fetch_s), and a new
-    pipeline may land on any node, so the slowest node's fetch sets the price:
+    """Returns the bandwidth the migration term prices a moved byte at when one price serves
+    every node: a new pipeline may land on any node, so the slowest node's fetch sets it,
 
-        bandwidth = n_bytes / max over nodes n, kinds k on n of fetch_s(n_bytes, k, links(h -> n))
+        bandwidth = min over nodes n of node_fetch_bandwidths_bytes_per_s(...)[n]
     """
-    worst_s = 0.0
+    per_node = node_fetch_bandwidths_bytes_per_s(
+        links, holder_nodes, kinds_on_node, n_bytes, disk_bandwidth_bytes_per_s
+    )
+    return min(per_node.values(), default=math.inf)
+
+
+def node_fetch_bandwidths_bytes_per_s(
+    links: Mapping[tuple[str, str], Link],
+    holder_nodes: Sequence[str],
+    kinds_on_node: Mapping[str, Sequence[DeviceKind]],
+    n_bytes: float,
+    disk_bandwidth_bytes_per_s: float = DISK_BANDWIDTH_BYTES_PER_S,
+) -> dict[str, float]:
+    """Returns, per node, the bandwidth its devices fetch n_bytes at: each from its fastest
+    source (a holder's node over the link between the two, the node's own link when it holds
+    them, or the disk: migration.fetch_s), the node's slowest kind setting it (the
+    bandwidth(n) of planner/migration_prices.py),
+
+        bandwidth(n) = n_bytes / max over kinds k on n of fetch_s(n_bytes, k, links(h -> n))
+    """
+    out = {}
     for node, kinds in kinds_on_node.items():
         holder_links = [links[(h, node)] for h in set(holder_nodes) if (h, node) in links]
-        for kind in kinds:
-            worst_s = max(
-                worst_s, fetch_s(n_bytes, kind, holder_links, disk_bandwidth_bytes_per_s)
-            )
-    return n_bytes / worst_s if worst_s > 0 else math.inf
+        worst_s = max(
+            (fetch_s(n_bytes, k, holder_links, disk_bandwidth_bytes_per_s) for k in kinds),
+            default=0.0,
+        )
+        out[node] = n_bytes / worst_s if worst_s > 0 else math.inf
+    return out
