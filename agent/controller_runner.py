@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -78,8 +79,6 @@ class DecisionRecord:
 
 def finite(figures: dict[str, Any]) -> dict[str, Any]:
     """Returns `figures` with infinite or NaN numbers as None (JSON columns refuse them)."""
-    import math
-
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in figures.items()}
 
 
@@ -163,9 +162,7 @@ class ControllerRunner:
             window = self.monitor.window()
             # the backlog is demand too: what waits now must be served within the next interval
             waiting = len(engine.scheduler.waiting) if engine.scheduler else 0
-            extra = waiting / self.settings.interval_s
-            window = replace(window, rate_per_s=window.rate_per_s + extra,
-                             peak_rate_per_s=window.peak_rate_per_s + extra)
+            window = window.with_backlog(waiting / self.settings.interval_s)
             current_config = self.reconfig.current()
             current = [[(s.device, s.start, s.end) for s in p.stages] for p in current_config.pipelines]
             devices = self.fleet.available() if self.fleet is not None else [d.name for d in self.reconfig.devices()]

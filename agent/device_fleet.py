@@ -238,7 +238,7 @@ class DeviceFleet:
         if available is None:
             return
         engine, footprint = self.reconfig.engine, self.reconfig.footprint()
-        model_bytes = footprint.n_layers * footprint.layer_weight_bytes + footprint.embed_bytes + footprint.head_bytes
+        model_bytes = footprint.weight_bytes(0, footprint.n_layers)
         needed = min(engine.memory_budget_bytes, model_bytes + engine.config.kv_cache_bytes)
         if available < needed:
             raise DeviceRefused(f"this host has {available / 2**20:.0f} MiB of memory available and {device} may "

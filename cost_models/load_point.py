@@ -207,14 +207,19 @@ def _at(curve: DecodeCurve, batch: float, context: float, share: HostShare) -> f
     return (1 - w) * curve(lo, context, share) + w * curve(hi, context, share)
 
 
+def _poisson_below(total: float, n: int) -> list[float]:
+    """Returns P(M = k) for k < n, M ~ Poisson(total)."""
+    out, term = [], math.exp(-total)
+    for k in range(n):
+        out.append(term)
+        term *= total / (k + 1)
+    return out
+
+
 def _all_busy(total: float, n_pipes: int) -> float:
     """Returns P(M >= n) for M ~ Poisson(total): the chance that M requests keep n pipelines
     busy (1 - P(M < n); 1 for n = 0)."""
-    term, below = math.exp(-total), 0.0
-    for k in range(n_pipes):
-        below += term
-        term *= total / (k + 1)
-    return max(0.0, 1.0 - below)
+    return max(0.0, 1.0 - sum(_poisson_below(total, n_pipes)))
 
 
 def _busy_share(total: float, n_pipes: int) -> float:
@@ -222,12 +227,10 @@ def _busy_share(total: float, n_pipes: int) -> float:
     when requests go to the least loaded one."""
     if total <= 0:
         return 0.0
-    term, below, expected = math.exp(-total), 0.0, 0.0
-    for k in range(n_pipes):  # E[min(P, N)] = sum_{k<P} k p_k + P * P(N >= P)
-        expected += k * term
-        below += term
-        term *= total / (k + 1)
-    return (expected + n_pipes * max(0.0, 1.0 - below)) / n_pipes
+    # E[min(P, N)] = sum_{k<P} k p_k + P * P(N >= P)
+    below = _poisson_below(total, n_pipes)
+    expected = sum(k * pk for k, pk in enumerate(below))
+    return (expected + n_pipes * max(0.0, 1.0 - sum(below))) / n_pipes
 
 
 def _seen_contention_spread(
@@ -245,12 +248,9 @@ def _seen_contention_spread(
     if not others:
         return share_of(stages_busy[i])
     k_other = sum(others) / len(others)
-    term, below, dist = math.exp(-total_running), 0.0, []
-    for m in range(len(others)):
-        dist.append((stages_busy[i] + m * k_other, term))
-        below += term
-        term *= total_running / (m + 1)
-    dist.append((stages_busy[i] + len(others) * k_other, max(0.0, 1.0 - below)))
+    below = _poisson_below(total_running, len(others))
+    dist = [(stages_busy[i] + m * k_other, pm) for m, pm in enumerate(below)]
+    dist.append((stages_busy[i] + len(others) * k_other, max(0.0, 1.0 - sum(below))))
     return _expected(dist, share_of)
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cost_models.device_catalog import get_device_kind
 from cost_models.memory import (
@@ -105,6 +105,15 @@ class WorkloadWindow:
                     counts[k] += 1
             peak = max(rate, max(counts) / PEAK_BIN_S)
         return cls(rate, _dist(prompts), _dist(outputs), seconds, peak)
+
+    def with_backlog(self, extra_rate_per_s: float) -> WorkloadWindow:
+        """Returns the window with the backlog as demand too: what waits now must be served
+        within the next decision interval, `extra_rate_per_s` on the mean and the peak."""
+        return replace(
+            self,
+            rate_per_s=self.rate_per_s + extra_rate_per_s,
+            peak_rate_per_s=self.peak_rate_per_s + extra_rate_per_s,
+        )
 
     @property
     def busiest_rate_per_s(self) -> float:
@@ -247,9 +256,20 @@ def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float
     devices that carry the demand times each of DEMAND_HEADROOM (the planner's throughput
     leaves out prefill and queueing), each with the migration term when `current` is set,
     planned at each of operating_batches."""
+    runs = [("max_throughput", 1.0)] + [("min_devices", h) for h in DEMAND_HEADROOM]
+    return _plans(spec, runs, time_limit_s)
+
+
+def throughput_plans(spec: Spec, time_limit_s: float) -> list[list[Stages]]:
+    """Returns the planner's most-throughput configuration at each of operating_batches."""
+    return _plans(spec, [("max_throughput", 1.0)], time_limit_s)  # type: ignore[return-value]
+
+
+def _plans(spec: Spec, runs: list[tuple[str, float]], time_limit_s: float) -> list[Stages]:
+    """Returns the distinct configurations the planner finds for each (objective, demand
+    headroom) of `runs` at each of operating_batches, in that order."""
     out: list[list[Stages]] = []
     rate = spec.workload.request_rate_per_s
-    runs = [("max_throughput", 1.0)] + [("min_devices", h) for h in DEMAND_HEADROOM]
     for batch in operating_batches(build_problem(spec)):
         for objective, headroom in runs:
             workload = spec.workload.model_copy(
@@ -260,19 +280,6 @@ def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float
             found = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
             if found and found not in out:
                 out.append(found)
-    return out  # type: ignore[return-value]
-
-
-def throughput_plans(spec: Spec, time_limit_s: float) -> list[list[Stages]]:
-    """Returns the planner's most-throughput configuration at each of operating_batches."""
-    out: list[list[Stages]] = []
-    for batch in operating_batches(build_problem(spec)):
-        workload = spec.workload.model_copy(update={"batch": batch})
-        s = spec.model_copy(update={"objective": "max_throughput", "workload": workload})
-        result = plan(build_problem(s), time_limit_s=time_limit_s)
-        found = [[(st.device, st.start, st.end) for st in p.stages] for p in result.pipelines]
-        if found and found not in out:
-            out.append(found)
     return out  # type: ignore[return-value]
 
 

@@ -192,11 +192,7 @@ def generate(
             exact = exact and priced.exact and not np.any(extra)
             for shape in priced.shapes:
                 column = shape_column(problems[m], shape, kind_counts, m)
-                charge = 0.0
-                if current.objective != "max_goodput":
-                    charge = (
-                        mu * column.move_bytes if column.move_tok_s is None else column.move_tok_s
-                    )
+                charge = column.charge_tok_s(mu) if current.objective != "max_goodput" else 0.0
                 rc = (
                     value_per_tok_s * shape.throughput_tok_s - float(y_kind @ shape.counts) - charge
                 )

@@ -49,12 +49,6 @@ def pipeline_violations(problem: PlanningProblem, pipeline: Pipeline) -> list[st
                 f"{s.device} needs {s.memory_bytes / 2**30:.1f} GiB, holds "
                 f"{s.memory_capacity_bytes / 2**30:.1f} GiB"
             )
-    return out + slo_violations(problem, pipeline)
-
-
-def slo_violations(problem: PlanningProblem, pipeline: Pipeline) -> list[str]:
-    """Returns the SLOs this pipeline's predicted TPOT and TTFT miss (empty when it meets them)."""
-    out = []
     if problem.tpot_slo_s is not None and pipeline.tpot_s > problem.tpot_slo_s * (1 + 1e-9):
         out.append(f"TPOT {pipeline.tpot_s * 1000:.1f} ms > SLO {problem.tpot_slo_s * 1000:.1f} ms")
     if problem.ttft_slo_s is not None and pipeline.ttft_s > problem.ttft_slo_s * (1 + 1e-9):

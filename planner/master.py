@@ -79,6 +79,10 @@ class Column:
     # None: mu * move_bytes
     move_tok_s: float | None = None
 
+    def charge_tok_s(self, mu: float) -> float:
+        """Returns C_c: what its loads cost the objective, mu * move_bytes or the pools' charge."""
+        return mu * self.move_bytes if self.move_tok_s is None else self.move_tok_s
+
     @property
     def n_devices(self) -> int:
         return sum(self.counts)
@@ -125,8 +129,7 @@ class MasterProblem:
         v_c - C_c (C_c = mu * m_c, or the pools' charge move_tok_s) + mu * q_c."""
         c = self.columns[i]
         mu = self.tok_s_per_byte
-        move = mu * c.move_bytes if c.move_tok_s is None else c.move_tok_s
-        return c.throughput_tok_s - move + mu * c.kv_bytes
+        return c.throughput_tok_s - c.charge_tok_s(mu) + mu * c.kv_bytes
 
     def cost(self, i: int) -> float:
         """Returns column i's contribution to the min-devices objective (keeping breaks ties)."""

@@ -349,12 +349,7 @@ def simulate(
             trace.prompt[lo:hi], trace.output[lo:hi], seconds, trace.arrival_s[lo:hi]
         )
         # the backlog is demand too: what waits now must be served within the next interval
-        extra = sum(len(p.queue) for p in pipes) / control_interval_s
-        window = replace(
-            window,
-            rate_per_s=window.rate_per_s + extra,
-            peak_rate_per_s=window.peak_rate_per_s + extra,
-        )
+        window = window.with_backlog(sum(len(p.queue) for p in pipes) / control_interval_s)
         in_flight = [
             (j, trace.prompt[r] + trace.output[r] - 1 - (end - p.steps))
             for j, p in enumerate(pipes)
