@@ -19,6 +19,16 @@ and requests beyond the model's context are dropped (a server refuses them). The
 - no payback: the same re-planning with ControllerPolicy.without_payback() (no payback, no
   hysteresis, no dwell).
 
+- hindsight per window (the bound on any controller): each `--window` of the trace served by
+  the candidate that meets the SLOs for the most of its requests, changes free and instant,
+  every window from an idle deployment; against the best static counted the same way. With
+  it, the demand each window asks for: request rate, output (decode) and prompt tokens per s.
+
+`--phased S` replaces each case's request lengths to alternate every S seconds between the
+trace's own extremes (prompt <= 600 with output >= 300; prompt >= 1,500 with output <= 120),
+drawn from its requests, arrivals unchanged: the sharpest mix shift the trace's requests
+make, to bound what a controller could gain if the mix swung.
+
 `--speed` also times one hour of the trace (rate x10) over 64 GPUs (16 A100 + 48 L40S,
 Llama-3.1-8B), static and auto. Prints tables; writes JSON (default bench/out/adapt.json).
 """
@@ -28,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -70,12 +81,7 @@ class Row:
 def static_candidates(spec: Spec, trace: Trace, window_s: float) -> list[Stages]:
     """Returns the planner's configurations for the whole trace and for each window of it."""
     out: list[Stages] = []
-    spans = [(0.0, trace.duration_s + 1.0)]
-    t = 0.0
-    while t < trace.duration_s:
-        spans.append((t, t + window_s))
-        t += window_s
-    for lo_s, hi_s in spans:
+    for lo_s, hi_s in [(0.0, trace.duration_s + 1.0), *spans(trace.duration_s, window_s)]:
         idx = [i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s]
         if len(idx) < 10:
             continue
@@ -88,6 +94,104 @@ def static_candidates(spec: Spec, trace: Trace, window_s: float) -> list[Stages]
             key = sorted(tuple(p) for p in config)
             if all(sorted(tuple(p) for p in c) != key for c in out):
                 out.append(config)
+    return out
+
+
+def spans(duration_s: float, window_s: float) -> list[tuple[float, float]]:
+    """Returns the consecutive `window_s` spans that cover [0, duration_s]."""
+    out, t = [], 0.0
+    while t < duration_s:
+        out.append((t, t + window_s))
+        t += window_s
+    return out
+
+
+def segment(trace: Trace, lo_s: float, hi_s: float) -> Trace:
+    """Returns the requests arriving in [lo_s, hi_s), arrivals shifted to start at 0."""
+    idx = [i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s]
+    return Trace(
+        [trace.arrival_s[i] - lo_s for i in idx],
+        [trace.prompt[i] for i in idx],
+        [trace.output[i] for i in idx],
+    )
+
+
+def hindsight_per_window(
+    spec: Spec, trace: Trace, configs: list[Stages], best: int, window_s: float
+) -> dict[str, Any]:
+    """Returns the bound on what changing configuration can add: each window served by the
+    configuration of `configs` that meets the SLOs for the most of its requests there, with
+    free, instant changes and no backlog carried between windows, against `configs[best]`
+    counted the same way; and the demand of each window."""
+    windows = []
+    oracle_met = static_met = 0
+    for lo_s, hi_s in spans(trace.duration_s, window_s):
+        part = segment(trace, lo_s, hi_s)
+        if len(part) < 2:
+            continue
+        met = [
+            round(simulate(spec, part, "static", initial=c).slo_attainment * len(part))
+            for c in configs
+        ]
+        pick = max(range(len(configs)), key=lambda j: (met[j], j == best))
+        oracle_met += met[pick]
+        static_met += met[best]
+        seconds = min(hi_s, trace.duration_s) - lo_s
+        windows.append(
+            {
+                "t_s": lo_s,
+                "requests": len(part),
+                "rate_rps": round(len(part) / seconds, 2),
+                "output_tok_s": round(sum(part.output) / seconds),
+                "prompt_tok_s": round(sum(part.prompt) / seconds),
+                "best": describe(configs[pick]),
+                "met_best": met[pick],
+                "met_static": met[best],
+            }
+        )
+    full = [w for w in windows if w["t_s"] + window_s <= trace.duration_s]
+
+    def swing(key: str) -> float:
+        values = [w[key] for w in full] or [1]
+        return round(max(values) / max(min(values), 1e-9), 2)
+
+    return {
+        "window_s": window_s,
+        "met_per_window_best": oracle_met,
+        "met_best_static": static_met,
+        "bound": round(oracle_met / max(static_met, 1), 3),
+        "swing_max_over_min": {k: swing(k) for k in ("rate_rps", "output_tok_s", "prompt_tok_s")},
+        "windows": windows,
+    }
+
+
+SHORT_PROMPT_LONG_OUTPUT = (600, 300)  # prompt <= 600, output >= 300
+LONG_PROMPT_SHORT_OUTPUT = (1500, 120)  # prompt >= 1,500, output <= 120
+
+
+def phased(trace: Trace, phase_s: float, seed: int = 0) -> Trace:
+    """Returns the trace's arrivals with lengths drawn from its own requests, alternating every
+    `phase_s` between short prompts with long outputs and long prompts with short outputs."""
+    idx = range(len(trace))
+    short = [
+        i
+        for i in idx
+        if trace.prompt[i] <= SHORT_PROMPT_LONG_OUTPUT[0]
+        and trace.output[i] >= SHORT_PROMPT_LONG_OUTPUT[1]
+    ]
+    long_ = [
+        i
+        for i in idx
+        if trace.prompt[i] >= LONG_PROMPT_SHORT_OUTPUT[0]
+        and trace.output[i] <= LONG_PROMPT_SHORT_OUTPUT[1]
+    ]
+    rng = random.Random(seed)
+    out = Trace([], [], [])
+    for a in trace.arrival_s:
+        j = rng.choice(short if int(a // phase_s) % 2 == 0 else long_)
+        out.arrival_s.append(a)
+        out.prompt.append(trace.prompt[j])
+        out.output.append(trace.output[j])
     return out
 
 
@@ -111,11 +215,15 @@ def case_spec(key: str) -> Spec:
     return parse_spec(text, str(path), str(path.parent))
 
 
-def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
+def run_case(
+    key: str, rate_scale: float, window_s: float, phase_s: float | None = None
+) -> dict[str, Any]:
     spec = case_spec(key)
     trace, dropped = within_context(
         load_trace(TRACE, rate_scale=rate_scale), get_model_arch(spec.model).max_context
     )
+    if phase_s:
+        trace = phased(trace, phase_s)
     t0 = time.perf_counter()
     configs = static_candidates(spec, trace, window_s)
     plan_s = time.perf_counter() - t0
@@ -126,6 +234,7 @@ def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
         (r for r in statics if r.result.goodput_rps >= top * (1 - GOODPUT_TIE)),
         key=lambda r: r.result.device_hours,
     )
+    bound = hindsight_per_window(spec, trace, configs, statics.index(best), window_s)
     auto = Row("auto", simulate(spec, trace, "auto", window_s=window_s))
     naive = Row(
         "no payback",
@@ -140,6 +249,7 @@ def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
         "spec": str(SPECS[key.partition("-b")[0]].relative_to(ROOT)),
         "batch": spec.workload.batch,
         "rate_scale": rate_scale,
+        "phased_s": phase_s,
         "requests": len(trace),
         "dropped_beyond_context": dropped,
         "duration_s": trace.duration_s,
@@ -149,6 +259,7 @@ def run_case(key: str, rate_scale: float, window_s: float) -> dict[str, Any]:
         "best_static_equal_device_hours": best_dh.to_json() if best_dh else None,
         "auto": auto.to_json(),
         "no_payback": naive.to_json(),
+        "hindsight_per_window": bound,
         "statics": [
             {
                 "name": r.name,
@@ -204,7 +315,9 @@ def _row(label: str, r: dict[str, Any], ref: dict[str, Any]) -> str:
 
 def print_case(c: dict[str, Any]) -> None:
     print(
-        f"\n{c['spec']}, batch {c.get('batch', 16)}, rate x{c['rate_scale']:g}: "
+        f"\n{c['spec']}, batch {c.get('batch', 16)}, rate x{c['rate_scale']:g}"
+        + (f", lengths phased every {c['phased_s']:g} s" if c.get("phased_s") else "")
+        + ": "
         f"{c['requests']} requests over "
         f"{c['duration_s']:.0f} s; {c['static_candidates']} static candidates "
         f"(planned in {c['candidate_planning_s']} s)"
@@ -221,6 +334,16 @@ def print_case(c: dict[str, Any]) -> None:
         print(_row(f"best static, <= auto's device-hours: {r['name']}", r, ref))
     print(_row("auto (payback rule)", c["auto"], ref))
     print(_row("auto without payback", c["no_payback"], ref))
+    b = c["hindsight_per_window"]
+    sw = b["swing_max_over_min"]
+    picks = sorted({w["best"] for w in b["windows"]})
+    print(
+        f"hindsight per {b['window_s']:g} s window (free instant changes, no backlog carried): "
+        f"{b['met_per_window_best']} requests meet the SLOs against {b['met_best_static']} for "
+        f"the best static: bound {b['bound']:.3f}x; windows pick {', '.join(picks)}; demand "
+        f"swings (max/min over full windows) rate {sw['rate_rps']}x, output tok/s "
+        f"{sw['output_tok_s']}x, prompt tok/s {sw['prompt_tok_s']}x"
+    )
     dh = c["best_static_equal_device_hours"]
     if dh:
         print(
@@ -237,13 +360,20 @@ def main() -> int:
         help="KEY:RATE_SCALE,... (keys 8b, 13b; 13b-b64: at most 64 sequences per micro-batch)",
     )
     ap.add_argument("--window", type=float, default=300.0, help="seconds per planning window")
+    ap.add_argument(
+        "--phased",
+        type=float,
+        default=None,
+        metavar="S",
+        help="alternate the trace's extreme request lengths every S seconds (module doc)",
+    )
     ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
     ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))
     args = ap.parse_args()
     report: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cases": []}
     for item in args.cases.split(","):
         key, scale = item.split(":")
-        case = run_case(key, float(scale), args.window)
+        case = run_case(key, float(scale), args.window, args.phased)
         print_case(case)
         report["cases"].append(case)
     if args.speed:
