@@ -82,14 +82,10 @@ def static_candidates(spec: Spec, trace: Trace, window_s: float) -> list[Stages]
     """Returns the planner's configurations for the whole trace and for each window of it."""
     out: list[Stages] = []
     for lo_s, hi_s in [(0.0, trace.duration_s + 1.0), *spans(trace.duration_s, window_s)]:
-        idx = [i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s]
-        if len(idx) < 10:
+        part = segment(trace, lo_s, hi_s)
+        if len(part) < 10:
             continue
-        window = WorkloadWindow.of(
-            [trace.prompt[i] for i in idx],
-            [trace.output[i] for i in idx],
-            min(hi_s, trace.duration_s) - lo_s,
-        )
+        window = WorkloadWindow.of(part.prompt, part.output, min(hi_s, trace.duration_s) - lo_s)
         for config in candidates(window_spec(spec, window, None), None, 10.0):
             key = sorted(tuple(p) for p in config)
             if all(sorted(tuple(p) for p in c) != key for c in out):
@@ -108,12 +104,7 @@ def spans(duration_s: float, window_s: float) -> list[tuple[float, float]]:
 
 def segment(trace: Trace, lo_s: float, hi_s: float) -> Trace:
     """Returns the requests arriving in [lo_s, hi_s), arrivals shifted to start at 0."""
-    idx = [i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s]
-    return Trace(
-        [trace.arrival_s[i] - lo_s for i in idx],
-        [trace.prompt[i] for i in idx],
-        [trace.output[i] for i in idx],
-    )
+    return trace.subset([i for i, a in enumerate(trace.arrival_s) if lo_s <= a < hi_s], lo_s)
 
 
 def hindsight_per_window(

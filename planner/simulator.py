@@ -59,6 +59,14 @@ class Trace:
     def duration_s(self) -> float:
         return self.arrival_s[-1] - self.arrival_s[0] if self.arrival_s else 0.0
 
+    def subset(self, indices: Sequence[int], shift_s: float = 0.0) -> Trace:
+        """Returns the requests at `indices`, in that order, arriving `shift_s` earlier."""
+        return Trace(
+            [self.arrival_s[i] - shift_s for i in indices],
+            [self.prompt[i] for i in indices],
+            [self.output[i] for i in indices],
+        )
+
 
 def load_trace(path: str | Path, rate_scale: float = 1.0, duration_s: float | None = None) -> Trace:
     """Returns the requests of an Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens),
@@ -273,12 +281,7 @@ def within_context(trace: Trace, max_context: int) -> tuple[Trace, int]:
     """Returns the trace without requests whose prompt + output exceed the model's context
     (a server refuses them), and how many were dropped."""
     keep = [i for i in range(len(trace)) if trace.prompt[i] + trace.output[i] <= max_context]
-    out = Trace(
-        [trace.arrival_s[i] for i in keep],
-        [trace.prompt[i] for i in keep],
-        [trace.output[i] for i in keep],
-    )
-    return out, len(trace) - len(keep)
+    return trace.subset(keep), len(trace) - len(keep)
 
 
 def simulate(
