@@ -151,7 +151,8 @@ class DeviceFleet:
                       if d.name not in current.devices() and d.name not in self.drained and d.name != device]
             target = drain_target(current, device, spares)
             try:
-                record = self.reconfig.start(target)
+                # a drain must happen: requests whose KV does not fit recompute it (as evicted)
+                record = self.reconfig.start(target, recompute_overflow=True)
             except ApplyRefused as exc:
                 raise DeviceRefused(f"cannot drain {device}: {exc.message}", exc.status) from None
             self._draining[device] = record

@@ -1,8 +1,10 @@
 """Carrying out a reconfiguration plan on the workers while the deployment serves.
 
 The phases, in order (each a method below; only `switch` holds any request):
-  prepare   the scheduler reserves moving requests' blocks on their destinations too and
-            stops admitting to pipelines that go away; pools shrink where a worker gains layers
+  prepare   requests the plan recomputes (memory cannot hold their KV through the change)
+            drop their KV and wait at the head of the queue; the scheduler reserves moving
+            requests' blocks on their destinations too and stops admitting to pipelines that
+            go away; pools shrink where a worker gains layers
   prefetch  destinations load the layers they gain, from a peer over a transfer channel or
             from the checkpoint, paced so that serving slows by at most `max_overhead`; the
             new pipelines' channels open beside the old ones
@@ -144,6 +146,7 @@ class ApplyExecutor:
     def prepare(self) -> None:
         self.record.begin("prepare")
         engine, plan = self.engine, self.plan
+        dropped: list[Sequence] = []
 
         def reserve() -> None:
             if engine.epoch != plan.epoch_from:
@@ -169,9 +172,54 @@ class ApplyExecutor:
                 for seq in slot.running:
                     self._adopt(seq, i)
 
-        self._on_scheduler(reserve)
+        def requeue() -> None:  # after the pools are set (or on failure): none is ever lost
+            order = {rid: n for n, rid in enumerate(plan.recompute)}
+            for seq in sorted(dropped, key=lambda q: order[q.request_id], reverse=True):
+                if seq.request_id in engine._seqs:  # not aborted by its client meanwhile
+                    engine.scheduler.waiting.appendleft(seq)
+
+        try:
+            self._drop_for_recompute(dropped)
+            self._on_scheduler(reserve)
+        finally:
+            if dropped:
+                self._on_scheduler(requeue)
         self._resize_pools({w: c.pool_blocks_during for w, c in self.changes.items()})
         self.record.end("prepare")
+
+    def _drop_for_recompute(self, dropped: list[Sequence]) -> None:
+        """Takes the plan's requests to recompute off the affected pipelines and frees their KV
+        on the workers; adds them to `dropped`, for `prepare` to put back at the head of the
+        queue once the pools are set: admitted again, each prefills its prompt and the tokens
+        it has made. A request whose step is in flight is held until the step is done; one with
+        members still to fork (n > 1) keeps its KV and moves with it."""
+        ids = set(self.plan.recompute)
+        workers: dict[int, list[str]] = defaultdict(list)
+        sched = self.engine.scheduler
+
+        def take() -> int:  # scheduler thread; returns how many still wait for their step
+            waiting = 0
+            for i in self.affected:
+                for seq in list(sched.pipelines[self.old[i].pipeline_id].running):
+                    if seq.request_id not in ids or seq.forks or seq.awaiting_fork:
+                        continue
+                    if seq.inflight:
+                        seq.held, waiting = True, waiting + 1
+                        continue
+                    sched.pipelines[seq.pipeline_id].running.remove(seq)
+                    sched.vacate(seq, seq.footprint)
+                    seq.status, seq.reserved_blocks, seq.pipeline_id = SequenceStatus.WAITING, 0, None
+                    seq.num_computed, seq.held = 0, False
+                    dropped.append(seq)
+                    for w in self.old[i].workers:
+                        workers[w].append(seq.request_id)
+            return waiting
+
+        while self._on_scheduler(take):
+            self._check()
+            time.sleep(0.005)
+        self._wait_all([self._call_async(w, "free", ids=rids) for w, rids in workers.items()])
+        self.record.phases["prepare"].detail["recomputed"] = len(dropped)
 
     def _adopt(self, seq: Sequence, index: int) -> None:
         """Takes a running request of an affected pipeline into the apply (scheduler thread):

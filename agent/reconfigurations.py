@@ -76,19 +76,23 @@ class Reconfigurations:
 
         return engine.on_scheduler(snapshot)
 
-    def plan(self, target: Configuration, max_overhead: float | None = None) -> ReconfigPlan:
-        """Returns the plan from what serves now to `target`; raises ConfigurationError."""
+    def plan(self, target: Configuration, max_overhead: float | None = None,
+             recompute_overflow: bool = False) -> ReconfigPlan:
+        """Returns the plan from what serves now to `target`; raises ConfigurationError.
+        `recompute_overflow`: requests whose KV memory cannot hold through the change recompute
+        it instead of refusing the plan (planner/reconfig.py, `choose_recompute`)."""
         engine = self.engine
         devices = self.devices()
         target.check(engine.arch.n_layers, [d.name for d in devices])
         return plan_reconfiguration(
             self.current(), target, devices, self.footprint(), self.requests(), epoch=engine.epoch,
-            max_overhead=max_overhead or engine.config.max_overhead,
+            max_overhead=max_overhead or engine.config.max_overhead, recompute_overflow=recompute_overflow,
         )
 
     # ---- applies --------------------------------------------------------------------------
     def start(self, target: Configuration, max_overhead: float | None = None,
-              expected_epoch: int | None = None, kv: str = "copy") -> ApplyRecord:
+              expected_epoch: int | None = None, kv: str = "copy",
+              recompute_overflow: bool = False) -> ApplyRecord:
         """Plans and starts an apply in the background; raises ApplyRefused, ConfigurationError."""
         engine = self.engine
         with self._lock:
@@ -101,7 +105,7 @@ class Reconfigurations:
             if expected_epoch is not None and expected_epoch != engine.epoch:
                 raise ApplyRefused(f"the plan was made at epoch {expected_epoch}, the deployment is now at "
                                    f"epoch {engine.epoch}: plan again")
-            plan = self.plan(target, max_overhead)
+            plan = self.plan(target, max_overhead, recompute_overflow)
             if not plan.feasible:
                 raise ApplyRefused("the target cannot be applied: " + "; ".join(plan.problems), plan=plan)
             apply_id = f"apply-{next(self._serial)}-{uuid.uuid4().hex[:6]}"

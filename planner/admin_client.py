@@ -30,10 +30,22 @@ class AdminClient:
     def deployment(self) -> dict[str, Any]:
         return self._request("GET", "/admin/v1/deployment")
 
-    def plan(self, target: dict[str, Any], max_overhead: float | None = None) -> dict[str, Any]:
+    def plan(
+        self,
+        target: dict[str, Any],
+        max_overhead: float | None = None,
+        recompute_overflow: bool | None = None,
+    ) -> dict[str, Any]:
         """Returns the dry-run answer: {"plan", "text", "feasible"}."""
         return self._request(
-            "POST", "/admin/v1/applies", {**target, "dry_run": True, "max_overhead": max_overhead}
+            "POST",
+            "/admin/v1/applies",
+            {
+                **target,
+                "dry_run": True,
+                "max_overhead": max_overhead,
+                **_given(recompute_overflow=recompute_overflow),
+            },
         )
 
     def apply(
@@ -42,12 +54,23 @@ class AdminClient:
         max_overhead: float | None = None,
         expected_epoch: int | None = None,
         kv: str | None = None,
+        recompute_overflow: bool | None = None,
     ) -> dict[str, Any]:
         return self._request(
             "POST",
             "/admin/v1/applies",
-            {**target, "max_overhead": max_overhead, "expected_epoch": expected_epoch, "kv": kv},
+            {
+                **target,
+                "max_overhead": max_overhead,
+                "expected_epoch": expected_epoch,
+                "kv": kv,
+                **_given(recompute_overflow=recompute_overflow),
+            },
         )
+
+    def applies(self) -> list[dict[str, Any]]:
+        """Returns the server's applies, oldest first."""
+        return self._request("GET", "/admin/v1/applies")["data"]
 
     def wait(
         self,
@@ -127,3 +150,8 @@ class AdminClient:
                 f"no pipeshift server answers at {self.server} ({reason}): start one with "
                 "`pipeshift serve`, or point --server at it"
             ) from None
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """Returns the fields that are set, so that one left unset keeps a value the target body has."""
+    return {k: v for k, v in fields.items() if v is not None}

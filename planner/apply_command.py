@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-approve", action="store_true", help="apply without asking for `yes`")
     p.add_argument("--max-overhead", type=float, default=None,
                    help="share of serving time the background copies may take (default: the server's)")
+    p.add_argument("--recompute-overflow", action="store_true",
+                   help="where memory cannot hold every running request's KV through the change, drop the KV "
+                        "of those cheapest to recompute (they wait at the head of the queue) instead of refusing")
     p.add_argument("--time-limit", type=float, default=30.0, metavar="S",
                    help="solver time limit for -f (default 30 s)")
     from planner.init_command import add_database_argument
@@ -97,7 +100,8 @@ def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollba
         dry = run.prepare(plan_id=saved["plan_id"] if saved is not None else None,
                           configuration_id=rollback_to.id if rollback_to is not None else None,
                           target=lambda deployment: build_target(args, deployment),
-                          max_overhead=args.max_overhead)
+                          max_overhead=args.max_overhead,
+                          recompute_overflow=getattr(args, "recompute_overflow", False))
         if run.drift:
             print(f"Note: {run.drift}.\n")
         print(dry["text"])

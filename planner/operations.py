@@ -109,9 +109,11 @@ class ApplyRun:
 
     def prepare(self, *, plan_id: str | None = None, configuration_id: int | None = None,
                 target: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                max_overhead: float | None = None) -> dict[str, Any]:
+                max_overhead: float | None = None, recompute_overflow: bool = False) -> dict[str, Any]:
         """Returns the server's dry run of the change to the saved plan `plan_id`, the recorded
-        configuration `configuration_id`, or `target(deployment)` (an admin API target body).
+        configuration `configuration_id`, or `target(deployment)` (an admin API target body);
+        `recompute_overflow`: running requests whose KV memory cannot hold through the change
+        recompute it instead of the apply being refused.
         Holds the lock from here until `close` (taken first, as Terraform does, so that what
         is planned is what is applied)."""
         self.max_overhead = max_overhead
@@ -133,6 +135,8 @@ class ApplyRun:
             else:
                 assert target is not None
                 self.body = target(self.deployment)
+            if recompute_overflow:
+                self.body["recompute_overflow"] = True
             self.dry = self.client.plan(self.body, max_overhead)
         except UnknownId as exc:
             raise OperationError(str(exc), 404) from None

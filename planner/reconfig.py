@@ -20,7 +20,12 @@ In order (each step one function below):
        pool_blocks = floor(min(cap, budget - weight_bytes) / (block_size * kv_bytes * n_layers))
    with kv_bytes per token per layer and n_layers the layers it holds (old ∪ new during).
 5. `capacity_problems`: reserved blocks must fit every pool during and after; each shortfall
-   is one line with the numbers and what to do.
+   is one line with the numbers and what to do. With `recompute_overflow`, `choose_recompute`
+   first drops the KV of the requests that do not fit (as vLLM preempts under KV pressure):
+   while a device a request holds blocks on during the change is over its pool, or its target
+   pipeline over its capacity after, the request costing least to recompute per block it
+   frees goes back to the head of the queue and recomputes its KV once admitted again,
+       order: cached_tokens / reserved_blocks ascending, then the larger reservation first.
 6. `kv_moves`: each request's KV of the layers whose owner changes.
 7. `predict`: bytes, and times. Background copies are paced to take at most `max_overhead`
    of the time, so a copy whose link time is t takes t / max_overhead; devices copy in parallel:
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cost_models.device_catalog import DeviceKind, get_device_kind
@@ -262,6 +267,7 @@ class Prediction:
     prefetch_s: float  # paced weight loads, devices in parallel
     precopy_s: float  # paced KV pre-copy, devices in parallel
     stall_ms: float  # the blocking switch
+    recompute_tokens: int = 0  # KV positions the requests to recompute drop (and compute again)
 
 
 @dataclass
@@ -283,6 +289,7 @@ class ReconfigPlan:
     pipeline_capacity_blocks: list[int]  # per target pipeline: min over its stages' pools after
     max_overhead: float
     request_origins: dict[str, int] = field(default_factory=dict)  # request -> current pipeline
+    recompute: list[str] = field(default_factory=list)  # requests whose KV is dropped, recomputed
 
     @property
     def feasible(self) -> bool:
@@ -307,11 +314,13 @@ class ReconfigPlan:
     @property
     def counts(self) -> dict[str, int]:
         """Returns the summary counts: loads and frees (actions), moves ((src, dst) KV pairs
-        plus stages that change device), and pipelines kept, changed, added, removed."""
+        plus stages that change device), requests to recompute, and pipelines kept, changed,
+        added, removed."""
         return {
             "loads": sum(len(c.loads) for c in self.device_changes),
             "frees": sum(len(c.frees) for c in self.device_changes),
             "moves": len({(m.src, m.dst) for m in self.kv_moves}) + len(self.moved_stages),
+            "recomputes": len(self.recompute),
             "kept": len(self.kept_pipelines),
             "changed": len(self.changed_pipelines),
             "added": len(self.added),
@@ -323,8 +332,9 @@ class ReconfigPlan:
         if not self.has_changes:
             return "No changes."
         n, p = self.counts, self.prediction
+        recompute = f", {n['recomputes']} to recompute" if n["recomputes"] else ""
         return (
-            f"Plan: {n['loads']} to load, {n['frees']} to free, {n['moves']} to move; "
+            f"Plan: {n['loads']} to load, {n['frees']} to free, {n['moves']} to move{recompute}; "
             f"{_total_size(p.bytes_total)}, predicted prefetch {_duration(p.prefetch_s)}, "
             f"predicted stall {p.stall_ms:.1f} ms"
         )
@@ -336,6 +346,13 @@ class ReconfigPlan:
         else:
             lines = [f"pipeshift will change epoch {self.epoch_from} -> {self.epoch_to}:", ""]
             lines += _pipeline_blocks(self)
+            if self.recompute:
+                n = len(self.recompute)
+                lines.append(
+                    f"  -/+ recompute {n} request{'s' * (n != 1)}' KV "
+                    f"({self.prediction.recompute_tokens:,} tokens): memory cannot hold "
+                    f"{'them' if n != 1 else 'it'} through the change; back at the head of the queue"
+                )
             lines += ["", self.summary()]
         lines += [f"Error: {p}" for p in self.problems]
         return "\n".join(lines)
@@ -363,6 +380,7 @@ class ReconfigPlan:
             "pipeline_capacity_blocks": list(self.pipeline_capacity_blocks),
             "max_overhead": self.max_overhead,
             "request_origins": dict(self.request_origins),
+            "recompute": list(self.recompute),
             "counts": self.counts,
             "summary": self.summary(),
         }
@@ -379,13 +397,17 @@ def plan_reconfiguration(
     epoch: int = 1,
     max_overhead: float = 0.05,
     disk_bandwidth_bytes_per_s: float | None = None,
+    recompute_overflow: bool = False,
 ) -> ReconfigPlan:
     """Returns the plan from `current` (serving at `epoch`) to `target`.
 
     Raises ConfigurationError for a malformed target (or current configuration, or devices).
     A plan that memory forbids is returned with `problems` (with the numbers), not feasible.
+    With `recompute_overflow`, requests whose KV memory cannot hold during or after the change
+    are to recompute it (`recompute`) instead, and only what no dropped KV can fix is a problem.
     """
     n_layers = footprint.n_layers
+    all_requests = list(requests)
     links = _Links.of(devices, disk_bandwidth_bytes_per_s or DISK_BANDWIDTH_BYTES_PER_S)
     _check_inputs(current, target, devices, n_layers, requests, max_overhead)
     # What present devices hold now: the sources a device can load from. A device of `current`
@@ -403,6 +425,15 @@ def plan_reconfiguration(
     ]
     capacity = pipeline_capacity_blocks(target, changes)
     routes = route_requests(requests, pipeline_map, capacity)
+    recompute: list[str] = []
+    if recompute_overflow:
+        recompute = choose_recompute(
+            current, target, changes, requests, routes, capacity, kept, pipeline_map, devices
+        )
+    dropped = set(recompute)
+    if dropped:
+        requests = [r for r in requests if r.request_id not in dropped]
+        routes = {r.request_id: routes[r.request_id] for r in requests}  # what the choice counted
     moves = kv_moves(current, target, requests, routes, footprint)
     minimum = minimum_bytes(current, target, requests, routes, footprint)
     switching = bool(changed or added or removed)
@@ -419,13 +450,17 @@ def plan_reconfiguration(
         added=added,
         removed=removed,
         kv_moves=moves,
-        prediction=predict(changes, moves, minimum, footprint, links, max_overhead, switching),
+        prediction=replace(
+            predict(changes, moves, minimum, footprint, links, max_overhead, switching),
+            recompute_tokens=sum(r.cached_tokens for r in all_requests if r.request_id in dropped),
+        ),
         problems=capacity_problems(
             current, target, changes, requests, routes, capacity, devices, footprint
         ),
         pipeline_capacity_blocks=capacity,
         max_overhead=max_overhead,
-        request_origins={r.request_id: r.pipeline for r in requests},
+        request_origins={r.request_id: r.pipeline for r in all_requests},
+        recompute=recompute,
     )
 
 
@@ -798,6 +833,49 @@ def capacity_problems(
     return problems
 
 
+def choose_recompute(
+    current: Configuration,
+    target: Configuration,
+    changes: list[DeviceChange],
+    requests: Sequence[RequestKV],
+    routes: dict[str, int],
+    capacity: list[int],
+    kept: list[int],
+    pipeline_map: dict[int, int | None],
+    devices: Sequence[DeviceInfo],
+) -> list[str]:
+    """Returns the requests whose KV the change drops, to recompute it once admitted again:
+    taken in order of cached_tokens / reserved_blocks (then the larger reservation first),
+    a request of a pipeline that changes or goes is dropped while a device it holds blocks on
+    during the change is over its pool, or its target pipeline is over its capacity after.
+    A device whose weights alone exceed its budget is left to `capacity_problems`."""
+    budget = {d.name: d.memory_budget_bytes for d in devices}
+    pool = {c.device: c.pool_blocks_during for c in changes if c.weight_bytes_during <= budget[c.device]}
+    fixable = [all(str(s.device) in pool for s in p.stages) for p in target.pipelines]
+    in_use = blocks_in_use_during(current, target, requests, routes)
+    routed = [0] * len(capacity)
+    for r in requests:
+        routed[routes[r.request_id]] += r.reserved_blocks
+    untouched = {i for i, j in pipeline_map.items() if j in kept}
+    candidates = sorted(
+        (r for r in requests if r.pipeline not in untouched),
+        key=lambda r: (r.cached_tokens / max(r.reserved_blocks, 1), -r.reserved_blocks, r.request_id),
+    )
+    dropped = []
+    for r in candidates:
+        on = {str(d) for d in current.pipelines[r.pipeline].devices}
+        on |= {str(d) for d in target.pipelines[routes[r.request_id]].devices}
+        j = routes[r.request_id]
+        over_after = fixable[j] and routed[j] > capacity[j]
+        if not over_after and all(in_use[d] <= pool.get(d, in_use[d]) for d in on):
+            continue
+        dropped.append(r.request_id)
+        routed[j] -= r.reserved_blocks
+        for d in on:
+            in_use[d] -= r.reserved_blocks
+    return dropped
+
+
 def kv_moves_from_gone(
     current: Configuration,
     target: Configuration,
@@ -879,7 +957,10 @@ def _shortfall(
         fixes.append(f"raise --memory-budget to at least {_mib_up(weight_bytes + pool_bytes)} MiB")
     if device.kv_pool_cap_bytes < pool_bytes:
         fixes.append(f"raise --kv-cache-mb to at least {_mib_up(pool_bytes)}")
-    later = ", or apply when fewer requests are running"
+    later = (
+        ", or apply when fewer requests are running, or let those that do not fit recompute "
+        "their KV (--recompute-overflow)"
+    )
     if needs is None:
         needs, later = "it needs at least 1 block to serve a request", ""
     return (

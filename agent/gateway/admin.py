@@ -81,6 +81,9 @@ class ApplyBody(BaseModel):
     kv: Literal["copy", "recompute"] = Field(
         "copy", description="copy running requests' KV to their new stages, or drop it and recompute it there"
     )
+    recompute_overflow: bool = Field(False, strict=True, description=(
+        "when memory cannot hold every running request's KV through the change, drop the KV of the "
+        "requests cheapest to recompute (they wait at the head of the queue) instead of refusing the apply"))
 
     @model_validator(mode="after")
     def _one_target(self) -> ApplyBody:
@@ -237,10 +240,11 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
                 raise ConfigurationError(f"{', '.join(sorted(drained))} is drained: add it back first "
                                          "(POST /admin/v1/devices, `pipeshift device add`)")
             if body.dry_run:
-                plan = reconfig.plan(target, body.max_overhead)
+                plan = reconfig.plan(target, body.max_overhead, body.recompute_overflow)
                 return JSONResponse({"plan": plan.to_json(), "text": plan.render(), "feasible": plan.feasible},
                                     status_code=200)
-            record = reconfig.start(target, body.max_overhead, body.expected_epoch, body.kv)
+            record = reconfig.start(target, body.max_overhead, body.expected_epoch, body.kv,
+                                    body.recompute_overflow)
         except ConfigurationError as exc:
             raise APIError(str(exc), param="target" if body.target is not None else "stages",
                            code="invalid_configuration") from None

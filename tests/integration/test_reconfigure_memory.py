@@ -14,6 +14,7 @@ from agent.gateway.app import create_app
 from agent.gateway.server import ServerThread
 from bench.streaming_load import prompt_token_ids, stream_completions
 from planner.admin_client import AdminClient, AdminError
+from planner.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,54 @@ def test_a_target_that_cannot_fit_is_refused_with_the_numbers():
         assert "--memory-budget" in str(refused.value)
         assert admin.deployment()["epoch"] == 1  # nothing moved
         assert [d["held_layers"] for d in admin.deployment()["devices"]] == [list(range(15)), list(range(15, 30)), []]
+    finally:
+        server.stop()
+        engine.stop()
+
+
+def test_requests_whose_kv_cannot_stay_through_the_change_recompute_it_and_stream_on(prompts):
+    """0:15,15:30 -> 0:25,25:30 at a 400 MiB budget leaves worker-0 a pool of 57 blocks during
+    the change, and the three streams reserve 78: plain, the apply is refused; with
+    `recompute_overflow` (`pipeshift apply --recompute-overflow`) the requests cheapest to
+    recompute drop their KV, wait at the head of the queue and prefill again, and every stream
+    ends with the text it has without a change."""
+    max_tokens = 120
+    engine, server = _serve()
+    admin = AdminClient(server.base_url)
+    try:
+        control = asyncio.run(stream_completions(server.base_url, prompts, max_tokens))
+        started = threading.Event()
+        result: dict = {}
+
+        def stream() -> None:  # in the background: the CLI wants the main thread (its signals)
+            result["live"] = asyncio.run(stream_completions(
+                server.base_url, prompts, max_tokens,
+                on_progress=lambda s: started.set() if all(len(x.times) >= 2 for x in s) else None,
+            ))
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert started.wait(300)
+        result["plain"] = admin.plan({"stages": "0:25,25:30"})
+        result["dry"] = admin.plan({"stages": "0:25,25:30"}, recompute_overflow=True)
+        # as an operator does it: `pipeshift apply ... --recompute-overflow`
+        result["rc"] = main(["apply", "--server", server.base_url, "--stages", "0:25,25:30",
+                             "--recompute-overflow", "--auto-approve"])
+        result["record"] = admin.wait(admin.applies()[-1]["id"])
+        thread.join()
+        live = result["live"]
+        plain, dry, record = result["plain"], result["dry"], result["record"]
+        assert result["rc"] == 0
+        assert not plain["feasible"] and "recompute their KV (--recompute-overflow)" in plain["text"]
+        assert dry["feasible"], dry["text"]
+        assert len(dry["plan"]["recompute"]) == 2 and "-/+ recompute 2 requests' KV" in dry["text"]
+        assert record["outcome"] == "applied", record["error"]
+        assert next(p for p in record["phases"] if p["name"] == "prepare")["recomputed"] == 2
+        assert not any(s.error for s in control + live), [s.error for s in control + live]
+        assert all(s.completion_tokens == max_tokens for s in live)
+        assert [s.text for s in live] == [s.text for s in control]
+        after = {d["name"]: d["held_layers"] for d in admin.deployment()["devices"]}
+        assert after["worker-0"] == list(range(25)) and after["worker-1"] == list(range(25, 30))
     finally:
         server.stop()
         engine.stop()

@@ -372,7 +372,8 @@ def test_a_target_that_does_not_fit_gives_problem_lines_with_the_numbers():
     assert plan.problems[0] == (
         "worker-0: during the change it holds layers 0-19 and embedding (388.0 MiB of weights) "
         "and its budget is 400 MiB, leaving a KV pool of 25 blocks; its requests need 40 blocks: "
-        "raise --memory-budget to at least 407 MiB, or apply when fewer requests are running"
+        "raise --memory-budget to at least 407 MiB, or apply when fewer requests are running, "
+        "or let those that do not fit recompute their KV (--recompute-overflow)"
     )
     assert plan.problems[1].startswith(
         "worker-0: after the change (pipeline 0) it holds layers 0-19"
@@ -394,6 +395,78 @@ def test_weights_over_the_budget_are_a_problem_even_without_requests():
         "worker-0: during the change it holds layers 0-24 and embedding (458.0 MiB of weights) "
         "and its budget is 400 MiB: raise --memory-budget to at least 459 MiB"
     )
+
+
+def test_recompute_overflow_drops_the_kv_that_does_not_fit_cheapest_first():
+    current = config("worker-0 0:15, worker-1 15:30")
+    target = config("worker-0 0:20, worker-1 20:30")
+    reqs = requests_on(0, 8, blocks=5)  # tokens 100..107, 40 blocks against a pool of 25
+    plan = plan_reconfiguration(
+        current, target, workers(budget_mib=400), FOOTPRINT, reqs, recompute_overflow=True
+    )
+    assert plan.feasible
+    # 15 blocks too many: the three with the fewest tokens per reserved block go
+    assert plan.recompute == ["r0-0", "r0-1", "r0-2"]
+    assert plan.prediction.recompute_tokens == 100 + 101 + 102
+    assert set(plan.request_routes) == {r.request_id for r in reqs[3:]}
+    assert not {m.request_id for m in plan.kv_moves} & set(plan.recompute)
+    assert set(plan.request_origins) == {r.request_id for r in reqs}
+    assert plan.counts["recomputes"] == 3
+    assert ", 3 to recompute;" in plan.summary()
+    assert "-/+ recompute 3 requests' KV (303 tokens)" in plan.render()
+    assert plan.to_json()["recompute"] == ["r0-0", "r0-1", "r0-2"]
+    # what fits is left alone; a larger reservation per cached token goes first
+    assert plan_reconfiguration(
+        current, target, workers(budget_mib=400), FOOTPRINT, reqs[:5], recompute_overflow=True
+    ).recompute == []
+    big = [*reqs[:5], RequestKV("late", 0, 10, 10)]
+    assert plan_reconfiguration(
+        current, target, workers(budget_mib=400), FOOTPRINT, big, recompute_overflow=True
+    ).recompute == ["late"]
+
+
+def test_recompute_overflow_leaves_kept_pipelines_and_weight_problems_alone():
+    current = config("worker-0 0:15, worker-1 15:30", "worker-2 0:30")
+    target = config("worker-0 0:25, worker-1 25:30", "worker-2 0:30")
+    reqs = requests_on(0, 4, blocks=5) + requests_on(1, 4, blocks=5)
+    plan = plan_reconfiguration(
+        current, target, workers(budget_mib=400), FOOTPRINT, reqs, recompute_overflow=True
+    )
+    # worker-0's weights alone exceed its budget: dropping KV cannot fix that
+    assert not plan.feasible and plan.recompute == []
+    assert plan.problems[0].startswith("worker-0: during the change it holds layers 0-24")
+
+
+def test_with_recompute_overflow_every_remaining_request_fits_on_random_instances():
+    rng = random.Random(0)
+    footprint = ModelFootprint(8, 40 * MIB, 20 * MIB, 20 * MIB, 1536, 16)
+    devices = workers(6, budget_mib=300, cap_mib=64)
+    names = [d.name for d in devices]
+    seen_recompute = 0
+    for _ in range(200):  # pipelines removed too: their requests are routed to the others
+        current = random_pipelines(rng, 8, names, rng.randint(2, 4), open_share=0.0)
+        target = random_pipelines(rng, 8, names, rng.randint(1, 2), open_share=0.6)
+        reqs = [
+            RequestKV(f"q{i}", rng.randrange(len(current.pipelines)), rng.randint(0, 900), rng.randint(1, 60))
+            for i in range(rng.randint(0, 80))
+        ]  # fmt: skip
+        strict = plan_reconfiguration(current, target, devices, footprint, reqs)
+        loose = plan_reconfiguration(
+            current, target, devices, footprint, reqs, recompute_overflow=True
+        )
+        # what no dropped KV fixes: weights over the budget, a pool left with no block, or
+        # requests that do not fit even where they run now (random ones may not)
+        unfixable = any(
+            c.weight_bytes_during > 300 * MIB or (c.new_range and not c.pool_blocks_after)
+            for c in loose.device_changes
+        ) or not plan_reconfiguration(current, current, devices, footprint, reqs).feasible
+        if not unfixable:
+            assert loose.feasible, loose.problems
+        assert bool(loose.recompute) <= (not strict.feasible)  # only when it would not fit
+        if strict.feasible:
+            assert loose.recompute == [] and loose.to_json()["kv_moves"] == strict.to_json()["kv_moves"]
+        seen_recompute += bool(loose.recompute)
+    assert seen_recompute >= 10  # the instances do exercise the choice
 
 
 # ---- predictions ----------------------------------------------------------------------------
