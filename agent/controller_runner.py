@@ -162,7 +162,7 @@ class ControllerRunner:
             window = self.monitor.window()
             # the backlog is demand too: what waits now must be served within the next interval
             waiting = len(engine.scheduler.waiting) if engine.scheduler else 0
-            window = window.with_backlog(waiting / self.settings.interval_s)
+            window = window.with_backlog(waiting, self.settings.interval_s)
             current_config = self.reconfig.current()
             current = [[(s.device, s.start, s.end) for s in p.stages] for p in current_config.pipelines]
             devices = self.fleet.available() if self.fleet is not None else [d.name for d in self.reconfig.devices()]
@@ -195,6 +195,7 @@ class ControllerRunner:
                 "value_current": d.value_current, "value_target": d.value_candidate,
                 "gain_requests": d.gain, "cost_requests": d.cost, "payback_s": d.payback_s,
                 "stall_ms": proposal.stall_s * 1000, "prefetch_s": proposal.prefetch_s,
+                "recompute_requests": proposal.change.recompute_requests,
             },
             workload={
                 "rate_per_s": window.rate_per_s, "prompt_tokens_mean": window.prompt.mean,
@@ -223,7 +224,8 @@ class ControllerRunner:
 
         record.plan_id = self._save_plan(record, target)
         try:
-            started = self.reconfig.start(target)
+            started = self.reconfig.start(  # as propose priced it
+                target, recompute_overflow=self.settings.policy.recompute_overflow)
         except (ApplyRefused, ConfigurationError) as exc:
             record.error = getattr(exc, "message", str(exc))
             return
@@ -238,7 +240,7 @@ class ControllerRunner:
 
         try:
             refreshed = refresh(self.store, deployment_json(self.reconfig.engine))
-            plan = self.reconfig.plan(target)
+            plan = self.reconfig.plan(target, recompute_overflow=self.settings.policy.recompute_overflow)
             diff = plan.to_json()
             row = self.store.save_plan(refreshed.current, target.to_json()["pipelines"], diff,
                                        {**diff.get("prediction", {}), "controller": record.to_json()},

@@ -118,6 +118,9 @@ def register(subparsers) -> None:
                         help="the payback horizon a change must repay within (default 600 s)")
     parser.add_argument("--controller-device-cost", type=float, default=None, metavar="RPS",
                         help="goodput (req/s) a device must add to be worth holding (default 0.5)")
+    parser.add_argument("--controller-recompute", action="store_true",
+                        help="let the controller's changes drop the KV of running requests that memory cannot "
+                             "hold through them, to recompute it (default: it changes only where the KV fits)")
     from planner.init_command import add_database_argument
 
     add_database_argument(parser)
@@ -139,7 +142,8 @@ def controller_settings(args, spec):
     policy = ControllerPolicy()
     changes = {"min_dwell_s": args.controller_dwell, "payback_horizon_s": args.controller_horizon,
                "device_cost_rps": args.controller_device_cost}
-    policy = replace(policy, **{k: v for k, v in changes.items() if v is not None})
+    policy = replace(policy, **{k: v for k, v in changes.items() if v is not None},
+                     recompute_overflow=bool(getattr(args, "controller_recompute", False)))
     return ControllerSettings(mode=mode, interval_s=args.controller_interval, policy=policy)
 
 

@@ -1,7 +1,8 @@
 """Following the workload, in simulation: the controller against the best static configuration
 chosen in hindsight, and against a controller without the payback rule.
 
-    python bench/adapt.py [--cases 8b:1.5,13b:1.5,13b:1.65] [--window 300] [--speed] [--out FILE]
+    python bench/adapt.py [--cases 8b:1.5,13b:1.5,13b:1.65] [--window 300] [--phased S]
+                          [--recompute] [--speed] [--out FILE]
 
 For each case (spec, rate scale) the Azure conversational trace (data/traces/) has its
 inter-arrival times divided by the rate scale (the hour is compressed; nothing else changes),
@@ -29,6 +30,10 @@ trace's own extremes (prompt <= 600 with output >= 300; prompt >= 1,500 with out
 drawn from its requests, arrivals unchanged: the sharpest mix shift the trace's requests
 make, to bound what a controller could gain if the mix swung.
 
+`--recompute` lets the controller's changes drop the KV of running requests that memory cannot
+hold through them (ControllerPolicy.recompute_overflow, `serve --controller-recompute`); by
+default a change whose KV does not fit is not made.
+
 `--speed` also times one hour of the trace (rate x10) over 64 GPUs (16 A100 + 48 L40S,
 Llama-3.1-8B), static and auto. Prints tables; writes JSON (default bench/out/adapt.json).
 """
@@ -41,7 +46,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +212,11 @@ def case_spec(key: str) -> Spec:
 
 
 def run_case(
-    key: str, rate_scale: float, window_s: float, phase_s: float | None = None
+    key: str,
+    rate_scale: float,
+    window_s: float,
+    phase_s: float | None = None,
+    recompute: bool = False,
 ) -> dict[str, Any]:
     spec = case_spec(key)
     trace, dropped = within_context(
@@ -226,12 +235,11 @@ def run_case(
         key=lambda r: r.result.device_hours,
     )
     bound = hindsight_per_window(spec, trace, configs, statics.index(best), window_s)
-    auto = Row("auto", simulate(spec, trace, "auto", window_s=window_s))
+    rule = ControllerPolicy(recompute_overflow=recompute)
+    naive_rule = replace(ControllerPolicy.without_payback(), recompute_overflow=recompute)
+    auto = Row("auto", simulate(spec, trace, "auto", controller=rule, window_s=window_s))
     naive = Row(
-        "no payback",
-        simulate(
-            spec, trace, "auto", controller=ControllerPolicy.without_payback(), window_s=window_s
-        ),
+        "no payback", simulate(spec, trace, "auto", controller=naive_rule, window_s=window_s)
     )
     fair = [r for r in statics if r.result.device_hours <= auto.result.device_hours + 1e-9]
     best_dh = max(fair, key=lambda r: r.result.goodput_rps) if fair else None
@@ -240,6 +248,7 @@ def run_case(
         "spec": str(SPECS[key.partition("-b")[0]].relative_to(ROOT)),
         "batch": spec.workload.batch,
         "rate_scale": rate_scale,
+        "controller_recompute": recompute,
         "phased_s": phase_s,
         "requests": len(trace),
         "dropped_beyond_context": dropped,
@@ -358,13 +367,18 @@ def main() -> int:
         metavar="S",
         help="alternate the trace's extreme request lengths every S seconds (module doc)",
     )
+    ap.add_argument(
+        "--recompute",
+        action="store_true",
+        help="let the controller's changes drop KV that does not fit, to recompute it",
+    )
     ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
     ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))
     args = ap.parse_args()
     report: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cases": []}
     for item in args.cases.split(","):
         key, scale = item.split(":")
-        case = run_case(key, float(scale), args.window, args.phased)
+        case = run_case(key, float(scale), args.window, args.phased, args.recompute)
         print_case(case)
         report["cases"].append(case)
     if args.speed:

@@ -19,6 +19,19 @@ the deployment serves in time for T_ok only:
             = rate * (1 - (1 - f1) * (rho - U) / (1 - U))     if U < rho <= 1
             = f1 * C * min(1, T_ok / OVERLOAD_HORIZON_S)      otherwise
 
+A backlog of B requests already waiting (the window's `backlog`) is a debt, not a rate: the
+part of it beyond what the TTFT SLO lets wait (ttft_slo * C) is late, and so is every request
+that arrives behind it until it has drained, after D = (B - ttft_slo * C)+ / (C - rate) s; past
+C it never drains, and the queue passes the SLO after T_ok = (ttft_slo * C - B)+ / (rate - C):
+
+    with a backlog:  goodput * H / (H + D)                  if rate < C     (H: OVERLOAD_HORIZON_S)
+                     f1 * C * min(1, T_ok / H)              otherwise
+
+(B = 0 gives the formulas above.) H / (H + D) is the share of the time from now to the end of
+a horizon that starts once the backlog has drained: it never reaches 0 while C > rate, so a
+deployment in overload is drawn to the configuration that drains fastest, instead of every
+configuration looking equally lost.
+
 It is continuous and rises with C, so more capacity never looks worse, and it prices
 shedding a device below the load at what a FIFO queue in overload really loses (nearly every
 request), not at the few requests a plain min(rate, U * C) would say. A candidate with fewer
@@ -33,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cost_models.device_catalog import get_device_kind
 from cost_models.memory import (
@@ -81,6 +94,8 @@ class WorkloadWindow:
     output: LengthDistribution
     seconds: float = 0.0  # how much time the window spans (0: unknown)
     peak_rate_per_s: float = 0.0  # the busiest PEAK_BIN_S of it (0: unknown, use the rate)
+    backlog: int = 0  # requests waiting now, not yet admitted
+    backlog_within_s: float = 0.0  # the time to serve them in (the decision interval)
 
     @classmethod
     def of(
@@ -106,19 +121,26 @@ class WorkloadWindow:
             peak = max(rate, max(counts) / PEAK_BIN_S)
         return cls(rate, _dist(prompts), _dist(outputs), seconds, peak)
 
-    def with_backlog(self, extra_rate_per_s: float) -> WorkloadWindow:
-        """Returns the window with the backlog as demand too: what waits now must be served
-        within the next decision interval, `extra_rate_per_s` on the mean and the peak."""
-        return replace(
-            self,
-            rate_per_s=self.rate_per_s + extra_rate_per_s,
-            peak_rate_per_s=self.peak_rate_per_s + extra_rate_per_s,
-        )
+    def with_backlog(self, waiting: int, within_s: float) -> WorkloadWindow:
+        """Returns the window with `waiting` requests queued now, to serve within `within_s`
+        (the next decision interval): a debt in the goodput (`goodput_rps`), and demand on
+        top of the rate where a configuration must carry the window (`carries`)."""
+        return replace(self, backlog=waiting, backlog_within_s=within_s)
+
+    @property
+    def backlog_rate_per_s(self) -> float:
+        """Returns the rate that serves the backlog within its time."""
+        return self.backlog / self.backlog_within_s if self.backlog_within_s > 0 else 0.0
+
+    @property
+    def demand_rate_per_s(self) -> float:
+        """Returns the arrival rate plus the rate that serves the backlog in time."""
+        return self.rate_per_s + self.backlog_rate_per_s
 
     @property
     def busiest_rate_per_s(self) -> float:
-        """Returns the peak rate, or the mean where the window has none."""
-        return max(self.rate_per_s, self.peak_rate_per_s)
+        """Returns the peak rate (or the mean where the window has none), plus the backlog's."""
+        return max(self.rate_per_s, self.peak_rate_per_s) + self.backlog_rate_per_s
 
     def mean_request_s(self, tpot_s: float, ttft_s: float) -> float:
         """Returns how long a request occupies the deployment: TTFT + output * TPOT."""
@@ -134,6 +156,7 @@ class Proposal:
     decision: Decision
     prefetch_s: float  # background loads and KV pre-copy before the switch
     stall_s: float
+    recompute: list[int] = field(default_factory=list)  # in_flight indices whose KV is dropped
 
 
 def _dist(values: Sequence[int]) -> LengthDistribution:
@@ -153,7 +176,7 @@ def window_spec(spec: Spec, window: WorkloadWindow, current: Sequence[Stages] | 
     """Returns the spec with the window's workload and `current` as the serving configuration."""
     workload = spec.workload.model_copy(
         update={
-            "request_rate_per_s": max(window.rate_per_s, 1e-3),
+            "request_rate_per_s": max(window.demand_rate_per_s, 1e-3),
             "prompt_tokens": window.prompt,
             "output_tokens": window.output,
             "trace": None,
@@ -204,7 +227,7 @@ def outlook(
         capacity += costs.capacity_rps(window.prompt.mean, window.output.mean)
     devices = sum(len(p) for p in pipelines)
     return Outlook(
-        goodput_rps=goodput_rps(window.rate_per_s, capacity, spec),
+        goodput_rps=goodput_rps(window.rate_per_s, capacity, spec, window.backlog),
         devices=devices,
         capacity_rps=capacity,
     )
@@ -222,7 +245,7 @@ def carries(o: Outlook, window: WorkloadWindow) -> bool:
     if o.capacity_rps is None:
         return False
     return (
-        window.rate_per_s <= UTILISATION * o.capacity_rps
+        window.demand_rate_per_s <= UTILISATION * o.capacity_rps
         and window.busiest_rate_per_s <= o.capacity_rps
     )
 
@@ -237,17 +260,24 @@ def may_shed(o: Outlook, current: Outlook, window: WorkloadWindow, policy: Contr
     return carries(o, window) and window.seconds >= policy.scale_down_window_s - 1e-9
 
 
-def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec) -> float:
-    """Returns requests/s meeting the SLOs at `rate_per_s` on `capacity_rps` (module doc)."""
+def goodput_rps(rate_per_s: float, capacity_rps: float, spec: Spec, backlog: int = 0) -> float:
+    """Returns requests/s meeting the SLOs at `rate_per_s` on `capacity_rps` with `backlog`
+    requests waiting (module doc)."""
     if capacity_rps <= 0:
         return 0.0
-    rho = rate_per_s / capacity_rps
-    if rho <= UTILISATION:
-        return rate_per_s
-    if rho <= 1:
-        return rate_per_s * (1 - (1 - SATURATED_SHARE) * (rho - UTILISATION) / (1 - UTILISATION))
     ttft_s = (spec.slo.ttft_ms or 10_000.0) / 1000
-    ok_s = ttft_s * capacity_rps / (rate_per_s - capacity_rps)
+    late = max(0.0, backlog - ttft_s * capacity_rps)  # waiting beyond what the SLO lets wait
+    rho = rate_per_s / capacity_rps
+    if rho < 1:
+        drain_s = late / (capacity_rps - rate_per_s)
+        drain_share = OVERLOAD_HORIZON_S / (OVERLOAD_HORIZON_S + drain_s)
+        if rho <= UTILISATION:
+            return rate_per_s * drain_share
+        saturated = 1 - (1 - SATURATED_SHARE) * (rho - UTILISATION) / (1 - UTILISATION)
+        return rate_per_s * saturated * drain_share
+    if rate_per_s == capacity_rps:
+        return SATURATED_SHARE * capacity_rps * (late == 0)
+    ok_s = max(0.0, ttft_s * capacity_rps - backlog) / (rate_per_s - capacity_rps)
     return SATURATED_SHARE * capacity_rps * min(1.0, ok_s / OVERLOAD_HORIZON_S)
 
 
@@ -255,9 +285,15 @@ def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float
     """Returns the planner's configurations for the spec: the most throughput, and the fewest
     devices that carry the demand times each of DEMAND_HEADROOM (the planner's throughput
     leaves out prefill and queueing), each with the migration term when `current` is set,
-    planned at each of operating_batches."""
+    planned at each of operating_batches; and with `current` set, the most throughput without
+    the migration term too (the term keeps plans close to what serves; the change's cost is
+    priced by the diff planner anyway)."""
     runs = [("max_throughput", 1.0)] + [("min_devices", h) for h in DEMAND_HEADROOM]
-    return _plans(spec, runs, time_limit_s)
+    found = _plans(spec, runs, time_limit_s)
+    if spec.current is not None:  # the migration term favours staying close; look afar too
+        fresh = spec.model_copy(update={"current": None})
+        found += [c for c in _plans(fresh, runs[:1], time_limit_s) if c not in found]
+    return found
 
 
 def throughput_plans(spec: Spec, time_limit_s: float) -> list[list[Stages]]:
@@ -343,7 +379,7 @@ def propose(
         o = outlook(wspec, problem, cand, window)
         if not may_shed(o, cur_outlook, window, policy):
             continue  # devices go back only to a configuration that carries the load
-        if o.value(policy) > best_outlook.value(policy) + 1e-9:
+        if _better(o, best_outlook, policy):
             best, best_outlook = cand, o
     fp = footprint(spec)
     requests = [
@@ -351,8 +387,15 @@ def propose(
         for i, (p, tokens) in enumerate(in_flight)
     ]
     rp = plan_reconfiguration(
-        configuration(current), configuration(best), device_infos(spec), fp, requests
+        configuration(current),
+        configuration(best),
+        device_infos(spec),
+        fp,
+        requests,
+        recompute_overflow=policy.recompute_overflow,
     )
+    # requests still queued hold no KV: only those with positions computed recompute anything
+    dropped = [i for i in (int(rid[1:]) for rid in rp.recompute) if in_flight[i][1] > 0]
     touched_pipelines = set(rp.removed) | {
         c for c, t in rp.pipeline_map.items() if t is not None and t in rp.changed_pipelines
     }
@@ -365,6 +408,10 @@ def propose(
         prefetch_s=prefetch_s,
         in_flight_requests=len(in_flight),
         overhead=rp.max_overhead,
+        recompute_requests=len(dropped),
+        recompute_request_s=recompute_request_s(
+            spec, best, [in_flight[i][1] for i in dropped], prefetch_s, len(in_flight)
+        ),
     )
     ref = build_pipeline(problem, current[0]) if current else None
     mean_request_s = window.mean_request_s(ref.tpot_s if ref else 0.05, ref.ttft_s if ref else 0.5)
@@ -390,4 +437,28 @@ def propose(
         decision=decision,
         prefetch_s=prefetch_s,
         stall_s=pred.stall_ms / 1000,
+        recompute=dropped,
     )
+
+
+def _better(o: Outlook, best: Outlook, policy: ControllerPolicy) -> bool:
+    """Returns whether `o` beats `best`: a higher value; at an equal value (an overload where
+    nothing meets the SLOs, on as many devices), more capacity."""
+    if abs(o.value(policy) - best.value(policy)) <= 1e-9:
+        return (o.capacity_rps or 0.0) > (best.capacity_rps or 0.0) + 1e-9
+    return o.value(policy) > best.value(policy)
+
+
+def recompute_request_s(
+    spec: Spec, target: list[Stages], tokens: Sequence[int], prefetch_s: float, in_flight: int
+) -> float:
+    """Returns the request-seconds that recomputing dropped KV takes from serving: each dropped
+    request waits through the prefetch (its KV is gone, and memory has no room for it until
+    the switch) and for its re-prefill of `tokens` positions on a target pipeline, and the
+    requests decoding there beside it wait for that prefill too:
+        sum_r [prefetch_s + prefill_s(tokens_r) * (1 + in_flight / pipelines)]"""
+    if not tokens:
+        return 0.0
+    costs = PipelineCosts.of(spec, target[0], spec.workload.batch)
+    beside = in_flight / max(len(target), 1)
+    return sum(prefetch_s + costs.prefill_s(t, 1)[1] * (1 + beside) for t in tokens if t > 0)

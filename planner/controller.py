@@ -19,20 +19,32 @@ and costs what it takes away from serving, turned into requests by Little's law 
 occupies the deployment for `mean_request_s`, so R request-seconds of service are R /
 mean_request_s requests):
 
-    cost = (stall_s * touched_requests + overhead * prefetch_s * in_flight_requests)
-           / mean_request_s                                              [requests]
+    cost = (stall_s * touched_requests + overhead * prefetch_s * in_flight_requests
+            + recompute_request_s) / mean_request_s                     [requests]
+
+(`recompute_request_s`: what the requests whose KV the change drops lose, when memory cannot
+hold every request's KV through it; planner/adapt.recompute_request_s.)
 
 It acts when, in this order: no apply is under way (never two at once); the last apply ended
 at least `min_dwell_s` ago (dwell); the value rises by at least `min_relative_gain` of the
 current value (hysteresis); and gain > cost (payback). A change that raises goodput itself by the
 hysteresis share skips the dwell: dwell must not hold a deployment in overload. `payback_s = cost / (value gain per s)`
 is reported either way.
+
+In an overload that meets no SLO whichever configuration serves (both goodputs under
+OVERLOAD_GOODPUT_SHARE of the capacity), goodput cannot tell configurations apart, but the one
+that serves more drains the queue sooner once the load eases. There the candidate (on no more
+devices) is applied when its capacity is higher by the hysteresis share and the extra
+requests it serves over the horizon, (capacity_candidate - capacity_current) * H, pay for the
+change; dwell does not hold it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+OVERLOAD_GOODPUT_SHARE = 0.01  # goodput under this share of the capacity: nothing meets the SLOs
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class ControllerPolicy:
     device_cost_rps: float = 0.5  # goodput (req/s) a device must add to be worth holding
     payback: bool = True  # False: act on any gain (the rule without payback, to compare)
     scale_down_window_s: float = 300.0  # devices go back only on a window this long (adapt.may_shed)
+    recompute_overflow: bool = False  # a change may drop KV that does not fit (reconfig.py)
 
     @classmethod
     def without_payback(cls, device_cost_rps: float = 0.5) -> ControllerPolicy:
@@ -78,10 +91,14 @@ class ChangeCost:
     prefetch_s: float  # background loads and KV pre-copy, paced
     in_flight_requests: int  # every request in flight (all feel the paced background copy)
     overhead: float = 0.05  # the slowdown the paced copies may cause (reconfig max_overhead)
+    recompute_requests: int = 0  # requests whose KV the change drops, to recompute
+    recompute_request_s: float = 0.0  # the request-seconds those recomputes take from serving
 
     def request_seconds(self) -> float:
-        return self.stall_s * self.touched_requests + (
-            self.overhead * self.prefetch_s * self.in_flight_requests
+        return (
+            self.stall_s * self.touched_requests
+            + self.overhead * self.prefetch_s * self.in_flight_requests
+            + self.recompute_request_s
         )
 
 
@@ -126,11 +143,14 @@ def decide(
 
     if state.applying:
         return out(False, "an apply is under way; never two at once")
+    if _lost(current) and _lost(candidate) and candidate.devices <= current.devices:
+        return _drain_faster(current, candidate, cost, policy, out)
     if delta <= 0:
         return out(False, f"no gain: value {v_new:.3f} <= current {v_cur:.3f} req/s")
     if not policy.payback:
         return out(True, f"value {v_cur:.3f} -> {v_new:.3f} req/s (payback rule off)")
     # dwell stops flapping, but never holds a deployment in overload: a change that raises
+    # goodput itself (not only the device cost) by the hysteresis share may skip it
     # goodput itself (not only the device cost) by the hysteresis share may skip it
     rescue = candidate.goodput_rps > current.goodput_rps * (1 + policy.min_relative_gain)
     if (
@@ -157,3 +177,25 @@ def decide(
         f"value {v_cur:.3f} -> {v_new:.3f} req/s; gains {gain:.1f} requests over "
         f"{policy.payback_horizon_s:g} s, costs {cost:.1f} (payback {payback_s:.0f} s)",
     )
+
+
+def _lost(o: Outlook) -> bool:
+    """Returns whether nothing meets the SLOs on `o`: an overload that has left a queue."""
+    return o.capacity_rps is not None and o.goodput_rps <= OVERLOAD_GOODPUT_SHARE * o.capacity_rps
+
+
+def _drain_faster(current: Outlook, candidate: Outlook, cost: float, policy: ControllerPolicy,
+                  out: Any) -> Decision:
+    """The overload rule (module doc): more capacity on no more devices, if it pays back."""
+    c_cur, c_new = current.capacity_rps or 0.0, candidate.capacity_rps or 0.0
+    gain = (c_new - c_cur) * policy.payback_horizon_s
+    figures = f"capacity {c_cur:.3f} -> {c_new:.3f} req/s"
+    if c_new <= c_cur * (1 + policy.min_relative_gain):
+        return out(False, f"overload, no configuration meets the SLOs; {figures} is no real gain")
+    if policy.payback and gain <= cost:
+        return out(False, f"overload: {figures} does not pay back: serves {gain:.1f} more requests "
+                          f"over {policy.payback_horizon_s:g} s, costs {cost:.1f}")
+    decision = out(True, f"overload, no configuration meets the SLOs: {figures} drains the queue "
+                         f"sooner; serves {gain:.1f} more requests over {policy.payback_horizon_s:g} s, "
+                         f"costs {cost:.1f}")
+    return replace(decision, gain=gain, payback_s=cost / (c_new - c_cur))

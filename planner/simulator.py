@@ -20,7 +20,9 @@ window has passed, as the live workload monitor reports it; the backlog counts a
 serve within the next interval); an applied change prefetches for
 its predicted duration while the old configuration serves (slowed by the paced overhead),
 then every pipeline stalls for the predicted switch, and requests of changed or removed
-pipelines continue, with their KV, on the new ones. Device-hours count every device a
+pipelines continue, with their KV, on the new ones. Requests whose KV the diff planner drops
+(memory cannot hold it through the change) leave their pipeline at the decision, wait for the
+switch, and prefill their prompt and the tokens they made again, first in the new queues. Device-hours count every device a
 configuration uses, and during a prefetch the devices of both.
 """
 
@@ -32,7 +34,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,23 @@ class SimPipeline:
     def load(self) -> float:
         return (len(self.queue) + self.active) / self.costs.slots
 
+    def evict(self, run: _Run, requests: Sequence[int]) -> None:
+        """Drops the KV of these active requests: each is to prefill its prompt and the tokens
+        it has made again (`run.redo`) once admitted anywhere, its first token kept."""
+        gone = set(requests) & {r for _, r in self.ends}
+        kept = []
+        for end, r in self.ends:
+            if r not in gone:
+                kept.append((end, r))
+                continue
+            run.remaining[r] = end - self.steps
+            run.redo[r] = run.trace.prompt[r] + run.trace.output[r] - 1 - run.remaining[r]
+            run.prefilled[r] = False
+            self.ctx_base -= self.admitted.pop(r)
+            self.kv_reserved -= run.trace.prompt[r] + run.trace.output[r]
+        heapq.heapify(kept)
+        self.ends = kept
+
     def detach(self, run: _Run) -> list[int]:
         """Removes and returns every request here, active first, their progress kept."""
         out = []
@@ -139,6 +158,7 @@ class _Run:
     first_s: list[float]
     finish_s: list[float]
     prefilled: list[bool]
+    redo: dict[int, int] = field(default_factory=dict)  # request -> positions to prefill again
 
 
 def _advance(p: SimPipeline, run: _Run, until: float) -> None:
@@ -156,10 +176,12 @@ def _advance(p: SimPipeline, run: _Run, until: float) -> None:
                 p.queue.popleft()
                 p.t = start
                 if not run.prefilled[r]:
-                    busy, first = costs.prefill_s(tr.prompt[r], p.active)
+                    redo = run.redo.pop(r, None)  # KV dropped by a change: its first token stays
+                    busy, first = costs.prefill_s(redo or tr.prompt[r], p.active)
                     if p.active:  # running sequences pass every stage behind the prompt
                         busy = first
-                    run.first_s[r] = p.t + first * p.slow
+                    if redo is None:
+                        run.first_s[r] = p.t + first * p.slow
                     p.t += busy * p.slow
                     run.prefilled[r] = True
                 if run.remaining[r] <= 0:
@@ -201,6 +223,7 @@ class Reconfiguration:
     devices_after: int
     pipelines_after: int
     reason: str
+    recomputed: int = 0  # requests whose KV the change dropped (they prefilled again)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -317,7 +340,7 @@ def simulate(
     state = ControllerState()
     decisions: list[dict[str, Any]] = []
     reconfigs: list[Reconfiguration] = []
-    pending: tuple[float, list[Stages], float, str, int] | None = None
+    pending: tuple[float, list[Stages], float, list[int]] | None = None
     devices_now = sum(len(p) for p in config)
     device_s, last_t = 0.0, 0.0
     device_bins: dict[int, float] = {}
@@ -352,11 +375,11 @@ def simulate(
             trace.prompt[lo:hi], trace.output[lo:hi], seconds, trace.arrival_s[lo:hi]
         )
         # the backlog is demand too: what waits now must be served within the next interval
-        window = window.with_backlog(sum(len(p.queue) for p in pipes) / control_interval_s)
+        window = window.with_backlog(sum(len(p.queue) for p in pipes), control_interval_s)
+        running = [(j, r, end) for j, p in enumerate(pipes) for end, r in p.ends]
         in_flight = [
-            (j, trace.prompt[r] + trace.output[r] - 1 - (end - p.steps))
-            for j, p in enumerate(pipes)
-            for end, r in p.ends
+            (j, trace.prompt[r] + trace.output[r] - 1 - (end - pipes[j].steps))
+            for j, r, end in running
         ] + [(j, 0) for j, p in enumerate(pipes) for _ in p.queue]
         current = [p.stages for p in pipes]
         prop = propose(spec, window, current, in_flight, t, state, controller)
@@ -367,6 +390,7 @@ def simulate(
                 "act": d.act,
                 "reason": d.reason,
                 "rate_rps": round(window.rate_per_s, 3),
+                "backlog": window.backlog,
                 "value_current": round(d.value_current, 4),
                 "value_target": round(d.value_candidate, 4),
                 "gain_requests": round(d.gain, 2),
@@ -374,6 +398,7 @@ def simulate(
                 "payback_s": None if d.payback_s is None else round(d.payback_s, 1),
                 "prefetch_s": round(prop.prefetch_s, 2),
                 "stall_ms": round(prop.stall_s * 1000, 2),
+                "recompute_requests": prop.change.recompute_requests,
                 "devices_target": prop.target_outlook.devices,
             }
         )
@@ -385,8 +410,12 @@ def simulate(
         devices_now = len(before | after)
         for p in pipes:
             p.slow = 1.0 + prop.change.overhead
+        # requests whose KV the change drops wait, without it, for the switch (no room before)
+        evicted = [running[i][1] for i in prop.recompute]
+        for p in pipes:
+            p.evict(run, evicted)
         state = ControllerState(last_apply_end_s=state.last_apply_end_s, applying=True)
-        pending = (t + prop.prefetch_s, prop.target, prop.stall_s, d.reason, len(before))
+        pending = (t + prop.prefetch_s, prop.target, prop.stall_s, evicted)
         reconfigs.append(
             Reconfiguration(
                 t,
@@ -397,18 +426,19 @@ def simulate(
                 len(after),
                 len(prop.target),
                 d.reason,
+                len(evicted),
             )
         )
 
     def switch() -> None:
         nonlocal pending, pipes, devices_now, state
         assert pending is not None
-        ts, target, stall_s, _, _ = pending
+        ts, target, stall_s, evicted = pending
         for p in pipes:
             _advance(p, run, ts)
         account(ts)
         old = {tuple(p.stages): p for p in pipes}
-        new_pipes, moved = [], []
+        new_pipes, moved = [], list(evicted)
         for st in target:
             kept = old.pop(tuple(st), None)
             new_pipes.append(kept or SimPipeline(st, PipelineCosts.of(spec, st, batch), ts))

@@ -62,10 +62,11 @@ class Reconfig:
     def history(self) -> list[Record]:
         return self.records
 
-    def start(self, target: Configuration) -> Record:
+    def start(self, target: Configuration, recompute_overflow: bool = False) -> Record:
         if any(not r.done.is_set() for r in self.records):
             raise ApplyRefused("apply apply-1 is in progress")
         self.started.append(target)
+        self.recompute_overflow = recompute_overflow
         self.records.append(Record(f"apply-{len(self.records) + 1}"))
         return self.records[-1]
 
@@ -96,6 +97,7 @@ def test_auto_applies_a_change_that_pays_back_and_never_two_at_once() -> None:
     first = control.step(now_s=1000.0)
     assert first.act and first.apply_id == "apply-1" and first.error is None
     assert reconfig.started and len(reconfig.started[0].pipelines) > 1  # replicas for the burst
+    assert reconfig.recompute_overflow is False  # the policy's default: change only where KV fits
     assert first.predicted["goodput_target_rps"] > first.predicted["goodput_current_rps"]
     assert "gains" in first.reason and first.workload["rate_per_s"] == pytest.approx(5.0)
     second = control.step(now_s=1001.0)  # the first apply still runs
@@ -136,6 +138,16 @@ def test_serve_takes_the_mode_from_the_flag_or_the_spec() -> None:
     settings = controller_settings(args, spec)
     assert settings.mode == "propose" and settings.policy.min_dwell_s == 20
     assert controller_settings(parser.parse_args(["serve"]), None).mode == "off"
+    assert not settings.policy.recompute_overflow
+    recompute = controller_settings(parser.parse_args(["serve", "--controller-recompute"]), None)
+    assert recompute.policy.recompute_overflow
+    # and the runner's applies ask for what its decisions priced
+    from dataclasses import replace
+
+    reconfig = Reconfig("0:15,15:30")
+    control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), ControllerSettings(
+        mode="auto", interval_s=5, policy=replace(POLICY, recompute_overflow=True), time_limit_s=2))
+    assert control.step(now_s=1000.0).act and reconfig.recompute_overflow is True
     assert controller_settings(parser.parse_args(["serve", "--controller", "auto"]), spec).mode == "auto"
     with pytest.raises(ValueError, match="--controller-interval must be positive"):
         controller_settings(parser.parse_args(["serve", "--controller-interval", "0"]), None)

@@ -30,6 +30,27 @@ def test_overload_loses_nearly_every_request_not_just_the_excess() -> None:
     assert goodput_rps(10.0, 14.0, SPEC) - goodput_rps(10.0, 9.0, SPEC) > 5.0
 
 
+def test_a_backlog_is_a_debt_that_more_capacity_pays_off_sooner() -> None:
+    rate, ttft_s = 10.0, SPEC.slo.ttft_ms / 1000
+    for backlog in (0, 50, 500, 5000):
+        caps = [c / 10 for c in range(10, 400)]
+        values = [goodput_rps(rate, c, SPEC, backlog) for c in caps]
+        assert all(b >= a - 1e-9 for a, b in zip(values, values[1:], strict=False))
+        assert all(goodput_rps(rate, c, SPEC, backlog) <= goodput_rps(rate, c, SPEC) for c in caps)
+        for edge in (rate, rate / UTILISATION):
+            near = [goodput_rps(rate, edge + d, SPEC, backlog) for d in (-1e-7, 0.0, 1e-7)]
+            assert max(near) - min(near) < 1e-3, (backlog, edge, near)
+    # what the SLO lets wait costs nothing; beyond it, the time to drain it is lost
+    assert goodput_rps(rate, 20.0, SPEC, int(ttft_s * 20)) == goodput_rps(rate, 20.0, SPEC)
+    late = 3000 - ttft_s * 20.0
+    assert abs(goodput_rps(rate, 20.0, SPEC, 3000) - rate * 600.0 / (600.0 + late / 10.0)) < 1e-9
+    # however long the drain, a capacity above the rate keeps a share: overload has a way out
+    assert 0 < goodput_rps(rate, 10.5, SPEC, 100_000) < goodput_rps(rate, 11.0, SPEC, 100_000)
+    # in an overload that has left a queue, twice the capacity is worth far more than the
+    # device it costs (folding the queue into the rate made both look lost alike)
+    assert goodput_rps(rate, 14.0, SPEC, 400) - goodput_rps(rate, 7.0, SPEC, 400) > 3.0
+
+
 SPEC_13B = ROOT / "data/specs/azure-conv-a100-l40s-llama2-13b.yaml"
 
 

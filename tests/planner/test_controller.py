@@ -103,3 +103,24 @@ def test_flapping_prevented_while_naive_rule_flaps() -> None:
     assert applies(POLICY, Outlook(4.0, 6), Outlook(4.12, 6)) == 0  # under 5 % hysteresis
     # two devices fewer at equal goodput: minutes 0, 5, 10, ...: one per 300 s dwell
     assert applies(devices, Outlook(4.0, 6), Outlook(4.0, 4)) == 6
+
+
+def test_in_an_overload_that_meets_no_slo_more_capacity_is_applied_when_it_pays() -> None:
+    """Goodput 0 on both sides says nothing; the configuration that serves more drains the
+    queue sooner. It must raise the capacity by the hysteresis share, on no more devices,
+    and the extra requests it serves over the horizon must pay for the change."""
+    lost = Outlook(0.0, 6, capacity_rps=8.0)
+    recent = ControllerState(last_apply_end_s=900)
+    d = decide(1000, recent, lost, Outlook(0.0, 6, capacity_rps=10.0), CHEAP, 10.0, POLICY)
+    assert d.act and "drains the queue sooner" in d.reason  # dwell does not hold an overload
+    assert d.gain == 2.0 * 600 and d.payback_s is not None
+    small = decide(1000, IDLE, lost, Outlook(0.0, 6, capacity_rps=8.2), CHEAP, 10.0, POLICY)
+    assert not small.act and "no real gain" in small.reason
+    dear = ChangeCost(stall_s=30, touched_requests=80, prefetch_s=600, in_flight_requests=80)
+    costly = decide(1000, IDLE, lost, Outlook(0.0, 6, capacity_rps=10.0), dear, 1.0, POLICY)
+    assert not costly.act and "does not pay back" in costly.reason
+    more_devices = decide(1000, IDLE, lost, Outlook(0.0, 8, capacity_rps=20.0), CHEAP, 10.0, POLICY)
+    assert not more_devices.act  # that is a question of value (device cost), not of draining
+    # where the candidate meets some SLOs, the usual rule judges it
+    some = decide(1000, IDLE, lost, Outlook(3.0, 6, capacity_rps=10.0), CHEAP, 10.0, POLICY)
+    assert some.act and "drains" not in some.reason

@@ -133,3 +133,63 @@ def test_a_pipelines_own_idle_stages_do_not_slow_its_busy_ones(tmp_path) -> None
     assert two.prefill_s(128, 0)[1] < two.prefill_s(128, 3)[1]
     replica = PipelineCosts.of(spec, [(a, 0, 30)], 4)
     assert replica.stages_busy(1)[0].share.memory == pytest.approx(bus)  # the other worker busy
+
+
+def test_a_request_whose_kv_a_change_drops_prefills_again_and_keeps_its_first_token() -> None:
+    """The diff planner may drop a request's KV (recompute_overflow): in the simulator it
+    leaves its pipeline, and once admitted again prefills its prompt and the tokens it has
+    made; its first token (TTFT) stays when it came, and it finishes later."""
+    import math
+
+    from planner.serving_costs import PipelineCosts
+    from planner.simulator import SimPipeline, Trace, _advance, _Run
+
+    spec = load_spec(SPEC)
+    stages = [(spec.device_names()[0][0], 0, 32)]
+    trace = Trace([0.0, 0.0], [800, 800], [200, 200])
+
+    def serve(until_s: float) -> tuple[SimPipeline, _Run]:
+        run = _Run(trace, [o - 1 for o in trace.output], [math.nan] * 2, [math.nan] * 2, [False] * 2)
+        p = SimPipeline(stages, PipelineCosts.of(spec, stages, 16), 0.0)
+        p.queue.extend([0, 1])
+        _advance(p, run, until_s)
+        return p, run
+
+    _, plain = serve(math.inf)
+    p, run = serve(2.0)
+    first, left = run.first_s[1], run.remaining[1]
+    assert 0 < first < 2.0 and p.active == 2
+    p.evict(run, [1])
+    made = 200 - 1 - run.remaining[1]
+    assert made > 0 and run.remaining[1] < left  # it decoded some tokens before the drop
+    assert run.redo == {1: 800 + made} and not run.prefilled[1]
+    assert p.active == 1 and p.kv_reserved == 1000
+    p.queue.append(1)
+    _advance(p, run, math.inf)
+    assert run.first_s[1] == first and run.redo == {}
+    assert run.finish_s[1] > plain.finish_s[1]
+    assert p.active == 0 and p.kv_reserved == 0
+
+
+def test_a_change_memory_forbids_is_made_when_the_controller_may_recompute_the_overflow() -> None:
+    """13B at batch 64, the first 480 s of the phased trace at x1.65 (bench/adapt.py): with
+    the KV full, the change the controller wants does not fit, and it is refused; with
+    ControllerPolicy.recompute_overflow it is made, dropping the KV of some requests."""
+    from bench.adapt import TRACE, case_spec, phased
+    from cost_models.model_catalog import get_model_arch
+    from planner.controller import ControllerPolicy
+    from planner.simulator import within_context
+
+    spec = case_spec("13b-b64")
+    trace, _ = within_context(load_trace(TRACE, rate_scale=1.65), get_model_arch(spec.model).max_context)
+    trace = phased(trace, 600)
+    trace = trace.subset([i for i, a in enumerate(trace.arrival_s) if a < 480])
+    kept = simulate(spec, trace, "auto", controller=ControllerPolicy())
+    assert kept.reconfigurations == []
+    assert any(d["reason"].startswith("memory forbids the change") for d in kept.decisions)
+    made = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_overflow=True))
+    assert [r.recomputed > 0 for r in made.reconfigurations] == [True]
+    acted = [d for d in made.decisions if d["act"]]
+    assert acted[0]["recompute_requests"] == made.reconfigurations[0].recomputed
+    assert not any(d["reason"].startswith("memory forbids") for d in made.decisions)
+    assert made.slo_attainment > 0.5
