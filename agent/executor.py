@@ -206,10 +206,7 @@ class ApplyExecutor:
                     if seq.inflight:
                         seq.held, waiting = True, waiting + 1
                         continue
-                    sched.pipelines[seq.pipeline_id].running.remove(seq)
-                    sched.vacate(seq, seq.footprint)
-                    seq.status, seq.reserved_blocks, seq.pipeline_id = SequenceStatus.WAITING, 0, None
-                    seq.num_computed, seq.held = 0, False
+                    sched.unadmit(seq)
                     dropped.append(seq)
                     for w in self.old[i].workers:
                         workers[w].append(seq.request_id)
@@ -661,12 +658,9 @@ class ApplyExecutor:
         """Puts a request whose KV exists only on a pipeline being closed back at the head of
         the queue; once admitted again it recomputes its KV from its tokens (scheduler thread)."""
         sched = self.engine.scheduler
-        sched.pipelines[runtime.pipeline_id].running.remove(seq)
-        sched.vacate(seq, seq.footprint)
+        sched.unadmit(seq)
         for w in runtime.workers:
             self.imported[w].add(seq.request_id)  # its blocks there are freed by the undo
-        seq.status, seq.reserved_blocks, seq.pipeline_id = SequenceStatus.WAITING, 0, None
-        seq.num_computed, seq.held = 0, False
         sched.waiting.appendleft(seq)
 
     def _restore_capacity(self) -> None:  # scheduler thread

@@ -188,6 +188,15 @@ class Scheduler:
             self.worker_used[w] -= seq.reserved_blocks
         seq.footprint = seq.footprint - frozenset(workers)
 
+    def unadmit(self, seq: Sequence) -> None:
+        """Takes a running request off its pipeline and releases its reservation: it waits
+        again, without KV, to be queued by the caller; admitted again, it recomputes every
+        position from its tokens (its blocks on the stages are the caller's to free)."""
+        self.pipelines[seq.pipeline_id].running.remove(seq)
+        self.vacate(seq, seq.footprint)
+        seq.status, seq.reserved_blocks, seq.pipeline_id = SequenceStatus.WAITING, 0, None
+        seq.num_computed, seq.held = 0, False
+
     def move(self, seq: Sequence, pipeline_id: int) -> None:
         """Makes `seq` run on another pipeline (its footprint is the caller's business)."""
         self.pipelines[seq.pipeline_id].running.remove(seq)

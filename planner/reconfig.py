@@ -805,9 +805,9 @@ def capacity_problems(
         if c.weight_bytes_during > by_name[c.device].memory_budget_bytes:
             over_budget.add(c.device)
     problems += _stranded_kv(kv_moves_from_gone(current, target, requests, routes, by_name))
-    routed_blocks, routed = [0] * len(capacity), [0] * len(capacity)
+    routed_blocks = blocks_routed(requests, routes, len(capacity))
+    routed = [0] * len(capacity)
     for r in requests:
-        routed_blocks[routes[r.request_id]] += r.reserved_blocks
         routed[routes[r.request_id]] += 1
     for j, p in enumerate(target.pipelines):
         tightest = min(
@@ -833,6 +833,14 @@ def capacity_problems(
     return problems
 
 
+def blocks_routed(requests: Sequence[RequestKV], routes: dict[str, int], n: int) -> list[int]:
+    """Returns, per target pipeline of `n`, the blocks its routed requests reserve."""
+    out = [0] * n
+    for r in requests:
+        out[routes[r.request_id]] += r.reserved_blocks
+    return out
+
+
 def choose_recompute(
     current: Configuration,
     target: Configuration,
@@ -853,9 +861,7 @@ def choose_recompute(
     pool = {c.device: c.pool_blocks_during for c in changes if c.weight_bytes_during <= budget[c.device]}
     fixable = [all(str(s.device) in pool for s in p.stages) for p in target.pipelines]
     in_use = blocks_in_use_during(current, target, requests, routes)
-    routed = [0] * len(capacity)
-    for r in requests:
-        routed[routes[r.request_id]] += r.reserved_blocks
+    routed = blocks_routed(requests, routes, len(capacity))
     untouched = {i for i, j in pipeline_map.items() if j in kept}
     candidates = sorted(
         (r for r in requests if r.pipeline not in untouched),

@@ -125,8 +125,7 @@ class SimPipeline:
     def evict(self, run: _Run, requests: Sequence[int]) -> None:
         """Drops the KV of these active requests: each is to prefill its prompt and the tokens
         it has made again (`run.redo`) once admitted anywhere, its first token kept."""
-        gone = set(requests) & {r for _, r in self.ends}
-        kept = []
+        gone, kept = set(requests), []
         for end, r in self.ends:
             if r not in gone:
                 kept.append((end, r))
