@@ -61,6 +61,7 @@ from planner.simulator import (  # noqa: E402
     Stages,
     Trace,
     load_trace,
+    shape,
     simulate,
     within_context,
 )
@@ -140,7 +141,7 @@ def hindsight_per_window(
                 "rate_rps": round(len(part) / seconds, 2),
                 "output_tok_s": round(sum(part.output) / seconds),
                 "prompt_tok_s": round(sum(part.prompt) / seconds),
-                "best": describe(configs[pick]),
+                "best": shape(configs[pick]),
                 "met_best": met[pick],
                 "met_static": met[best],
             }
@@ -191,14 +192,6 @@ def phased(trace: Trace, phase_s: float, seed: int = 0) -> Trace:
     return out
 
 
-def describe(config: Stages | list[Stages]) -> str:
-    """Returns e.g. '6x1 stage' or '2x2 stages + 3x1 stage' for a configuration."""
-    counts: dict[int, int] = {}
-    for p in config:
-        counts[len(p)] = counts.get(len(p), 0) + 1
-    return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
-
-
 def case_spec(key: str) -> Spec:
     """Returns the spec of a case key: `8b` or `13b`, with `-bN` for a micro-batch of at most
     N sequences instead of the spec's 16 (e.g. 13b-b64: a server that admits by KV, as vLLM's
@@ -227,7 +220,7 @@ def run_case(
     t0 = time.perf_counter()
     configs = static_candidates(spec, trace, window_s)
     plan_s = time.perf_counter() - t0
-    statics = [Row(describe(c), simulate(spec, trace, "static", initial=c)) for c in configs]
+    statics = [Row(shape(c), simulate(spec, trace, "static", initial=c)) for c in configs]
     top = max(r.result.goodput_rps for r in statics)
     # the most goodput; within GOODPUT_TIE of it, the fewest device-hours
     best = min(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from planner.simulator import SimResult
+from planner.simulator import SimResult, shape
+
+
+def configuration_segments(result: SimResult) -> list[tuple[float, str]]:
+    """Returns (minute it starts serving, shape) for the initial configuration and each one a
+    reconfiguration switched to."""
+    out = [(0.0, shape(result.initial))]
+    for r in result.reconfigurations:
+        out.append((r.switch_s / 60, r.shape_after or f"{r.pipelines_after} pipelines"))
+    return out
 
 
 def plot_simulation(result: SimResult, directory: str) -> list[Path]:
@@ -36,10 +45,14 @@ def plot_simulation(result: SimResult, directory: str) -> list[Path]:
     save(fig, "load.png")
 
     fig, ax = plt.subplots(figsize=(10, 3), constrained_layout=True)
-    ax.step(t, [b["devices"] for b in tl], where="post", label="devices")
-    ax.step(t, [b["pipelines"] for b in tl], where="post", label="pipelines")
+    ax.step(t, [b["devices"] for b in tl], where="post", label="devices", lw=2.5)
+    ax.step(t, [b["pipelines"] for b in tl], where="post", label="pipelines", ls=":", lw=2)
+    top = max([b["devices"] for b in tl] + [1])
+    ax.set_ylim(0, top * 1.35)
+    for i, (start_min, text) in enumerate(configuration_segments(result)):  # staggered
+        ax.annotate(text, (start_min, top * (1.06 + 0.13 * (i % 2))), fontsize=8)
     ax.set(xlabel="minutes", ylabel="count", title="configuration (dashed: reconfigurations)")
-    ax.legend()
+    ax.legend(loc="lower right")
     save(fig, "configuration.png")
 
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True, constrained_layout=True)

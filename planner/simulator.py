@@ -48,6 +48,15 @@ ROUTE_CHOICES = 4
 Stages = list[tuple[str, int, int]]
 
 
+def shape(config: Sequence[Stages]) -> str:
+    """Returns how many pipelines of each depth a configuration has, deepest first: e.g.
+    '3x2 + 2x1 stages' for three 2-stage pipelines beside two 1-stage ones."""
+    counts: dict[int, int] = {}
+    for p in config:
+        counts[len(p)] = counts.get(len(p), 0) + 1
+    return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
+
+
 @dataclass
 class Trace:
     arrival_s: list[float]
@@ -223,6 +232,7 @@ class Reconfiguration:
     pipelines_after: int
     reason: str
     recomputed: int = 0  # requests whose KV the change dropped (they prefilled again)
+    shape_after: str = ""  # the configuration it switched to, e.g. '3x2 + 2x1 stages'
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -426,6 +436,7 @@ def simulate(
                 len(prop.target),
                 d.reason,
                 len(evicted),
+                shape(prop.target),
             )
         )
 

@@ -74,6 +74,21 @@ def test_auto_gives_devices_back_when_load_falls_and_takes_them_when_it_rises() 
     assert late and min(late) > 0.95
     static = simulate(load_spec(SPEC), trace, "static")
     assert result.device_hours < static.device_hours
+    # the plot labels each configuration from the moment it serves
+    from planner.simulation_plot import configuration_segments
+    from planner.simulator import shape
+
+    segments = configuration_segments(result)
+    assert segments[0] == (0.0, shape(result.initial))
+    assert [m for m, _ in segments[1:]] == [r.switch_s / 60 for r in result.reconfigurations]
+    assert segments[-1][1] == shape(result.final)
+
+
+def test_a_configurations_shape_counts_pipelines_of_each_depth_deepest_first() -> None:
+    from planner.simulator import shape
+
+    config = [[("a", 0, 32)], [("b", 0, 16), ("c", 16, 32)], [("d", 0, 32)]]
+    assert shape(config) == "1x2 + 2x1 stages"
 
 
 def test_prefill_is_linear_between_prompt_buckets_and_running_sequences_wait_the_whole_traversal() -> None:
