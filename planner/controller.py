@@ -151,7 +151,6 @@ def decide(
         return out(True, f"value {v_cur:.3f} -> {v_new:.3f} req/s (payback rule off)")
     # dwell stops flapping, but never holds a deployment in overload: a change that raises
     # goodput itself (not only the device cost) by the hysteresis share may skip it
-    # goodput itself (not only the device cost) by the hysteresis share may skip it
     rescue = candidate.goodput_rps > current.goodput_rps * (1 + policy.min_relative_gain)
     if (
         state.last_apply_end_s is not None
