@@ -170,16 +170,28 @@ def start_controller(app, engine, args, spec, settings, store=None):
 
     monitor = app.state.workload_monitor
     if spec is None:
-        try:
-            model = get_model_arch(engine.model_name).name
-        except KeyError:
-            model = get_model_arch(args.model).name
-        spec = default_spec(model, len(engine.worker_info))
+        model = None
+        for name in (engine.model_name, args.model):
+            try:
+                model = get_model_arch(name).name
+                break
+            except KeyError:
+                continue
+        if model is not None:
+            spec = default_spec(model, len(engine.worker_info))
+        elif settings.mode != "off":
+            raise ValueError(
+                f"--controller {settings.mode} plans with the model catalog, which has no "
+                f"{engine.model_name!r}: give --spec naming a catalog model that stands for it, "
+                "or serve with --controller off")
+        # Otherwise (any GGUF or safetensors directory, controller off) nothing plans: the
+        # monitor keeps its default SLOs, and the runner only answers GET /admin/v1/controller.
     if monitor is not None:
         monitor.window_s = args.workload_window
-        slo = spec.slo
-        monitor.slo = SloTargets(None if slo.ttft_ms is None else slo.ttft_ms / 1000,
-                                 None if slo.tpot_ms is None else slo.tpot_ms / 1000)
+        if spec is not None:
+            slo = spec.slo
+            monitor.slo = SloTargets(None if slo.ttft_ms is None else slo.ttft_ms / 1000,
+                                     None if slo.tpot_ms is None else slo.tpot_ms / 1000)
     runner = ControllerRunner(engine.reconfig, monitor, spec, settings, app.state.device_fleet, store)
     app.state.controller = runner
     if settings.mode != "off":
@@ -306,7 +318,11 @@ def run(args) -> int:
             app.state.device_fleet.max_devices = args.max_devices
         if store is not None:
             mount_planner_api(app, store, args)
-        runner = start_controller(app, engine, args, spec, settings, store)
+        try:
+            runner = start_controller(app, engine, args, spec, settings, store)
+        except ValueError as exc:
+            print(f"pipeshift serve: error: {exc}", file=sys.stderr)
+            return 2
         try:
             run_server(app, args.host, args.port)
         finally:

@@ -192,3 +192,33 @@ def test_a_store_that_fails_loses_the_record_not_the_decision(tmp_path) -> None:
     decision = control.step(now_s=1000.0)
     assert decision.act and decision.apply_id == "apply-1" and len(reconfig.started) == 1
     assert [d["id"] for d in control.to_json()["decisions"]] == [1]
+
+
+def test_serve_of_a_model_outside_the_catalog_starts_with_the_controller_off() -> None:
+    """`serve --model DIR` (any GGUF or safetensors directory, named as its file or folder) has
+    no catalog entry to plan with: with the controller off it serves (the monitor keeps its
+    default SLOs); a controller that would plan says to give --spec instead of a traceback."""
+    import argparse
+    from types import SimpleNamespace
+
+    from agent.serve_command import register, start_controller
+    from agent.workload_monitor import SloTargets
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    engine = SimpleNamespace(model_name="my-llama", worker_info=[object(), object()], reconfig=Reconfig("0:30"))
+    for model in ("models/my-llama", "models/my-llama.gguf"):
+        app = SimpleNamespace(state=SimpleNamespace(workload_monitor=WorkloadMonitor(), device_fleet=None))
+        args = parser.parse_args(["serve", "--model", model, "--workload-window", "30"])
+        runner = start_controller(app, engine, args, None, ControllerSettings(mode="off"))
+        assert app.state.controller is runner and runner.spec is None
+        assert runner.to_json()["mode"] == "off" and not runner.to_json()["running"]
+        assert app.state.workload_monitor.window_s == 30
+        assert app.state.workload_monitor.slo == SloTargets()
+        with pytest.raises(ValueError, match="--spec naming a catalog model"):
+            start_controller(app, engine, args, None, ControllerSettings(mode="auto"))
+    # a catalog model still gets the default spec, by the engine's name or by --model
+    app = SimpleNamespace(state=SimpleNamespace(workload_monitor=WorkloadMonitor(), device_fleet=None))
+    args = parser.parse_args(["serve", "--model", "smollm2-135m"])
+    runner = start_controller(app, engine, args, None, ControllerSettings(mode="off"))
+    assert runner.spec.model == "SmolLM2-135M"
