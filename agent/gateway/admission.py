@@ -24,7 +24,7 @@ def resolve_model(requested: str | None, served: str, aliases: Sequence[str]) ->
     """Returns the name to answer with; raises a 404 `model_not_found` for any other model."""
     if requested is None or requested == served or requested in aliases:
         return requested or served
-    names = ", ".join(repr(n) for n in (served, *aliases))
+    names = ", ".join(repr(n) for n in dict.fromkeys((served, *aliases)))  # each once
     raise APIError(
         f"The model {requested!r} does not exist on this server; it serves {names} "
         "(GET /v1/models lists them).",

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+TEXT_CHOICES = ("none", "auto")  # the tool_choice values a text answer satisfies
 MAX_CHOICES = 16  # n: sequences per prompt, all admitted together
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 # The seed range vLLM accepts (int64); torch's generators overflow beyond it.
@@ -404,6 +405,10 @@ class ChatCompletionRequest(_GenerationRequest):
     # Accepted only at their neutral value (see `unsupported_fields`).
     tools: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
     functions: list[Any] | None = Field(default=None, json_schema_extra=_limit(maxItems=0))
+    # Without tools the answer is text, which "none" and "auto" allow; "required" or a named
+    # function asks for a tool call this server cannot make (OpenAI refuses it without tools).
+    tool_choice: Any = Field(default=None, json_schema_extra=_only(*TEXT_CHOICES, None))
+    function_call: Any = Field(default=None, json_schema_extra=_only(*TEXT_CHOICES, None))
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -441,6 +446,14 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.tools or self.functions:
             param = "tools" if self.tools else "functions"
             problems.append((param, "tool calling is not supported: leave tools out"))
+        for param in ("tool_choice", "function_call"):
+            choice = getattr(self, param)
+            if choice is not None and choice not in TEXT_CHOICES:
+                problems.append((
+                    param,
+                    f"{param} {choice!r} asks for a tool call, and tool calling is not supported: "
+                    f'leave {param} out or set it to "none" or "auto" (the answer is text)',
+                ))
         return problems
 
 

@@ -138,10 +138,15 @@ class CompletionFormat:
         choice = CompletionChoice(index=index, text="", finish_reason=finish_reason)
         return sse(self._body([choice], None).model_dump(mode="json"))
 
+    def _counted(self, usage: Usage) -> Usage:
+        """Returns `usage` as the client sees it: echo alone generated nothing it answers."""
+        return Usage.of(usage.prompt_tokens, 0) if self.echo_only else usage
+
     def usage(self, usage: Usage) -> bytes:
-        return sse(self._body([], usage).model_dump(mode="json"))
+        return sse(self._body([], self._counted(usage)).model_dump(mode="json"))
 
     def whole(self, results: list[ChoiceResult], usage: Usage) -> BaseModel:
+        usage = self._counted(usage)
         choices = []
         for r in results:
             text, entries = self._parts(r.index, r.text, r.logprobs, r.prompt_logprobs, first=True)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from agent.gateway import create_app
 from tests.gateway.fake_engine import FakeEngine
 
 CHAT = "/v1/chat/completions"
@@ -138,6 +139,19 @@ CASES = [
         "tools",
         ["tool calling is not supported"],
     ),
+    (
+        CHAT,
+        {"messages": USER, "tool_choice": "required"},
+        "tool_choice",
+        ["tool_choice 'required' asks for a tool call", "leave tool_choice out", '"none" or "auto"'],
+    ),
+    (
+        CHAT,
+        {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        "tool_choice",
+        ["asks for a tool call", "tool calling is not supported"],
+    ),
+    (CHAT, {"messages": USER, "function_call": {"name": "f"}}, "function_call", ["leave function_call out"]),
     (CHAT, {"messages": USER, "stream": "yes"}, "stream", ["stream", "boolean"]),
     (
         CHAT,
@@ -206,6 +220,19 @@ def test_unknown_model_is_a_404_naming_the_served_one(client: TestClient, path: 
     assert error["code"] == "model_not_found" and error["param"] == "model"
     assert "'gpt-9'" in error["message"] and "'fake-model'" in error["message"]
     assert "/v1/models" in error["message"]
+
+
+def test_unknown_model_names_each_served_name_once(engine: FakeEngine) -> None:
+    # serve's aliases repeat what --model said when the catalog lists it as well
+    app = create_app(engine, aliases=["fake-alias", "fake-model", "fake-alias"])
+    error = error_of(TestClient(app).post(CHAT, json={"model": "gpt-9", "messages": USER}), 404)
+    assert "it serves 'fake-model', 'fake-alias' (GET /v1/models" in error["message"]
+
+
+@pytest.mark.parametrize("choice", ["none", "auto", None])
+def test_a_tool_choice_a_text_answer_satisfies_is_served(client: TestClient, choice: str | None) -> None:
+    r = client.post(CHAT, json={"messages": USER, "tool_choice": choice, "function_call": choice})
+    assert r.status_code == 200, r.text
 
 
 def test_rejections_are_counted(client: TestClient) -> None:

@@ -65,6 +65,18 @@ def test_echo_with_max_tokens_0_answers_the_prompt_alone(client: TestClient, eng
     assert "".join(c["text"] for chunk in streamed for c in chunk["choices"]) == "Hey"
 
 
+def test_echo_with_max_tokens_0_counts_no_completion_tokens(client: TestClient):
+    # The token sampled to compute the prompt's last position is not answered, so not counted.
+    body = client.post(COMPLETIONS, json={"prompt": "Hey", "echo": True, "max_tokens": 0}).json()
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    streamed, _ = sse_payloads(client.post(COMPLETIONS, json={
+        "prompt": "Hey", "echo": True, "max_tokens": 0, "stream": True, "stream_options": {"include_usage": True},
+    }).text)
+    assert streamed[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    body = client.post(COMPLETIONS, json={"prompt": "Hey", "echo": True, "max_tokens": 1}).json()
+    assert body["usage"]["completion_tokens"] == 1
+
+
 def test_an_error_in_one_choice_ends_the_request(engine: FakeEngine, client: TestClient):
     engine.error_at = 1
     chunks, done = sse_payloads(client.post(COMPLETIONS, json={"prompt": "Hi", "n": 2, "stream": True}).text)
