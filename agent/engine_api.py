@@ -18,6 +18,8 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # vLLM's extension: keep the k most likely tokens; 0 keeps all
+    min_p: float = 0.0  # vLLM's extension: drop tokens below min_p x the most likely one's probability
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -38,6 +40,10 @@ class SamplingParams:
     def wire(self) -> dict[str, Any]:
         """Returns what the last stage's sampler needs, leaving out what is at its neutral value."""
         out: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        if self.top_k:
+            out["top_k"] = self.top_k
+        if self.min_p:
+            out["min_p"] = self.min_p
         if self.logit_bias:
             out["logit_bias"] = [list(b) for b in self.logit_bias]
         for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):

@@ -14,15 +14,16 @@ The logits of a row are processed in float32, in vLLM's order:
      output so far: `logits[t] /= r` where it is positive, `logits[t] *= r` otherwise;
   3. `frequency_penalty` f and `presence_penalty` p, by the output's token counts c[t]:
      `logits[t] -= f * c[t] + p * (c[t] > 0)`.
-Greedy decoding takes the argmax of these logits; sampling divides them by the temperature
-and keeps the top-p nucleus. Log-probabilities are `log_softmax` of the processed logits,
+Greedy decoding takes the argmax of these logits; sampling divides them by the temperature,
+then (vLLM's order) keeps the tokens at least `min_p` times as likely as the most likely one,
+the `top_k` most likely, and the top-p nucleus of what is left. Log-probabilities are `log_softmax` of the processed logits,
 before temperature and top-p (so they equal the model's own when no bias or penalty is set),
 and a token's logprob and its entry among the top ones are the same float32 number. Under a
 grammar they are those of the masked logits (a disallowed token's is -inf, and is not listed
 among the top ones).
 
 A request's parameters are a dict (JSON from the engine): temperature, top_p, seed, and only
-when set: logit_bias [[token, bias], ...], presence_penalty, frequency_penalty,
+when set: top_k, min_p, logit_bias [[token, bias], ...], presence_penalty, frequency_penalty,
 repetition_penalty, output_ids (the tokens generated so far, for the penalties and the grammar),
 prompt_ids (for the repetition penalty), logprobs (how many top alternatives to list; 0: only the
 chosen token's logprob), grammar (the grammar text of a JSON schema). The grammar matcher of a
@@ -140,6 +141,14 @@ class Sampler:
         if temperature <= 0.0:
             return int(torch.argmax(row))
         probs = torch.softmax(row / temperature, dim=-1)
+        min_p = float(p.get("min_p", 0.0))
+        if min_p > 0.0:
+            probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+        top_k = int(p.get("top_k", 0))
+        if 0 < top_k < probs.shape[0]:
+            probs = torch.where(probs >= torch.topk(probs, top_k).values[-1], probs, 0.0)
+        if min_p > 0.0 or top_k > 0:
+            probs = probs / probs.sum()  # top-p's mass is that of what is left
         top_p = float(p.get("top_p", 1.0))
         if top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

@@ -241,6 +241,8 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
 def _shaping(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     """Returns the logit bias and penalties of a request, as `sampling_params` takes them."""
     return {
+        "top_k": body.top_k,
+        "min_p": body.min_p,
         "logit_bias": body.logit_bias_pairs(),
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,

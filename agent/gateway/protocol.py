@@ -56,6 +56,35 @@ LogitBias = dict[
 ]
 Logprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
 ChoiceCount = Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES), BeforeValidator(_integral)]
+TopK = Annotated[int, Field(strict=True, ge=-1), BeforeValidator(_integral)]  # -1, 0: every token
+
+# vLLM's request extensions this server does not do: each is accepted at its neutral value (the
+# first) and refused otherwise with the message, so a vLLM client never silently loses one.
+VLLM_NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
+    "min_tokens": (0, "min_tokens is not supported: leave it out or set it to 0"),
+    "stop_token_ids": ([], "stop_token_ids is not supported: leave it out (stop takes strings)"),
+    "include_stop_str_in_output": (
+        False, "include_stop_str_in_output is not supported: leave it out or set it to false"),
+    "use_beam_search": (False, "beam search is not supported: leave use_beam_search out"),
+    "guided_json": (None, 'guided_json is not supported: send response_format {"type": '
+                    '"json_schema", "json_schema": {"name": ..., "schema": ...}} instead'),
+    "guided_regex": (None, "guided_regex is not supported: leave it out"),
+    "guided_choice": (None, "guided_choice is not supported: leave it out"),
+    "guided_grammar": (None, "guided_grammar is not supported: leave it out"),
+    "truncate_prompt_tokens": (None, "truncate_prompt_tokens is not supported: shorten the prompt "
+                               "yourself"),
+}
+VLLM_CHAT_NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
+    "add_generation_prompt": (True, "add_generation_prompt false is not supported: the chat "
+                              "prompt always ends with the assistant's turn opened"),
+    "continue_final_message": (False, "continue_final_message is not supported: leave it out"),
+    "echo": (False, "echo is not supported on chat completions: leave it out (/v1/completions "
+             "echoes the prompt)"),
+}
+
+
+def _neutral(value: Any) -> Callable[[dict[str, Any]], None]:
+    return _only(value) if value is None else _only(value, None)
 
 
 def _only(*values: Any) -> Callable[[dict[str, Any]], None]:
@@ -192,6 +221,20 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, strict=True, ge=-2.0, le=2.0)
     # vLLM takes any positive value; float32 logits overflow or vanish far from 1.
     repetition_penalty: float = Field(default=1.0, strict=True, ge=0.01, le=100.0)
+    # vLLM's sampling extensions, applied when sampling (agent/sampler.py): keep the top_k most
+    # likely tokens (-1 or 0: all), and those at least min_p times as likely as the first.
+    top_k: TopK = 0
+    min_p: float = Field(default=0.0, strict=True, ge=0.0, le=1.0)
+    # Accepted only at their neutral value (VLLM_NEUTRAL_ONLY).
+    min_tokens: Any = Field(default=None, json_schema_extra=_neutral(0))
+    stop_token_ids: Any = Field(default=None, json_schema_extra=_neutral([]))
+    include_stop_str_in_output: Any = Field(default=None, json_schema_extra=_neutral(False))
+    use_beam_search: Any = Field(default=None, json_schema_extra=_neutral(False))
+    guided_json: Any = Field(default=None, json_schema_extra=_neutral(None))
+    guided_regex: Any = Field(default=None, json_schema_extra=_neutral(None))
+    guided_choice: Any = Field(default=None, json_schema_extra=_neutral(None))
+    guided_grammar: Any = Field(default=None, json_schema_extra=_neutral(None))
+    truncate_prompt_tokens: Any = Field(default=None, json_schema_extra=_neutral(None))
     logit_bias: LogitBias | None = Field(default=None, json_schema_extra=_token_map)
     # Choices per prompt; they share the prompt's prefill and KV blocks. With a seed, member
     # i samples with seed + i (as vLLM does).
@@ -258,6 +301,7 @@ class _GenerationRequest(BaseModel):
             problems.append(
                 ("stream_options", "stream_options is only allowed when stream is true")
             )
+        problems += _not_neutral(self, VLLM_NEUTRAL_ONLY)
         return problems
 
 
@@ -409,6 +453,10 @@ class ChatCompletionRequest(_GenerationRequest):
     # function asks for a tool call this server cannot make (OpenAI refuses it without tools).
     tool_choice: Any = Field(default=None, json_schema_extra=_only(*TEXT_CHOICES, None))
     function_call: Any = Field(default=None, json_schema_extra=_only(*TEXT_CHOICES, None))
+    # vLLM's chat extensions, accepted only at their neutral value (VLLM_CHAT_NEUTRAL_ONLY).
+    add_generation_prompt: Any = Field(default=None, json_schema_extra=_neutral(True))
+    continue_final_message: Any = Field(default=None, json_schema_extra=_neutral(False))
+    echo: Any = Field(default=None, json_schema_extra=_neutral(False))
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -454,6 +502,7 @@ class ChatCompletionRequest(_GenerationRequest):
                     f"{param} {choice!r} asks for a tool call, and tool calling is not supported: "
                     f'leave {param} out or set it to "none" or "auto" (the answer is text)',
                 ))
+        problems += _not_neutral(self, VLLM_CHAT_NEUTRAL_ONLY)
         return problems
 
 
@@ -593,6 +642,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def _not_neutral(body: BaseModel, fields: dict[str, tuple[Any, str]]) -> list[tuple[str, str]]:
+    """Returns (param, message) for each of `fields` set to something else than its neutral value
+    (the same type too: 0 is not false)."""
+    problems = []
+    for name, (neutral, message) in fields.items():
+        value = getattr(body, name)
+        if value is not None and (type(value) is not type(neutral) or value != neutral):
+            problems.append((name, message))
+    return problems
 
 
 def _token_ids(ids: Any, field: str) -> list[int]:

@@ -83,6 +83,25 @@ def test_top_p_keeps_the_smallest_prefix_that_reaches_it():
     assert seen == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
 
 
+def test_top_k_and_min_p_keep_only_the_likeliest_tokens():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().unsqueeze(0)
+    sampler = Sampler()
+
+    def seen(**params: float) -> set[int]:
+        return {sampler.sample(logits, ["r"], [{"temperature": 1.0, **params}])[0] for _ in range(300)}
+
+    assert seen() == {0, 1, 2, 3}
+    assert seen(top_k=2) == {0, 1}
+    assert seen(top_k=1) == {0}
+    assert seen(top_k=10) == {0, 1, 2, 3}  # more than the vocabulary keeps all
+    assert seen(min_p=0.4) == {0, 1, 2}  # 0.1 < 0.4 x 0.4 <= 0.2
+    assert seen(min_p=0.6) == {0, 1}
+    # top-p then takes its mass from what top-k left: 0.4 / 0.7 < 0.6 needs the second token
+    assert seen(top_k=2, top_p=0.6) == {0, 1}
+    assert seen(top_k=3, top_p=0.4) == {0}  # 0.4 / 0.9 >= 0.4 stops at the first
+
+
 def test_different_seeds_differ_on_a_flat_distribution():
     flat = torch.zeros((1, 1000))
 

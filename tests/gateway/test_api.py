@@ -75,6 +75,19 @@ def test_sampling_parameters_reach_the_engine(client: TestClient, engine: FakeEn
     assert engine.calls[-1][2].max_tokens == 16  # OpenAI's default for completions
 
 
+def test_vllm_top_k_and_min_p_reach_the_sampler(client: TestClient, engine: FakeEngine) -> None:
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for path, body in (("/v1/completions", {"prompt": "abc"}), ("/v1/chat/completions", chat)):
+        assert client.post(path, json={**body, "top_k": 40, "min_p": 0.05}).status_code == 200
+        params = engine.calls[-1][2]
+        assert (params.top_k, params.min_p) == (40, 0.05)
+        assert params.wire()["top_k"] == 40 and params.wire()["min_p"] == 0.05
+        assert client.post(path, json={**body, "top_k": -1}).status_code == 200  # vLLM's "all"
+        params = engine.calls[-1][2]
+        assert (params.top_k, params.min_p) == (0, 0.0)
+        assert "top_k" not in params.wire() and "min_p" not in params.wire()
+
+
 @pytest.mark.parametrize(
     ("prompt", "ids"),
     [(["ab"], [97, 98]), ([5, 6, 7], [5, 6, 7]), ([[5, 6]], [5, 6])],

@@ -153,6 +153,22 @@ CASES = [
     ),
     (CHAT, {"messages": USER, "function_call": {"name": "f"}}, "function_call", ["leave function_call out"]),
     (CHAT, {"messages": USER, "stream": "yes"}, "stream", ["stream", "boolean"]),
+    (COMPLETIONS, {"prompt": "Hi", "top_k": -2}, "top_k", ["greater than or equal to -1"]),
+    (COMPLETIONS, {"prompt": "Hi", "top_k": "5"}, "top_k", ["top_k", "integer"]),
+    (CHAT, {"messages": USER, "min_p": 1.5}, "min_p", ["less than or equal to 1"]),
+    # vLLM's extensions that are not done: refused unless neutral, never silently dropped
+    (COMPLETIONS, {"prompt": "Hi", "min_tokens": 5}, "min_tokens", ["min_tokens is not supported"]),
+    (CHAT, {"messages": USER, "stop_token_ids": [2]}, "stop_token_ids", ["stop takes strings"]),
+    (CHAT, {"messages": USER, "include_stop_str_in_output": True}, "include_stop_str_in_output",
+     ["not supported"]),
+    (COMPLETIONS, {"prompt": "Hi", "use_beam_search": True}, "use_beam_search", ["beam search"]),
+    (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, "guided_json", ["response_format"]),
+    (CHAT, {"messages": USER, "guided_choice": ["a", "b"]}, "guided_choice", ["not supported"]),
+    (COMPLETIONS, {"prompt": "Hi", "truncate_prompt_tokens": 10}, "truncate_prompt_tokens", ["shorten"]),
+    (CHAT, {"messages": USER, "add_generation_prompt": False}, "add_generation_prompt", ["always ends"]),
+    (CHAT, {"messages": USER, "continue_final_message": True}, "continue_final_message", ["not supported"]),
+    (CHAT, {"messages": USER, "echo": True}, "echo", ["/v1/completions echoes"]),
+    (CHAT, {"messages": USER, "use_beam_search": 0}, "use_beam_search", ["beam search"]),  # 0 is not false
     (
         CHAT,
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
@@ -232,6 +248,25 @@ def test_unknown_model_names_each_served_name_once(engine: FakeEngine) -> None:
 @pytest.mark.parametrize("choice", ["none", "auto", None])
 def test_a_tool_choice_a_text_answer_satisfies_is_served(client: TestClient, choice: str | None) -> None:
     r = client.post(CHAT, json={"messages": USER, "tool_choice": choice, "function_call": choice})
+    assert r.status_code == 200, r.text
+
+
+NEUTRAL_VLLM_FIELDS = {
+    "min_tokens": 0, "stop_token_ids": [], "include_stop_str_in_output": False, "use_beam_search": False,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "truncate_prompt_tokens": None,
+}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (COMPLETIONS, {"prompt": "Hi", **NEUTRAL_VLLM_FIELDS}),
+    (CHAT, {"messages": USER, **NEUTRAL_VLLM_FIELDS, "add_generation_prompt": True,
+            "continue_final_message": False, "echo": False}),
+])
+def test_vllm_extensions_at_their_neutral_value_are_served(
+    client: TestClient, path: str, body: dict[str, Any]
+) -> None:
+    r = client.post(path, json=body)
     assert r.status_code == 200, r.text
 
 
