@@ -168,9 +168,12 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
         echo_only = body.echo and body.max_tokens == 0
         # Checked for the longest prompt, which has the least room (and for an empty one): one
         # max_tokens then fits every prompt.
+        # A batch's refusal names the prompt it is about: the empty one, else the longest.
+        worst = min(range(len(batch)), key=lambda i: (bool(batch[i]), -len(batch[i])))
         params = sampling_params(
-            prompt_tokens=0 if not all(batch) else max(len(ids) for ids in batch),
+            prompt_tokens=len(batch[worst]),
             max_context=engine.max_context,
+            prompt_name="prompt" if len(batch) == 1 else f"prompt[{worst}]",
             # Echo alone still samples one token: its step computes the last prompt position.
             max_tokens=1 if echo_only else body.max_tokens,
             default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,

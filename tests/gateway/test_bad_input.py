@@ -89,6 +89,13 @@ CASES = [
         ["at most 64 prompts", "got 65"],
     ),
     (COMPLETIONS, {"prompt": ["a", ""]}, "prompt", ["prompt[1] holds no text"]),
+    (COMPLETIONS, {"prompt": ["Hi", "x" * 64, "x" * 63]}, "prompt", ["prompt[1] has 64 tokens", "shorten"]),
+    (
+        COMPLETIONS,
+        {"prompt": [[1] * 30, [2] * 50], "max_tokens": 20},
+        "max_tokens",
+        ["prompt[1] has 50 tokens and max_tokens is 20", "at most 14"],
+    ),
     (COMPLETIONS, {"prompt": [[1, 2], [3, -1]]}, "prompt", ["prompt[1] token ids must be >= 0"]),
     (COMPLETIONS, {"prompt": 7}, "prompt", ["prompt must be"]),
     (COMPLETIONS, {"prompt": [[3, -1]]}, "prompt", ["token ids must be >= 0, got -1"]),
