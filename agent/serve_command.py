@@ -73,6 +73,13 @@ def register(subparsers) -> None:
         "serve", help="serve a model split into pipeline stages (OpenAI API)"
     )
     add_engine_arguments(parser)
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="the model names the OpenAI API answers to, the first in every response (as vLLM's "
+        "option); default: the model's own name, --model as given, and the catalog's aliases",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -313,7 +320,8 @@ def run(args) -> int:
         print(f"  OpenAI-compatible API at http://{args.host}:{args.port}/v1; admin API at "
               f"http://{args.host}:{args.port}/admin/v1"
               + ("" if args.admin_token else " (this host only)"), flush=True)
-        app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token)
+        app = create_app(engine, aliases=model_aliases(engine, args.model), admin_token=args.admin_token,
+                         served_names=args.served_model_name or ())
         if getattr(app.state, "device_fleet", None) is not None:
             app.state.device_fleet.max_devices = args.max_devices
         if store is not None:

@@ -103,9 +103,16 @@ def engine_failure(message: str | None) -> APIError:
     )
 
 
-def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | None = None) -> FastAPI:
-    """Returns the gateway app for `engine`; `aliases` are other names clients may use. An
-    engine that reconfigures live also gets the admin API (agent/gateway/admin.py)."""
+def create_app(
+    engine: Engine,
+    aliases: Sequence[str] = (),
+    admin_token: str | None = None,
+    served_names: Sequence[str] = (),
+) -> FastAPI:
+    """Returns the gateway app for `engine`; `aliases` are other names clients may use beside
+    the engine's own. `served_names`, when given, are instead the only names it answers to, the
+    first in every response (vLLM's --served-model-name). An engine that reconfigures live
+    also gets the admin API (agent/gateway/admin.py)."""
     app = FastAPI(title="pipeshift", summary="OpenAI-compatible API of a pipeshift deployment")
     generate_openapi = app.openapi
 
@@ -121,18 +128,19 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     app.state.metrics = metrics
     install_error_handlers(app)
     started = int(time.time())
-    served_names = list(dict.fromkeys([engine.model_name, *aliases]))  # once each, in order
+    names = list(dict.fromkeys(served_names or [engine.model_name, *aliases]))  # once each
+    primary, aliases = names[0], names[1:]
 
     def model_card(name: str) -> ModelCard:
         return ModelCard(id=name, created=started, max_model_len=engine.max_context)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[model_card(n) for n in served_names])
+        return ModelList(data=[model_card(n) for n in names])
 
     @app.get("/v1/models/{model_id:path}", responses=error_responses(404))
     async def get_model(model_id: str) -> ModelCard:
-        return model_card(resolve_model(model_id, engine.model_name, aliases))
+        return model_card(resolve_model(model_id, primary, aliases))
 
     @app.get(
         "/health",
@@ -162,7 +170,7 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival_s = time.perf_counter()
-        model = _check_request(body, engine, aliases)
+        model = _check_request(body, engine, primary, aliases)
         prompts = body.prompts()
         batch = [engine.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         echo_only = body.echo and body.max_tokens == 0
@@ -205,7 +213,7 @@ def create_app(engine: Engine, aliases: Sequence[str] = (), admin_token: str | N
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival_s = time.perf_counter()
-        model = _check_request(body, engine, aliases)
+        model = _check_request(body, engine, primary, aliases)
         prompt_ids = engine.encode_chat([m.as_engine_message() for m in body.messages])
         params = sampling_params(
             prompt_tokens=len(prompt_ids),
@@ -296,10 +304,13 @@ def _add_schemas(
 
 
 def _check_request(
-    body: CompletionRequest | ChatCompletionRequest, engine: Engine, aliases: Sequence[str]
+    body: CompletionRequest | ChatCompletionRequest,
+    engine: Engine,
+    primary: str,
+    aliases: Sequence[str],
 ) -> str:
     """Returns the model name to answer with; raises for unknown models and unsupported fields."""
-    model = resolve_model(body.model, engine.model_name, aliases)
+    model = resolve_model(body.model, primary, aliases)
     problems = body.unsupported_fields()
     if problems:
         raise APIError(" ".join(m for _, m in problems), param=problems[0][0])

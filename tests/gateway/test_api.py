@@ -27,6 +27,20 @@ def test_models_lists_the_served_model_and_its_aliases(client: TestClient) -> No
     assert [m["id"] for m in again.get("/v1/models").json()["data"]] == ["fake-model", "a"]
 
 
+def test_served_model_names_replace_the_models_own_names() -> None:
+    """vLLM's --served-model-name: only these names are served, the first in every answer."""
+    client = TestClient(create_app(FakeEngine(), aliases=["fake-alias"], served_names=["chat", "c2"]))
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["chat", "c2"]
+    for name, answered in ((None, "chat"), ("chat", "chat"), ("c2", "c2")):
+        body = {"prompt": "Hi", "max_tokens": 2} | ({"model": name} if name else {})
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == answered
+    for gone in ("fake-model", "fake-alias"):
+        r = client.post("/v1/completions", json={"model": gone, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 404 and "'chat', 'c2'" in r.json()["error"]["message"]
+
+
 def test_completion_whole(client: TestClient, engine: FakeEngine) -> None:
     r = client.post(
         "/v1/completions", json={"model": "fake-model", "prompt": "Hi there", "max_tokens": 10}
