@@ -48,7 +48,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from cost_models.device_catalog import get_device_kind
+from cost_models.device_catalog import DeviceKind
 from cost_models.memory import (
     embedding_bytes,
     head_bytes,
@@ -57,7 +57,7 @@ from cost_models.memory import (
     layer_weight_bytes,
 )
 from cost_models.model_catalog import get_model_arch
-from planner.build_problem import build_problem
+from planner.build_problem import build_problem, device_kind
 from planner.configuration import Configuration, PipelineConfig, StageConfig
 from planner.controller import (
     ChangeCost,
@@ -73,7 +73,14 @@ from planner.problem import PlanningProblem
 from planner.reconfig import DeviceInfo, ModelFootprint, RequestKV, plan_reconfiguration
 from planner.serving_costs import PipelineCosts
 from planner.solve import plan
-from planner.spec import CurrentConfig, LengthDistribution, PipelineSpec, Spec, StageSpec
+from planner.spec import (
+    CurrentConfig,
+    LengthDistribution,
+    PipelineSpec,
+    Spec,
+    StageSpec,
+    spec_profiles,
+)
 
 UTILISATION = 0.75  # past this share of capacity, queueing eats the SLOs
 SATURATED_SHARE = 0.5  # share of requests meeting the SLOs at exactly full capacity
@@ -333,10 +340,21 @@ def best_of(spec: Spec, window: WorkloadWindow, configs: Sequence[list[Stages]])
     return best
 
 
-def device_infos(spec: Spec) -> list[DeviceInfo]:
+def spec_device_kinds(spec: Spec) -> dict[str, DeviceKind]:
+    """Returns each of the spec's device kinds by name as the planner costs it: the catalog's,
+    with a profile's measured fields over it, or the kind a profile alone defines."""
+    profiles = spec_profiles(spec)
+    return {
+        kind_name: device_kind(kind_name, profiles.get(kind_name.lower()))
+        for _, kind_name, _ in spec.device_names()
+    }
+
+
+def device_infos(spec: Spec, kinds: dict[str, DeviceKind] | None = None) -> list[DeviceInfo]:
+    kinds = kinds if kinds is not None else spec_device_kinds(spec)
     out = []
     for name, kind_name, node in spec.device_names():
-        budget = int(get_device_kind(kind_name).memory_bytes * spec.memory_utilization)
+        budget = int(kinds[kind_name].memory_bytes * spec.memory_utilization)
         out.append(DeviceInfo(name, kind_name, node, budget, budget))
     return out
 
@@ -386,13 +404,15 @@ def propose(
         RequestKV(f"r{i}", p, tokens, math.ceil(tokens / KV_BLOCK_TOKENS) + 1)
         for i, (p, tokens) in enumerate(in_flight)
     ]
+    kinds = spec_device_kinds(spec)
     rp = plan_reconfiguration(
         configuration(current),
         configuration(best),
-        device_infos(spec),
+        device_infos(spec, kinds),
         fp,
         requests,
         recompute_overflow=policy.recompute_overflow,
+        kinds=kinds,
     )
     # requests still queued hold no KV: only those with positions computed recompute anything
     dropped = [i for i in (int(rid[1:]) for rid in rp.recompute) if in_flight[i][1] > 0]

@@ -105,7 +105,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
     if not devices:
         raise SpecError(["pins.exclude_devices: every device is excluded; keep at least one"])
     profiles = spec_profiles(spec)
-    dev_kinds = [_device_kind(n, profiles.get(n.lower())) for n, _ in pool_keys]
+    dev_kinds = [device_kind(n, profiles.get(n.lower())) for n, _ in pool_keys]
     calibrated = None
     if spec.calibration is not None:
         path = Path(spec.base_dir) / spec.calibration
@@ -251,7 +251,7 @@ def build_problem(spec: Spec) -> PlanningProblem:
     return problem
 
 
-def _device_kind(name: str, profile: Profile | None) -> DeviceKind:
+def device_kind(name: str, profile: Profile | None) -> DeviceKind:
     """Returns the catalog kind, with a profile's measured fields over it; or the kind a
     profile alone defines."""
     try:

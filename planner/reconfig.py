@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -398,6 +398,7 @@ def plan_reconfiguration(
     max_overhead: float = 0.05,
     disk_bandwidth_bytes_per_s: float | None = None,
     recompute_overflow: bool = False,
+    kinds: Mapping[str, DeviceKind] | None = None,
 ) -> ReconfigPlan:
     """Returns the plan from `current` (serving at `epoch`) to `target`.
 
@@ -405,10 +406,12 @@ def plan_reconfiguration(
     A plan that memory forbids is returned with `problems` (with the numbers), not feasible.
     With `recompute_overflow`, requests whose KV memory cannot hold during or after the change
     are to recompute it (`recompute`) instead, and only what no dropped KV can fix is a problem.
+    `kinds`: device kinds by name where not the catalog's (a spec's profiles define or refine
+    them; planner/adapt.py passes the spec's).
     """
     n_layers = footprint.n_layers
     all_requests = list(requests)
-    links = _Links.of(devices, disk_bandwidth_bytes_per_s or DISK_BANDWIDTH_BYTES_PER_S)
+    links = _Links.of(devices, disk_bandwidth_bytes_per_s or DISK_BANDWIDTH_BYTES_PER_S, kinds)
     _check_inputs(current, target, devices, n_layers, requests, max_overhead)
     # What present devices hold now: the sources a device can load from. A device of `current`
     # missing from `devices` (gone) is no source, and the KV it holds cannot move.
@@ -640,9 +643,19 @@ class _Links:
     disk_bandwidth_bytes_per_s: float
 
     @classmethod
-    def of(cls, devices: Sequence[DeviceInfo], disk_bandwidth_bytes_per_s: float) -> _Links:
+    def of(
+        cls,
+        devices: Sequence[DeviceInfo],
+        disk_bandwidth_bytes_per_s: float,
+        known_kinds: Mapping[str, DeviceKind] | None = None,
+    ) -> _Links:
+        """`known_kinds`: kinds by name that the catalog does not hold, or holds with other
+        figures (a spec's measured profiles); the others come from the catalog."""
         kinds = {}
         for d in devices:
+            if known_kinds is not None and d.kind in known_kinds:
+                kinds[d.name] = known_kinds[d.kind]
+                continue
             try:
                 kinds[d.name] = get_device_kind(d.kind)
             except KeyError as exc:

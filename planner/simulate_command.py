@@ -1,11 +1,14 @@
 """`pipeshift simulate -f SPEC.yaml --trace TRACE.csv [--policy static|auto] [--json]
-[--plot DIR]`: a trace (Azure LLM inference format) over the spec's planned deployment, in
+[--plot DIR]`: a trace (Azure LLM inference format, or arrival_s, prompt_tokens,
+output_tokens) over the spec's planned deployment, in
 simulation (planner/simulator.py), with the same cost models, planner and controller rule."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -17,30 +20,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
         help="simulate a request trace over the planned deployment",
-        description="Replay a request trace (TIMESTAMP, ContextTokens, GeneratedTokens) over "
+        description="Replay a request trace (a CSV with the columns TIMESTAMP, ContextTokens, "
+        "GeneratedTokens as Azure's traces, or arrival_s, prompt_tokens, output_tokens) over "
         "the spec's planned deployment; report TTFT/TPOT percentiles, SLO goodput, "
         "device-hours and reconfigurations.",
     )
     p.add_argument("-f", "--file", required=True, help="spec file (YAML)")
-    p.add_argument("--trace", required=True, help="trace CSV in the Azure LLM inference format")
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="trace CSV: Azure's LLM inference format, or arrival_s, prompt_tokens, "
+        "output_tokens columns",
+    )
     p.add_argument("--policy", choices=("static", "auto"), default="static")
     p.add_argument(
         "--rate-scale",
-        type=float,
+        type=_positive("--rate-scale"),
         default=1.0,
         metavar="X",
         help="divide inter-arrival times by X (default 1)",
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=_positive("--duration"),
         default=None,
         metavar="S",
         help="simulate only the first S seconds of the (scaled) trace",
     )
     p.add_argument(
         "--control-interval",
-        type=float,
+        type=_positive("--control-interval"),
         default=60.0,
         metavar="S",
         help="auto: seconds between controller decisions (default 60)",
@@ -61,11 +70,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _positive(option: str):
+    """Returns an argparse type: a finite number above 0, else a usage error naming `option`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes a number, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{option} must be a number above 0, got {text}")
+        return value
+
+    return parse
+
+
 def run(args: argparse.Namespace) -> int:
     from cost_models.model_catalog import get_model_arch
     from planner.simulator import load_trace, simulate, within_context
     from planner.spec import SpecError, load_spec
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(
+            "pipeshift simulate: error: --plot needs matplotlib: pip install 'pipeshift[plot]'",
+            file=sys.stderr,
+        )
+        return 1
     try:
         spec = _one_model(load_spec(args.file), args.model)
         trace = load_trace(args.trace, args.rate_scale, args.duration)

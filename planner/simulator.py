@@ -79,22 +79,53 @@ class Trace:
         )
 
 
+# The columns a trace CSV may use: Azure's LLM inference traces (an ISO timestamp per request),
+# or the spec traces' own (seconds from any origin), as data/specs/traces/chat-sample.csv.
+TRACE_FORMATS = (
+    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+    ("arrival_s", "prompt_tokens", "output_tokens"),
+)
+
+
 def load_trace(path: str | Path, rate_scale: float = 1.0, duration_s: float | None = None) -> Trace:
-    """Returns the requests of an Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens),
-    arrivals from 0 s, inter-arrival times divided by `rate_scale`, cut after `duration_s`."""
+    """Returns the requests of a trace CSV, arrivals from 0 s, inter-arrival times divided by
+    `rate_scale`, cut after `duration_s`. The columns are Azure's (TIMESTAMP, ContextTokens,
+    GeneratedTokens) or arrival_s, prompt_tokens, output_tokens (TRACE_FORMATS). Raises
+    SpecError saying what is wrong: a missing file or column, a row that does not parse."""
     p = Path(path)
-    with p.open() as f:
-        rows = list(csv.DictReader(f))
+    if not (math.isfinite(rate_scale) and rate_scale > 0):
+        raise SpecError([f"the rate scale must be a positive number, got {rate_scale}"])
+    try:
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except FileNotFoundError:
+        raise SpecError([f"{p}: trace file not found; check the path"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{p}: not a text CSV file; give a trace CSV"]) from None
+    except (OSError, csv.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SpecError([f"{p}: cannot read the trace: {reason}"]) from None
+    if not columns:
+        raise SpecError([f"{p}: trace has no requests"])
+    fmt = next((f for f in TRACE_FORMATS if set(f) <= set(columns)), None)
+    if fmt is None:
+        wanted = " or ".join(", ".join(f) for f in TRACE_FORMATS)
+        raise SpecError([f"{p}: needs the columns {wanted}; it has {', '.join(columns)}"])
     if not rows:
         raise SpecError([f"{p}: trace has no requests"])
-    try:
-        t = [datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp() for r in rows]
-        prompts = [max(1, int(r["ContextTokens"])) for r in rows]
-        outputs = [max(1, int(r["GeneratedTokens"])) for r in rows]
-    except (KeyError, ValueError) as exc:
-        raise SpecError(
-            [f"{p}: needs TIMESTAMP, ContextTokens, GeneratedTokens columns ({exc})"]
-        ) from None
+    time_col, prompt_col, output_col = fmt
+    t: list[float] = []
+    prompts: list[int] = []
+    outputs: list[int] = []
+    for line, r in enumerate(rows, start=2):
+        try:
+            t.append(_arrival_s(r.get(time_col), time_col))
+            prompts.append(max(1, _token_count(r.get(prompt_col), prompt_col)))
+            outputs.append(max(1, _token_count(r.get(output_col), output_col)))
+        except ValueError as exc:
+            raise SpecError([f"{p}:{line}: {exc}; fix or remove the row"]) from None
     order = sorted(range(len(t)), key=t.__getitem__)
     t0 = t[order[0]]
     out = Trace([], [], [])
@@ -106,6 +137,40 @@ def load_trace(path: str | Path, rate_scale: float = 1.0, duration_s: float | No
         out.prompt.append(prompts[i])
         out.output.append(outputs[i])
     return out
+
+
+def _arrival_s(value: str | None, column: str) -> float:
+    """Returns a trace row's arrival in seconds: an ISO date and time (TIMESTAMP, to the
+    microsecond) or a number of seconds (arrival_s)."""
+    if value is None or not value.strip():
+        raise ValueError(f"{column} is missing")
+    text = value.strip()
+    if column == "TIMESTAMP":
+        try:
+            return datetime.fromisoformat(text[:26]).timestamp()
+        except ValueError:
+            raise ValueError(
+                f"{column} {text!r} is not a date and time such as 2023-11-16 18:15:46.680"
+            ) from None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{column} {text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{column} {text!r} is not a number of seconds")
+    return seconds
+
+
+def _token_count(value: str | None, column: str) -> int:
+    if value is None or not value.strip():
+        raise ValueError(f"{column} is missing")
+    try:
+        n = int(value.strip())
+    except ValueError:
+        raise ValueError(f"{column} {value.strip()!r} is not a whole number of tokens") from None
+    if n < 0:
+        raise ValueError(f"{column} {n} is negative")
+    return n
 
 
 class SimPipeline:
