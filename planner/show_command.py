@@ -6,6 +6,7 @@ when no id is given)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from typing import Any
@@ -28,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from planner.init_command import open_store_or_say
     from planner.store import UnknownId
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("pipeshift show: error: --plot needs matplotlib: pip install 'pipeshift[plot]'", file=sys.stderr)
+        return 1
     store = open_store_or_say("show", args.database_url)
     if store is None:
         return 1
@@ -52,11 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     apply = ApplyOut.of(row).model_dump(mode="json")
     if args.plot:
-        try:
-            from planner.timeline_plot import plot_timeline
-        except ImportError:
-            print("pipeshift show: error: --plot needs matplotlib: pip install 'pipeshift[plot]'", file=sys.stderr)
-            return 1
+        from planner.timeline_plot import plot_timeline
+
         plot_timeline(apply, args.plot)
         print(f"Wrote the timeline of apply {row.id} to {args.plot}")
         return 0

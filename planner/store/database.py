@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from cost_models.paths import migrations_dir
 
@@ -28,16 +29,46 @@ def database_url() -> str:
     return os.environ.get(URL_VARIABLE) or f"sqlite:///{data_dir() / 'pipeshift.db'}"
 
 
+URL_EXAMPLES = "sqlite:///PATH/pipeshift.db or postgresql+psycopg://USER@HOST/DB"
+
+
+def parse_url(url: str) -> URL:
+    """Returns the parsed SQLAlchemy URL; raises NoStore saying what a store URL looks like."""
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise NoStore(
+            f"the store URL {url!r} is not a SQLAlchemy URL: give one such as {URL_EXAMPLES}"
+        ) from None
+
+
 def shown(url: str) -> str:
     """Returns the URL with any password hidden, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the URL given"
 
 
 def make_engine(url: str) -> Engine:
-    parsed = make_url(url)
+    """Returns the engine of `url`; raises NoStore for a malformed URL, an unknown database
+    or one whose driver is not installed, saying what to do."""
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    return create_engine(url)
+    try:
+        return create_engine(parsed)
+    except NoSuchModuleError:
+        raise NoStore(
+            f"the store URL {shown(url)} names a database SQLAlchemy does not know "
+            f"({parsed.drivername}): give one such as {URL_EXAMPLES}"
+        ) from None
+    except ImportError as exc:
+        raise NoStore(
+            f"the driver of the store URL {shown(url)} is not installed ({exc.name or exc}): "
+            "install it (PostgreSQL: pip install 'psycopg[binary]' and a URL starting "
+            "postgresql+psycopg://)"
+        ) from None
 
 
 def alembic_config(url: str):
@@ -88,7 +119,7 @@ def open_store(url: str | None = None):
 
     url = url or database_url()
     missing = f"no pipeshift store at {shown(url)}: run `pipeshift init` to create it"
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
             and not Path(parsed.database).exists():  # do not leave an empty file behind
         raise NoStore(missing)

@@ -1,0 +1,52 @@
+"""A store URL a user mistypes, or whose driver is missing, and `show --plot` without
+matplotlib: each is a message saying what to do, never a traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from planner.cli import main
+from planner.store import NoStore, init_schema, open_store
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nonsense", "is not a SQLAlchemy URL: give one such as sqlite:///"),
+        ("foo://host/db", "names a database SQLAlchemy does not know (foo)"),
+        ("mysql://user@host/db", "is not installed (MySQLdb)"),
+    ],
+)
+def test_a_bad_store_url_says_what_a_store_url_looks_like(capsys, url, expected) -> None:
+    # `nonsense` was an sqlalchemy ArgumentError traceback, `mysql://` a ModuleNotFoundError one
+    if expected.startswith("is not installed") and importlib.util.find_spec("MySQLdb"):
+        pytest.skip("this environment has the MySQL driver")
+    with pytest.raises(NoStore, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        open_store(url)
+    for command in ("history", "init"):
+        assert main([command, "--database-url", url]) == 1
+        err = capsys.readouterr().err
+        assert f"pipeshift {command}: error:" in err and expected in err
+
+
+def test_show_plot_without_matplotlib_says_what_to_install(capsys, monkeypatch, tmp_path) -> None:
+    # It printed a ModuleNotFoundError traceback: the import it guarded did not import matplotlib.
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_schema(url)
+    store = open_store(url)
+    first = store.record_configuration(
+        "SmolLM2-135M", [{"stages": [{"device": "worker-0", "start": 0, "end": 30}]}], "observed"
+    )
+    row = store.begin_apply(None, first.id)
+    store.finish_apply(row.id, "applied", bytes_moved=1)
+    store.close()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    plot = tmp_path / "timeline.png"
+    assert main(["show", row.id, "--plot", str(plot), "--database-url", url]) == 1
+    assert "pip install 'pipeshift[plot]'" in capsys.readouterr().err
+    assert not plot.exists()
