@@ -316,6 +316,11 @@ def run(args) -> int:
     except (ValueError, KeyError, FileNotFoundError, ConfigurationError) as exc:
         print(f"pipeshift serve: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # a worker refused its stage (ControlError: e.g. a --memory-budget below its weights)
+        # or exited while starting; the engine has stopped the others
+        print(f"pipeshift serve: error: the workers could not start: {exc}", file=sys.stderr)
+        return 1
     try:
         print(f"  OpenAI-compatible API at http://{args.host}:{args.port}/v1; admin API at "
               f"http://{args.host}:{args.port}/admin/v1"

@@ -19,11 +19,20 @@ class AdminError(RuntimeError):
         self.status, self.body = status, body or {}
 
 
+def server_url(server: str) -> str:
+    """Returns the server's base URL: `host:port` as curl reads it (http://host:port), without a
+    trailing slash."""
+    server = server.strip().rstrip("/")
+    if server and "://" not in server:
+        server = f"http://{server}"
+    return server
+
+
 class AdminClient:
     def __init__(
         self, server: str = DEFAULT_SERVER, token: str | None = None, timeout_s: float = 60.0
     ):
-        self.server = server.rstrip("/")
+        self.server = server_url(server)
         self.token = token
         self.timeout_s = timeout_s
 
@@ -131,9 +140,15 @@ class AdminClient:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(
-            self.server + path, data=data, method=method, headers=headers
-        )
+        try:
+            request = urllib.request.Request(
+                self.server + path, data=data, method=method, headers=headers
+            )
+        except ValueError as exc:
+            raise AdminError(
+                f"--server {self.server} is not an HTTP URL ({exc}): give one such as "
+                f"{DEFAULT_SERVER}"
+            ) from None
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read() or b"{}")

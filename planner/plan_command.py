@@ -140,14 +140,14 @@ def run_against_server(args: argparse.Namespace) -> int:
 
 
 def _plan_change(args: argparse.Namespace, store, url: str) -> int:
-    from planner.admin_client import AdminClient
+    from planner.admin_client import AdminClient, server_url
     from planner.apply_command import DEFAULT_SERVER
     from planner.deployment_state import write_plan_file
     from planner.operations import OperationError, plan_change, save_plan
     from planner.spec import SpecError, load_spec
     from planner.store.database import shown
 
-    server = args.server or DEFAULT_SERVER
+    server = server_url(args.server or DEFAULT_SERVER)
     try:
         spec = load_spec(args.file)
     except SpecError as exc:
@@ -159,16 +159,28 @@ def _plan_change(args: argparse.Namespace, store, url: str) -> int:
     except OperationError as exc:
         print(f"pipeshift plan: error: {exc}", file=sys.stderr)
         return 1
-    if change.refreshed.drift:
-        print(f"Note: {change.refreshed.drift}.\n")
-    print(change.dry["text"])
-    if not change.dry["feasible"]:
-        return 1
-    if args.out:
+    feasible = bool(change.dry["feasible"])
+    saved_to = None
+    if feasible and args.out:
         saved = save_plan(store, change, spec.model_dump(mode="json"))
         write_plan_file(args.out, saved, server, shown(url))
-        print(
-            f"\nSaved the plan to: {args.out}\n\nTo perform exactly these actions, run:\n"
-            f"    pipeshift apply {args.out}"
-        )
+        saved_to = args.out
+    if args.json:
+        # one JSON object, as without --server: the target, the server's diff and its text
+        print(json.dumps({
+            "server": server, "drift": change.refreshed.drift or None, "feasible": feasible,
+            "has_changes": change.has_changes, "target": change.target.to_json(),
+            "plan": change.dry["plan"], "text": change.dry["text"], "saved_to": saved_to,
+        }, indent=2))
+    else:
+        if change.refreshed.drift:
+            print(f"Note: {change.refreshed.drift}.\n")
+        print(change.dry["text"])
+        if saved_to is not None:
+            print(
+                f"\nSaved the plan to: {saved_to}\n\nTo perform exactly these actions, run:\n"
+                f"    pipeshift apply {saved_to}"
+            )
+    if not feasible:
+        return 1
     return 2 if (change.has_changes and args.detailed_exitcode) else 0
