@@ -39,7 +39,8 @@ class SpecError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # .inf / .nan in YAML are no rate, size or SLO (an infinite rate planned "inf tok/s")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DeviceGroup(_Strict):
@@ -106,6 +107,20 @@ class LengthDistribution(_Strict):
     p95: float | None = Field(None, gt=0)
     p99: float | None = Field(None, gt=0)
     max: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _percentiles_in_order(self) -> LengthDistribution:
+        given = [(k, v) for k, v in (("p50", self.p50), ("p90", self.p90), ("p95", self.p95),
+                                     ("p99", self.p99), ("max", self.max)) if v is not None]
+        for (lo, a), (hi, b) in zip(given, given[1:], strict=False):
+            if a > b:
+                raise ValueError(
+                    f"{lo} {a:g} is above {hi} {b:g}: a higher percentile cannot be shorter; "
+                    "fix the figures"
+                )
+        if self.max is not None and self.mean > self.max:
+            raise ValueError(f"mean {self.mean:g} is above max {self.max:g}; fix the figures")
+        return self
 
     def quantile(self, percentile: float) -> float:
         """Returns the least given percentile at or above `percentile` (max, then mean, else)."""
@@ -360,6 +375,7 @@ _HINTS = {
     "less_than": "lower it",
     "less_than_equal": "lower it",
     "too_short": "add entries",
+    "finite_number": "give a finite number",
 }
 
 
@@ -411,6 +427,7 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
     if missing_lines:
         raise SpecError(missing_lines)
     _check_topology(spec, source, lines)
+    _check_context(spec, source, lines)
     names = [n for n, _, _ in spec.device_names()]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -421,6 +438,33 @@ def parse_spec(text: str, source: str = "<spec>", base_dir: str = ".") -> Spec:
             ]
         )
     return spec
+
+
+def _check_context(spec: Spec, source: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """Raises SpecError when a workload's mean prompt plus mean output is more than its model's
+    context: the server refuses such requests, so no plan serves that workload."""
+    entries: list[tuple[tuple[Any, ...], str, Workload]] = []
+    if spec.models is None:
+        if spec.model is not None and spec.workload is not None:
+            entries.append((("workload",), spec.model, spec.workload))
+    else:
+        entries.extend((("models", i, "workload"), e.model, e.workload)
+                       for i, e in enumerate(spec.models))
+    errors = []
+    for loc, model, workload in entries:
+        if workload.trace is not None or workload.prompt_tokens is None or workload.output_tokens is None:
+            continue  # a trace's requests beyond the context are left out where it is read
+        prompt, output = _as_dist(workload.prompt_tokens).mean, _as_dist(workload.output_tokens).mean
+        context = get_model_arch(model).max_context
+        if prompt + output > context:
+            where = ".".join(str(p) for p in loc)
+            errors.append(
+                f"{source}:{lines.get(loc, 1)}: {where}: prompt_tokens {prompt:g} + output_tokens "
+                f"{output:g} is more than {model}'s context of {context} tokens, so the server "
+                "would refuse such requests; give lengths that fit it"
+            )
+    if errors:
+        raise SpecError(errors)
 
 
 def _check_topology(spec: Spec, source: str, lines: dict[tuple[Any, ...], int]) -> None:
@@ -523,4 +567,6 @@ def load_spec(path: str | Path) -> Spec:
         text = p.read_text()
     except OSError as exc:
         raise SpecError([f"{p}: cannot read the spec: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{p}: not a text (UTF-8) file; give the spec as YAML"]) from None
     return parse_spec(text, source=str(p), base_dir=str(p.parent))
