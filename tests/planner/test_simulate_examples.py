@@ -1,4 +1,5 @@
-"""`pipeshift simulate` on every example spec, over a short slice of the Azure trace."""
+"""`pipeshift simulate` on every example spec, static and with the controller, over a short
+slice of the Azure trace."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ EXAMPLES = [
 ]
 
 
+@pytest.mark.parametrize("policy", ["static", "auto"])
 @pytest.mark.parametrize("spec", EXAMPLES)
-def test_simulate_every_example_spec(spec: Path, capsys) -> None:
-    args = ["simulate", "-f", str(spec), "--trace", str(TRACE), "--duration", "10", "--json"]
+def test_simulate_every_example_spec(spec: Path, policy: str, capsys) -> None:
+    args = ["simulate", "-f", str(spec), "--trace", str(TRACE), "--json", "--policy", policy]
+    # auto: long enough for two of the controller's decisions, each on what arrived so far
+    args += ["--duration", "10"] if policy == "static" else ["--duration", "30", "--control-interval", "10"]
     several = load_spec(spec).models
     if several:
         assert main(args) == 1  # which model the trace drives must be said
@@ -37,3 +41,5 @@ def test_simulate_every_example_spec(spec: Path, capsys) -> None:
     for key in ("ttft_ms", "tpot_ms"):
         q = out[key]
         assert 0 <= q["p50"] <= q["p90"] <= q["p99"]
+    if policy == "auto":
+        assert out["decisions"] and all(d["reason"] for d in out["decisions"])
