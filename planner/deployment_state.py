@@ -82,6 +82,7 @@ def plan_spec(
     names: list[str],
     time_limit_s: float,
     source: str = "the spec",
+    backend: str = "cpsat",
 ) -> Configuration:
     """Plans the spec with the server's configuration as the current one (the migration
     term then prices what moves); the spec's devices stand for the server's, in order.
@@ -121,7 +122,7 @@ def plan_spec(
         }
     )
     try:
-        _, result = plan_fitting_batch(spec, time_limit_s=time_limit_s)
+        _, result = plan_fitting_batch(spec, backend=backend, time_limit_s=time_limit_s)
     except SpecError as exc:
         raise ValueError("\n".join(exc.lines)) from None
     if result.objective is None:

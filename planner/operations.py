@@ -61,7 +61,9 @@ class PlannedChange:
 UNUSABLE_STATES = ("dead", "drained", "draining")  # devices a plan may not use (`pipeshift device add` re-admits)
 
 
-def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: float) -> PlannedChange:
+def plan_change(
+    store: Store, client: AdminClient, spec: Spec, time_limit_s: float, backend: str = "cpsat"
+) -> PlannedChange:
     """Refreshes the store from the server, plans `spec` from what serves and asks the server
     for the diff. Raises OperationError: 409 when the spec does not fit this deployment (its
     model, its devices, infeasible), 503 when the server does not answer."""
@@ -73,7 +75,7 @@ def plan_change(store: Store, client: AdminClient, spec: Spec, time_limit_s: flo
     unusable = {d["name"]: d["state"] for d in deployment["devices"] if d["state"] in UNUSABLE_STATES}
     names = [d["name"] for d in deployment["devices"] if d["name"] not in unusable]
     try:
-        target = plan_spec(spec, deployment, names, time_limit_s)
+        target = plan_spec(spec, deployment, names, time_limit_s, backend=backend)
     except (SpecError, ValueError) as exc:
         left_out = ", ".join(f"{name} {state}" for name, state in unusable.items())
         raise OperationError(str(exc) + (f" (left out: {left_out})" if left_out else ""), 409) from None

@@ -155,7 +155,9 @@ def _plan_change(args: argparse.Namespace, store, url: str) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 1
     try:
-        change = plan_change(store, AdminClient(server, args.token), spec, args.time_limit)
+        change = plan_change(
+            store, AdminClient(server, args.token), spec, args.time_limit, backend=args.backend
+        )
     except OperationError as exc:
         print(f"pipeshift plan: error: {exc}", file=sys.stderr)
         return 1

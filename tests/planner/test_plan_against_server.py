@@ -86,3 +86,29 @@ def test_plan_server_json_prints_one_json_object(capsys, tmp_path: Path, answere
     assert answer["feasible"] and answer["has_changes"] and answer["saved_to"] == str(out)
     assert answer["target"]["pipelines"] and answer["text"]
     assert json.loads(out.read_text())["server"] == "http://localhost:8000"
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "highs"])
+def test_plan_server_plans_with_the_backend_asked(capsys, tmp_path: Path, answered, monkeypatch,
+                                                  backend: str) -> None:
+    """--backend was dropped against a server: the plan always came from CP-SAT."""
+    import planner.operating_batch as operating_batch
+
+    solve = operating_batch.plan_fitting_batch
+    used: list[str] = []
+
+    def spy(spec: Any, backend: str = "cpsat", time_limit_s: float = 10.0) -> Any:
+        used.append(backend)
+        return solve(spec, backend=backend, time_limit_s=time_limit_s)
+
+    monkeypatch.setattr(operating_batch, "plan_fitting_batch", spy)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["init", "--database-url", url]) == 0
+    capsys.readouterr()
+    code = main(["plan", "-f", str(spec), "--server", "localhost:8000", "--backend", backend,
+                 "--json", "--database-url", url])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert used == [backend] and json.loads(captured.out)["feasible"]
