@@ -156,7 +156,9 @@ class DeviceFleet:
             except ApplyRefused as exc:
                 raise DeviceRefused(f"cannot drain {device}: {exc.message}", exc.status) from None
             self._draining[device] = record
-            return record, f"draining {device}: apply {record.apply_id} moves it to {target.describe()}"
+            serving = "; ".join(p.describe() for p in target.pipelines)
+            return record, (f"draining {device}: apply {record.apply_id} moves its layers off it; "
+                            f"then serving: {serving}")
 
     def kind(self) -> str:
         """Returns the kind of device this server's workers are (and new ones would be)."""
