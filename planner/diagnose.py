@@ -24,7 +24,8 @@ def explain_infeasible(problem: PlanningProblem) -> str:
     if weights > memory:
         return (
             f"{problem.model_name} needs {weights / GIB:.0f} GiB of weights; the {_pool(problem)} "
-            f"device{'s' if n > 1 else ''} hold {memory / GIB:.0f} GiB in all (usable share); "
+            + ("devices hold" if n > 1 else "device holds")
+            + f" {memory / GIB:.0f} GiB in all (usable share); "
             "add devices or use a smaller dtype"
         )
     free = replace(problem, tpot_slo_s=None, ttft_slo_s=None, objective="max_throughput")

@@ -120,7 +120,8 @@ def render_pool(pool: PoolProblem, result: PlanResult) -> str:
 def render(problem: PlanningProblem, result: PlanResult) -> str:
     """Returns the plan as text for a terminal."""
     out = [
-        f"{problem.model_name} ({problem.n_layers} layers) on {len(problem.devices)} devices - "
+        f"{problem.model_name} ({problem.n_layers} layers) on {len(problem.devices)} "
+        f"device{'s' if len(problem.devices) != 1 else ''} - "
         f"backend {result.backend}: {result.status}, gap {_pct(result.gap)}, "
         f"{result.solve_s:.2f} s",
     ]

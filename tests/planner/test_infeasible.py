@@ -29,6 +29,12 @@ def run(write_spec, capsys, **kw) -> str:
 def test_weights_do_not_fit(write_spec, capsys):
     err = run(write_spec, capsys)
     assert "Llama-2-70B needs 128 GiB of weights; the 2 L4 devices hold 43 GiB in all" in err
+    path = write_spec(BASE.format(model="Llama-2-70B", kind="L4", count=1, rate=1, slo="{}",
+                                  objective="max_throughput"))
+    assert main(["plan", "-f", str(path)]) == 1
+    one = capsys.readouterr()
+    assert "Llama-2-70B (80 layers) on 1 device - " in one.out
+    assert "the 1 L4 device holds 22 GiB in all" in one.err
 
 
 def test_tpot_slo_too_tight(write_spec, capsys):
