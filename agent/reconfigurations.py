@@ -8,12 +8,13 @@ import itertools
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from agent.apply_record import ApplyRecord
 from agent.engine import PipelineEngine, worker_name
 from agent.executor import ApplyExecutor, configuration_of
-from planner.configuration import Configuration
+from planner.configuration import Configuration, ConfigurationError
 from planner.reconfig import (
     DeviceInfo,
     ModelFootprint,
@@ -77,23 +78,33 @@ class Reconfigurations:
         return engine.on_scheduler(snapshot)
 
     def plan(self, target: Configuration, max_overhead: float | None = None,
-             recompute_overflow: bool = False) -> ReconfigPlan:
+             recompute_overflow: bool = False, exclude: Collection[str] = ()) -> ReconfigPlan:
         """Returns the plan from what serves now to `target`; raises ConfigurationError.
         `recompute_overflow`: requests whose KV memory cannot hold through the change recompute
-        it instead of refusing the plan (planner/reconfig.py, `choose_recompute`)."""
+        it instead of refusing the plan (planner/reconfig.py, `choose_recompute`).
+        `exclude`: devices the plan may not place a stage on (drained ones), unless they serve now."""
         engine = self.engine
-        devices = self.devices()
-        target.check(engine.arch.n_layers, [d.name for d in devices])
+        current = self.current()
+        left_out = [d.name for d in self.devices() if d.name in exclude and d.name not in current.devices()]
+        devices = [d for d in self.devices() if d.name not in left_out]
+        try:
+            target.check(engine.arch.n_layers, [d.name for d in devices])
+        except ConfigurationError as exc:
+            if not left_out:
+                raise
+            raise ConfigurationError(f"{exc} ({', '.join(left_out)} drained: `pipeshift device add` "
+                                     "makes a device available again)") from None
         return plan_reconfiguration(
-            self.current(), target, devices, self.footprint(), self.requests(), epoch=engine.epoch,
+            current, target, devices, self.footprint(), self.requests(), epoch=engine.epoch,
             max_overhead=max_overhead or engine.config.max_overhead, recompute_overflow=recompute_overflow,
         )
 
     # ---- applies --------------------------------------------------------------------------
     def start(self, target: Configuration, max_overhead: float | None = None,
               expected_epoch: int | None = None, kv: str = "copy",
-              recompute_overflow: bool = False) -> ApplyRecord:
-        """Plans and starts an apply in the background; raises ApplyRefused, ConfigurationError."""
+              recompute_overflow: bool = False, exclude: Collection[str] = ()) -> ApplyRecord:
+        """Plans and starts an apply in the background; raises ApplyRefused, ConfigurationError.
+        `exclude`: as for `plan`."""
         engine = self.engine
         with self._lock:
             if engine.failure:
@@ -105,7 +116,7 @@ class Reconfigurations:
             if expected_epoch is not None and expected_epoch != engine.epoch:
                 raise ApplyRefused(f"the plan was made at epoch {expected_epoch}, the deployment is now at "
                                    f"epoch {engine.epoch}: plan again")
-            plan = self.plan(target, max_overhead, recompute_overflow)
+            plan = self.plan(target, max_overhead, recompute_overflow, exclude)
             if not plan.feasible:
                 raise ApplyRefused("the target cannot be applied: " + "; ".join(plan.problems), plan=plan)
             apply_id = f"apply-{next(self._serial)}-{uuid.uuid4().hex[:6]}"

@@ -153,7 +153,8 @@ class Configuration:
             wanted = sum(len(p.stages) for p in self.pipelines)
             if wanted > len(devices):
                 raise ConfigurationError(
-                    f"the configuration has {wanted} stages and there are {len(devices)} devices: "
+                    f"the configuration has {wanted} stages and there "
+                    + ("is 1 device" if len(devices) == 1 else f"are {len(devices)} devices") + ": "
                     "use fewer stages or pipelines, or more devices"
                 )
 

@@ -235,16 +235,18 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
     async def create_apply(body: ApplyBody) -> JSONResponse:
         try:
             target = body.configuration()
-            drained = fleet.unavailable() & set(target.devices()) if fleet is not None else set()
+            unavailable = fleet.unavailable() if fleet is not None else set()
+            drained = unavailable & set(target.devices())
             if drained:
                 raise ConfigurationError(f"{', '.join(sorted(drained))} is drained: add it back first "
                                          "(POST /admin/v1/devices, `pipeshift device add`)")
+            # stages the target leaves without a device go to available ones only
             if body.dry_run:
-                plan = reconfig.plan(target, body.max_overhead, body.recompute_overflow)
+                plan = reconfig.plan(target, body.max_overhead, body.recompute_overflow, exclude=unavailable)
                 return JSONResponse({"plan": plan.to_json(), "text": plan.render(), "feasible": plan.feasible},
                                     status_code=200)
             record = reconfig.start(target, body.max_overhead, body.expected_epoch, body.kv,
-                                    body.recompute_overflow)
+                                    body.recompute_overflow, exclude=unavailable)
         except ConfigurationError as exc:
             raise APIError(str(exc), param="target" if body.target is not None else "stages",
                            code="invalid_configuration") from None

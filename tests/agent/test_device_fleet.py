@@ -9,7 +9,8 @@ import pytest
 
 from agent.device_fleet import DeviceFleet, DeviceRefused, drain_target
 from agent.engine import WorkerInfo
-from planner.configuration import Configuration
+from agent.reconfigurations import Reconfigurations
+from planner.configuration import Configuration, ConfigurationError
 from planner.reconfig import DeviceInfo, ModelFootprint
 
 
@@ -149,3 +150,41 @@ def test_the_server_limit_and_the_host_memory_are_respected() -> None:
     assert refused.value.status == 409 and engine.started == []
     devices.memory_available = lambda: 824 << 20
     assert devices.add("worker-2")[2]
+
+
+# ---- a target whose stages name no device never lands on a drained one ----------------------
+
+class PlanningReconfig(Reconfigurations):
+    """Reconfigurations.plan over FakeEngine's workers, serving `current`, with no request running."""
+
+    def __init__(self, engine: FakeEngine, current: Configuration):
+        engine.arch = SimpleNamespace(n_layers=30)
+        engine.epoch = 1
+        engine.config.max_overhead = 0.05
+        super().__init__(engine)
+        self._current = current
+
+    def current(self) -> Configuration:
+        return self._current
+
+    def footprint(self) -> ModelFootprint:
+        return ModelFootprint(30, 18 << 20, 110 << 20, 110 << 20, 1536, 16)
+
+    def requests(self) -> list:
+        return []
+
+
+def test_stages_without_devices_are_placed_on_available_devices_only() -> None:
+    engine = FakeEngine(4)
+    reconfig = PlanningReconfig(engine, config("worker-0:0-10,worker-1:10-20,worker-3:20-30"))
+    drained = {"worker-2"}  # worker-2 is a spare, but drained
+    target = Configuration.from_stages_text("0:8,8:16,16:24,24:30")  # a 4th stage: no device left for it
+    with pytest.raises(ConfigurationError, match=r"4 stages and there are 3 devices.*\(worker-2 drained: "
+                                                 r"`pipeshift device add` makes a device available again\)"):
+        reconfig.plan(target, exclude=drained)
+    plan = reconfig.plan(Configuration.from_stages_text("0:15,15:30"), exclude=drained)
+    assert "worker-2" not in plan.target.devices()
+    assert "worker-2" in reconfig.plan(target).target.devices()  # nothing excluded: the spare takes a stage
+    # a device that serves now (its drain under way) stays in the plan's view: the source of its layers
+    plan = reconfig.plan(config("worker-0:0-15,worker-1:15-30"), exclude={"worker-3"})
+    assert plan.feasible and plan.target.devices() == ["worker-0", "worker-1"]

@@ -131,6 +131,11 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
         admin.apply({"target": {"pipelines": [{"stages": [
             {"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-1", "start": 15, "end": 30}]}]}})
     assert refused.value.status == 400
+    # ... also by a target that names no device: its stages go to available devices only
+    with pytest.raises(AdminError, match=r"2 stages and there is 1 device.*\(worker-1, worker-2 drained") \
+            as refused:
+        admin.plan({"stages": "0:15,15:30"})
+    assert refused.value.status == 400
     for name, status, says in (("worker-0", 409, "only device serving"), ("worker-9", 404, "no device 'worker-9'")):
         with pytest.raises(AdminError, match=says) as refused:
             admin.drain(name)

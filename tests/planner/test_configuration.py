@@ -128,6 +128,8 @@ def test_check_counts_stages_against_devices_and_shows_an_example():
     config = Configuration.from_stages_text("0:5,5:10,10:15,15:20,20:25,25:30")
     with pytest.raises(ConfigurationError, match="6 stages and there are 5 devices"):
         config.check(30, WORKERS)
+    with pytest.raises(ConfigurationError, match="2 stages and there is 1 device: use fewer"):
+        Configuration.from_stages_text("0:15,15:30").check(30, ["worker-0"])
     with pytest.raises(ConfigurationError, match=r"pipeline 1: .*e\.g\. .*0:15,15:30"):
         Configuration.from_json(
             {"pipelines": [{"stages": [{"start": 0, "end": 30}]},
