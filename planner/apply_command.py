@@ -117,6 +117,13 @@ def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollba
         with interrupts:
             run.start()
             record, _ = run.follow(lambda client, apply_id, on_update: follow(client, apply_id, interrupts, on_update))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop following; the server goes on
+        if run.server_apply_id is None:
+            print("\nInterrupted before the apply started: nothing was changed.", file=sys.stderr)
+        else:
+            print(f"\nStopped following apply {run.server_apply_id}; the server goes on with it (it was asked to "
+                  f"cancel): GET /admin/v1/applies/{run.server_apply_id} says how it ends.", file=sys.stderr)
+        return 1
     except OperationError as exc:
         print(f"pipeshift apply: error: {exc}", file=sys.stderr)
         return 2 if exc.status == 422 and saved is None and rollback_to is None else 1
@@ -176,7 +183,8 @@ def confirm() -> bool:
     print("\nDo you want to perform these actions?\n  Only 'yes' will be accepted to approve.\n")
     try:
         return input("  Enter a value: ").strip() == "yes"
-    except EOFError:
+    except (EOFError, KeyboardInterrupt):  # no input, or Ctrl-C at the prompt: not a yes
+        print()
         return False
 
 

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pipeshift plan ... | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+        print(f"\npipeshift {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
