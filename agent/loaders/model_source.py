@@ -52,6 +52,7 @@ def resolve_model(model: str) -> ModelSource:
         return ModelSource(arch.name, str(path), "gguf", arch)
     if path.is_dir() and (path / "config.json").exists():
         arch = arch_from_hf_config(path)
+        check_safetensors_files(path)
         return ModelSource(arch.name, str(path), "safetensors", arch)
     raise ValueError(
         f"--model {model!r} is neither a known packaged model ({', '.join(PACKAGED_WEIGHTS)}), "
@@ -89,9 +90,82 @@ def arch_from_gguf(path: Path) -> ModelArch:
     )
 
 
+# transformers model types whose decoder is exactly the one agent/model.py runs: RMSNorm,
+# rotary attention without biases, a SwiGLU MLP. (Mistral differs from Llama only by its
+# sliding window, which full attention equals up to the window's length.)
+LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral")
+# hidden_act values that are SiLU (transformers' ACT2FN).
+SILU_ACTIVATIONS = ("silu", "swish")
+PYTORCH_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_llama_family(directory: Path, cfg: dict) -> None:
+    """Raises ValueError naming what in `config.json` this runtime would compute wrongly."""
+    model_type = cfg.get("model_type")
+    architectures = ", ".join(cfg.get("architectures") or ()) or "no architectures listed"
+    where = f"{directory}/config.json"
+    if model_type is not None and model_type not in LLAMA_FAMILY_MODEL_TYPES:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} ({architectures}) is not supported: pipeshift "
+            f"serves Llama-family decoders only (model_type {' or '.join(LLAMA_FAMILY_MODEL_TYPES)})"
+        )
+    quantization = cfg.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise ValueError(
+            f"{where}: the weights are quantized ({method}), which pipeshift does not load: serve "
+            "unquantized safetensors (float32, float16 or bfloat16) or a GGUF file"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ValueError(
+                f"{where}: {flag} is true, which is not supported: pipeshift's projections have no biases "
+                "(serve a Llama-family model without biases)"
+            )
+    act = cfg.get("hidden_act", "silu")
+    if act not in SILU_ACTIVATIONS:
+        raise ValueError(
+            f"{where}: hidden_act {act!r} is not supported: pipeshift's MLP is SwiGLU (hidden_act silu)"
+        )
+    missing = [key for key in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                               "num_attention_heads", "vocab_size") if key not in cfg]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)}: it does not describe a Llama-family model")
+
+
+def check_safetensors_files(directory: Path) -> None:
+    """Raises ValueError unless `directory` holds safetensors weights that its index (if any) names.
+
+    Checked before any worker starts, so that a missing file is one line, not a worker's traceback.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map)") from None
+        absent = sorted(s for s in shards if not (directory / s).is_file())
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {directory}: {', '.join(absent)}")
+        return
+    if any(directory.glob("*.safetensors")):
+        return
+    pytorch = [name for name in PYTORCH_WEIGHT_FILES if (directory / name).exists()]
+    pytorch += [p.name for p in sorted(directory.glob("pytorch_model-*.bin"))[:1]]
+    if pytorch:
+        raise ValueError(
+            f"{directory} holds PyTorch pickle weights ({pytorch[0]}), which pipeshift does not "
+            "load: only safetensors are. Convert them once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors"
+        )
+    raise ValueError(f"{directory} holds no *.safetensors weights beside its config.json")
+
+
 def arch_from_hf_config(directory: Path) -> ModelArch:
-    """Reads the architecture from a Hugging Face `config.json` (Llama family)."""
+    """Reads the architecture from a Hugging Face `config.json` (Llama family); raises
+    ValueError for a model this runtime would not compute as transformers does."""
     cfg = json.loads((directory / "config.json").read_text())
+    check_llama_family(directory, cfg)
     # transformers 5 writes `rope_parameters` (with rope_theta inside); older ones `rope_scaling`.
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -107,6 +181,12 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
     else:
         rope_scaling = None
     n_heads = int(cfg["num_attention_heads"])
+    max_context = int(cfg.get("max_position_embeddings", 4096))
+    window = cfg.get("sliding_window")
+    if window is not None and cfg.get("use_sliding_window", True) and int(window) < max_context:
+        # Past the window such a model (Mistral) attends to fewer positions than full
+        # attention does: serve only the context where the two agree.
+        max_context = int(window)
     return ModelArch(
         name=cfg.get("_name_or_path") or directory.name,
         n_layers=int(cfg["num_hidden_layers"]),
@@ -115,7 +195,7 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
         n_heads=n_heads,
         n_kv_heads=int(cfg.get("num_key_value_heads", n_heads)),
         vocab_size=int(cfg["vocab_size"]),
-        max_context=int(cfg.get("max_position_embeddings", 4096)),
+        max_context=max_context,
         rope_theta=float(rope_theta),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -1,0 +1,133 @@
+"""Hugging Face directories that are not plain Llama safetensors: each is served as
+transformers computes it, or refused before any worker starts with one line saying what is
+not supported and what to do (never a worker's traceback, never silently wrong logits).
+
+No downloads: configs are written by hand, models are tiny and random.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.loaders import resolve_model
+from planner.cli import main
+from tests.agent.stage_runner import InProcessPipeline
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 128,
+    "hidden_act": "silu",
+}
+
+
+def write_dir(directory: Path, config: dict, weights: str | None = "model.safetensors") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        (directory / weights).write_bytes(b"")
+    return directory
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_head": 4}, "'gpt2'"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "'qwen2'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantized (gptq)"),
+    ],
+    ids=["gpt2", "qwen2", "attention-bias", "mlp-bias", "gelu", "gptq"],
+)
+def test_a_config_the_runtime_would_compute_wrongly_is_refused(tmp_path, change, named):
+    directory = write_dir(tmp_path / "model", {**LLAMA_CONFIG, **change})
+    with pytest.raises(ValueError, match="not supported|does not load") as refusal:
+        resolve_model(str(directory))
+    assert named in str(refusal.value)
+
+
+def test_a_config_missing_a_llama_key_names_it(tmp_path):
+    config = {k: v for k, v in LLAMA_CONFIG.items() if k != "intermediate_size"}
+    with pytest.raises(ValueError, match="has no intermediate_size"):
+        resolve_model(str(write_dir(tmp_path / "model", config)))
+
+
+def test_pytorch_bin_weights_are_refused_saying_how_to_convert(tmp_path):
+    directory = write_dir(tmp_path / "model", LLAMA_CONFIG, weights="pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin.*only safetensors.*save_pretrained"):
+        resolve_model(str(directory))
+
+
+def test_an_index_naming_an_absent_shard_is_refused(tmp_path):
+    directory = write_dir(tmp_path / "model", LLAMA_CONFIG, weights="model-00001-of-00002.safetensors")
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+        resolve_model(str(directory))
+
+
+def test_no_weights_at_all_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        resolve_model(str(write_dir(tmp_path / "model", LLAMA_CONFIG, weights=None)))
+
+
+def test_serve_refuses_bin_weights_in_one_line_before_any_worker(tmp_path, capsys):
+    directory = write_dir(tmp_path / "model", LLAMA_CONFIG, weights="pytorch_model.bin")
+    assert main(["serve", "--model", str(directory), "--devices", "2", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeshift serve: error:" in err and "only safetensors" in err
+    assert "Traceback" not in err
+
+
+# ---- Mistral: Llama's decoder plus a sliding window ------------------------------------------
+def mistral(directory: Path, sliding_window: int | None) -> object:
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+        sliding_window=sliding_window, initializer_range=0.2,
+    )
+    model = transformers.MistralForCausalLM(config).float().eval()
+    model.save_pretrained(str(directory))
+    return model
+
+
+def logits_of(directory: Path, model, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 256, (n_tokens,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(ids.unsqueeze(0)).logits[0].float()
+    pipe = InProcessPipeline(resolve_model(str(directory)), [(0, 1), (1, 3)], block_size=4)
+    return pipe.step(["r"], [0], [n_tokens], ids, all_rows=True), reference
+
+
+def test_mistral_without_a_window_matches_transformers(tmp_path):
+    model = mistral(tmp_path / "mistral", sliding_window=None)
+    assert resolve_model(str(tmp_path / "mistral")).arch.max_context == 128
+    ours, reference = logits_of(tmp_path / "mistral", model, 40)
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_mistral_with_a_window_serves_the_context_where_it_equals_full_attention(tmp_path):
+    model = mistral(tmp_path / "mistral", sliding_window=8)
+    assert resolve_model(str(tmp_path / "mistral")).arch.max_context == 8
+    ours, reference = logits_of(tmp_path / "mistral", model, 8)
+    assert (ours - reference).abs().max().item() <= 1e-4
+    # Past the window the model attends to less than full attention: those logits differ,
+    # which is why the context stops at the window.
+    longer, reference = logits_of(tmp_path / "mistral", model, 16)
+    assert (longer - reference).abs().max().item() > 1e-2
