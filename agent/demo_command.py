@@ -27,9 +27,9 @@ def register(subparsers) -> None:
         "demo", help="serve on local workers, stream requests and re-split the pipeline live"
     )
     add_engine_arguments(parser, default_devices=3)
-    parser.set_defaults(stages="0:15,15:30")
-    parser.add_argument("--to", default="0:10,10:20,20:30", metavar="STAGES",
-                        help="the split to change to while the requests stream (default 0:10,10:20,20:30)")
+    parser.add_argument("--to", default=None, metavar="STAGES",
+                        help="the split to change to while the requests stream (default: the model's "
+                             "layers in three even stages, 0:10,10:20,20:30 for SmolLM2)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.set_defaults(func=run)
 
@@ -82,6 +82,25 @@ def stream_all(base_url: str, model: str, max_tokens: int, started: threading.Ev
     return records
 
 
+def fill_default_splits(args) -> None:
+    """Sets --stages and --to where they were left out, from the model's layer count: two even
+    stages, then three (SmolLM2's 30 layers: 0:15,15:30, then 0:10,10:20,20:30). Raises
+    ValueError for a model too shallow for three stages, naming the flags to give."""
+    from agent.loaders import resolve_model
+    from agent.stage_layout import even_split, format_stages
+
+    if args.stages is not None and args.to is not None:
+        return
+    n_layers = resolve_model(args.model).arch.n_layers
+    if n_layers < 3:
+        raise ValueError(f"the model has {n_layers} layer(s), too few to change from 2 to 3 stages: "
+                         "give --stages and --to yourself")
+    if args.stages is None and args.plan is None:
+        args.stages = format_stages(even_split(n_layers, 2))
+    if args.to is None:
+        args.to = format_stages(even_split(n_layers, 3))
+
+
 def run(args) -> int:
     from agent.gateway.app import create_app
     from agent.gateway.server import ServerThread
@@ -91,6 +110,7 @@ def run(args) -> int:
     from planner.configuration import ConfigurationError
 
     try:
+        fill_default_splits(args)
         engine = start_engine(args)
     except (ValueError, KeyError, FileNotFoundError, ConfigurationError) as exc:
         print(f"pipeshift demo: error: {exc}", file=sys.stderr)
