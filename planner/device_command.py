@@ -28,37 +28,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "(default: the first drained one, or else a new worker under the next free name)")
     add.add_argument("--kind", default=None,
                      help="the new device's kind; a local server starts its own kind only (cpu)")
+    from planner.init_command import add_database_argument
+
     for sub in (drain, add):
         sub.add_argument("--server", default=DEFAULT_SERVER,
                          help="the serving process (default $PIPESHIFT_SERVER or http://127.0.0.1:8000)")
         sub.add_argument("--token", default=os.environ.get("PIPESHIFT_ADMIN_TOKEN"))
+        add_database_argument(sub)
         sub.set_defaults(func=run)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.admin_client import AdminClient, AdminError
+    """With a store (`pipeshift init`), a drain is recorded as an apply is: under the
+    deployment's lock, its row in `pipeshift history`, the configuration it leaves with source
+    `drain`; an add records the devices' states."""
+    from planner.admin_client import AdminClient
+    from planner.operations import ApplyRun, OperationError
+    from planner.store import NoStore, open_store
+    from planner.store.database import database_url
 
-    client = AdminClient(args.server, args.token)
     try:
-        if args.device_action == "add":
-            answer = client.add_device(args.device, args.kind)
-            print(answer["message"])
-            return 0
-        answer = client.drain(args.device)
-        print(answer["message"])
-        record = answer.get("apply")
-        if record is None or args.no_wait:
-            return 0
-        final = client.wait(record["id"])
-        if final["outcome"] != "applied":
-            print(f"pipeshift device drain: the apply ended {final['outcome']}: {final.get('error') or ''}; "
-                  f"{args.device} keeps serving", file=sys.stderr)
-            return 1
-        stall = final["measured"].get("stall_ms")
-        print(f"{args.device} is drained (apply {record['id']}, epoch {final['epoch_to']}"
-              + (f", switch held requests {stall:.1f} ms" if stall is not None else "") + ")")
-        return 0
-    except AdminError as exc:
+        store = open_store(args.database_url or database_url())
+    except NoStore as exc:
+        store = None
+        if args.device_action == "drain":
+            print(f"Note: {exc}; this drain is not recorded.\n", file=sys.stderr)
+    run = ApplyRun(store, AdminClient(args.server, args.token), source="drain")
+    try:
+        return _add(args, run) if args.device_action == "add" else _drain(args, run)
+    except OperationError as exc:
         print(f"pipeshift device {args.device_action}: error: {exc}", file=sys.stderr)
-        return 1 if exc.status is None or exc.status >= 500 or exc.status == 409 else 2
+        return 1 if exc.status >= 500 or exc.status == 409 else 2
+    finally:
+        run.close()
+        if store is not None:
+            store.close()
+
+
+def _add(args: argparse.Namespace, run) -> int:
+    from planner.admin_client import AdminError
+    from planner.operations import OperationError
+
+    try:
+        answer = run.client.add_device(args.device, args.kind)
+    except AdminError as exc:
+        raise OperationError(str(exc), 503 if exc.status is None or exc.status >= 500 else exc.status) from None
+    print(answer["message"])
+    run.refresh_devices()
+    return 0
+
+
+def _drain(args: argparse.Namespace, run) -> int:
+    answer = run.drain(args.device, record=not args.no_wait)
+    print(answer["message"])
+    record = answer.get("apply")
+    if record is None:
+        return 0
+    if args.no_wait:
+        if run.store is not None:
+            print("Note: not followed (--no-wait), so this drain is not recorded; the next `pipeshift plan "
+                  "--server` records what serves then.", file=sys.stderr)
+        return 0
+    final, _ = run.follow()
+    run.refresh_devices()  # the device is `drained` now, or serving again
+    if final["outcome"] != "applied":
+        print(f"pipeshift device drain: the apply ended {final['outcome']}: {final.get('error') or ''}; "
+              f"{args.device} keeps serving", file=sys.stderr)
+        return 1
+    stall = final["measured"].get("stall_ms")
+    print(f"{args.device} is drained (apply {record['id']}, epoch {final['epoch_to']}"
+          + (f", switch held requests {stall:.1f} ms" if stall is not None else "") + ")"
+          + (f"; recorded as {run.recorder.row.id} (`pipeshift show {run.recorder.row.id}`)"
+             if run.recorder is not None else ""))
+    return 0

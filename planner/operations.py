@@ -119,15 +119,9 @@ class ApplyRun:
         Holds the lock from here until `close` (taken first, as Terraform does, so that what
         is planned is what is applied)."""
         self.max_overhead = max_overhead
-        if self.store is not None:
-            try:
-                self.lock = self.store.lock(lock_name(self.client.server), reason=f"pipeshift {self.source}")
-            except LockHeld as exc:
-                raise OperationError(str(exc), 409) from None
+        self._lock()
         try:
-            self.deployment = self.client.deployment()
-            if self.store is not None:
-                self.refreshed = refresh(self.store, self.deployment)
+            self._refresh()
             if plan_id is not None:
                 plan_row = self._store().plan(plan_id)
                 self._store().check_fresh(plan_row)
@@ -149,6 +143,52 @@ class ApplyRun:
         except ValueError as exc:
             raise OperationError(str(exc), 422) from None
         return self.dry
+
+    def _lock(self, reason: str | None = None) -> None:
+        """Takes the deployment's lock (with a store); raises OperationError 409 when it is held."""
+        if self.store is not None:
+            try:
+                self.lock = self.store.lock(lock_name(self.client.server), reason=reason or f"pipeshift {self.source}")
+            except LockHeld as exc:
+                raise OperationError(str(exc), 409) from None
+
+    def _refresh(self) -> None:
+        """Reads what the server serves and makes it the store's record (raises AdminError)."""
+        self.deployment = self.client.deployment()
+        if self.store is not None:
+            self.refreshed = refresh(self.store, self.deployment)
+
+    def drain(self, device: str, record: bool = True) -> dict[str, Any]:
+        """Drains `device` (`POST /admin/v1/devices/{device}/drain`) under the deployment's lock,
+        as an apply: refreshes the record first, and when the drain starts an apply and `record`,
+        writes its row, which `follow` completes (its configuration's source is `drain`).
+        Returns the admin API's answer. Raises OperationError (404 unknown device, 409 lock held
+        or drain refused, 503 server gone)."""
+        self._lock(f"pipeshift device drain {device}")
+        try:
+            self._refresh()
+            answer = self.client.drain(device)
+        except AdminError as exc:
+            raise OperationError(str(exc), 503 if exc.status is None or exc.status >= 500 else exc.status) from None
+        started = answer.get("apply")
+        if started is None:  # nothing moved; the device's state changed, or not
+            self.refresh_devices()
+        elif record and self.store is not None and self.refreshed is not None:
+            self.recorder = ApplyRecorder(self.store, self.refreshed.current, source="drain")
+            self.recorder.started(started["id"])
+        if started is not None:
+            self.server_apply_id = started["id"]
+        return answer
+
+    def refresh_devices(self) -> None:
+        """Records the devices' states as the server reports them now (drained, spare, ...);
+        nothing when there is no store or the server does not answer."""
+        if self.store is None:
+            return
+        try:
+            refresh(self.store, self.client.deployment())
+        except AdminError:
+            pass
 
     @property
     def drift(self) -> str | None:
@@ -180,10 +220,17 @@ class ApplyRun:
         CLI's progress bars) or by plain polling; records phases, outcome and the serving
         figures measured around it. Returns the final record and the configuration it produced."""
         assert self.server_apply_id is not None
-        if follower is not None:
-            record = follower(self.client, self.server_apply_id, self._progress)
-        else:
-            record = self.client.wait(self.server_apply_id, POLL_S, on_update=self._progress)
+        try:
+            if follower is not None:
+                record = follower(self.client, self.server_apply_id, self._progress)
+            else:
+                record = self.client.wait(self.server_apply_id, POLL_S, on_update=self._progress)
+        except AdminError as exc:  # the server went away (or forgot the apply) mid-apply
+            message = f"lost the deployment while following apply {self.server_apply_id}: {exc}"
+            if self.recorder is not None:
+                self.recorder.failed(message)
+            raise OperationError(message + "; `pipeshift plan --server` shows what serves now, if anything",
+                                 503) from None
         new = None
         if self.recorder is not None:  # the row says done once it holds everything
             new = self.recorder.finished(record, self.deployment.get("model", "?"), self.serving(settle_s))
@@ -222,7 +269,9 @@ class ApplyRun:
         def run() -> None:
             try:
                 self.follow()
-            except Exception as exc:  # the server went away mid-apply: say so in the row
+            except OperationError:  # the server went away mid-apply: follow said so in the row
+                pass
+            except Exception as exc:  # anything else: say so in the row
                 if self.recorder is not None:
                     self.recorder.failed(f"lost the deployment while following the apply: {exc}")
             finally:
