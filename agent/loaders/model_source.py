@@ -73,6 +73,14 @@ def arch_from_gguf(path: Path) -> ModelArch:
     n_heads = int(field("llama.attention.head_count"))
     hidden = int(field("llama.embedding_length"))
     names = set(gguf_file.tensors)
+    head_dim = int(field("llama.attention.key_length", hidden // n_heads))
+    unsupported = gguf_unsupported(gguf_file, head_dim)
+    if unsupported:
+        raise ValueError(
+            f"{path.name}: {unsupported}, which pipeshift does not run: it serves plain Llama "
+            "decoders from GGUF (no RoPE scaling; a Llama 3.1-style model is served from its "
+            "safetensors directory, whose config.json gives its llama3 RoPE scaling)"
+        )
     vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
     return ModelArch(
         name=str(field("general.basename", path.stem)),
@@ -86,8 +94,30 @@ def arch_from_gguf(path: Path) -> ModelArch:
         rope_theta=float(field("llama.rope.freq_base", 10000.0)),
         rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
-        head_dim=int(field("llama.attention.key_length", hidden // n_heads)),
+        head_dim=head_dim,
     )
+
+
+def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
+    """Names what in a llama-architecture GGUF the runtime would ignore and so compute wrongly
+    (None: nothing). llama.cpp files Mixtral, Llama 3.1's RoPE factors and RoPE-scaled models
+    under the same `llama` architecture."""
+    meta, names = gguf_file.metadata, gguf_file.tensors
+    experts = int(meta.get("llama.expert_count") or 0)
+    if experts:
+        return f"it is a mixture of experts ({experts} experts)"
+    if "rope_freqs.weight" in names:
+        return "it holds RoPE frequency factors (rope_freqs.weight, Llama 3.1-style RoPE scaling)"
+    scaling = meta.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        return f"its RoPE is scaled ({scaling!r})"
+    rotary = meta.get("llama.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        return f"RoPE rotates {int(rotary)} of each head's {head_dim} dimensions"
+    biased = next((n for n in names if n.startswith("blk.") and n.endswith(".bias")), None)
+    if biased is not None:
+        return f"its projections have biases ({biased})"
+    return None
 
 
 # transformers model types whose decoder is exactly the one agent/model.py runs: RMSNorm,
