@@ -722,7 +722,7 @@ class PipelineEngine:
         self.tokens_generated += 1
         detok = self._detok[seq.request_id]
         finish = None
-        if token == self.tokenizer.eos_token_id and not p.ignore_eos:
+        if token in self.tokenizer.stop_token_ids and not p.ignore_eos:
             finish = "stop"
             seq.text += detok.flush()
         else:

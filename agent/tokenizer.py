@@ -94,6 +94,20 @@ def _hf_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _generation_config_eos(directory: Path) -> tuple[int, ...]:
+    """The `eos_token_id` of a HF directory's generation_config.json (an id or a list of them),
+    where transformers' `generate` and vLLM read the ids that end a generation."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError):
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
 def read_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The `tokenizer.*` keys of a GGUF file, as plain Python values."""
     # The project's own header parser: `gguf.GGUFReader` takes ~3 s on this vocabulary, it ~0.15 s.
@@ -125,9 +139,16 @@ class Tokenizer:
         add_eos_token: bool = False,
         chat_template: str | None = None,
         backend_adds_special: bool = False,
+        stop_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.backend = backend
         self.special = special
+        # Every id that ends a generation: the EOS and the model's other end-of-generation ids
+        # (a HF directory's generation_config.json; a GGUF's EOT/EOM), as transformers and
+        # llama.cpp stop at each of them.
+        self.stop_token_ids = frozenset(
+            i for i in (special.eos, *stop_token_ids) if i is not None
+        )
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         # A tokenizer.json carries its own post-processor (e.g. Llama 3's BOS template).
@@ -163,14 +184,17 @@ class Tokenizer:
                 value = value.get("content")
             return backend.token_to_id(value) if isinstance(value, str) else None
 
+        generation_eos = _generation_config_eos(directory)
+        eos = token_id("eos_token")
         special = SpecialIds(
             bos=token_id("bos_token"),
-            eos=token_id("eos_token"),
+            eos=eos if eos is not None else next(iter(generation_eos), None),
             pad=token_id("pad_token"),
             unk=token_id("unk_token"),
         )
         template = _hf_chat_template(directory, config)
-        return cls(backend, special, chat_template=template, backend_adds_special=True)
+        return cls(backend, special, chat_template=template, backend_adds_special=True,
+                   stop_token_ids=generation_eos)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], *, digit_split: bool | None = None) -> Tokenizer:
@@ -241,6 +265,9 @@ class Tokenizer:
             add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
+            # llama.cpp ends a generation at EOS, EOT (Llama 3's <|eot_id|>) and EOM alike.
+            stop_token_ids=tuple(i for i in (token_id("eot_token_id"), token_id("eom_token_id"))
+                                 if i is not None),
         )
 
     # -- ids -------------------------------------------------------------------------------
