@@ -4,6 +4,8 @@
     pipeshift apply --plan PLAN.json            (the planner's --json output; devices map to workers in order)
     pipeshift apply -f SPEC.yaml                (plans with the migration term from what serves now)
     pipeshift apply PLANFILE                    (exactly a plan saved by `pipeshift plan -out`)
+    pipeshift apply PLAN_ID                     (a plan the store holds: a controller's proposal,
+                                                 `pipeshift history --decisions` names it)
 
 It prints the diff the server plans, asks for `yes` (unless --auto-approve, or a saved plan,
 which was reviewed when it was made), follows the apply's phases with a progress bar each,
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 POLL_S = 0.1
+PLAN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # as the store names plans
 DEFAULT_SERVER = os.environ.get("PIPESHIFT_SERVER", "http://127.0.0.1:8000")
 
 
@@ -36,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "show it, and apply it while every request keeps streaming.",
     )
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("planfile", nargs="?", metavar="PLANFILE", help="a plan saved by `pipeshift plan -out`")
+    target.add_argument("planfile", nargs="?", metavar="PLANFILE",
+                        help="a plan saved by `pipeshift plan -out`, or the id of a plan the store holds "
+                             "(`serve --controller propose` saves its proposals: `pipeshift history --decisions`)")
     target.add_argument("--stages", help="one pipeline's layer ranges, e.g. 0:10,10:20,20:30")
     target.add_argument("--plan", metavar="PLAN.json", help="a configuration (`pipeshift plan --json` output)")
     target.add_argument("-f", "--file", metavar="SPEC.yaml", help="a spec to plan from what serves now")
@@ -65,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from planner.store.database import database_url
 
     saved = None
-    if args.planfile:
+    if args.planfile and PLAN_ID.fullmatch(args.planfile) and not Path(args.planfile).exists():
+        # a plan of the store (`prepare` says if it has none such); a proposal no one reviewed yet
+        saved = {"plan_id": args.planfile, "reviewed": False}
+    elif args.planfile:
         try:
             saved = read_plan_file(args.planfile)
         except ValueError as exc:
@@ -110,7 +120,7 @@ def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollba
             return 1
         if not run.has_changes:
             return 0
-        if saved is None and not args.auto_approve and not confirm():
+        if (saved is None or not saved.get("reviewed", True)) and not args.auto_approve and not confirm():
             print("\nApply cancelled.")
             return 1
         interrupts = Interrupts()  # from here Ctrl-C asks the server to cancel, whenever it comes

@@ -67,5 +67,7 @@ def decision_line(when: str, e: dict) -> str:
     figures = (f"goodput {p.get('goodput_current_rps', 0):.3f} -> {p.get('goodput_target_rps', 0):.3f} req/s, "
                f"stall {p.get('stall_ms', 0):.1f} ms")
     outcome = f"; apply {e['server_apply_id']}" if e["server_apply_id"] else (f"; {e['error']}" if e["error"] else "")
+    if e["plan"] and not e["server_apply_id"] and e["act"]:  # a proposal: what applies it
+        outcome += f"; `pipeshift apply {e['plan']}` applies it"
     return (f"{when}  decision {e['id']:<4} {e['mode']:<7} {verb:<7} {current} -> {target}: {e['reason']} "
             f"({figures}){outcome}")

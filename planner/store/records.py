@@ -169,7 +169,8 @@ class Store:
 
     def plan(self, plan_id: str) -> PlanRow:
         with self.transaction() as s:
-            return _get(s, PlanRow, plan_id, f"no plan {plan_id}")
+            return _get(s, PlanRow, plan_id, f"no plan {plan_id} in the store: `pipeshift history --decisions` names "
+                        "the controller's proposals, `pipeshift plan -out FILE` saves one")
 
     def check_fresh(self, plan: PlanRow) -> None:
         """Raises StalePlan unless the configuration the plan was made against still serves."""
