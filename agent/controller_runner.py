@@ -76,6 +76,18 @@ class DecisionRecord:
 
         return asdict(self)
 
+    @property
+    def verdict(self) -> str:
+        """keep | propose | apply (auto started it) | refused (auto, the apply path refused)."""
+        if not self.act:
+            return "keep"
+        if self.mode != "auto":
+            return "propose"
+        return "apply" if self.apply_id is not None else "refused"
+
+
+VERDICTS = ("keep", "propose", "apply", "refused")
+
 
 def finite(figures: dict[str, Any]) -> dict[str, Any]:
     """Returns `figures` with infinite or NaN numbers as None (JSON columns refuse them)."""
@@ -114,6 +126,7 @@ class ControllerRunner:
         self.reconfig, self.monitor, self.spec = reconfig, monitor, spec
         self.settings, self.fleet, self.store = settings, fleet, store
         self.decisions: deque[DecisionRecord] = deque(maxlen=MAX_DECISIONS)
+        self.verdicts: dict[str, int] = dict.fromkeys(VERDICTS, 0)  # every decision since start (/metrics)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -209,6 +222,7 @@ class ControllerRunner:
             record.plan_id = self._save_plan(record, target)
         self._store_decision(record)
         self.decisions.append(record)
+        self.verdicts[record.verdict] += 1
         verb = {"auto": "apply", "propose": "propose"}.get(self.settings.mode, "decide")
         log.info("controller decision %d: %s %s -> %s: %s (goodput %.3f -> %.3f req/s, stall %.1f ms)%s",
                  record.id, verb if record.act else "keep", current.describe(), target.describe(), d.reason,

@@ -165,6 +165,33 @@ class WorkloadCollector(Collector):
         yield tpot
 
 
+class ControllerCollector(Collector):
+    """The live controller at scrape time (agent/controller_runner.py): its mode, its decisions
+    since the server started by verdict, and when it last decided."""
+
+    def __init__(self, runner: Any):
+        self._runner = runner
+
+    def collect(self) -> Iterator[Metric]:
+        runner = self._runner
+        mode = GaugeMetricFamily("pipeshift_controller_mode", "The live controller's mode (1 for the one set).",
+                                 labels=["mode"])
+        for name in ("auto", "propose", "off"):
+            mode.add_metric([name], float(runner.settings.mode == name))
+        yield mode
+        decisions = CounterMetricFamily(
+            "pipeshift_controller_decisions",
+            "The controller's decisions by verdict: keep, propose (a saved plan), apply (auto started it), "
+            "refused (auto, the apply path refused it).", labels=["verdict"])
+        for verdict, count in runner.verdicts.items():
+            decisions.add_metric([verdict], float(count))
+        yield decisions
+        last = runner.decisions[-1] if runner.decisions else None
+        if last is not None:
+            yield GaugeMetricFamily("pipeshift_controller_last_decision_timestamp_seconds",
+                                    "When the controller last decided (unix seconds).", value=float(last.time))
+
+
 def _quantile_label(key: str) -> str:
     """Returns Prometheus' quantile label for "p90": "0.9"."""
     return str(int(key.removeprefix("p")) / 100)
@@ -234,6 +261,10 @@ class GatewayMetrics:
     def watch_workload(self, monitor: Any) -> None:
         """Exposes the workload monitor's window (agent/workload_monitor.py) on this registry."""
         self.registry.register(WorkloadCollector(monitor))
+
+    def watch_controller(self, runner: Any) -> None:
+        """Exposes the live controller's decisions (agent/controller_runner.py) on this registry."""
+        self.registry.register(ControllerCollector(runner))
 
     def start_request(self, arrival_s: float | None = None) -> RequestTimer:
         """Returns the timer of one admitted request; call its `finish` exactly once."""

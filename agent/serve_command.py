@@ -201,6 +201,9 @@ def start_controller(app, engine, args, spec, settings, store=None):
                                      None if slo.tpot_ms is None else slo.tpot_ms / 1000)
     runner = ControllerRunner(engine.reconfig, monitor, spec, settings, app.state.device_fleet, store)
     app.state.controller = runner
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None and settings.mode != "off":
+        metrics.watch_controller(runner)
     if settings.mode != "off":
         if monitor is None:
             raise ValueError("the controller needs the workload monitor, which this engine does not feed")

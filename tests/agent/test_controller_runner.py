@@ -222,3 +222,25 @@ def test_serve_of_a_model_outside_the_catalog_starts_with_the_controller_off() -
     args = parser.parse_args(["serve", "--model", "smollm2-135m"])
     runner = start_controller(app, engine, args, None, ControllerSettings(mode="off"))
     assert runner.spec.model == "SmolLM2-135M"
+
+
+def test_metrics_count_the_decisions_by_verdict() -> None:
+    from agent.metrics import GatewayMetrics
+
+    reconfig = Reconfig("0:15,15:30")
+    control = runner("auto", reconfig, burst(5.0))
+    metrics = GatewayMetrics()
+    metrics.watch_controller(control)
+    assert 'pipeshift_controller_decisions_total{verdict="apply"} 0.0' in metrics.render()[0].decode()
+    control.step(now_s=1000.0)  # applies
+    control.step(now_s=1001.0)  # keeps: the first apply still runs
+    text = metrics.render()[0].decode()
+    for line in ('pipeshift_controller_mode{mode="auto"} 1.0', 'pipeshift_controller_mode{mode="propose"} 0.0',
+                 'pipeshift_controller_decisions_total{verdict="apply"} 1.0',
+                 'pipeshift_controller_decisions_total{verdict="keep"} 1.0',
+                 'pipeshift_controller_decisions_total{verdict="refused"} 0.0',
+                 "pipeshift_controller_last_decision_timestamp_seconds 1001.0"):
+        assert line in text, line
+    proposing = runner("propose", Reconfig("0:15,15:30"), burst(5.0))
+    proposing.step(now_s=1000.0)
+    assert proposing.verdicts == {"keep": 0, "propose": 1, "apply": 0, "refused": 0}
