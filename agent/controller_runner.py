@@ -244,6 +244,35 @@ class ControllerRunner:
             record.error = getattr(exc, "message", str(exc))
             return
         record.apply_id = started.apply_id
+        self._record_apply(started, record.plan_id)
+
+    def _record_apply(self, started: Any, plan_id: str | None) -> threading.Thread | None:
+        """Writes the apply it started to the store as `pipeshift apply` writes its own: its row
+        now, its outcome and the configuration it made (source `controller`) once it ends, so
+        `pipeshift history` lists it rather than finding drift later. Returns the thread that
+        waits for the end (None without a store, or when the store fails)."""
+        if self.store is None:
+            return None
+        from planner.deployment_state import ApplyRecorder
+
+        try:
+            current = self.store.current()  # _save_plan refreshed it from what serves
+            recorder = ApplyRecorder(self.store, current, plan_id, source="controller")
+            recorder.started(started.apply_id)
+        except Exception:  # the store is a record of decisions, not a condition for them
+            log.exception("controller: could not write apply %s to the store", started.apply_id)
+            return None
+
+        def finish() -> None:
+            started.done.wait()
+            try:
+                recorder.finished(started.to_json(), self.reconfig.engine.model_name)
+            except Exception:
+                log.exception("controller: could not write the end of apply %s to the store", started.apply_id)
+
+        thread = threading.Thread(target=finish, name=f"record-{started.apply_id}", daemon=True)
+        thread.start()
+        return thread
 
     def _save_plan(self, record: DecisionRecord, target: Any) -> str | None:
         """Writes the decision's plan to the store (None without one, or when it fails)."""

@@ -244,3 +244,37 @@ def test_metrics_count_the_decisions_by_verdict() -> None:
     proposing = runner("propose", Reconfig("0:15,15:30"), burst(5.0))
     proposing.step(now_s=1000.0)
     assert proposing.verdicts == {"keep": 0, "propose": 1, "apply": 0, "refused": 0}
+
+
+def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path) -> None:
+    """`pipeshift history` lists the controller's apply with its outcome and the configuration
+    it made (source `controller`), rather than finding that configuration later as drift."""
+    from planner.store import init_schema, open_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_schema(url)
+    store = open_store(url)
+    try:
+        reconfig = Reconfig("0:15,15:30")
+        reconfig.engine.model_name = "SmolLM2-135M"
+        before = store.record_configuration("SmolLM2-135M", reconfig.config.to_json()["pipelines"], "observed")
+        settings = ControllerSettings(mode="auto", interval_s=5, policy=POLICY, time_limit_s=2)
+        control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), settings, store=store)
+        decision = control.step(now_s=1000.0)
+        [row] = store.applies()
+        assert (row.state, row.server_apply_id, row.from_id) == ("running", "apply-1", before.id)
+        target = reconfig.started[0].to_json()
+        record = reconfig.records[0]
+        record.to_json = lambda: {"outcome": "applied", "error": None, "epoch_to": 2, "target": target,
+                                  "predicted": {}, "phases": [], "measured": {"bytes_moved": 7, "stall_ms": 0.5}}
+        record.done.set()
+        for thread in threading.enumerate():
+            if thread.name == "record-apply-1":
+                thread.join(10)
+        [row] = store.applies()
+        after = store.current()
+        assert (row.state, row.outcome, row.to_id, row.bytes_moved) == ("done", "applied", after.id, 7)
+        assert (after.source, after.pipelines) == ("controller", target["pipelines"])
+        assert decision.apply_id == "apply-1"
+    finally:
+        store.close()
