@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if e["type"] == "decision":
             print(decision_line(when, e))
         elif e["type"] == "configuration":
-            print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<9} {layout(e['pipelines'])}")
+            print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<10} {layout(e['pipelines'])}")
         else:
             result = e["outcome"] or e["state"]
             moved = f"{e['bytes_moved'] / 2**20:.1f} MiB" if e["bytes_moved"] else "-"
