@@ -327,6 +327,21 @@ def piece_from_json(obj: dict[str, Any]) -> dict[str, Any]:
     return {"layers": range(obj["start"], obj["end"]), "embed": obj["embed"], "head": obj["head"]}
 
 
+def reply_to(worker: Worker, msg: dict[str, Any]) -> dict[str, Any]:
+    """Returns the answer to one control command. A command that fails is answered with its
+    error, which the engine reports; the worker's log has it in one line (with the traceback
+    only at PIPESHIFT_LOG_LEVEL=DEBUG), so a refused model is not a wall of tracebacks, one per
+    worker, above the one-line error the command prints."""
+    try:
+        return {"id": msg["id"], "ok": True, **worker.handle(msg)}
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, Cancelled):
+            log.error("control op %s failed: %s", msg.get("op"), error)
+            log.debug("control op %s failed", msg.get("op"), exc_info=True)
+        return {"id": msg["id"], "ok": False, "error": error}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="pipeshift stage worker (started by a launcher)")
     parser.add_argument("--control", required=True, help="HOST:PORT of the engine's control server")
@@ -334,7 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[worker {args.worker_id}] %(message)s")
+    level = os.environ.get("PIPESHIFT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format=f"[worker {args.worker_id}] %(message)s")
     torch.set_num_threads(args.threads)
 
     host, port = args.control.rsplit(":", 1)
@@ -347,13 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def answer(msg: dict[str, Any]) -> None:
         try:
-            reply = {"id": msg["id"], "ok": True, **worker.handle(msg)}
-        except Exception as exc:
-            if not isinstance(exc, Cancelled):
-                log.exception("control op %s failed", msg.get("op"))
-            reply = {"id": msg["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        try:
-            conn.send(reply)
+            conn.send(reply_to(worker, msg))
         except OSError:
             pass
 
