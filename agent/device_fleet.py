@@ -219,7 +219,9 @@ class DeviceFleet:
             if worker_id in engine.worker_info:
                 raise DeviceRefused(f"{device} is in this deployment already: nothing to add")
             if engine.failure:
-                raise DeviceRefused(f"the deployment is down: {engine.failure}", status=503)
+                from agent.reconfigurations import down_message
+
+                raise DeviceRefused(down_message(engine.failure), status=503)
             alive = [info.name for info in list(engine.worker_info.values()) if info.alive]
             if self.max_devices is not None and len(alive) >= self.max_devices:
                 raise DeviceRefused(f"this server holds {len(alive)} devices ({', '.join(alive)}), its limit "

@@ -24,6 +24,13 @@ from planner.reconfig import (
 )
 
 
+def down_message(failure: str) -> str:
+    """Says that the deployment is down and what to do: a stage lost outside an apply is not
+    replaced live."""
+    return (f"the deployment is down: {failure}; a stage lost outside an apply is not replaced live: "
+            "restart `pipeshift serve` (then `pipeshift rollback` returns it to a recorded configuration)")
+
+
 class ApplyRefused(Exception):
     """An apply that cannot start; `status` is the HTTP status that says whose move it is."""
 
@@ -84,6 +91,8 @@ class Reconfigurations:
         it instead of refusing the plan (planner/reconfig.py, `choose_recompute`).
         `exclude`: devices the plan may not place a stage on (drained ones), unless they serve now."""
         engine = self.engine
+        if engine.failure:  # a dry run too: no plan of a deployment that cannot apply it
+            raise ApplyRefused(down_message(engine.failure), status=503)
         current = self.current()
         left_out = [d.name for d in self.devices() if d.name in exclude and d.name not in current.devices()]
         devices = [d for d in self.devices() if d.name not in left_out]
@@ -108,7 +117,7 @@ class Reconfigurations:
         engine = self.engine
         with self._lock:
             if engine.failure:
-                raise ApplyRefused(f"the deployment is down: {engine.failure}", status=503)
+                raise ApplyRefused(down_message(engine.failure), status=503)
             if self.active is not None and not self.active.record.done.is_set():
                 rec = self.active.record
                 raise ApplyRefused(f"apply {rec.apply_id} is in progress (phase {rec.current_phase}): "

@@ -188,3 +188,19 @@ def test_stages_without_devices_are_placed_on_available_devices_only() -> None:
     # a device that serves now (its drain under way) stays in the plan's view: the source of its layers
     plan = reconfig.plan(config("worker-0:0-15,worker-1:15-30"), exclude={"worker-3"})
     assert plan.feasible and plan.target.devices() == ["worker-0", "worker-1"]
+
+
+def test_a_deployment_down_says_to_restart_the_server() -> None:
+    from agent.reconfigurations import ApplyRefused
+
+    engine = FakeEngine(3)
+    reconfig = PlanningReconfig(engine, config("worker-0:0-15,worker-1:15-30"))
+    engine.failure = "pipeline 1 stage 1 (worker 1, layers 15-29) died (exit code -9)"
+    says = r"the deployment is down: pipeline 1 .* not replaced live: restart `pipeshift serve`"
+    with pytest.raises(ApplyRefused, match=says) as refused:  # a dry run too, not a plan it cannot apply
+        reconfig.plan(Configuration.from_stages_text("0:30"))
+    assert refused.value.status == 503
+    devices = DeviceFleet(reconfig, memory_available=lambda: 16 << 30)
+    with pytest.raises(DeviceRefused, match=says) as refused:
+        devices.add("worker-3")
+    assert refused.value.status == 503 and engine.started == []
