@@ -164,10 +164,10 @@ def test_a_vanishing_temperature_or_top_p_samples_greedily(
 class Refusing:
     """Stands in for an engine's reconfigurations: every target misfits the deployment."""
 
-    def plan(self, target, *args):
+    def plan(self, target, *args, **kwargs):
         raise ConfigurationError("stages end at layer 30, but the model has 2 layers")
 
-    def start(self, target, *args):
+    def start(self, target, *args, **kwargs):
         return self.plan(target)
 
     def get(self, apply_id):
