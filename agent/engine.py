@@ -35,7 +35,14 @@ import jinja2
 import torch
 
 from agent.control import ControlError, ControlServer, WorkerConnection
-from agent.engine_api import EngineError, SamplingParams, TokenEvent, TokenLogprob, prompt_batch
+from agent.engine_api import (
+    EngineError,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    pipeline_down,
+    prompt_batch,
+)
 from agent.launcher import Launcher, LocalLauncher
 from agent.loaders import resolve_model
 from agent.scheduler import MicroBatch, Scheduler
@@ -470,7 +477,7 @@ class PipelineEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises EngineError (400/503) when the request can never be served as asked."""
         if self.failure:
-            raise EngineError(f"the pipeline is down: {self.failure}", status=503)
+            raise EngineError(pipeline_down(self.failure), status=503)
         if not prompt_ids:
             raise EngineError("the prompt is empty; send at least one token", param="prompt")
         bad = [t for t in prompt_ids if not 0 <= t < self.arch.vocab_size]
@@ -581,7 +588,7 @@ class PipelineEngine:
             seqs: list[Sequence] = payload if isinstance(payload, list) else [payload]
             for seq in seqs:
                 if self.failure:
-                    seq.emit(TokenEvent(finish_reason="error", error=f"the pipeline is down: {self.failure}",
+                    seq.emit(TokenEvent(finish_reason="error", error=pipeline_down(self.failure),
                                         index=seq.index))
                     continue
                 self._seqs[seq.request_id] = seq
@@ -788,7 +795,7 @@ class PipelineEngine:
         log.error("pipeline down: %s", reason)
         for seq in list(self._seqs.values()):
             seq.inflight = False
-            self._finish(seq, "error", error=f"the pipeline is down: {reason}")
+            self._finish(seq, "error", error=pipeline_down(reason))
         self.scheduler.inflight.clear()
         for slot in self.scheduler.pipelines.values():
             slot.inflight.clear()

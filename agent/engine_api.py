@@ -93,6 +93,16 @@ def prompt_batch(prompt_ids: list[int] | list[list[int]]) -> list[list[int]]:
     return [list(prompt_ids)]  # type: ignore[arg-type]
 
 
+PIPELINE_DOWN = "the pipeline is down"
+
+
+def pipeline_down(reason: str) -> str:
+    """Returns what a request is told when the deployment has lost a stage outside an apply:
+    nothing repairs that live, so a retry helps only after a restart."""
+    return (f"{PIPELINE_DOWN}: {reason}; it does not recover by itself: retry once GET /health "
+            "answers 200 (after its operator restarts `pipeshift serve`)")
+
+
 class EngineError(Exception):
     """The engine refused or failed a request; `status` says whose fault it was."""
 

@@ -24,7 +24,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from agent.engine_api import Engine, EngineError, SamplingParams, TokenEvent, prompt_batch
+from agent.engine_api import (
+    PIPELINE_DOWN,
+    Engine,
+    EngineError,
+    SamplingParams,
+    TokenEvent,
+    prompt_batch,
+)
 from agent.gateway.admission import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     check_output_limit,
@@ -96,8 +103,10 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 def engine_failure(message: str | None) -> APIError:
     """Returns the error for an engine that failed mid-request (see the module docstring)."""
+    reason = message or "no reason given"
+    retry = "" if reason.startswith(PIPELINE_DOWN) else " Retry the request."  # it says when
     return APIError(
-        f"The engine failed while generating: {message or 'no reason given'}. Retry the request.",
+        f"The engine failed while generating: {reason}.{retry}",
         status=503,
         code="engine_error",
     )

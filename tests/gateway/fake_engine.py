@@ -22,6 +22,7 @@ class FakeEngine:
     script: tuple[str, ...] = SCRIPT
     delay_s: float = 0.0
     error_at: int | None = None  # index of the event that reports finish_reason "error"
+    error: str = "stage 1 worker died"  # what it reports
     refuse: EngineError | None = None  # raised before the first event
     healthy: tuple[bool, str] = (True, "")
     stats_values: dict[str, float] = field(
@@ -76,7 +77,7 @@ class FakeEngine:
         for i, piece in enumerate(self.script):
             await asyncio.sleep(self.delay_s)
             if i == self.error_at:
-                yield TokenEvent(finish_reason="error", error="stage 1 worker died", index=index)
+                yield TokenEvent(finish_reason="error", error=self.error, index=index)
                 return
             n = i + 1
             reason = (

@@ -249,6 +249,21 @@ def test_engine_error_mid_request(engine: FakeEngine, client: TestClient) -> Non
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Hello,"
     assert chunks[-1]["error"]["code"] == "engine_error"
     assert "stage 1 worker died" in chunks[-1]["error"]["message"]
+    assert chunks[-1]["error"]["message"].endswith("Retry the request.")
+
+
+def test_a_deployment_down_does_not_tell_clients_to_retry_at_once(
+    engine: FakeEngine, client: TestClient
+) -> None:
+    """A stage lost outside an apply is not repaired live: 'Retry the request.' misled."""
+    from agent.engine_api import pipeline_down
+
+    engine.error_at, engine.error = 2, pipeline_down("worker-1 died (exit -9)")
+    r = client.post("/v1/completions", json={"prompt": "Hi"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 503 and "worker-1 died (exit -9)" in message
+    assert "Retry the request." not in message
+    assert "retry once GET /health answers 200" in message
 
 
 def test_unexpected_exception_is_a_logged_500(
