@@ -46,10 +46,15 @@ class LockHeld(RuntimeError):
 
     def __init__(self, lock: LockRow):
         self.lock_id, self.holder, self.since, self.reason = lock.id, lock.holder, lock.since, lock.reason
-        super().__init__(
-            f"the deployment is locked: held by {lock.holder} since {_when(lock.since)} ({lock.reason}); "
-            f"if that process is gone, run `pipeshift force-unlock {lock.id}`"
-        )
+        held = f"the deployment is locked: held by {lock.holder} since {_when(lock.since)} ({lock.reason})"
+        if process_alive(lock.holder) is False:  # on this host, and dead: say so, and what frees it
+            pid = lock.holder.rpartition(":")[2]
+            super().__init__(
+                f"{held}; that process (pid {pid}) is no longer running on this host, so nothing will "
+                f"release its lock: run `pipeshift force-unlock {lock.id}`, then try again"
+            )
+        else:
+            super().__init__(f"{held}; if that process is gone, run `pipeshift force-unlock {lock.id}`")
 
 
 def this_process() -> str:

@@ -4,6 +4,7 @@ by lineage and serial, stale plans, locks, interrupted applies, history."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from planner.store import LockHeld, NoStore, StalePlan, UnknownId, init_schema, open_store
 from planner.store.database import alembic_config
+from planner.store.records import this_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TWO_STAGES = [{"stages": [{"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-1", "start": 15, "end": 30}]}]
@@ -88,6 +90,29 @@ def test_a_held_lock_names_its_holder_and_how_to_force_it(store):
         store.force_unlock("nope")
     store.force_unlock(lock.id)
     store.lock("deployment", "apply", holder="host-b:2")
+
+
+def test_a_lock_whose_holder_here_is_dead_says_so_and_how_to_free_it(store):
+    """It said "if that process is gone, run force-unlock" even when this host could tell it was."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    holder = f"{socket.gethostname()}:{child.pid}"
+    lock = store.lock("deployment", "pipeshift apply", holder=holder)
+    with pytest.raises(LockHeld) as held:
+        store.lock("deployment", "pipeshift apply")
+    message = str(held.value)
+    assert f"held by {holder}" in message and f"(pid {child.pid}) is no longer running on this host" in message
+    assert f"run `pipeshift force-unlock {lock.id}`" in message and "if that process is gone" not in message
+
+
+@pytest.mark.parametrize("holder", ["this process", "another-host.example:12345"])
+def test_a_lock_whose_holder_may_live_keeps_the_cautious_advice(store, holder):
+    lock = store.lock("deployment", "pipeshift apply", holder=this_process() if holder == "this process" else holder)
+    with pytest.raises(LockHeld) as held:
+        store.lock("deployment", "pipeshift apply", holder="someone-else:1")
+    message = str(held.value)
+    assert f"if that process is gone, run `pipeshift force-unlock {lock.id}`" in message
+    assert "no longer running" not in message
 
 
 def test_an_apply_whose_process_died_is_marked_interrupted(store, database_url):
