@@ -1,19 +1,23 @@
 """What the CLI (and the REST API) do around a running deployment: plan a spec from what it
-serves, refresh the store's record from the server (reporting drift), save a plan to a file and
-load it back, and record an apply as it progresses."""
+serves, refresh the store's record from the server (reporting drift, and filling in the applies a
+killed process left interrupted), save a plan to a file and load it back, and record an apply as
+it progresses."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planner.configuration import Configuration, read_json_file
 from planner.spec import Spec
 from planner.store import Store
 from planner.store.models import ConfigurationRow, PlanRow
+
+if TYPE_CHECKING:
+    from planner.admin_client import AdminClient
 
 PLAN_FILE_FORMAT = "pipeshift-plan/1"
 PROGRESS_WRITE_S = 1.0  # how often an apply's row is rewritten while it runs
@@ -31,11 +35,15 @@ def layout(pipelines: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
 class Refreshed:
     current: ConfigurationRow
     drift: str | None  # what differs from the record, when something does
+    filled: list[str] = field(default_factory=list)  # interrupted applies completed from the server
 
 
-def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
+def refresh(store: Store, deployment: dict[str, Any], client: AdminClient | None = None) -> Refreshed:
     """Makes the store's current configuration the one the server serves (recording it when it
-    differs) and its devices the server's; says what drifted from the record."""
+    differs) and its devices the server's; says what drifted from the record. With the server's
+    `client`, first fills in the applies a killed process left interrupted that the server has
+    finished since (`fill_interrupted`), so that what they produced is not reported as drift."""
+    filled = fill_interrupted(store, client, deployment.get("model", "?")) if client is not None else []
     store.record_devices(
         [
             {
@@ -50,7 +58,7 @@ def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
     served = deployment["configuration"]["pipelines"]
     recorded = store.current()
     if recorded is not None and layout(recorded.pipelines) == layout(served):
-        return Refreshed(recorded, None)
+        return Refreshed(recorded, None, filled)
     drift = None
     if recorded is not None:
         drift = (
@@ -60,7 +68,41 @@ def refresh(store: Store, deployment: dict[str, Any]) -> Refreshed:
     row = store.record_configuration(
         deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"]
     )
-    return Refreshed(row, drift)
+    return Refreshed(row, drift, filled)
+
+
+def fill_interrupted(store: Store, client: AdminClient, model: str) -> list[str]:
+    """Completes every interrupted apply (its process was killed, `pipeshift history` says
+    `interrupted`) whose apply the server has finished since, from the server's record of it:
+    outcome, phases, figures and the configuration it produced, as its process would have
+    written them. One the server no longer knows (it restarted) stays interrupted, as does one
+    still running there (a later refresh fills it). Returns one line per apply filled."""
+    from planner.admin_client import AdminError
+
+    rows = store.interrupted()
+    if not rows:
+        return []
+    try:
+        known = {r["id"]: r for r in client.applies()}
+    except AdminError:  # the server cannot say now: the rows wait for the next refresh
+        return []
+    lines = []
+    for row in rows:
+        record = known.get(row.server_apply_id)
+        if record is None or record.get("state") != "done":
+            continue
+        try:
+            serving = client.serving(record["id"])
+        except AdminError:
+            serving = None
+        filled = store.fill_interrupted(row.id, record, model, serving)
+        if filled is None:
+            continue
+        done, new = filled
+        produced = f", configuration {new.id} (serial {new.serial}, epoch {new.epoch})" if new is not None else ""
+        lines.append(f"apply {done.id}, interrupted when its process ({done.holder}) ended, was filled from the "
+                     f"server's record of apply {done.server_apply_id}: {done.outcome}{produced}")
+    return lines
 
 
 def plan_from_spec(

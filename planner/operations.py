@@ -71,7 +71,7 @@ def plan_change(
         deployment = client.deployment()
     except AdminError as exc:
         raise _from_admin(exc) from None
-    refreshed = refresh(store, deployment)
+    refreshed = refresh(store, deployment, client)
     unusable = {d["name"]: d["state"] for d in deployment["devices"] if d["state"] in UNUSABLE_STATES}
     names = [d["name"] for d in deployment["devices"] if d["name"] not in unusable]
     try:
@@ -156,7 +156,7 @@ class ApplyRun:
         """Reads what the server serves and makes it the store's record (raises AdminError)."""
         self.deployment = self.client.deployment()
         if self.store is not None:
-            self.refreshed = refresh(self.store, self.deployment)
+            self.refreshed = refresh(self.store, self.deployment, self.client)
 
     def drain(self, device: str, record: bool = True) -> dict[str, Any]:
         """Drains `device` (`POST /admin/v1/devices/{device}/drain`) under the deployment's lock,
@@ -186,13 +186,18 @@ class ApplyRun:
         if self.store is None:
             return
         try:
-            refresh(self.store, self.client.deployment())
+            refresh(self.store, self.client.deployment(), self.client)
         except AdminError:
             pass
 
     @property
     def drift(self) -> str | None:
         return self.refreshed.drift if self.refreshed is not None else None
+
+    @property
+    def filled(self) -> list[str]:
+        """The interrupted applies the refresh completed from the server's records."""
+        return self.refreshed.filled if self.refreshed is not None else []
 
     @property
     def has_changes(self) -> bool:

@@ -76,7 +76,8 @@ class PlanRow(Base):
 
 class ApplyRow(Base):
     """One apply, written as it progresses: a process killed mid-apply leaves a row in state
-    `running` that the next reader marks `interrupted`."""
+    `running` that the next reader marks `interrupted`, and that a refresh from the server fills
+    in once the server has finished that apply."""
 
     __tablename__ = "applies"
 

@@ -3,7 +3,9 @@
 Configurations of one deployment form a lineage counted by serial; a saved plan remembers the
 (lineage, serial) it was made against and is refused once another serial serves. An apply's
 row is written when it begins and as it progresses, so a killed process leaves a `running` row
-that the next reader marks `interrupted`. A lock row says who may change a deployment now.
+that the next reader marks `interrupted`, and that a refresh from the server fills in once the
+server has finished that apply (`fill_interrupted`). A lock row says who may change a deployment
+now.
 Every decision of a serving process's controller is a row too, acting or not.
 """
 
@@ -14,7 +16,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -91,6 +93,43 @@ def _get(s: Session, row_type: type, key: Any, missing: str) -> Any:
     return row
 
 
+def _add_configuration(s: Session, model: str, pipelines: list[Any], source: str, epoch: int | None = None,
+                       predicted: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
+                       lineage: str | None = None, created_at: datetime | None = None) -> ConfigurationRow:
+    """Adds a configuration after the newest of its lineage, in the transaction `s`."""
+    parent = _newest(s, lineage)
+    row = ConfigurationRow(
+        lineage=lineage or (parent.lineage if parent else str(uuid.uuid4())),
+        serial=(parent.serial + 1) if parent else 1,
+        parent_id=parent.id if parent else None,
+        model=model, pipelines=pipelines, epoch=epoch, predicted=predicted, spec=spec, source=source,
+    )
+    if created_at is not None:
+        row.created_at = created_at
+    s.add(row)
+    s.flush()
+    return row
+
+
+def _stages(pipelines: list[Any]) -> list[list[tuple[str, int, int]]]:
+    """Returns the (device, start, end) of every stage, pipeline by pipeline: what serves."""
+    return [[(st["device"], int(st["start"]), int(st["end"])) for st in p["stages"]] for p in pipelines]
+
+
+def _utc(moment: datetime) -> datetime:
+    """Returns `moment` as an aware UTC time (SQLite gives back naive ones)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _server_time(unix_s: Any, earliest: datetime) -> datetime:
+    """Returns the server's unix time `unix_s` as a UTC time, no earlier than `earliest` and no later
+    than now (the two hosts' clocks may disagree); now when the server gave none."""
+    now = utc_now()
+    if not isinstance(unix_s, int | float):
+        return now
+    return min(max(datetime.fromtimestamp(unix_s, UTC), _utc(earliest)), now)
+
+
 def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment.tzinfo is None else moment.strftime("%Y-%m-%d %H:%M:%S %Z")
 
@@ -142,16 +181,7 @@ class Store:
         """Adds a configuration after the newest of its lineage (a new lineage when none is
         given and the store has none)."""
         with self.transaction() as s:
-            parent = _newest(s, lineage)
-            row = ConfigurationRow(
-                lineage=lineage or (parent.lineage if parent else str(uuid.uuid4())),
-                serial=(parent.serial + 1) if parent else 1,
-                parent_id=parent.id if parent else None,
-                model=model, pipelines=pipelines, epoch=epoch, predicted=predicted, spec=spec, source=source,
-            )
-            s.add(row)
-            s.flush()
-            return row
+            return _add_configuration(s, model, pipelines, source, epoch, predicted, spec, lineage)
 
     def configuration(self, configuration_id: int) -> ConfigurationRow:
         with self.transaction() as s:
@@ -216,6 +246,67 @@ class Store:
                                  "check the deployment with `pipeshift plan`")
                     reaped.append(row.id)
         return reaped
+
+    def interrupted(self) -> list[ApplyRow]:
+        """Returns the interrupted applies that had started on the server (they name its apply),
+        oldest first, after marking those whose process is gone."""
+        self.reap_interrupted()
+        with self.transaction() as s:
+            query = (select(ApplyRow).where(ApplyRow.state == "interrupted", ApplyRow.server_apply_id.is_not(None))
+                     .order_by(ApplyRow.started_at, ApplyRow.id))
+            return list(s.scalars(query))
+
+    def fill_interrupted(self, apply_id: str, record: dict[str, Any], model: str,
+                         serving: dict[str, Any] | None = None) -> tuple[ApplyRow, ConfigurationRow | None] | None:
+        """Completes the interrupted apply `apply_id` from the server's finished record of it (the
+        admin API's `GET /admin/v1/applies/{id}`) as its own process would have: outcome, phases,
+        bytes, hold at the switch, serving figures, and, when it was applied, the configuration
+        it produced (the one already recorded for its epoch, if a refresh recorded it). Returns
+        the row and that configuration; None when the row is no longer interrupted (another
+        process filled it)."""
+        with self.transaction() as s:
+            row = s.get(ApplyRow, apply_id, with_for_update=True)
+            if row is None or row.state != "interrupted":
+                return None
+            note = (f"the process applying it ({row.holder}) ended before the apply did; "
+                    f"filled from the server's record of apply {row.server_apply_id}")
+            new = None
+            if record.get("outcome") == "applied" and record.get("target"):
+                new, missed = self._produced(s, row, record, model)
+                if missed:
+                    note += f"; {missed}"
+            measured = record.get("measured") or {}
+            row.state, row.outcome, row.to_id = "done", record.get("outcome") or "failed", new.id if new else None
+            row.error = note + (f": {record['error']}" if record.get("error") else "")
+            row.phases = record.get("phases") or row.phases
+            row.bytes_moved = int(measured.get("bytes_moved") or row.bytes_moved or 0)
+            row.stall_ms = measured.get("stall_ms")
+            row.serving = serving
+            row.finished_at = _server_time(record.get("finished_at"), row.started_at)
+            return row, new
+
+    @staticmethod
+    def _produced(s: Session, row: ApplyRow, record: dict[str, Any],
+                  model: str) -> tuple[ConfigurationRow | None, str | None]:
+        """Returns the configuration the applied `record` produced, recording it after the one the
+        apply started from as its process would have, and None with the reason when the record
+        has moved on since without it."""
+        start = s.get(ConfigurationRow, row.from_id) if row.from_id is not None else None
+        lineage = start.lineage if start is not None else None
+        target, epoch = record["target"]["pipelines"], record.get("epoch_to")
+        since = select(ConfigurationRow).where(ConfigurationRow.id > (row.from_id or 0)).order_by(ConfigurationRow.id)
+        if lineage is not None:
+            since = since.where(ConfigurationRow.lineage == lineage)
+        for c in s.scalars(since):  # a refresh recorded it already (as `observed`)
+            if c.epoch == epoch and _stages(c.pipelines) == _stages(target):
+                return c, None
+        newest = _newest(s, lineage)
+        if newest is not None and start is not None and newest.id != start.id:
+            return None, (f"the store recorded serial {newest.serial} since, so the configuration it produced "
+                          f"(epoch {epoch}) is not recorded")
+        created = _server_time(record.get("finished_at"), newest.created_at if newest is not None else row.started_at)
+        return _add_configuration(s, model, target, "apply", epoch=epoch, predicted=record.get("predicted"),
+                                  lineage=lineage, created_at=created), None
 
     def apply(self, apply_id: str) -> ApplyRow:
         self.reap_interrupted()

@@ -2,7 +2,8 @@
 PostgreSQL server the run starts): init -> plan -out -> apply PLANFILE -> history -> plan
 again says "No changes." -> rollback -> history shows both -> a stale saved plan is refused ->
 a concurrent apply is refused by the lock -> a killed apply leaves an "interrupted" row and
-its lock, which force-unlock frees.
+its lock, which force-unlock frees (the refusal says its holder is no longer running) -> the next
+plan fills that row from the server, which finished the apply.
 """
 
 from __future__ import annotations
@@ -106,11 +107,19 @@ def test_plan_apply_history_stale_lock_and_interrupted(database_url, tmp_path):
             (lock,) = store.locks()
             locked = pipeshift("apply", "--server", url, "--stages", "0:30", "--auto-approve", check=1)
             assert f"pipeshift force-unlock {lock.id}" in locked.stderr
+            assert f"(pid {killed.pid}) is no longer running on this host" in locked.stderr
             assert "Released lock" in pipeshift("force-unlock", lock.id).stdout
-            # The server finished the apply on its own: the next plan reports the drift.
+            # The server finished the apply on its own: the next plan fills the row from its record.
             _wait_for(lambda: not any(a["state"] == "running" for a in _applies(url)), what="the server's apply")
-            drift = pipeshift("plan", "-f", SPEC, "--server", url)
-            assert "Note: the deployment serves epoch" in drift.stdout and "No changes." in drift.stdout
+            filled = pipeshift("plan", "-f", SPEC, "--server", url)
+            assert f"Note: apply {interrupted[0].id}, interrupted" in filled.stdout, filled.stdout
+            assert "filled from the server" in filled.stdout and "No changes." in filled.stdout
+            assert "Note: the deployment serves epoch" not in filled.stdout  # recorded, not drift
+            row = store.apply(interrupted[0].id)
+            assert (row.state, row.outcome, row.to_id) == ("done", "applied", store.current().id)
+            assert row.bytes_moved > 0 and any(p["state"] == "done" for p in row.phases)
+            assert store.current().source == "apply"
+            assert "filled from the server's record" in pipeshift("history").stdout
         finally:
             store.close()
 
