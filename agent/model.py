@@ -42,9 +42,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
-    """Returns RoPE inverse frequencies [D/2], with Llama-3.1 scaling when the model has it."""
+    """Returns RoPE inverse frequencies [D/2], with Llama-3.1 scaling when the model has it:
+    from its parameters (a HF config's llama3 rope_scaling), or as a GGUF stores it, one
+    factor per frequency that the frequency is divided by (`rope_freqs.weight`, as llama.cpp)."""
     d = arch.head_dim
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if arch.rope_freq_factors is not None:
+        factors = torch.tensor(arch.rope_freq_factors, dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(
+                f"{len(arch.rope_freq_factors)} RoPE frequency factors for {inv_freq.numel()} "
+                f"frequencies (head_dim {d})"
+            )
+        inv_freq = inv_freq / factors
     s = arch.rope_scaling
     if s is None:
         return inv_freq

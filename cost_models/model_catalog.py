@@ -45,6 +45,9 @@ class ModelArch:
     tie_embeddings: bool = False
     head_dim: int = 0  # 0 means hidden_size // n_heads
     rope_scaling: RopeScaling | None = None
+    # Per-frequency divisors of the RoPE inverse frequencies [head_dim / 2], as a GGUF's
+    # `rope_freqs.weight` stores Llama 3.1's scaling (llama.cpp's "freq factors").
+    rope_freq_factors: tuple[float, ...] | None = None
     family: str = "llama"
     source: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -88,6 +91,8 @@ class ModelArch:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["rope_scaling"] = None if self.rope_scaling is None else vars(self.rope_scaling)
         out["aliases"] = list(self.aliases)
+        if self.rope_freq_factors is not None:
+            out["rope_freq_factors"] = list(self.rope_freq_factors)
         return out
 
 
@@ -95,9 +100,11 @@ def arch_from_dict(entry: dict[str, Any]) -> ModelArch:
     entry = dict(entry)
     scaling = entry.pop("rope_scaling", None)
     aliases = tuple(entry.pop("aliases", ()) or ())
+    factors = entry.pop("rope_freq_factors", None)
     return ModelArch(
         **entry,
         rope_scaling=RopeScaling(**scaling) if scaling else None,
+        rope_freq_factors=tuple(float(f) for f in factors) if factors else None,
         aliases=aliases,
     )
 

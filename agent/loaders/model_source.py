@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,9 +78,9 @@ def arch_from_gguf(path: Path) -> ModelArch:
     unsupported = gguf_unsupported(gguf_file, head_dim)
     if unsupported:
         raise ValueError(
-            f"{path.name}: {unsupported}, which pipeshift does not run: it serves plain Llama "
-            "decoders from GGUF (no RoPE scaling; a Llama 3.1-style model is served from its "
-            "safetensors directory, whose config.json gives its llama3 RoPE scaling)"
+            f"{path.name}: {unsupported}, which pipeshift does not run: it serves Llama "
+            "decoders from GGUF with plain RoPE or Llama 3.1's frequency factors "
+            "(rope_freqs.weight), without biases or experts"
         )
     vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
     return ModelArch(
@@ -95,19 +96,35 @@ def arch_from_gguf(path: Path) -> ModelArch:
         rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
         head_dim=head_dim,
+        rope_freq_factors=gguf_rope_freq_factors(gguf_file),
     )
+
+
+def gguf_rope_freq_factors(gguf_file: GGUFFile) -> tuple[float, ...] | None:
+    """The RoPE frequency factors a GGUF holds (`rope_freqs.weight`: Llama 3.1's RoPE scaling,
+    which llama.cpp's converter turns into one divisor per frequency), or None."""
+    if "rope_freqs.weight" not in gguf_file.tensors:
+        return None
+    return tuple(float(f) for f in gguf_file.dequantize("rope_freqs.weight").reshape(-1))
 
 
 def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
     """Names what in a llama-architecture GGUF the runtime would ignore and so compute wrongly
-    (None: nothing). llama.cpp files Mixtral, Llama 3.1's RoPE factors and RoPE-scaled models
-    under the same `llama` architecture."""
+    (None: nothing). llama.cpp files Mixtral and RoPE-scaled models under the same `llama`
+    architecture. Llama 3.1's RoPE factors (rope_freqs.weight, one per frequency) are run."""
     meta, names = gguf_file.metadata, gguf_file.tensors
     experts = int(meta.get("llama.expert_count") or 0)
     if experts:
         return f"it is a mixture of experts ({experts} experts)"
-    if "rope_freqs.weight" in names:
-        return "it holds RoPE frequency factors (rope_freqs.weight, Llama 3.1-style RoPE scaling)"
+    freqs = names.get("rope_freqs.weight")
+    if freqs is not None and math.prod(freqs.shape) != head_dim // 2:
+        return (
+            f"its RoPE frequency factors (rope_freqs.weight) hold {math.prod(freqs.shape)} values "
+            f"for {head_dim // 2} frequencies"
+        )
+    factors_long = next((n for n in names if n.startswith("rope_factors_")), None)
+    if factors_long is not None:
+        return f"it holds LongRoPE factors ({factors_long})"
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         return f"its RoPE is scaled ({scaling!r})"

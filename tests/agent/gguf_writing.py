@@ -1,0 +1,75 @@
+"""Test helper: write a transformers `LlamaForCausalLM` to a GGUF file as llama.cpp's converter
+does (tensor names, Q/K rows permuted for its RoPE layout), in float32, with no tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# transformers' per-layer names -> llama.cpp's.
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def permute_for_gguf(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation of Q/K rows (the inverse of our loader's unpermute)."""
+    out_dim = weight.shape[0]
+    return (
+        weight.reshape(n_heads, 2, out_dim // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_llama_gguf(
+    path: Path, hf_model, rope_freqs: torch.Tensor | np.ndarray | None = None
+) -> str:
+    """Writes `hf_model` (fp32) as a llama GGUF; `rope_freqs` becomes `rope_freqs.weight`."""
+    import gguf
+
+    cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope_theta = getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama3")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in LAYER_TENSORS.items():
+            array = state[f"model.layers.{i}.{ours}.weight"]
+            if theirs == "attn_q":
+                array = permute_for_gguf(array, cfg.num_attention_heads)
+            elif theirs == "attn_k":
+                array = permute_for_gguf(array, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", np.ascontiguousarray(array))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
