@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             moved = f"{e['bytes_moved'] / 2**20:.1f} MiB" if e["bytes_moved"] else "-"
             stall = f"{e['stall_ms']:.1f} ms" if e["stall_ms"] is not None else "-"
             print(f"{when}  apply {e['id']:<19} {result:<11} {e['from']} -> {e['to'] or '-'}  moved {moved}, "
-                  f"stall {stall}" + (f"  ({e['error']})" if e["error"] else ""))
+                  f"stall {stall}" + "".join(f"  ({e[k]})" for k in ("error", "note") if e.get(k)))
     return 0
 
 

@@ -93,7 +93,7 @@ def _s(value: float | None) -> str:
 def render_apply(apply: dict[str, Any]) -> str:
     """Returns the apply as a table of phases, its figures and its serving windows."""
     lines = [f"apply {apply['id']}: {apply['outcome'] or apply['state']}"
-             + (f" ({apply['error']})" if apply["error"] else ""),
+             + "".join(f" ({apply[k]})" for k in ("error", "note") if apply.get(k)),
              f"  configuration {apply['from_configuration_id']} -> {apply['to_configuration_id'] or '-'}, "
              f"started {apply['started_at'][:19].replace('T', ' ')}", ""]
     starts = [p["started_at"] for p in apply["phases"] if p.get("started_at")]

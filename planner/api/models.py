@@ -130,6 +130,10 @@ class ApplyOut(BaseModel):
     state: Literal["running", "done", "interrupted"]
     outcome: Literal["applied", "aborted", "rolled_back", "failed"] | None
     error: str | None
+    note: str | None = Field(
+        default=None,
+        description="how the row was completed when not by its own process (filled from the server)",
+    )
     plan_id: str | None
     from_configuration_id: int | None
     to_configuration_id: int | None
@@ -150,6 +154,7 @@ class ApplyOut(BaseModel):
             state=row.state,
             outcome=row.outcome,
             error=row.error,
+            note=row.note,
             plan_id=row.plan_id,
             from_configuration_id=row.from_id,
             to_configuration_id=row.to_id,

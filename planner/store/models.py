@@ -89,6 +89,7 @@ class ApplyRow(Base):
     state: Mapped[str] = mapped_column(String(20))  # running | done | interrupted
     outcome: Mapped[str | None] = mapped_column(String(20))  # applied | aborted | rolled_back | failed
     error: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)  # how the row was completed, when not by its process
     holder: Mapped[str] = mapped_column(String(200))  # host:pid of the process applying
     phases: Mapped[list[Any]]
     bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -277,7 +277,7 @@ class Store:
                     note += f"; {missed}"
             measured = record.get("measured") or {}
             row.state, row.outcome, row.to_id = "done", record.get("outcome") or "failed", new.id if new else None
-            row.error = note + (f": {record['error']}" if record.get("error") else "")
+            row.note, row.error = note, record.get("error") or None
             row.phases = record.get("phases") or row.phases
             row.bytes_moved = int(measured.get("bytes_moved") or row.bytes_moved or 0)
             row.stall_ms = measured.get("stall_ms")
@@ -400,7 +400,7 @@ class Store:
             }))
         for a in self.applies():
             events.append((a.started_at, 1, {
-                "type": "apply", "id": a.id, "state": a.state, "outcome": a.outcome, "error": a.error,
+                "type": "apply", "id": a.id, "state": a.state, "outcome": a.outcome, "error": a.error, "note": a.note,
                 "from": a.from_id, "to": a.to_id, "plan": a.plan_id, "at": a.started_at.isoformat(),
                 "bytes_moved": a.bytes_moved, "stall_ms": a.stall_ms,
             }))

@@ -32,8 +32,8 @@ def store(database_url):
 def test_a_missing_store_says_to_run_init_and_init_is_idempotent(database_url):
     with pytest.raises(NoStore, match="run `pipeshift init`"):
         open_store(database_url)
-    assert init_schema(database_url) == (None, "0002")
-    assert init_schema(database_url) == ("0002", "0002")
+    assert init_schema(database_url) == (None, "0003")
+    assert init_schema(database_url) == ("0003", "0003")
     open_store(database_url).close()
 
 
