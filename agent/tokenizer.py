@@ -3,7 +3,8 @@
 A GGUF carries no `tokenizer.json`: it stores the vocabulary, merges, token types, special ids
 and chat template under llama.cpp's `tokenizer.*` keys. We rebuild a `tokenizers` BPE from them
 the way transformers does for the same file (`AutoTokenizer(gguf_file=...)`), except for the
-digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own tokenizer:
+digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own tokenizer; a Llama 3
+file (`_LLAMA3_PRE`) gets the pre-tokenizer and BPE of Llama 3's own tokenizer.json:
 
     tok = Tokenizer.from_gguf(path)
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
@@ -23,7 +24,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from agent.engine_api import EngineError
@@ -32,14 +33,29 @@ from agent.engine_api import EngineError
 # 4 is USER_DEFINED (added tokens that are matched whole but are not special).
 _CONTROL, _USER_DEFINED = 3, 4
 
-# `tokenizer.ggml.pre` -> whether digits are isolated before GPT-2's byte-level split. Other
-# values (llama3, qwen2, ...) need their own regex, which we have not built yet: refuse them
-# rather than tokenize subtly wrong.
+# `tokenizer.ggml.pre` -> whether digits are isolated before GPT-2's byte-level split. Values
+# in neither this table nor _LLAMA3_PRE (qwen2, deepseek, ...) need their own regex, which we
+# have not built: refuse them rather than tokenize subtly wrong.
 # "smollm" isolates digits: SmolLM2's own tokenizer.json is Digits(individual) + ByteLevel, and
 # llama.cpp splits "\p{N}" first for it. transformers (5.24) has no entry for "smollm" and uses
 # plain ByteLevel; ids then differ only where whitespace precedes a digit ("a  1": ours a|ĠĠ|1,
 # transformers a|Ġ|Ġ|1), as no vocabulary token joins a digit to anything. We follow the model.
 _DIGIT_SPLIT_BY_PRE = {"smollm": True, "gpt2": False, "default": False, None: False}
+
+# Llama 3's pre-tokenizer, which llama.cpp's converter names "llama-bpe" ("llama3" and
+# "llama-v3" in older files; llama.cpp treats the three alike). Its split is the regex of
+# Llama 3's tokenizer.json (tiktoken's cl100k-style pattern: contractions, letters with one
+# leading non-letter, numbers in runs of at most three digits, punctuation, newlines, spaces)
+# ahead of a byte-level map without GPT-2's regex. Its BPE model ignores merges (a word that
+# is a vocabulary token is that token), and llama.cpp adds BOS unless the file says not to.
+_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3's tokens that end a generation, which llama.cpp finds by their text when the file
+# names no EOT/EOM id (its converter writes neither for Llama 3).
+_LLAMA3_END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
 
 @cache
@@ -214,20 +230,31 @@ class Tokenizer:
             for i, tok in enumerate(tokens)
         }
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-
-        split = [
-            pre_tokenizers.ByteLevel(
-                add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+        pre = meta.get("tokenizer.ggml.pre")
+        llama3 = pre in _LLAMA3_PRE
+        if not llama3 and digit_split is None and pre not in _DIGIT_SPLIT_BY_PRE:
+            supported = sorted([*(p for p in _DIGIT_SPLIT_BY_PRE if p), *_LLAMA3_PRE])
+            raise ValueError(
+                f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre): pipeshift "
+                f"tokenizes {', '.join(map(repr, supported))}"
             )
-        ]
-        if digit_split is None:
-            pre = meta.get("tokenizer.ggml.pre")
-            if pre not in _DIGIT_SPLIT_BY_PRE:
-                raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}")
-            digit_split = _DIGIT_SPLIT_BY_PRE[pre]
-        if digit_split:
-            split.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        if llama3 and digit_split is not None:
+            raise ValueError(f"digit_split applies to GPT-2-style pre-tokenizers, not {pre!r}")
+        backend = BackendTokenizer(
+            models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3)
+        )
+        add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+        if llama3:
+            split = [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+            ]
+        else:
+            split = [pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)]
+            if digit_split is None:
+                digit_split = _DIGIT_SPLIT_BY_PRE[pre]
+            if digit_split:
+                split.insert(0, pre_tokenizers.Digits(individual_digits=True))
         backend.pre_tokenizer = pre_tokenizers.Sequence(split)
         backend.decoder = decoders.ByteLevel()
 
@@ -259,15 +286,18 @@ class Tokenizer:
             pad=token_id("padding_token_id"),
             unk=token_id("unknown_token_id"),
         )
+        # llama.cpp ends a generation at EOS, EOT (Llama 3's <|eot_id|>) and EOM alike.
+        stops = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+        if llama3:
+            stops += [vocab[t] for t in _LLAMA3_END_OF_GENERATION if t in vocab]
         return cls(
             backend,
             special,
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            # Llama 3's BOS is added unless the file says otherwise (llama.cpp's default for it).
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
-            # llama.cpp ends a generation at EOS, EOT (Llama 3's <|eot_id|>) and EOM alike.
-            stop_token_ids=tuple(i for i in (token_id("eot_token_id"), token_id("eom_token_id"))
-                                 if i is not None),
+            stop_token_ids=tuple(stops),
         )
 
     # -- ids -------------------------------------------------------------------------------

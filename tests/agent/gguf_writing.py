@@ -3,7 +3,9 @@ does (tensor names, Q/K rows permuted for its RoPE layout), in float32, with no 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +35,11 @@ def permute_for_gguf(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_llama_gguf(
-    path: Path, hf_model, rope_freqs: torch.Tensor | np.ndarray | None = None
+    path: Path, hf_model, rope_freqs: torch.Tensor | np.ndarray | None = None,
+    add_metadata: Callable[[Any], None] | None = None,
 ) -> str:
-    """Writes `hf_model` (fp32) as a llama GGUF; `rope_freqs` becomes `rope_freqs.weight`."""
+    """Writes `hf_model` (fp32) as a llama GGUF; `rope_freqs` becomes `rope_freqs.weight`;
+    `add_metadata(writer)` adds more keys (a tokenizer's)."""
     import gguf
 
     cfg = hf_model.config
@@ -53,6 +57,8 @@ def write_llama_gguf(
     writer.add_rope_freq_base(float(rope_theta))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    if add_metadata is not None:
+        add_metadata(writer)
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     if rope_freqs is not None:
