@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -408,7 +409,13 @@ def _compile_template(source: str) -> jinja2.Template:
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now  # Llama 3.2's template dates its system header
     return env.from_string(source)
+
+
+def _strftime_now(fmt: str) -> str:
+    """Returns the local time now in `fmt`, as transformers gives chat templates."""
+    return datetime.now().strftime(fmt)
 
 
 class DetokenizeStream:

@@ -173,3 +173,19 @@ def test_a_model_without_a_template_refuses_chat_with_a_400(
     # A plain prompt, as the message advises, still works.
     theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
     assert ours.encode("hi there") == theirs("hi there")["input_ids"]
+
+
+def test_a_template_that_dates_its_prompt_gets_todays_date_as_in_transformers(
+    tmp_path: Path, gguf_path: Path
+) -> None:
+    """Llama 3.2's template calls strftime_now when it is defined, else writes a fixed date."""
+    from datetime import datetime
+
+    dated = ("{%- if strftime_now is defined %}{%- set d = strftime_now('%d %b %Y') %}"
+             "{%- else %}{%- set d = '26 Jul 2024' %}{%- endif %}"
+             "Today Date: {{ d }}\n{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    directory = save_model_dir(tmp_path, gguf_path, dated)
+    messages = CONVERSATIONS[0]
+    ours = Tokenizer.from_hf_dir(directory)
+    assert ours.encode_chat(messages) == transformers_ids(directory, messages)
+    assert datetime.now().strftime("%d %b %Y") in ours.decode(ours.encode_chat(messages))
