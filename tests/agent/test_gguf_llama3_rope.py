@@ -11,21 +11,15 @@ import torch
 from agent.loaders import resolve_model
 from tests.agent.gguf_writing import write_llama_gguf
 from tests.agent.stage_runner import InProcessPipeline
+from tests.agent.test_safetensors_loader import LLAMA3_SCALING
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 N_LAYERS, N_TOKENS, TOLERANCE = 4, 20, 1e-4
 SPLITS = [[(0, 4)], [(0, 2), (2, 4)], [(0, 1), (1, 3), (3, 4)]]
-# original_max_position_embeddings 32 puts the 8 frequencies of head_dim 16 in all three
+# LLAMA3_SCALING's original_max_position_embeddings 32 puts the 8 frequencies of head_dim 16 in all three
 # llama3 regimes: kept (wavelength < 8), smoothed (8..32) and divided by `factor` (> 32).
-LLAMA3_SCALING = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
 
 
 def token_ids() -> torch.Tensor:

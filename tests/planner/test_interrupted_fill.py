@@ -22,6 +22,7 @@ from planner.deployment_state import refresh
 from planner.operations import ApplyRun, OperationError
 from planner.store import init_schema, open_store
 from planner.store.records import Store
+from tests.planner.test_plan_against_server import SPEC  # two CPU devices, SmolLM2
 
 TWO = [{"stages": [{"device": "worker-0", "start": 0, "end": 15}, {"device": "worker-1", "start": 15, "end": 30}]}]
 ONE = [{"stages": [{"device": "worker-0", "start": 0, "end": 30}]}]
@@ -237,21 +238,6 @@ def test_apply_after_force_unlock_fills_the_row_before_it_plans(store: Store) ->
         assert run.drift is None and len(run.filled) == 1 and store.apply(row_id).outcome == "applied"
     finally:
         run.close()
-
-
-SPEC = """\
-model: SmolLM2-135M
-dtype: fp32
-devices:
-  - kind: cpu
-    count: 2
-workload:
-  request_rate_per_s: 0.5
-  prompt_tokens: 128
-  output_tokens: 64
-  batch: 4
-objective: max_throughput
-"""
 
 
 def test_plan_says_it_filled_the_row_and_history_shows_the_outcome(capsys, tmp_path: Path, monkeypatch) -> None:
