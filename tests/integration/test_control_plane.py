@@ -1,5 +1,6 @@
-"""Terraform's contract against a real `pipeshift serve` and a real store (SQLite, and a
-PostgreSQL server the run starts): init -> plan -out -> apply PLANFILE -> history -> plan
+"""Terraform's contract against a real `pipeshift serve` and a real store (a PostgreSQL server
+the run starts; the same store code on SQLite is tested live by test_planner_api.py and
+test_device_drain_live.py, and both databases by tests/store): init -> plan -out -> apply PLANFILE -> history -> plan
 again says "No changes." -> rollback -> history shows both -> a stale saved plan is refused ->
 a concurrent apply is refused by the lock -> a killed apply leaves an "interrupted" row and
 its lock, which force-unlock frees (the refusal says its holder is no longer running) -> the next
@@ -35,6 +36,7 @@ def _wait_for(condition, timeout_s: float = 120.0, what: str = "") -> None:
     raise TimeoutError(f"waited {timeout_s} s for {what}")
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_plan_apply_history_stale_lock_and_interrupted(database_url, tmp_path):
     env = {**os.environ, "PIPESHIFT_DATABASE_URL": database_url}
 
