@@ -47,14 +47,8 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
     factor per frequency that the frequency is divided by (`rope_freqs.weight`, as llama.cpp)."""
     d = arch.head_dim
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if arch.rope_freq_factors is not None:
-        factors = torch.tensor(arch.rope_freq_factors, dtype=torch.float32)
-        if factors.shape != inv_freq.shape:
-            raise ValueError(
-                f"{len(arch.rope_freq_factors)} RoPE frequency factors for {inv_freq.numel()} "
-                f"frequencies (head_dim {d})"
-            )
-        inv_freq = inv_freq / factors
+    if arch.rope_freq_factors is not None:  # their count is checked where the GGUF is read
+        inv_freq = inv_freq / torch.tensor(arch.rope_freq_factors, dtype=torch.float32)
     s = arch.rope_scaling
     if s is None:
         return inv_freq
