@@ -1,8 +1,26 @@
-"""SmolLM2's tokenizer saved beside a tiny random Llama, the way transformers saves models."""
+"""A tiny random Llama's config, and SmolLM2's tokenizer saved beside it, the way transformers
+saves models."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.tokenizer import Tokenizer
+
+# 2 layers of hidden 64 with grouped KV heads, SmolLM2's vocabulary, its own head; weights
+# drawn wide (initializer_range 0.2) for peaked logits, so greedy choices have no near-ties
+TINY_LLAMA = dict(
+    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+    tie_word_embeddings=False, initializer_range=0.2,
+)
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """Returns transformers' LlamaConfig of TINY_LLAMA with `overrides`."""
+    import transformers
+
+    return transformers.LlamaConfig(**(TINY_LLAMA | overrides))
 
 
 def save_tokenizer(directory, gguf_path, template: str | None) -> None:

@@ -12,6 +12,7 @@ from agent.loaders import resolve_model
 from tests.agent.gguf_writing import write_llama_gguf
 from tests.agent.stage_runner import InProcessPipeline
 from tests.agent.test_safetensors_loader import LLAMA3_SCALING
+from tests.tiny_llama import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -29,10 +30,8 @@ def token_ids() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=N_LAYERS, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
-        tie_word_embeddings=False, rope_scaling=LLAMA3_SCALING, initializer_range=0.2,
+    config = tiny_llama_config(
+        num_hidden_layers=N_LAYERS, vocab_size=256, max_position_embeddings=128, rope_scaling=LLAMA3_SCALING
     )
     return transformers.LlamaForCausalLM(config).float().eval()
 

@@ -17,6 +17,7 @@ from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from agent.tokenizer import Tokenizer, _bytes_to_unicode
+from tests.tiny_llama import tiny_llama_config
 
 gguf = pytest.importorskip("gguf")
 
@@ -240,10 +241,9 @@ def test_a_llama31_shaped_gguf_is_served_as_transformers_computes_it(tmp_path, t
     transformers = pytest.importorskip("transformers")
     tokens, merges = trained
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokens), max_position_embeddings=128,
-        tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING, initializer_range=0.2,
+    config = tiny_llama_config(
+        vocab_size=len(tokens), max_position_embeddings=128, tie_word_embeddings=True,
+        rope_scaling=LLAMA3_SCALING,
     )
     hf_model = transformers.LlamaForCausalLM(config).float().eval()
     path = write_llama_gguf(

@@ -32,7 +32,7 @@ from agent.engine import EngineConfig, PipelineEngine
 from agent.gateway.app import create_app
 from agent.gateway.server import ServerThread
 from agent.loaders.gguf_file import GGUFFile
-from tests.tiny_llama import save_tokenizer
+from tests.tiny_llama import save_tokenizer, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 schemathesis = pytest.importorskip("schemathesis")
@@ -52,11 +52,7 @@ def model_dir(tmp_path_factory, gguf_path):
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template, as transformers saves it."""
     directory = tmp_path_factory.mktemp("fuzz-llama")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(max_position_embeddings=CONTEXT, initializer_range=0.02)
     model = transformers.LlamaForCausalLM(config)
     end_answers_early(model, eos_token_id=2)
     model.save_pretrained(directory, safe_serialization=True)

@@ -12,7 +12,7 @@ import torch
 
 from agent.engine import EngineConfig, PipelineEngine
 from agent.engine_api import SamplingParams
-from tests.tiny_llama import save_tokenizer
+from tests.tiny_llama import save_tokenizer, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -25,11 +25,7 @@ def model_dir(tmp_path_factory, gguf_path):
     """A tiny random Llama whose greedy answer reaches STOP_ID at its fourth token."""
     directory = tmp_path_factory.mktemp("tiny-llama-eos")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-        tie_word_embeddings=False, initializer_range=0.2,
-    )
+    config = tiny_llama_config()
     model = transformers.LlamaForCausalLM(config).eval()
     save_tokenizer(directory, gguf_path, template=None)
     prompt = transformers.AutoTokenizer.from_pretrained(str(directory))(PROMPT, return_tensors="pt")["input_ids"]

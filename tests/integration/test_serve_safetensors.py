@@ -15,7 +15,7 @@ from agent.engine import EngineConfig, PipelineEngine
 from agent.engine_api import SamplingParams
 from agent.loaders.gguf_file import GGUFFile
 from agent.tokenizer import Tokenizer
-from tests.tiny_llama import save_tokenizer
+from tests.tiny_llama import save_tokenizer, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -27,11 +27,7 @@ def model_dir(tmp_path_factory, gguf_path):
     """A small random Llama with SmolLM2's tokenizer, saved the way transformers saves models."""
     directory = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-        tie_word_embeddings=False, initializer_range=0.2,  # peaked logits: no near-ties
-    )
+    config = tiny_llama_config(num_hidden_layers=4)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
     template = GGUFFile(gguf_path).metadata["tokenizer.chat_template"]
