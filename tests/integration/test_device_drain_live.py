@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 LOCAL_SPEC = Path(__file__).resolve().parents[2] / "data" / "specs" / "local-cpu-smollm2.yaml"
 PROMPT_LENGTHS = [48, 96, 128, 64]
-MAX_TOKENS = 32
+MAX_TOKENS = 64  # long enough that they still stream when the drain (now recorded in the store first) switches
 ADDED_MAX_TOKENS = 64  # the new worker loads half the model while these stream
 SERVE_ARGS = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "64", "--max-overhead", "0.5",
               "--controller", "propose", "--controller-interval", "1", "--workload-window", "120")
