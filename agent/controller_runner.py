@@ -248,8 +248,9 @@ class ControllerRunner:
 
     def _record_apply(self, started: Any, plan_id: str | None) -> threading.Thread | None:
         """Writes the apply it started to the store as `pipeshift apply` writes its own: its row
-        now, its outcome and the configuration it made (source `controller`) once it ends, so
-        `pipeshift history` lists it rather than finding drift later. Returns the thread that
+        now, its outcome and the configuration it made (source `controller`) once it ends, then
+        the devices it gave back or took, so `pipeshift history` lists them rather than finding
+        drift later. Returns the thread that
         waits for the end (None without a store, or when the store fails)."""
         if self.store is None:
             return None
@@ -264,9 +265,13 @@ class ControllerRunner:
             return None
 
         def finish() -> None:
+            from agent.reconfigurations import deployment_json
+            from planner.deployment_state import refresh
+
             started.done.wait()
             try:
                 recorder.finished(started.to_json(), self.reconfig.engine.model_name)
+                refresh(self.store, deployment_json(self.reconfig.engine, self.fleet))  # devices given back or taken
             except Exception:
                 log.exception("controller: could not write the end of apply %s to the store", started.apply_id)
 
@@ -282,7 +287,7 @@ class ControllerRunner:
         from planner.deployment_state import refresh
 
         try:
-            refreshed = refresh(self.store, deployment_json(self.reconfig.engine))
+            refreshed = refresh(self.store, deployment_json(self.reconfig.engine, self.fleet))
             plan = self.reconfig.plan(target, recompute_overflow=self.settings.policy.recompute_overflow)
             diff = plan.to_json()
             row = self.store.save_plan(refreshed.current, target.to_json()["pipelines"], diff,

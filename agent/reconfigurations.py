@@ -178,8 +178,9 @@ class Reconfigurations:
         return sorted(self.records.values(), key=lambda r: r.created_at)
 
 
-def deployment_json(engine: PipelineEngine) -> dict[str, Any]:
-    """Returns what `GET /admin/v1/deployment` answers: configuration, epoch, devices, memory."""
+def deployment_json(engine: PipelineEngine, fleet: Any = None) -> dict[str, Any]:
+    """Returns what `GET /admin/v1/deployment` answers: configuration, epoch, devices, memory;
+    with the deployment's `fleet` (agent/device_fleet.py), a drained or draining device says so."""
     reconfig: Reconfigurations = engine.reconfig
     serving = {s.worker_id: (i, s) for i, p in enumerate(engine.serving_pipelines()) for s in p.stages}
     kind = "cpu" if engine.config.device == "cpu" else engine.config.device
@@ -191,7 +192,8 @@ def deployment_json(engine: PipelineEngine) -> dict[str, Any]:
             "name": info.name,
             "pid": engine.workers[w].pid if w in engine.workers else None,
             "kind": kind,
-            "state": "dead" if not info.alive else ("serving" if placed else "spare"),
+            "state": (fleet.state(info.name) if fleet is not None else None)
+            or ("dead" if not info.alive else ("serving" if placed else "spare")),
             "pipeline": None if placed is None else placed[0],
             "layers": None if placed is None else [placed[1].start, placed[1].end],
             "held_layers": info.layers,

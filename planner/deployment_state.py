@@ -226,7 +226,7 @@ class ApplyRecorder:
         source: str = "apply",
     ):
         self.store, self.current, self.spec, self.source = store, current, spec, source
-        self.row = store.begin_apply(plan_id, current.id)
+        self.row = store.begin_apply(plan_id, current.id, source)
         self._written = 0.0
 
     def started(self, server_apply_id: str) -> None:

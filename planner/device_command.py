@@ -80,15 +80,16 @@ def _add(args: argparse.Namespace, run) -> int:
 
 
 def _drain(args: argparse.Namespace, run) -> int:
-    answer = run.drain(args.device, record=not args.no_wait)
+    answer = run.drain(args.device)
     print(answer["message"])
     record = answer.get("apply")
     if record is None:
         return 0
     if args.no_wait:
-        if run.store is not None:
-            print("Note: not followed (--no-wait), so this drain is not recorded; the next `pipeshift plan "
-                  "--server` records what serves then.", file=sys.stderr)
+        if run.recorder is not None:
+            row = run.store.detach_apply(run.recorder.row.id, "not followed (`pipeshift device drain --no-wait`)")
+            print(f"Recorded as {row.id}, not followed: the next command that reads the deployment "
+                  "(`pipeshift plan --server`, apply, device) fills it in from the server's record.")
         return 0
     final, _ = run.follow()
     run.refresh_devices()  # the device is `drained` now, or serving again

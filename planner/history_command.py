@@ -1,6 +1,6 @@
-"""`pipeshift history [--decisions] [--json]`: the configurations and applies of the store, oldest
-first; with --decisions, every decision of the live controller too (acting or not, its reason and
-predicted figures)."""
+"""`pipeshift history [--decisions] [--json]`: the configurations, applies and device changes (a
+device joining, drained, given back, gone) of the store, oldest first; with --decisions, every
+decision of the live controller too (acting or not, its reason and predicted figures)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if not events:
         print("The store is empty: `pipeshift plan` records the serving configuration.")
         return 0
-    for e in events:
+    for e, group in _grouped(events):
         when = e["at"][:19].replace("T", " ")
-        if e["type"] == "decision":
+        if e["type"] == "device":
+            print(f"{when}  devices  {device_changes(group)}")
+        elif e["type"] == "decision":
             print(decision_line(when, e))
         elif e["type"] == "configuration":
             print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<10} {layout(e['pipelines'])}")
@@ -51,9 +53,36 @@ def run(args: argparse.Namespace) -> int:
             result = e["outcome"] or e["state"]
             moved = f"{e['bytes_moved'] / 2**20:.1f} MiB" if e["bytes_moved"] else "-"
             stall = f"{e['stall_ms']:.1f} ms" if e["stall_ms"] is not None else "-"
-            print(f"{when}  apply {e['id']:<19} {result:<11} {e['from']} -> {e['to'] or '-'}  moved {moved}, "
+            print(f"{when}  apply {e['id']:<19} {e.get('source') or 'apply':<10} {result:<11} "
+                  f"{e['from']} -> {e['to'] or '-'}  moved {moved}, "
                   f"stall {stall}" + "".join(f"  ({e[k]})" for k in ("error", "note") if e.get(k)))
     return 0
+
+
+def _grouped(events: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Pairs each event with itself, except that the device events of one refresh (one `at`)
+    become one entry."""
+    out: list[tuple[dict, list[dict]]] = []
+    for e in events:
+        last = out[-1][0] if out else None
+        if e["type"] == "device" and last is not None and last["type"] == "device" and last["at"] == e["at"]:
+            out[-1][1].append(e)
+        else:
+            out.append((e, [e]))
+    return out
+
+
+def device_changes(group: list[dict]) -> str:
+    """Returns `worker-5 joined (cpu, spare); worker-2 serving -> drained` for device events."""
+    parts = []
+    for e in group:
+        if e["from"] is None:
+            parts.append(f"{e['device']} joined ({e['kind']}, {e['to']})")
+        elif e["to"] == "gone":
+            parts.append(f"{e['device']} gone (was {e['from']})")
+        else:
+            parts.append(f"{e['device']} {e['from']} -> {e['to']}")
+    return "; ".join(parts)
 
 
 def decision_line(when: str, e: dict) -> str:

@@ -158,10 +158,10 @@ class ApplyRun:
         if self.store is not None:
             self.refreshed = refresh(self.store, self.deployment, self.client)
 
-    def drain(self, device: str, record: bool = True) -> dict[str, Any]:
+    def drain(self, device: str) -> dict[str, Any]:
         """Drains `device` (`POST /admin/v1/devices/{device}/drain`) under the deployment's lock,
-        as an apply: refreshes the record first, and when the drain starts an apply and `record`,
-        writes its row, which `follow` completes (its configuration's source is `drain`).
+        as an apply: refreshes the record first, and when the drain starts an apply, writes its
+        row, which `follow` completes (its configuration's source is `drain`).
         Returns the admin API's answer. Raises OperationError (404 unknown device, 409 lock held
         or drain refused, 503 server gone)."""
         self._lock(f"pipeshift device drain {device}")
@@ -173,7 +173,7 @@ class ApplyRun:
         started = answer.get("apply")
         if started is None:  # nothing moved; the device's state changed, or not
             self.refresh_devices()
-        elif record and self.store is not None and self.refreshed is not None:
+        elif self.store is not None and self.refreshed is not None:
             self.recorder = ApplyRecorder(self.store, self.refreshed.current, source="drain")
             self.recorder.started(started["id"])
         if started is not None:

@@ -164,10 +164,7 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
 
     @router.get("/deployment")
     async def deployment() -> JSONResponse:
-        body = deployment_json(reconfig.engine)
-        if fleet is not None:
-            for device in body["devices"]:
-                device["state"] = fleet.state(device["name"]) or device["state"]
+        body = deployment_json(reconfig.engine, fleet)
         body["workload"] = workload_json()
         return JSONResponse(body)
 
@@ -224,9 +221,7 @@ def install_admin_api(app: FastAPI, reconfig: Reconfigurations, token: str | Non
                                                 body.kind if body is not None else None)
         except DeviceRefused as exc:
             raise device_refused(exc) from None
-        devices = [d for d in deployment_json(reconfig.engine)["devices"] if d["name"] in added]
-        for d in devices:
-            d["state"] = fleet.state(d["name"]) or d["state"]
+        devices = [d for d in deployment_json(reconfig.engine, fleet)["devices"] if d["name"] in added]
         return JSONResponse({"added": added, "started": started, "message": message, "devices": devices},
                             status_code=201 if started else 200)
 

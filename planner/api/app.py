@@ -5,7 +5,7 @@
     POST /v1/applies            apply exactly a saved plan (202; 200 when nothing changes)
     GET  /v1/applies/{id}       an apply's phases, figures and outcome, as recorded
     GET  /v1/configurations     every configuration recorded, oldest first
-    GET  /v1/history            configurations and applies in the order they happened
+    GET  /v1/history            configurations, applies and device changes in the order they happened
     POST /v1/rollback           plan and apply a return to a recorded configuration
     GET  /v1/cluster            devices, current configuration, epoch
 

@@ -127,12 +127,15 @@ class PlanOut(BaseModel):
 
 class ApplyOut(BaseModel):
     id: str
-    state: Literal["running", "done", "interrupted"]
+    state: Literal["running", "done", "interrupted", "detached"]
     outcome: Literal["applied", "aborted", "rolled_back", "failed"] | None
     error: str | None
     note: str | None = Field(
         default=None,
         description="how the row was completed when not by its own process (filled from the server)",
+    )
+    source: str | None = Field(
+        default=None, description="what started it: apply, rollback, drain or controller (None: recorded before 0004)"
     )
     plan_id: str | None
     from_configuration_id: int | None
@@ -155,6 +158,7 @@ class ApplyOut(BaseModel):
             outcome=row.outcome,
             error=row.error,
             note=row.note,
+            source=row.source,
             plan_id=row.plan_id,
             from_configuration_id=row.from_id,
             to_configuration_id=row.to_id,
@@ -183,7 +187,7 @@ class ConfigurationList(BaseModel):
 
 class HistoryEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["configuration", "apply", "decision"]
+    type: Literal["configuration", "apply", "device", "decision"]
     id: int | str
     at: str
 

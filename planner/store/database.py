@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
@@ -74,7 +75,7 @@ def make_engine(url: str) -> Engine:
 def alembic_config(url: str):
     from alembic.config import Config
 
-    config = Config()
+    config = Config(stdout=sys.stdout)  # Config's default is the sys.stdout of when alembic was imported
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["url"] = url
     return config

@@ -31,9 +31,25 @@ class DeviceRow(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(100))
     node: Mapped[str] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(20))  # serving | spare | gone
+    state: Mapped[str] = mapped_column(String(20))  # serving | spare | drained | gone
     first_seen: Mapped[datetime] = mapped_column(default=utc_now)
     last_seen: Mapped[datetime] = mapped_column(default=utc_now)
+
+
+class DeviceEventRow(Base):
+    """A device joining the deployment, changing state (serving, spare, drained) or leaving it
+    (`gone`), as the store saw it: at a refresh from the server, which every command that
+    changes the fleet (`pipeshift device add|drain`, apply, the REST API) runs when it is done."""
+
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(100))
+    node: Mapped[str] = mapped_column(String(200))
+    state_from: Mapped[str | None] = mapped_column(String(20))  # None: first seen
+    state_to: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
 class ConfigurationRow(Base):
@@ -53,7 +69,7 @@ class ConfigurationRow(Base):
     epoch: Mapped[int | None]  # the serving process's epoch, when it served it
     predicted: Mapped[dict[str, Any] | None]  # the planner's figures for it
     spec: Mapped[dict[str, Any] | None]  # the spec it was planned from
-    source: Mapped[str] = mapped_column(String(20))  # observed | apply | rollback
+    source: Mapped[str] = mapped_column(String(20))  # observed | apply | rollback | drain | controller
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
@@ -86,10 +102,11 @@ class ApplyRow(Base):
     from_id: Mapped[int | None] = mapped_column(ForeignKey("configurations.id"))
     to_id: Mapped[int | None] = mapped_column(ForeignKey("configurations.id"))
     server_apply_id: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(20))  # running | done | interrupted
+    state: Mapped[str] = mapped_column(String(20))  # running | done | interrupted | detached
     outcome: Mapped[str | None] = mapped_column(String(20))  # applied | aborted | rolled_back | failed
     error: Mapped[str | None] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text)  # how the row was completed, when not by its process
+    source: Mapped[str | None] = mapped_column(String(20))  # apply | rollback | drain | controller (None: before 0004)
     holder: Mapped[str] = mapped_column(String(200))  # host:pid of the process applying
     phases: Mapped[list[Any]]
     bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)

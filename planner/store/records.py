@@ -6,7 +6,8 @@ row is written when it begins and as it progresses, so a killed process leaves a
 that the next reader marks `interrupted`, and that a refresh from the server fills in once the
 server has finished that apply (`fill_interrupted`). A lock row says who may change a deployment
 now.
-Every decision of a serving process's controller is a row too, acting or not.
+Every decision of a serving process's controller is a row too, acting or not, and so is every
+change of the fleet a refresh sees (a device joining, drained, given back, gone).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from planner.store.models import (
     ApplyRow,
     ConfigurationRow,
     DecisionRow,
+    DeviceEventRow,
     DeviceRow,
     LockRow,
     PlanRow,
     utc_now,
 )
+
+UNFOLLOWED = ("interrupted", "detached")  # apply rows a refresh completes from the server's record
 
 
 class UnknownId(LookupError):
@@ -151,19 +155,34 @@ class Store:
     # ---- devices ----------------------------------------------------------------------------
     def record_devices(self, devices: list[dict[str, Any]]) -> None:
         """Upserts the devices a server reports ({"name", "kind", "node", "state"}); devices
-        it no longer reports become `gone`."""
+        it no longer reports become `gone`. Each device seen first, or in another state than
+        recorded, also gets a device event (one `at` for all of one refresh)."""
         with self.transaction() as s:
             known = {d.name: d for d in s.scalars(select(DeviceRow))}
             now = utc_now()
+
+            def changed(row: DeviceRow, before: str | None) -> None:
+                if row.state != before:
+                    s.add(DeviceEventRow(device=row.name, kind=row.kind, node=row.node, state_from=before,
+                                         state_to=row.state, at=now))
+
             for d in devices:
                 row = known.pop(d["name"], None)
+                before = row.state if row is not None else None
                 if row is None:
                     row = DeviceRow(name=d["name"], first_seen=now)
                     s.add(row)
                 row.kind, row.node, row.state = d.get("kind", "cpu"), d.get("node", "local"), d.get("state", "serving")
                 row.last_seen = now
+                changed(row, before)
             for row in known.values():
-                row.state = "gone"
+                before, row.state = row.state, "gone"
+                changed(row, before)
+
+    def device_events(self) -> list[DeviceEventRow]:
+        """Returns every device event, oldest first."""
+        with self.transaction() as s:
+            return list(s.scalars(select(DeviceEventRow).order_by(DeviceEventRow.id)))
 
     def devices(self) -> list[DeviceRow]:
         with self.transaction() as s:
@@ -217,10 +236,12 @@ class Store:
             )
 
     # ---- applies ----------------------------------------------------------------------------
-    def begin_apply(self, plan_id: str | None, from_id: int | None) -> ApplyRow:
+    def begin_apply(self, plan_id: str | None, from_id: int | None, source: str = "apply") -> ApplyRow:
+        """`source`: what started it (apply, rollback, drain, controller), as the configuration
+        it produces will say."""
         with self.transaction() as s:
             row = ApplyRow(id=f"a-{uuid.uuid4().hex[:12]}", plan_id=plan_id, from_id=from_id, state="running",
-                           holder=this_process(), phases=[], bytes_moved=0)
+                           holder=this_process(), phases=[], bytes_moved=0, source=source)
             s.add(row)
             return row
 
@@ -247,12 +268,18 @@ class Store:
                     reaped.append(row.id)
         return reaped
 
+    def detach_apply(self, apply_id: str, note: str) -> ApplyRow:
+        """Leaves the started apply `apply_id` to the server: its process does not follow it
+        (`pipeshift device drain --no-wait`), and the next refresh fills it in from the server's
+        record, as it does an interrupted one."""
+        return self.update_apply(apply_id, state="detached", note=note)
+
     def interrupted(self) -> list[ApplyRow]:
-        """Returns the interrupted applies that had started on the server (they name its apply),
-        oldest first, after marking those whose process is gone."""
+        """Returns the interrupted and detached applies that had started on the server (they
+        name its apply), oldest first, after marking those whose process is gone."""
         self.reap_interrupted()
         with self.transaction() as s:
-            query = (select(ApplyRow).where(ApplyRow.state == "interrupted", ApplyRow.server_apply_id.is_not(None))
+            query = (select(ApplyRow).where(ApplyRow.state.in_(UNFOLLOWED), ApplyRow.server_apply_id.is_not(None))
                      .order_by(ApplyRow.started_at, ApplyRow.id))
             return list(s.scalars(query))
 
@@ -266,10 +293,11 @@ class Store:
         process filled it)."""
         with self.transaction() as s:
             row = s.get(ApplyRow, apply_id, with_for_update=True)
-            if row is None or row.state != "interrupted":
+            if row is None or row.state not in UNFOLLOWED:
                 return None
-            note = (f"the process applying it ({row.holder}) ended before the apply did; "
-                    f"filled from the server's record of apply {row.server_apply_id}")
+            why = row.note if row.state == "detached" and row.note else (
+                f"the process applying it ({row.holder}) ended before the apply did")
+            note = f"{why}; filled from the server's record of apply {row.server_apply_id}"
             new = None
             if record.get("outcome") == "applied" and record.get("target"):
                 new, missed = self._produced(s, row, record, model)
@@ -305,7 +333,7 @@ class Store:
             return None, (f"the store recorded serial {newest.serial} since, so the configuration it produced "
                           f"(epoch {epoch}) is not recorded")
         created = _server_time(record.get("finished_at"), newest.created_at if newest is not None else row.started_at)
-        return _add_configuration(s, model, target, "apply", epoch=epoch, predicted=record.get("predicted"),
+        return _add_configuration(s, model, target, row.source or "apply", epoch=epoch, predicted=record.get("predicted"),
                                   lineage=lineage, created_at=created), None
 
     def apply(self, apply_id: str) -> ApplyRow:
@@ -389,8 +417,8 @@ class Store:
 
     # ---- history ----------------------------------------------------------------------------
     def history(self, decisions: bool = False) -> list[dict[str, Any]]:
-        """Returns configurations and applies (and the controller's decisions, when asked) in
-        the order they happened."""
+        """Returns configurations, applies and device events (and the controller's decisions,
+        when asked) in the order they happened."""
         events: list[tuple[datetime, int, dict[str, Any]]] = []
         for c in self.configurations():
             events.append((c.created_at, 0, {
@@ -401,11 +429,16 @@ class Store:
         for a in self.applies():
             events.append((a.started_at, 1, {
                 "type": "apply", "id": a.id, "state": a.state, "outcome": a.outcome, "error": a.error, "note": a.note,
-                "from": a.from_id, "to": a.to_id, "plan": a.plan_id, "at": a.started_at.isoformat(),
+                "from": a.from_id, "to": a.to_id, "plan": a.plan_id, "source": a.source, "at": a.started_at.isoformat(),
                 "bytes_moved": a.bytes_moved, "stall_ms": a.stall_ms,
             }))
+        for e in self.device_events():
+            events.append((e.at, 2, {
+                "type": "device", "id": e.id, "device": e.device, "kind": e.kind, "node": e.node,
+                "from": e.state_from, "to": e.state_to, "at": e.at.isoformat(),
+            }))
         for d in self.decisions() if decisions else ():
-            events.append((d.decided_at, 2, decision_event(d)))
+            events.append((d.decided_at, 3, decision_event(d)))
         return [e for _, _, e in sorted(events, key=lambda e: (e[0].replace(tzinfo=None), e[1]))]
 
 

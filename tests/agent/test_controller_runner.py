@@ -246,9 +246,11 @@ def test_metrics_count_the_decisions_by_verdict() -> None:
     assert proposing.verdicts == {"keep": 0, "propose": 1, "apply": 0, "refused": 0}
 
 
-def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path) -> None:
+def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path, monkeypatch) -> None:
     """`pipeshift history` lists the controller's apply with its outcome and the configuration
-    it made (source `controller`), rather than finding that configuration later as drift."""
+    it made (source `controller`), rather than finding that configuration later as drift, and
+    the devices it took or gave back."""
+    import agent.reconfigurations
     from planner.store import init_schema, open_store
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -257,6 +259,14 @@ def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path) -> No
     try:
         reconfig = Reconfig("0:15,15:30")
         reconfig.engine.model_name = "SmolLM2-135M"
+        serving = [reconfig.config]  # what GET /admin/v1/deployment would answer serves
+
+        def deployment(engine, fleet=None) -> dict:
+            used = set(serving[-1].devices())
+            return {"model": "SmolLM2-135M", "epoch": len(serving), "configuration": serving[-1].to_json(),
+                    "devices": [{"name": w, "state": "serving" if w in used else "spare"} for w in WORKERS]}
+
+        monkeypatch.setattr(agent.reconfigurations, "deployment_json", deployment)
         before = store.record_configuration("SmolLM2-135M", reconfig.config.to_json()["pipelines"], "observed")
         settings = ControllerSettings(mode="auto", interval_s=5, policy=POLICY, time_limit_s=2)
         control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), settings, store=store)
@@ -267,14 +277,21 @@ def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path) -> No
         record = reconfig.records[0]
         record.to_json = lambda: {"outcome": "applied", "error": None, "epoch_to": 2, "target": target,
                                   "predicted": {}, "phases": [], "measured": {"bytes_moved": 7, "stall_ms": 0.5}}
+        serving.append(reconfig.started[0])
         record.done.set()
         for thread in threading.enumerate():
             if thread.name == "record-apply-1":
                 thread.join(10)
         [row] = store.applies()
         after = store.current()
-        assert (row.state, row.outcome, row.to_id, row.bytes_moved) == ("done", "applied", after.id, 7)
+        assert (row.state, row.outcome, row.to_id, row.bytes_moved, row.source) == (
+            "done", "applied", after.id, 7, "controller")
         assert (after.source, after.pipelines) == ("controller", target["pipelines"])
+        assert [c.source for c in store.configurations()] == ["observed", "controller"]  # no drift
+        moved = [(e["device"], e["from"], e["to"]) for e in store.history() if e["type"] == "device" and e["from"]]
+        used = set(reconfig.started[0].devices())
+        assert moved and moved == [(w, "spare" if w in used else "serving", "serving" if w in used else "spare")
+                                   for w in WORKERS if (w in used) != (w in reconfig.config.devices())]
         assert decision.apply_id == "apply-1"
     finally:
         store.close()

@@ -60,9 +60,17 @@ def prompts(gguf_path):
     return [prompt_token_ids(tokenizer, n, seed=40 + i) for i, n in enumerate(PROMPT_LENGTHS)]
 
 
-def device(args: list[str], server: ServeProcess) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", "device", *args, "--server", server.base_url],
+def device(args: list[str], server: ServeProcess, store_url: str | None = None) -> subprocess.CompletedProcess:
+    stored = ["--database-url", store_url] if store_url else []
+    return subprocess.run([sys.executable, "-m", "planner.cli", "device", *args, "--server", server.base_url, *stored],
                           capture_output=True, text=True, timeout=120)
+
+
+def history(store_url: str) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "planner.cli", "history", "--decisions", "--json",
+                           "--database-url", store_url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def states(admin: AdminClient) -> dict[str, str]:
@@ -93,7 +101,7 @@ def stream_while(server: ServeProcess, prompts, max_tokens: int, action) -> list
     return streams
 
 
-def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_path):
+def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_path, store_url):
     admin = AdminClient(server.base_url)
     unchanged = asyncio.run(stream_completions(server.base_url, prompts, MAX_TOKENS))
     assert not any(s.error for s in unchanged)
@@ -104,7 +112,7 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
     outcomes: list[str] = []
 
     def drain() -> None:
-        drains.append(device(["drain", "worker-1"], server))  # a spare takes its stage
+        drains.append(device(["drain", "worker-1"], server, store_url))  # a spare takes its stage
         apply_id = re.search(r"\(apply (\S+?),", drains[-1].stdout)
         drained.append(switched_at(admin.get_apply(apply_id[1])) if apply_id else float("inf"))
         configurations.append(admin.deployment()["configuration"])
@@ -159,9 +167,16 @@ def test_drain_moves_layers_live_and_texts_stay_the_same(server, prompts, tmp_pa
     finally:
         store.close()
 
-    added = device(["add", "worker-1"], server)
+    added = device(["add", "worker-1"], server, store_url)
     assert added.returncode == 0 and "worker-1 is available again" in added.stdout
     assert states(admin)["worker-1"] == "spare"
+    # the server's store (the same one the drain was recorded in) saw each change of the fleet
+    changes = [(e["device"], e["from"], e["to"]) for e in history(store_url) if e["type"] == "device"]
+    for change in (("worker-1", "serving", "drained"), ("worker-2", "spare", "serving"),
+                   ("worker-1", "drained", "spare")):
+        assert change in changes, changes
+    drain_rows = [e for e in history(store_url) if e["type"] == "apply" and e["source"] == "drain"]
+    assert [e["outcome"] for e in drain_rows] == ["applied"]
 
 
 def test_a_device_added_while_serving_takes_a_stage_live(server, prompts):
@@ -243,10 +258,7 @@ def test_the_workload_window_and_the_controller_report(server, prompts, store_ur
 
     # every decision, acting or not, is in the server's store too (written before it is listed)
     shown = {d["id"]: d for d in admin.controller()["decisions"]}
-    history = subprocess.run([sys.executable, "-m", "planner.cli", "history", "--decisions", "--json",
-                              "--database-url", store_url], capture_output=True, text=True, timeout=120)
-    assert history.returncode == 0, history.stderr
-    stored = {e["serial"]: e for e in json.loads(history.stdout) if e["type"] == "decision"}
+    stored = {e["serial"]: e for e in history(store_url) if e["type"] == "decision"}
     assert shown and set(shown) <= set(stored)
     assert all((stored[i]["act"], stored[i]["reason"], stored[i]["predicted"]) ==
                (d["act"], d["reason"], d["predicted"]) for i, d in shown.items())

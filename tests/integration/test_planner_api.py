@@ -129,7 +129,9 @@ def test_plan_apply_show_rollback_and_stale(deployment):
         unknown = api.post("/v1/plans", json={"spec": {**local, "nodes": [{"name": "other", "nic_gbps": 10}]}})
         assert unknown.status_code == 409 and "node 'box' is not in `nodes`" in unknown.json()["detail"]
         history = api.get("/v1/history").json()["data"]
-        assert [e["type"] for e in history].count("apply") == 2
+        assert [e["source"] for e in history if e["type"] == "apply"] == ["apply", "rollback"]
+        joined = [e["device"] for e in history if e["type"] == "device" and e["from"] is None]
+        assert joined == ["worker-0", "worker-1", "worker-2"]
 
 
 def test_every_mutation_needs_the_token(deployment):

@@ -1,6 +1,7 @@
 """`pipeshift device drain` with a store is recorded as an apply is: under the deployment's lock,
 its row in `pipeshift history` with the configuration it leaves (source `drain`), and the
-devices' states; a server lost while following is a line and a `failed` row, not a traceback.
+devices' changes as device events; one not followed (--no-wait) is filled in by the next
+refresh; a server lost while following is a line and a `failed` row, not a traceback.
 The admin API is answered by canned replies (the live server is
 tests/integration/test_device_drain_live.py's)."""
 
@@ -89,9 +90,14 @@ def test_a_drain_is_in_the_history_as_an_apply(store_url, monkeypatch, capsys) -
     assert server.drains == ["worker-1"]
     apply_id = out.split("recorded as ")[1].split()[0]
     assert "worker-1 is drained (apply apply-2-abcdef, epoch 2, switch held requests 0.5 ms)" in out
-    events = history(store_url, capsys)
-    assert [(e["type"], e.get("source") or e.get("outcome")) for e in events] == [
+    everything = history(store_url, capsys)
+    events = [e for e in everything if e["type"] != "device"]
+    assert [(e["type"], e.get("outcome") or e.get("source")) for e in events] == [
         ("configuration", "observed"), ("apply", "applied"), ("configuration", "drain")]
+    assert events[1]["source"] == "drain"
+    assert [(e["device"], e["from"], e["to"]) for e in everything if e["type"] == "device"] == [
+        ("worker-0", None, "serving"), ("worker-1", None, "serving"), ("worker-2", None, "spare"),
+        ("worker-1", "serving", "drained"), ("worker-2", "spare", "serving")]
     applied = events[1]
     assert (applied["id"], applied["from"], applied["to"]) == (apply_id, events[0]["id"], events[2]["id"])
     assert events[2]["pipelines"] == AFTER["configuration"]["pipelines"]
@@ -106,7 +112,15 @@ def test_a_drain_is_in_the_history_as_an_apply(store_url, monkeypatch, capsys) -
     # adding it back records its state, and no configuration (nothing moved)
     assert device(store_url, "add", "worker-1") == 0
     assert "worker-1 is available again" in capsys.readouterr().out
-    assert len(history(store_url, capsys)) == 3
+    after_add = history(store_url, capsys)
+    assert [e["type"] for e in after_add if e["type"] != "device"] == ["configuration", "apply", "configuration"]
+    assert (after_add[-1]["type"], after_add[-1]["device"], after_add[-1]["from"], after_add[-1]["to"]) == (
+        "device", "worker-1", "drained", "spare")
+    assert main(["history", "--database-url", store_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].endswith("devices  worker-1 drained -> spare"), lines
+    assert any(line.endswith("devices  worker-1 serving -> drained; worker-2 spare -> serving") for line in lines)
+    assert any(line.split()[2:6] == ["apply", apply_id, "drain", "applied"] for line in lines), lines
     store = open_store(store_url)
     try:
         assert {d.name: d.state for d in store.devices()}["worker-1"] == "spare"
@@ -142,11 +156,28 @@ def test_a_server_lost_while_following_is_a_line_and_a_failed_row(store_url, mon
     assert [(a["state"], a["outcome"]) for a in applied] == [("done", "failed")]
 
 
-def test_without_waiting_or_a_store_nothing_is_recorded_and_it_says_so(store_url, tmp_path, monkeypatch,
-                                                                       capsys) -> None:
-    FakeServer(monkeypatch)
+def test_a_drain_not_followed_is_recorded_and_the_next_refresh_fills_it_in(store_url, monkeypatch, capsys) -> None:
+    server = FakeServer(monkeypatch)
     assert device(store_url, "drain", "worker-1", "--no-wait") == 0
-    assert "not followed (--no-wait), so this drain is not recorded" in capsys.readouterr().err
-    assert [e["type"] for e in history(store_url, capsys)] == ["configuration"]
+    out = capsys.readouterr().out
+    row_id = out.split("Recorded as ")[1].split(",")[0]
+    (waiting,) = [e for e in history(store_url, capsys) if e["type"] == "apply"]
+    assert (waiting["id"], waiting["state"], waiting["outcome"]) == (row_id, "detached", None)
+    assert "--no-wait" in waiting["note"]
+    # the server finished the drain; the next command that reads the deployment fills the row in
+    server.get_apply("apply-2-abcdef")
+    monkeypatch.setattr(AdminClient, "applies", lambda client: [{**DONE, "finished_at": None}])
+    assert device(store_url, "add", "worker-1") == 0
+    capsys.readouterr()
+    events = [e for e in history(store_url, capsys) if e["type"] != "device"]
+    assert [(e["type"], e.get("outcome") or e.get("source")) for e in events] == [
+        ("configuration", "observed"), ("apply", "applied"), ("configuration", "drain")]
+    filled = events[1]
+    assert (filled["state"], filled["to"]) == ("done", events[2]["id"])
+    assert filled["note"].startswith("not followed (`pipeshift device drain --no-wait`); filled from the server")
+
+
+def test_without_a_store_a_drain_says_it_is_not_recorded(tmp_path, monkeypatch, capsys) -> None:
+    FakeServer(monkeypatch)
     assert device(f"sqlite:///{tmp_path / 'none.db'}", "drain", "worker-1") == 0
     assert "this drain is not recorded" in capsys.readouterr().err

@@ -253,7 +253,7 @@ def test_plan_says_it_filled_the_row_and_history_shows_the_outcome(capsys, tmp_p
         monkeypatch.setattr(AdminClient, name, getattr(CannedServer, name).__get__(server))
     capsys.readouterr()
     assert main(["history", "--database-url", url]) == 0
-    assert f"apply {row_id:<19} interrupted" in capsys.readouterr().out
+    assert f"apply {row_id:<19} apply      interrupted" in capsys.readouterr().out
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
@@ -265,5 +265,5 @@ def test_plan_says_it_filled_the_row_and_history_shows_the_outcome(capsys, tmp_p
 
     assert main(["history", "--database-url", url]) == 0
     history = capsys.readouterr().out
-    assert f"apply {row_id:<19} applied" in history and "filled from the server's record" in history
+    assert f"apply {row_id:<19} apply      applied" in history and "filled from the server's record" in history
     assert "interrupted " not in history.replace("ended before", "")

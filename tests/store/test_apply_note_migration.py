@@ -19,7 +19,7 @@ def test_the_upgrade_from_0002_adds_the_note_and_keeps_the_applies(tmp_path) -> 
         c.execute(text("INSERT INTO applies (id, state, outcome, error, holder, phases, bytes_moved, started_at) "
                        "VALUES ('a-1', 'done', 'applied', NULL, 'h:1', '[]', 4096, '2026-11-28 10:00:00')"))
     engine.dispose()
-    assert init_schema(url) == ("0002", "0003")
+    assert init_schema(url) == ("0002", "0004")
     store = open_store(url)
     try:
         row = store.apply("a-1")

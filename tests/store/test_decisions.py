@@ -38,7 +38,7 @@ def test_the_upgrade_from_0001_adds_decisions_and_keeps_what_the_store_held(sqli
                        "VALUES ('l', 1, 'SmolLM2-135M', :p, 'observed', '2026-11-28 10:00:00')"),
                   {"p": json.dumps(TWO_STAGES["pipelines"])})
     engine.dispose()
-    assert init_schema(sqlite_url) == ("0001", "0003")
+    assert init_schema(sqlite_url) == ("0001", "0004")
     store = open_store(sqlite_url)
     try:
         assert [c.pipelines for c in store.configurations()] == [TWO_STAGES["pipelines"]]

@@ -32,8 +32,8 @@ def store(database_url):
 def test_a_missing_store_says_to_run_init_and_init_is_idempotent(database_url):
     with pytest.raises(NoStore, match="run `pipeshift init`"):
         open_store(database_url)
-    assert init_schema(database_url) == (None, "0003")
-    assert init_schema(database_url) == ("0003", "0003")
+    assert init_schema(database_url) == (None, "0004")
+    assert init_schema(database_url) == ("0004", "0004")
     open_store(database_url).close()
 
 
@@ -155,6 +155,31 @@ def test_devices_seen_and_gone(store):
                           {"name": "worker-1", "kind": "cpu", "state": "spare"}])
     store.record_devices([{"name": "worker-0", "kind": "cpu", "state": "serving"}])
     assert [(d.name, d.state) for d in store.devices()] == [("worker-0", "serving"), ("worker-1", "gone")]
+
+
+def test_each_change_of_the_fleet_is_a_device_event_in_history(store):
+    from planner.history_command import _grouped, device_changes
+
+    fleet = [{"name": "worker-0", "kind": "cpu", "state": "serving"},
+             {"name": "worker-1", "kind": "cpu", "state": "serving"}]
+    store.record_devices(fleet)
+    store.record_devices(fleet)  # nothing changed: no event
+    store.record_devices([*fleet, {"name": "worker-2", "kind": "cpu", "state": "spare"}])  # device add
+    store.record_devices([fleet[0], {**fleet[1], "state": "drained"},
+                          {"name": "worker-2", "kind": "cpu", "state": "serving"}])  # drain onto the spare
+    store.record_devices([fleet[0], {"name": "worker-2", "kind": "cpu", "state": "serving"}])
+    events = [e for e in store.history() if e["type"] == "device"]
+    assert [(e["device"], e["from"], e["to"]) for e in events] == [
+        ("worker-0", None, "serving"), ("worker-1", None, "serving"),
+        ("worker-2", None, "spare"),
+        ("worker-1", "serving", "drained"), ("worker-2", "spare", "serving"),
+        ("worker-1", "drained", "gone"),
+    ]
+    lines = [device_changes(group) for _, group in _grouped(events)]
+    assert lines == ["worker-0 joined (cpu, serving); worker-1 joined (cpu, serving)",
+                     "worker-2 joined (cpu, spare)",
+                     "worker-1 serving -> drained; worker-2 spare -> serving",
+                     "worker-1 gone (was drained)"]
 
 
 def test_the_commands_say_what_to_do(tmp_path):
