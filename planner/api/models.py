@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from planner.api.spec_body import AnySpecBody
-from planner.store.models import ApplyRow, ConfigurationRow, PlanRow
+from planner.store.models import ApplyRow, ConfigurationRow, PlanRow, Source
 
 
 def _utc(moment: datetime) -> datetime:
@@ -75,7 +75,7 @@ class ConfigurationOut(BaseModel):
     model: str
     pipelines: list[Pipeline]
     epoch: int | None
-    source: Literal["observed", "apply", "rollback"]
+    source: Source
     predicted: dict[str, Any] | None
     created_at: UtcTime
 
@@ -134,7 +134,7 @@ class ApplyOut(BaseModel):
         default=None,
         description="how the row was completed when not by its own process (filled from the server)",
     )
-    source: str | None = Field(
+    source: Source | None = Field(
         default=None, description="what started it: apply, rollback, drain or controller (None: recorded before 0004)"
     )
     plan_id: str | None

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# What made a configuration, and what started an apply: `observed` a refresh found it serving;
+# the others name the command or the part of pipeshift that applied it.
+Source = Literal["observed", "apply", "rollback", "drain", "controller"]
 
 
 def utc_now() -> datetime:
@@ -69,7 +73,7 @@ class ConfigurationRow(Base):
     epoch: Mapped[int | None]  # the serving process's epoch, when it served it
     predicted: Mapped[dict[str, Any] | None]  # the planner's figures for it
     spec: Mapped[dict[str, Any] | None]  # the spec it was planned from
-    source: Mapped[str] = mapped_column(String(20))  # observed | apply | rollback | drain | controller
+    source: Mapped[str] = mapped_column(String(20))  # a Source
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 
@@ -106,7 +110,7 @@ class ApplyRow(Base):
     outcome: Mapped[str | None] = mapped_column(String(20))  # applied | aborted | rolled_back | failed
     error: Mapped[str | None] = mapped_column(Text)
     note: Mapped[str | None] = mapped_column(Text)  # how the row was completed, when not by its process
-    source: Mapped[str | None] = mapped_column(String(20))  # apply | rollback | drain | controller (None: before 0004)
+    source: Mapped[str | None] = mapped_column(String(20))  # a Source but observed (None: before 0004)
     holder: Mapped[str] = mapped_column(String(200))  # host:pid of the process applying
     phases: Mapped[list[Any]]
     bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)
