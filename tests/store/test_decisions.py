@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from planner.store import init_schema, open_store
-from planner.store.database import alembic_config
+from tests.store.old_stores import downgraded, store_made_at
 
 TWO_STAGES = {"pipelines": [{"stages": [{"device": "worker-0", "start": 0, "end": 15},
                                         {"device": "worker-1", "start": 15, "end": 30}]}]}
@@ -26,18 +26,10 @@ def sqlite_url(tmp_path) -> str:
 
 
 def test_the_upgrade_from_0001_adds_decisions_and_keeps_what_the_store_held(sqlite_url):
-    from alembic import command
-
-    config = alembic_config(sqlite_url)
-    command.upgrade(config, "0001")
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(sqlite_url)
-    with engine.begin() as c:
-        c.execute(text("INSERT INTO configurations (lineage, serial, model, pipelines, source, created_at) "
-                       "VALUES ('l', 1, 'SmolLM2-135M', :p, 'observed', '2026-11-28 10:00:00')"),
-                  {"p": json.dumps(TWO_STAGES["pipelines"])})
-    engine.dispose()
+    config = store_made_at(sqlite_url, "0001", (
+        "INSERT INTO configurations (lineage, serial, model, pipelines, source, created_at) "
+        "VALUES ('l', 1, 'SmolLM2-135M', :p, 'observed', '2026-11-28 10:00:00')",
+        {"p": json.dumps(TWO_STAGES["pipelines"])}))
     assert init_schema(sqlite_url) == ("0001", "0004")
     store = open_store(sqlite_url)
     try:
@@ -48,13 +40,8 @@ def test_the_upgrade_from_0001_adds_decisions_and_keeps_what_the_store_held(sqli
         assert len(store.decisions()) == 1
     finally:
         store.close()
-    command.downgrade(config, "0001")  # and back: the table goes, the rest stays
-    store_engine = create_engine(sqlite_url)
-    from sqlalchemy import inspect
-
-    assert "decisions" not in inspect(store_engine).get_table_names()
-    assert "configurations" in inspect(store_engine).get_table_names()
-    store_engine.dispose()
+    tables, _ = downgraded(config, sqlite_url, "0001")  # and back: the table goes, the rest stays
+    assert "decisions" not in tables and "configurations" in tables
 
 
 def test_every_decision_reads_back_with_its_reason_and_figures(sqlite_url):
