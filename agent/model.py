@@ -1,12 +1,16 @@
 """A Llama-family decoder that builds only the layers `[start, end)` of its stage.
 
+Llama-family: RMSNorm, rotary attention and a SwiGLU MLP, as Llama, Mistral and Qwen2 are;
+the attention projections may have biases (Qwen2's Q/K/V, Llama's four with attention_bias).
+
 The layer list is full-length with empty placeholders elsewhere, so parameter names stay
 global (`layers.17.attn.q_proj.weight` is layer 17 on every stage) and a stage can gain or
 lose a layer by filling or emptying a placeholder. The first stage embeds; the last one
 normalises and projects to the vocabulary (sampling lives in `agent/sampler.py`).
 
-Loaders name tensors as checkpoints do (`layers.{i}.attn.q_proj.weight`, [out, in]);
-`pack_layer_weights` fuses and transposes them into the layout the forward pass runs on.
+Loaders name tensors as checkpoints do (`layers.{i}.attn.q_proj.weight`, [out, in], and
+`layers.{i}.attn.q_proj.bias`, [out]); `pack_layer_weights` fuses and transposes them into the
+layout the forward pass runs on.
 
 Shapes: T = tokens in the micro-batch (flat, all requests), H = hidden size,
 Nh / Nkv = query / KV heads, D = head dim.
@@ -74,8 +78,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
-        self.qkv = Projection(arch.hidden_size, arch.q_size + 2 * arch.kv_size)  # Q, K, V fused
-        self.o = Projection(arch.q_size, arch.hidden_size)
+        # Q, K, V fused (and their biases, if any)
+        self.qkv = Projection(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
+        self.o = Projection(arch.q_size, arch.hidden_size, bias=arch.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -138,15 +143,21 @@ class MLP(nn.Module):
 
 
 def pack_layer_weights(weights: dict[str, torch.Tensor], layers: range) -> dict[str, torch.Tensor]:
-    """Returns the module's tensors from loader tensors: per layer, Q/K/V and gate/up fused, and
-    every projection as an [in, out] view of its [out, in] weight (`Projection.settle` then lays
-    it out once). Consumes `weights` as it goes to bound memory."""
+    """Returns the module's tensors from loader tensors: per layer, Q/K/V (weights and biases)
+    and gate/up fused, and every projection as an [in, out] view of its [out, in] weight
+    (`Projection.settle` then lays it out once). Consumes `weights` as it goes to bound memory.
+    Biases are taken where the loader gave them; `load_state_dict(strict=True)` then checks
+    that they are exactly those the architecture has."""
     packed = dict(weights)
     for i in layers:
         p = f"layers.{i}."
         qkv = [packed.pop(f"{p}attn.{n}_proj.weight") for n in "qkv"]
         packed[f"{p}attn.qkv.weight_t"] = torch.cat(qkv).t()
+        if f"{p}attn.q_proj.bias" in packed:
+            packed[f"{p}attn.qkv.bias"] = torch.cat([packed.pop(f"{p}attn.{n}_proj.bias") for n in "qkv"])
         packed[f"{p}attn.o.weight_t"] = packed.pop(f"{p}attn.o_proj.weight").t()
+        if f"{p}attn.o_proj.bias" in packed:
+            packed[f"{p}attn.o.bias"] = packed.pop(f"{p}attn.o_proj.bias")
         gate_up = [packed.pop(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up")]
         packed[f"{p}mlp.gate_up.weight_t"] = torch.cat(gate_up).t()
         packed[f"{p}mlp.down.weight_t"] = packed.pop(f"{p}mlp.down_proj.weight").t()
@@ -169,7 +180,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaStage(nn.Module):
-    """Layers `[start, end)` of a Llama-family model; embeds if first, owns the head if last."""
+    """Layers `[start, end)` of a Llama-family model (Qwen2 included); embeds if first, owns
+    the head if last."""
 
     def __init__(self, arch: ModelArch, start: int, end: int, quantized_embedding: bool = False):
         super().__init__()
@@ -339,6 +351,12 @@ class LlamaStage(nn.Module):
             out[f"{p}attn.q_proj.weight"], out[f"{p}attn.k_proj.weight"] = q, k
             out[f"{p}attn.v_proj.weight"] = v
             out[f"{p}attn.o_proj.weight"] = layer.attn.o.dense_weight()
+            if layer.attn.qkv.bias is not None:
+                bias = layer.attn.qkv.bias.detach()
+                q, k, v = bias.split([self.arch.q_size, self.arch.kv_size, self.arch.kv_size])
+                out[f"{p}attn.q_proj.bias"], out[f"{p}attn.k_proj.bias"], out[f"{p}attn.v_proj.bias"] = q, k, v
+            if layer.attn.o.bias is not None:
+                out[f"{p}attn.o_proj.bias"] = layer.attn.o.bias.detach()
             gate, up = layer.mlp.gate_up.dense_weight().chunk(2)
             out[f"{p}mlp.gate_proj.weight"], out[f"{p}mlp.up_proj.weight"] = gate, up
             out[f"{p}mlp.down_proj.weight"] = layer.mlp.down.dense_weight()

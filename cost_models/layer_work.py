@@ -22,8 +22,9 @@ from cost_models.model_catalog import ModelArch
 
 
 def matmul_params_per_layer(arch: ModelArch) -> int:
-    """Returns the parameters of one block that take part in matmuls (all but the two norms)."""
-    return arch.params_per_layer - 2 * arch.hidden_size
+    """Returns the parameters of one block that take part in matmuls (all but the two norms
+    and the biases)."""
+    return arch.params_per_layer - 2 * arch.hidden_size - arch.bias_params_per_layer
 
 
 def layer_prefill_flops(

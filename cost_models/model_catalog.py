@@ -30,7 +30,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelArch:
-    """The shape of a Llama-family decoder."""
+    """The shape of a Llama-family decoder (Llama, Mistral, Qwen2: RMSNorm, rotary attention,
+    a SwiGLU MLP), with or without biases on its attention projections."""
 
     name: str
     n_layers: int
@@ -48,6 +49,10 @@ class ModelArch:
     # Per-frequency divisors of the RoPE inverse frequencies [head_dim / 2], as a GGUF's
     # `rope_freqs.weight` stores Llama 3.1's scaling (llama.cpp's "freq factors").
     rope_freq_factors: tuple[float, ...] | None = None
+    # Biases on the attention projections: Q, K and V (Qwen2; Llama with attention_bias), and
+    # the output projection (Llama with attention_bias).
+    qkv_bias: bool = False
+    o_bias: bool = False
     family: str = "llama"
     source: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -65,11 +70,16 @@ class ModelArch:
         return self.n_kv_heads * self.head_dim
 
     @property
+    def bias_params_per_layer(self) -> int:
+        """Biases of one decoder block (those of its attention projections, if it has any)."""
+        return self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * self.hidden_size
+
+    @property
     def params_per_layer(self) -> int:
-        """Weights of one decoder block (attention, MLP, two norms)."""
+        """Weights of one decoder block (attention with its biases, MLP, two norms)."""
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
         mlp = 3 * self.hidden_size * self.ffn_size
-        return attn + mlp + 2 * self.hidden_size
+        return attn + self.bias_params_per_layer + mlp + 2 * self.hidden_size
 
     @property
     def embedding_params(self) -> int:

@@ -3,7 +3,8 @@
 Names are global and the same on every stage (see `agent/model.py`):
   embed.weight, norm.weight, lm_head.weight (untied models only),
   layers.{i}.attn_norm.weight, layers.{i}.attn.{q,k,v,o}_proj.weight,
-  layers.{i}.mlp_norm.weight, layers.{i}.mlp.{gate,up,down}_proj.weight
+  layers.{i}.mlp_norm.weight, layers.{i}.mlp.{gate,up,down}_proj.weight,
+  layers.{i}.attn.{q,k,v}_proj.bias (ModelArch.qkv_bias), layers.{i}.attn.o_proj.bias (o_bias)
 """
 
 from __future__ import annotations

@@ -138,9 +138,11 @@ def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
 
 
 # transformers model types whose decoder is exactly the one agent/model.py runs: RMSNorm,
-# rotary attention without biases, a SwiGLU MLP. (Mistral differs from Llama only by its
-# sliding window, which full attention equals up to the window's length.)
-LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral")
+# rotary attention, a SwiGLU MLP. Mistral differs from Llama only by its sliding window, which
+# full attention equals up to the window's length; Qwen2 by biases on Q, K and V (and a sliding
+# window it rarely turns on, refused: which layers it applies to has varied between releases).
+# Llama's attention projections have biases when its config says attention_bias.
+LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # hidden_act values that are SiLU (transformers' ACT2FN).
 SILU_ACTIVATIONS = ("silu", "swish")
 PYTORCH_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -163,12 +165,26 @@ def check_llama_family(directory: Path, cfg: dict) -> None:
             f"{where}: the weights are quantized ({method}), which pipeshift does not load: serve "
             "unquantized safetensors (float32, float16 or bfloat16) or a GGUF file"
         )
-    for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
-            raise ValueError(
-                f"{where}: {flag} is true, which is not supported: pipeshift's projections have no biases "
-                "(serve a Llama-family model without biases)"
-            )
+    if cfg.get("mlp_bias"):
+        raise ValueError(
+            f"{where}: mlp_bias is true, which is not supported: pipeshift's MLP projections have no "
+            "biases (only attention projections may have them)"
+        )
+    if cfg.get("attention_bias") and model_type == "mistral":  # transformers' Mistral has none
+        raise ValueError(
+            f"{where}: attention_bias is true for model_type 'mistral', which is not supported: "
+            "transformers' Mistral has no attention biases (a Llama config with attention_bias is served)"
+        )
+    window = cfg.get("sliding_window")
+    max_positions = cfg.get("max_position_embeddings")
+    if (model_type == "qwen2" and cfg.get("use_sliding_window") and window is not None
+            and (max_positions is None or int(window) < int(max_positions))):
+        raise ValueError(
+            f"{where}: use_sliding_window is true with sliding_window {window} (shorter than "
+            f"max_position_embeddings {max_positions}, max_window_layers {cfg.get('max_window_layers')}), "
+            "which is not supported: pipeshift's attention is full, and serves Qwen2 with "
+            "use_sliding_window false"
+        )
     act = cfg.get("hidden_act", "silu")
     if act not in SILU_ACTIVATIONS:
         raise ValueError(
@@ -209,8 +225,8 @@ def check_safetensors_files(directory: Path) -> None:
 
 
 def arch_from_hf_config(directory: Path) -> ModelArch:
-    """Reads the architecture from a Hugging Face `config.json` (Llama family); raises
-    ValueError for a model this runtime would not compute as transformers does."""
+    """Reads the architecture from a Hugging Face `config.json` (Llama family, Qwen2 included);
+    raises ValueError for a model this runtime would not compute as transformers does."""
     cfg = json.loads((directory / "config.json").read_text())
     check_llama_family(directory, cfg)
     # transformers 5 writes `rope_parameters` (with rope_theta inside); older ones `rope_scaling`.
@@ -229,8 +245,10 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
         rope_scaling = None
     n_heads = int(cfg["num_attention_heads"])
     max_context = int(cfg.get("max_position_embeddings", 4096))
+    model_type = cfg.get("model_type") or "llama"
     window = cfg.get("sliding_window")
-    if window is not None and cfg.get("use_sliding_window", True) and int(window) < max_context:
+    # Qwen2's window is off unless use_sliding_window (and refused when on); Mistral has no such flag.
+    if window is not None and cfg.get("use_sliding_window", model_type != "qwen2") and int(window) < max_context:
         # Past the window such a model (Mistral) attends to fewer positions than full
         # attention does: serve only the context where the two agree.
         max_context = int(window)
@@ -248,4 +266,9 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
         rope_scaling=rope_scaling,
+        # As transformers builds them: Qwen2's Q/K/V always have biases and its output
+        # projection none; Llama's four have them when attention_bias is true.
+        qkv_bias=model_type == "qwen2" or (model_type == "llama" and bool(cfg.get("attention_bias"))),
+        o_bias=model_type == "llama" and bool(cfg.get("attention_bias")),
+        family=model_type,
     )

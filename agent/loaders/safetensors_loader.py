@@ -24,6 +24,12 @@ BLOCK_NAMES = {
 }
 
 
+def bias_names(arch: ModelArch) -> list[str]:
+    """The biased projections of a block (HF names after "model.layers.{i}."), as `arch` has them."""
+    names = [f"self_attn.{n}_proj" for n in "qkv"] if arch.qkv_bias else []
+    return names + (["self_attn.o_proj"] if arch.o_bias else [])
+
+
 def _tensor_files(directory: Path) -> dict[str, Path]:
     """Maps every tensor name to the shard that holds it."""
     index = directory / "model.safetensors.index.json"
@@ -49,6 +55,8 @@ def load_safetensors_weights(
     for layer in layers:
         for hf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"model.layers.{layer}.{hf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
+        for hf_suffix in bias_names(arch):
+            wanted[f"model.layers.{layer}.{hf_suffix}.bias"] = f"layers.{layer}.{BLOCK_NAMES[hf_suffix]}.bias"
     if embed or (head and arch.tie_embeddings):
         wanted["model.embed_tokens.weight"] = "embed.weight"
     if head:

@@ -45,19 +45,45 @@ def write_dir(directory: Path, config: dict, weights: str | None = "model.safete
     "change,named",
     [
         ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_head": 4}, "'gpt2'"),
-        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "'qwen2'"),
-        ({"attention_bias": True}, "attention_bias"),
+        ({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, "'qwen2_moe'"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+          "sliding_window": 32, "max_window_layers": 1}, "use_sliding_window is true with sliding_window 32"),
+        ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "attention_bias": True},
+         "attention_bias is true for model_type 'mistral'"),
         ({"mlp_bias": True}, "mlp_bias"),
+        ({"attention_bias": True, "mlp_bias": True}, "mlp_bias"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantized (gptq)"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+          "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
     ],
-    ids=["gpt2", "qwen2", "attention-bias", "mlp-bias", "gelu", "gptq"],
+    ids=["gpt2", "qwen2-moe", "qwen2-sliding-window", "mistral-attention-bias", "mlp-bias",
+         "llama-attention-and-mlp-bias", "qwen2-mlp-bias", "gelu", "gptq", "qwen2-yarn"],
 )
 def test_a_config_the_runtime_would_compute_wrongly_is_refused(tmp_path, change, named):
     directory = write_dir(tmp_path / "model", {**LLAMA_CONFIG, **change})
     with pytest.raises(ValueError, match="not supported|does not load") as refusal:
         resolve_model(str(directory))
     assert named in str(refusal.value)
+
+
+@pytest.mark.parametrize(
+    "change,qkv_bias,o_bias,max_context",
+    [
+        ({"attention_bias": True}, True, True, 128),
+        ({"model_type": "qwen2"}, True, False, 128),
+        # Qwen2's window is off unless use_sliding_window: full attention, the whole context
+        ({"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 32}, True, False, 128),
+        # a window as long as the context is full attention too
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128}, True, False, 128),
+        ({}, False, False, 128),
+    ],
+    ids=["llama-attention-bias", "qwen2", "qwen2-window-off", "qwen2-window-of-the-context", "llama"],
+)
+def test_biased_attention_is_read_from_the_config(tmp_path, change, qkv_bias, o_bias, max_context):
+    arch = resolve_model(str(write_dir(tmp_path / "model", {**LLAMA_CONFIG, **change}))).arch
+    assert (arch.qkv_bias, arch.o_bias, arch.max_context) == (qkv_bias, o_bias, max_context)
 
 
 def test_a_config_missing_a_llama_key_names_it(tmp_path):
