@@ -143,6 +143,9 @@ def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
 # window it rarely turns on, refused: which layers it applies to has varied between releases).
 # Llama's attention projections have biases when its config says attention_bias.
 LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# What transformers' config classes take when config.json leaves num_key_value_heads out
+# (LlamaConfig: as many as the query heads).
+KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
 # hidden_act values that are SiLU (transformers' ACT2FN).
 SILU_ACTIVATIONS = ("silu", "swish")
 PYTORCH_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -258,11 +261,11 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
         hidden_size=int(cfg["hidden_size"]),
         ffn_size=int(cfg["intermediate_size"]),
         n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads", n_heads)),
+        n_kv_heads=int(cfg.get("num_key_value_heads") or KV_HEADS_DEFAULT.get(model_type, n_heads)),
         vocab_size=int(cfg["vocab_size"]),
         max_context=max_context,
         rope_theta=float(rope_theta),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),  # transformers' default for all three
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
         rope_scaling=rope_scaling,

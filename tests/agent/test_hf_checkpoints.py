@@ -86,6 +86,16 @@ def test_biased_attention_is_read_from_the_config(tmp_path, change, qkv_bias, o_
     assert (arch.qkv_bias, arch.o_bias, arch.max_context) == (qkv_bias, o_bias, max_context)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_keys_a_config_leaves_out_take_transformers_defaults(tmp_path, model_type):
+    config = {k: v for k, v in LLAMA_CONFIG.items() if k not in ("num_key_value_heads", "rms_norm_eps")}
+    config["num_attention_heads"] = 64  # so that each family's default head count differs
+    directory = write_dir(tmp_path / "model", {**config, "model_type": model_type})
+    arch = resolve_model(str(directory)).arch
+    theirs = transformers.AutoConfig.from_pretrained(directory)
+    assert (arch.n_kv_heads, arch.rms_norm_eps) == (theirs.num_key_value_heads, theirs.rms_norm_eps)
+
+
 def test_a_config_missing_a_llama_key_names_it(tmp_path):
     config = {k: v for k, v in LLAMA_CONFIG.items() if k != "intermediate_size"}
     with pytest.raises(ValueError, match="has no intermediate_size"):
