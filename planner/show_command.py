@@ -92,7 +92,8 @@ def _s(value: float | None) -> str:
 
 def render_apply(apply: dict[str, Any]) -> str:
     """Returns the apply as a table of phases, its figures and its serving windows."""
-    lines = [f"apply {apply['id']}: {apply['outcome'] or apply['state']}"
+    started_by = f" ({apply['source']})" if apply.get("source") not in (None, "apply") else ""
+    lines = [f"apply {apply['id']}{started_by}: {apply['outcome'] or apply['state']}"
              + "".join(f" ({apply[k]})" for k in ("error", "note") if apply.get(k)),
              f"  configuration {apply['from_configuration_id']} -> {apply['to_configuration_id'] or '-'}, "
              f"started {apply['started_at'][:19].replace('T', ' ')}", ""]

@@ -121,6 +121,8 @@ def test_a_drain_is_in_the_history_as_an_apply(store_url, monkeypatch, capsys) -
     assert lines[-1].endswith("devices  worker-1 drained -> spare"), lines
     assert any(line.endswith("devices  worker-1 serving -> drained; worker-2 spare -> serving") for line in lines)
     assert any(line.split()[2:6] == ["apply", apply_id, "drain", "applied"] for line in lines), lines
+    assert main(["show", apply_id, "--database-url", store_url]) == 0
+    assert capsys.readouterr().out.startswith(f"apply {apply_id} (drain): applied")
     store = open_store(store_url)
     try:
         assert {d.name: d.state for d in store.devices()}["worker-1"] == "spare"
