@@ -4,7 +4,8 @@ A GGUF carries no `tokenizer.json`: it stores the vocabulary, merges, token type
 and chat template under llama.cpp's `tokenizer.*` keys. We rebuild a `tokenizers` BPE from them
 the way transformers does for the same file (`AutoTokenizer(gguf_file=...)`), except for the
 digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own tokenizer; a Llama 3
-file (`_LLAMA3_PRE`) gets the pre-tokenizer and BPE of Llama 3's own tokenizer.json:
+file (`_LLAMA3_PRE`) gets the pre-tokenizer and BPE of Llama 3's own tokenizer.json, and a Qwen2
+file (`_QWEN2_PRE`) those of Qwen2's:
 
     tok = Tokenizer.from_gguf(path)
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
@@ -25,7 +26,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from agent.engine_api import EngineError
@@ -35,8 +36,8 @@ from agent.engine_api import EngineError
 _CONTROL, _USER_DEFINED = 3, 4
 
 # `tokenizer.ggml.pre` -> whether digits are isolated before GPT-2's byte-level split. Values
-# in neither this table nor _LLAMA3_PRE (qwen2, deepseek, ...) need their own regex, which we
-# have not built: refuse them rather than tokenize subtly wrong.
+# in neither this table nor _LLAMA3_PRE nor _QWEN2_PRE (deepseek, ...) need their own regex,
+# which we have not built: refuse them rather than tokenize subtly wrong.
 # "smollm" isolates digits: SmolLM2's own tokenizer.json is Digits(individual) + ByteLevel, and
 # llama.cpp splits "\p{N}" first for it. transformers (5.24) has no entry for "smollm" and uses
 # plain ByteLevel; ids then differ only where whitespace precedes a digit ("a  1": ours a|ĠĠ|1,
@@ -54,6 +55,21 @@ LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's pre-tokenizer (Qwen2, Qwen2.5): its tokenizer.json's split, Llama 3's regex but with
+# each digit on its own ("\p{N}"), then the byte-level map without GPT-2's regex. Unlike Llama 3's,
+# its BPE applies the merges to every word, and its tokenizer.json normalizes text to NFC first
+# (transformers' Qwen2Tokenizer and its GGUF loader do; llama.cpp does not, so the two differ
+# only on text that is not already NFC, such as a decomposed "é": we follow the model's own).
+_QWEN2_PRE = "qwen2"
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` -> the regex its text is split by ahead of a byte-level map without regex.
+_SPLIT_PATTERN_BY_PRE = {**dict.fromkeys(_LLAMA3_PRE, LLAMA3_SPLIT_PATTERN), _QWEN2_PRE: QWEN2_SPLIT_PATTERN}
+# Qwen2's tokens that end a generation, which llama.cpp finds by their text (an Instruct file's
+# EOS is <|im_end|>, a base one's <|endoftext|>; Qwen2.5-Instruct's generation_config lists both).
+_QWEN2_END_OF_GENERATION = ("<|im_end|>", "<|endoftext|>")
 # Llama 3's tokens that end a generation, which llama.cpp finds by their text when the file
 # names no EOT/EOM id (its converter writes neither for Llama 3).
 _LLAMA3_END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
@@ -233,21 +249,24 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
         pre = meta.get("tokenizer.ggml.pre")
         llama3 = pre in _LLAMA3_PRE
-        if not llama3 and digit_split is None and pre not in _DIGIT_SPLIT_BY_PRE:
-            supported = sorted([*(p for p in _DIGIT_SPLIT_BY_PRE if p), *_LLAMA3_PRE])
+        pattern = _SPLIT_PATTERN_BY_PRE.get(pre)
+        if pattern is None and digit_split is None and pre not in _DIGIT_SPLIT_BY_PRE:
+            supported = sorted([*(p for p in _DIGIT_SPLIT_BY_PRE if p), *_SPLIT_PATTERN_BY_PRE])
             raise ValueError(
                 f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre): pipeshift "
                 f"tokenizes {', '.join(map(repr, supported))}"
             )
-        if llama3 and digit_split is not None:
+        if pattern is not None and digit_split is not None:
             raise ValueError(f"digit_split applies to GPT-2-style pre-tokenizers, not {pre!r}")
         backend = BackendTokenizer(
             models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3)
         )
+        if pre == _QWEN2_PRE:
+            backend.normalizer = normalizers.NFC()
         add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-        if llama3:
+        if pattern is not None:
             split = [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
             ]
         else:
@@ -291,6 +310,8 @@ class Tokenizer:
         stops = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
         if llama3:
             stops += [vocab[t] for t in _LLAMA3_END_OF_GENERATION if t in vocab]
+        elif pre == _QWEN2_PRE:
+            stops += [vocab[t] for t in _QWEN2_END_OF_GENERATION if t in vocab]
         return cls(
             backend,
             special,

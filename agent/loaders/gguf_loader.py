@@ -27,7 +27,8 @@ BLOCK_NAMES = {
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's converter, which interleaves each head's rows for its RoPE layout.
+    """Undoes llama.cpp's converter, which interleaves each head's rows for its RoPE layout
+    (in llama-architecture files only: qwen2's are written as transformers holds them).
 
     Without this the model still writes plausible text, but its logits are wrong.
     """
@@ -49,6 +50,9 @@ def load_gguf_weights(
     for layer in layers:
         for gguf_suffix, ours in BLOCK_NAMES.items():
             wanted[f"blk.{layer}.{gguf_suffix}.weight"] = f"layers.{layer}.{ours}.weight"
+        if arch.qkv_bias:
+            for gguf_suffix in ("attn_q", "attn_k", "attn_v"):
+                wanted[f"blk.{layer}.{gguf_suffix}.bias"] = f"layers.{layer}.{BLOCK_NAMES[gguf_suffix]}.bias"
     head_needs_table = head and arch.tie_embeddings
     q8_table = gguf_file.tensors["token_embd.weight"].ggml_type == GGML_TYPE_Q8_0
     weights: dict[str, torch.Tensor] = {}
@@ -66,9 +70,10 @@ def load_gguf_weights(
         if gguf_name not in gguf_file.tensors:
             raise KeyError(f"{path.name} has no tensor {gguf_name!r}")
         array = gguf_file.dequantize(gguf_name)
-        if gguf_name.endswith("attn_q.weight"):
+        # Only for llama does the converter permute Q/K rows (qwen2's keep transformers' order).
+        if arch.family == "llama" and gguf_name.endswith("attn_q.weight"):
             array = unpermute_rope_rows(array, arch.n_heads)
-        elif gguf_name.endswith("attn_k.weight"):
+        elif arch.family == "llama" and gguf_name.endswith("attn_k.weight"):
             array = unpermute_rope_rows(array, arch.n_kv_heads)
         weights[ours] = torch.from_numpy(np.array(array, copy=True)).to(dtype)
     return weights

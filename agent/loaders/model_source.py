@@ -61,42 +61,65 @@ def resolve_model(model: str) -> ModelSource:
     )
 
 
+# GGUF architectures (`general.architecture`) whose decoder is the one agent/model.py runs. llama.cpp
+# files Llama, Mistral and their relatives under "llama"; its converter writes Qwen2 and Qwen2.5
+# as "qwen2": the same decoder with biases on Q, K and V (blk.N.attn_{q,k,v}.bias), and Q/K
+# rows left in transformers' order (it permutes them for "llama" only; see gguf_loader).
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+# The bias tensors each architecture's decoder has (any other `blk.*.bias` is refused).
+GGUF_BIASES = {"llama": (), "qwen2": ("attn_q", "attn_k", "attn_v")}
+
+
 def arch_from_gguf(path: Path) -> ModelArch:
-    """Reads the architecture from GGUF metadata (llama family)."""
+    """Reads the architecture from GGUF metadata (llama or qwen2, under `{architecture}.*`)."""
     gguf_file = GGUFFile(path, with_arrays=False)
 
     def field(key: str, default=None):
         return gguf_file.metadata.get(key, default)
 
     prefix = field("general.architecture")
-    if prefix != "llama":
-        raise ValueError(f"{path.name}: architecture {prefix!r} is not supported (llama only)")
-    n_heads = int(field("llama.attention.head_count"))
-    hidden = int(field("llama.embedding_length"))
-    names = set(gguf_file.tensors)
-    head_dim = int(field("llama.attention.key_length", hidden // n_heads))
-    unsupported = gguf_unsupported(gguf_file, head_dim)
-    if unsupported:
+    if prefix not in GGUF_ARCHITECTURES:
         raise ValueError(
-            f"{path.name}: {unsupported}, which pipeshift does not run: it serves Llama "
-            "decoders from GGUF with plain RoPE or Llama 3.1's frequency factors "
-            "(rope_freqs.weight), without biases or experts"
+            f"{path.name}: architecture {prefix!r} is not supported: pipeshift serves GGUF files of "
+            f"architecture {' or '.join(map(repr, GGUF_ARCHITECTURES))}"
         )
-    vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
+    n_heads = int(field(f"{prefix}.attention.head_count"))
+    hidden = int(field(f"{prefix}.embedding_length"))
+    names = set(gguf_file.tensors)
+    head_dim = int(field(f"{prefix}.attention.key_length", hidden // n_heads))
+    unsupported = gguf_unsupported(gguf_file, head_dim, prefix)
+    if unsupported:
+        served = (
+            "Llama decoders (architecture 'llama') with plain RoPE or Llama 3.1's frequency "
+            "factors (rope_freqs.weight), without biases or experts"
+            if prefix == "llama" else
+            "Qwen2 decoders (architecture 'qwen2') with plain RoPE and biases on Q, K and V only"
+        )
+        raise ValueError(f"{path.name}: {unsupported}, which pipeshift does not run: it serves {served}")
+    # llama.cpp's converter writes `llama.vocab_size` but no `qwen2.vocab_size`; the embedding's
+    # rows are the vocabulary either way (Qwen2's token list is padded to them).
+    embedding = gguf_file.tensors.get("token_embd.weight")
+    vocab = (field(f"{prefix}.vocab_size") or (embedding.shape[0] if embedding is not None else None)
+             or len(field("tokenizer.ggml.tokens")))
+    qkv_bias = bool(GGUF_BIASES[prefix]) and any(n.endswith(".attn_q.bias") for n in names)
     return ModelArch(
         name=str(field("general.basename", path.stem)),
-        n_layers=int(field("llama.block_count")),
+        n_layers=int(field(f"{prefix}.block_count")),
         hidden_size=hidden,
-        ffn_size=int(field("llama.feed_forward_length")),
+        ffn_size=int(field(f"{prefix}.feed_forward_length")),
         n_heads=n_heads,
-        n_kv_heads=int(field("llama.attention.head_count_kv", n_heads)),
+        n_kv_heads=int(field(f"{prefix}.attention.head_count_kv", n_heads)),
         vocab_size=int(vocab),
-        max_context=int(field("llama.context_length")),
-        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_context=int(field(f"{prefix}.context_length")),
+        rope_theta=float(field(f"{prefix}.rope.freq_base", 10000.0)),
+        # llama.cpp's converter always writes it; without it, 1e-5 (llama) or Qwen2Config's 1e-6
+        rms_norm_eps=float(field(f"{prefix}.attention.layer_norm_rms_epsilon",
+                                 1e-5 if prefix == "llama" else 1e-6)),
         tie_embeddings="output.weight" not in names,
         head_dim=head_dim,
         rope_freq_factors=gguf_rope_freq_factors(gguf_file),
+        qkv_bias=qkv_bias,
+        family=prefix,
     )
 
 
@@ -108,15 +131,18 @@ def gguf_rope_freq_factors(gguf_file: GGUFFile) -> tuple[float, ...] | None:
     return tuple(float(f) for f in gguf_file.dequantize("rope_freqs.weight").reshape(-1))
 
 
-def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
-    """Names what in a llama-architecture GGUF the runtime would ignore and so compute wrongly
-    (None: nothing). llama.cpp files Mixtral and RoPE-scaled models under the same `llama`
-    architecture. Llama 3.1's RoPE factors (rope_freqs.weight, one per frequency) are run."""
+def gguf_unsupported(gguf_file: GGUFFile, head_dim: int, prefix: str = "llama") -> str | None:
+    """Names what in a llama- or qwen2-architecture GGUF the runtime would ignore and so compute
+    wrongly (None: nothing). llama.cpp files Mixtral and RoPE-scaled models under the same `llama`
+    architecture, and Qwen2.5's YaRN under `qwen2`. Llama 3.1's RoPE factors (rope_freqs.weight,
+    one per frequency) are run; so are Qwen2's Q/K/V biases, and no other."""
     meta, names = gguf_file.metadata, gguf_file.tensors
-    experts = int(meta.get("llama.expert_count") or 0)
+    experts = int(meta.get(f"{prefix}.expert_count") or 0)
     if experts:
         return f"it is a mixture of experts ({experts} experts)"
     freqs = names.get("rope_freqs.weight")
+    if freqs is not None and prefix != "llama":  # llama.cpp's qwen2 graph applies none
+        return f"it holds RoPE frequency factors (rope_freqs.weight), which architecture {prefix!r} has not"
     if freqs is not None and math.prod(freqs.shape) != head_dim // 2:
         return (
             f"its RoPE frequency factors (rope_freqs.weight) hold {math.prod(freqs.shape)} values "
@@ -125,13 +151,15 @@ def gguf_unsupported(gguf_file: GGUFFile, head_dim: int) -> str | None:
     factors_long = next((n for n in names if n.startswith("rope_factors_")), None)
     if factors_long is not None:
         return f"it holds LongRoPE factors ({factors_long})"
-    scaling = meta.get("llama.rope.scaling.type")
+    scaling = meta.get(f"{prefix}.rope.scaling.type")
     if scaling not in (None, "none"):
         return f"its RoPE is scaled ({scaling!r})"
-    rotary = meta.get("llama.rope.dimension_count")
+    rotary = meta.get(f"{prefix}.rope.dimension_count")
     if rotary is not None and int(rotary) != head_dim:
         return f"RoPE rotates {int(rotary)} of each head's {head_dim} dimensions"
-    biased = next((n for n in names if n.startswith("blk.") and n.endswith(".bias")), None)
+    allowed = tuple(f".{t}.bias" for t in GGUF_BIASES[prefix])
+    biased = next((n for n in names if n.startswith("blk.") and n.endswith(".bias")
+                   and not n.endswith(allowed)), None)
     if biased is not None:
         return f"its projections have biases ({biased})"
     return None

@@ -1,5 +1,8 @@
-"""Test helper: write a transformers `LlamaForCausalLM` to a GGUF file as llama.cpp's converter
-does (tensor names, Q/K rows permuted for its RoPE layout), in float32, with no tokenizer."""
+"""Test helper: write a transformers `LlamaForCausalLM` or `Qwen2ForCausalLM` to a GGUF file as
+llama.cpp's converter does, in float32, with no tokenizer unless one is added: tensor names, and
+for llama Q/K rows permuted for its RoPE layout; for qwen2 (convert_hf_to_gguf.py's Qwen2Model)
+Q/K rows as transformers holds them, Q/K/V biases, metadata under `qwen2.*` without vocab_size or
+rope.dimension_count, and no output.weight when the embeddings are tied."""
 
 from __future__ import annotations
 
@@ -74,6 +77,48 @@ def write_llama_gguf(
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not cfg.tie_word_embeddings:
         writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def write_qwen2_gguf(
+    path: Path, hf_model, add_metadata: Callable[[Any], None] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+) -> str:
+    """Writes `hf_model` (a Qwen2ForCausalLM, fp32) as a qwen2 GGUF; `add_metadata(writer)` adds
+    more keys (a tokenizer's, a RoPE scaling), `extra_tensors` more tensors."""
+    import gguf
+
+    cfg = hf_model.config
+    rope_theta = getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("tiny-qwen2")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if add_metadata is not None:
+        add_metadata(writer)
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in LAYER_TENSORS.items():
+            writer.add_tensor(f"blk.{i}.{theirs}.weight", state[f"model.layers.{i}.{ours}.weight"])
+            if theirs in ("attn_q", "attn_k", "attn_v"):
+                writer.add_tensor(f"blk.{i}.{theirs}.bias", state[f"model.layers.{i}.{ours}.bias"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+    for name, array in (extra_tensors or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
