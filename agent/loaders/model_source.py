@@ -102,9 +102,18 @@ def arch_from_gguf(path: Path) -> ModelArch:
     vocab = (field(f"{prefix}.vocab_size") or (embedding.shape[0] if embedding is not None else None)
              or len(field("tokenizer.ggml.tokens")))
     qkv_bias = bool(GGUF_BIASES[prefix]) and any(n.endswith(".attn_q.bias") for n in names)
+    n_layers = int(field(f"{prefix}.block_count"))
+    if qkv_bias:
+        expected = (f"blk.{i}.{t}.bias" for i in range(n_layers) for t in GGUF_BIASES[prefix])
+        absent = next((n for n in expected if n not in names), None)
+        if absent is not None:
+            raise ValueError(
+                f"{path.name}: it has Q/K/V biases but no {absent}: a qwen2 file holds all three "
+                "in every block or none"
+            )
     return ModelArch(
         name=str(field("general.basename", path.stem)),
-        n_layers=int(field(f"{prefix}.block_count")),
+        n_layers=n_layers,
         hidden_size=hidden,
         ffn_size=int(field(f"{prefix}.feed_forward_length")),
         n_heads=n_heads,

@@ -86,10 +86,11 @@ def write_llama_gguf(
 
 def write_qwen2_gguf(
     path: Path, hf_model, add_metadata: Callable[[Any], None] | None = None,
-    extra_tensors: dict[str, np.ndarray] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None, omit: tuple[str, ...] = (),
 ) -> str:
     """Writes `hf_model` (a Qwen2ForCausalLM, fp32) as a qwen2 GGUF; `add_metadata(writer)` adds
-    more keys (a tokenizer's, a RoPE scaling), `extra_tensors` more tensors."""
+    more keys (a tokenizer's, a RoPE scaling), `extra_tensors` more tensors; the tensors named in
+    `omit` are left out."""
     import gguf
 
     cfg = hf_model.config
@@ -108,17 +109,18 @@ def write_qwen2_gguf(
     if add_metadata is not None:
         add_metadata(writer)
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"]}
     for i in range(cfg.num_hidden_layers):
         for ours, theirs in LAYER_TENSORS.items():
-            writer.add_tensor(f"blk.{i}.{theirs}.weight", state[f"model.layers.{i}.{ours}.weight"])
+            tensors[f"blk.{i}.{theirs}.weight"] = state[f"model.layers.{i}.{ours}.weight"]
             if theirs in ("attn_q", "attn_k", "attn_v"):
-                writer.add_tensor(f"blk.{i}.{theirs}.bias", state[f"model.layers.{i}.{ours}.bias"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+                tensors[f"blk.{i}.{theirs}.bias"] = state[f"model.layers.{i}.{ours}.bias"]
+    tensors["output_norm.weight"] = state["model.norm.weight"]
     if not cfg.tie_word_embeddings:
-        writer.add_tensor("output.weight", state["lm_head.weight"])
-    for name, array in (extra_tensors or {}).items():
-        writer.add_tensor(name, array)
+        tensors["output.weight"] = state["lm_head.weight"]
+    for name, array in {**tensors, **(extra_tensors or {})}.items():
+        if name not in omit:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -128,6 +128,11 @@ def test_what_the_runtime_would_ignore_is_refused_by_name(tmp_path, extra_tensor
     assert "which pipeshift does not run: it serves Qwen2 decoders (architecture 'qwen2')" in message
 
 
+def test_a_block_missing_a_bias_is_refused_by_name(tmp_path):
+    path = write_qwen2_gguf(tmp_path / "model.gguf", qwen2_model(tied=True), omit=("blk.2.attn_k.bias",))
+    assert "it has Q/K/V biases but no blk.2.attn_k.bias" in _refusal(path)
+
+
 def test_a_llama_file_with_biases_is_still_refused(tmp_path):
     from tests.agent.test_gguf_checks import write_gguf
 
