@@ -1,5 +1,5 @@
 """Test helper: write a transformers `LlamaForCausalLM` or `Qwen2ForCausalLM` to a GGUF file as
-llama.cpp's converter does, in float32, with no tokenizer unless one is added: tensor names, and
+llama.cpp's converter does (or only a tokenizer, on a BPE trained here), in float32, with no tokenizer unless one is added: tensor names, and
 for llama Q/K rows permuted for its RoPE layout; for qwen2 (convert_hf_to_gguf.py's Qwen2Model)
 Q/K rows as transformers holds them, Q/K/V biases, metadata under `qwen2.*` without vocab_size or
 rope.dimension_count, and no output.weight when the embeddings are tied."""
@@ -37,19 +37,14 @@ def permute_for_gguf(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(
-    path: Path, hf_model, rope_freqs: torch.Tensor | np.ndarray | None = None,
-    add_metadata: Callable[[Any], None] | None = None,
-) -> str:
-    """Writes `hf_model` (fp32) as a llama GGUF; `rope_freqs` becomes `rope_freqs.weight`;
-    `add_metadata(writer)` adds more keys (a tokenizer's)."""
+def model_writer(path: Path, arch: str, name: str, cfg):
+    """Returns a GGUF writer of architecture `arch` holding the metadata every model file has,
+    from a transformers config."""
     import gguf
 
-    cfg = hf_model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope_theta = getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama3")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -58,6 +53,70 @@ def write_llama_gguf(
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(float(rope_theta))
+    return writer
+
+
+def finish(writer, path: Path) -> str:
+    """Writes what `writer` holds to its file; returns the path."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def byte_level_split(pattern: str):
+    """A pre-tokenizer that splits by `pattern`, then maps bytes without GPT-2's regex (Llama 3's
+    and Qwen2's tokenizer.json)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def train_bpe(corpus: list[str], pattern: str, vocab_size: int, nfc: bool = False) -> tuple[list[str], list[str]]:
+    """Returns (tokens in id order, merges "a b") of a small byte-level BPE trained on `corpus`,
+    split by `pattern` (after NFC when `nfc`)."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = byte_level_split(pattern)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    return tokens, [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+
+
+def write_tokenizer_gguf(path: Path, arch: str, vocab_size: int, add_tokenizer: Callable[[Any], None]) -> str:
+    """Writes a one-tensor GGUF of architecture `arch` holding the keys `add_tokenizer(writer)` adds."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_tokenizer(writer)
+    writer.add_tensor("token_embd.weight", np.zeros((vocab_size, 8), dtype=np.float32))
+    return finish(writer, path)
+
+
+def write_llama_gguf(
+    path: Path, hf_model, rope_freqs: torch.Tensor | np.ndarray | None = None,
+    add_metadata: Callable[[Any], None] | None = None,
+) -> str:
+    """Writes `hf_model` (fp32) as a llama GGUF; `rope_freqs` becomes `rope_freqs.weight`;
+    `add_metadata(writer)` adds more keys (a tokenizer's)."""
+    cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer = model_writer(path, "llama", "tiny-llama3", cfg)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     if add_metadata is not None:
@@ -77,11 +136,7 @@ def write_llama_gguf(
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not cfg.tie_word_embeddings:
         writer.add_tensor("output.weight", state["lm_head.weight"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return finish(writer, path)
 
 
 def write_qwen2_gguf(
@@ -94,17 +149,7 @@ def write_qwen2_gguf(
     import gguf
 
     cfg = hf_model.config
-    rope_theta = getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_name("tiny-qwen2")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer = model_writer(path, "qwen2", "tiny-qwen2", cfg)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     if add_metadata is not None:
         add_metadata(writer)
@@ -121,8 +166,4 @@ def write_qwen2_gguf(
     for name, array in {**tensors, **(extra_tensors or {})}.items():
         if name not in omit:
             writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return finish(writer, path)

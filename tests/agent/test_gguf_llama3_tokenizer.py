@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import pre_tokenizers
 
 from agent.tokenizer import Tokenizer, _bytes_to_unicode
+from tests.agent.gguf_writing import byte_level_split, train_bpe, write_tokenizer_gguf
 from tests.tiny_llama import tiny_llama_config
 
 gguf = pytest.importorskip("gguf")
@@ -60,41 +61,22 @@ TEXTS = [
 
 
 def llama3_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(META_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return byte_level_split(META_PATTERN)
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[list[str], list[str]]:
     """(tokens in id order, merges "a b") of a small BPE trained on CORPUS, then WHOLE_WORD and
     Llama 3's special tokens appended, as a Llama 3 vocabulary ends with its specials."""
-    tok = BackendTokenizer(models.BPE())
-    tok.pre_tokenizer = llama3_pre_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab = model["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-    assert WHOLE_WORD not in vocab
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens, merges = train_bpe(CORPUS, META_PATTERN, vocab_size=700)
+    assert WHOLE_WORD not in tokens
     return [*tokens, WHOLE_WORD, *SPECIALS], merges
 
 
 def write_gguf(path: Path, tokens: list[str], merges: list[str], add_bos: bool | None = None) -> str:
     """The tokenizer keys of a Llama 3 model on a one-tensor llama GGUF."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    add_llama3_tokenizer(writer, tokens, merges, add_bos)
-    writer.add_tensor("token_embd.weight", gguf.np.zeros((len(tokens), 8), dtype=gguf.np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return write_tokenizer_gguf(path, "llama", len(tokens),
+                                lambda writer: add_llama3_tokenizer(writer, tokens, merges, add_bos))
 
 
 def add_llama3_tokenizer(writer, tokens: list[str], merges: list[str], add_bos: bool | None = None) -> None:

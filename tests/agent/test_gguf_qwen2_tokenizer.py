@@ -11,15 +11,15 @@ vocabulary and merges. All three must give identical ids.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from agent.tokenizer import Tokenizer, _bytes_to_unicode, read_tokenizer_metadata
+from tests.agent.gguf_writing import byte_level_split, train_bpe, write_tokenizer_gguf
 from tests.agent.test_gguf_llama3_tokenizer import CORPUS
 from tests.agent.test_gguf_llama3_tokenizer import TEXTS as LLAMA3_TEXTS
 
@@ -51,29 +51,15 @@ TEXTS = [
 
 
 def qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return byte_level_split(QWEN2_PATTERN)
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[list[str], list[str]]:
     """(tokens in id order, merges "a b") of a small BPE trained on QWEN2_CORPUS, then WHOLE_WORD,
     Qwen2's special tokens and the padding appended, as a Qwen2 GGUF's vocabulary ends."""
-    tok = BackendTokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = qwen2_pre_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(QWEN2_CORPUS, trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab = model["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-    assert WHOLE_WORD not in vocab
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens, merges = train_bpe(QWEN2_CORPUS, QWEN2_PATTERN, vocab_size=800, nfc=True)
+    assert WHOLE_WORD not in tokens
     return [*tokens, WHOLE_WORD, *SPECIALS, *PADDING], merges
 
 
@@ -97,14 +83,7 @@ def add_qwen2_tokenizer(writer, tokens: list[str], merges: list[str], template: 
 
 def write_gguf(path: Path, tokens: list[str], merges: list[str]) -> str:
     """The tokenizer keys of a Qwen2 model on a one-tensor qwen2 GGUF."""
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    add_qwen2_tokenizer(writer, tokens, merges)
-    writer.add_tensor("token_embd.weight", gguf.np.zeros((len(tokens), 8), dtype=gguf.np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    return write_tokenizer_gguf(path, "qwen2", len(tokens), lambda writer: add_qwen2_tokenizer(writer, tokens, merges))
 
 
 @pytest.fixture(scope="module")
