@@ -4,8 +4,7 @@ A GGUF carries no `tokenizer.json`: it stores the vocabulary, merges, token type
 and chat template under llama.cpp's `tokenizer.*` keys. We rebuild a `tokenizers` BPE from them
 the way transformers does for the same file (`AutoTokenizer(gguf_file=...)`), except for the
 digit split noted at `_DIGIT_SPLIT_BY_PRE`, where we follow the model's own tokenizer; a Llama 3
-file (`_LLAMA3_PRE`) gets the pre-tokenizer and BPE of Llama 3's own tokenizer.json, and a Qwen2
-file (`_QWEN2_PRE`) those of Qwen2's:
+or Qwen2 file (`_SPLIT_BY_PRE`) gets the pre-tokenizer and BPE of its model's own tokenizer.json:
 
     tok = Tokenizer.from_gguf(path)
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
@@ -36,43 +35,50 @@ from agent.engine_api import EngineError
 _CONTROL, _USER_DEFINED = 3, 4
 
 # `tokenizer.ggml.pre` -> whether digits are isolated before GPT-2's byte-level split. Values
-# in neither this table nor _LLAMA3_PRE nor _QWEN2_PRE (deepseek, ...) need their own regex,
-# which we have not built: refuse them rather than tokenize subtly wrong.
+# in neither this table nor _SPLIT_BY_PRE (deepseek, ...) need their own regex, which we have
+# not built: refuse them rather than tokenize subtly wrong.
 # "smollm" isolates digits: SmolLM2's own tokenizer.json is Digits(individual) + ByteLevel, and
 # llama.cpp splits "\p{N}" first for it. transformers (5.24) has no entry for "smollm" and uses
 # plain ByteLevel; ids then differ only where whitespace precedes a digit ("a  1": ours a|ĠĠ|1,
 # transformers a|Ġ|Ġ|1), as no vocabulary token joins a digit to anything. We follow the model.
 _DIGIT_SPLIT_BY_PRE = {"smollm": True, "gpt2": False, "default": False, None: False}
 
-# Llama 3's pre-tokenizer, which llama.cpp's converter names "llama-bpe" ("llama3" and
-# "llama-v3" in older files; llama.cpp treats the three alike). Its split is the regex of
-# Llama 3's tokenizer.json (tiktoken's cl100k-style pattern: contractions, letters with one
-# leading non-letter, numbers in runs of at most three digits, punctuation, newlines, spaces)
-# ahead of a byte-level map without GPT-2's regex. Its BPE model ignores merges (a word that
-# is a vocabulary token is that token), and llama.cpp adds BOS unless the file says not to.
-_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
+@dataclass(frozen=True)
+class _SplitPreTokenizer:
+    """A `tokenizer.ggml.pre` whose text is split by a regex ahead of a byte-level map without
+    GPT-2's regex, as its model's own tokenizer.json does, and what else that tokenizer does."""
+
+    pattern: str
+    ignore_merges: bool  # a word that is a vocabulary token is that token (Llama 3's BPE)
+    nfc: bool  # the text is normalized to NFC first
+    add_bos: bool  # when the file does not say (llama.cpp's default for it)
+    end_of_generation: tuple[str, ...]  # tokens that end a generation, found by their text
+
+
+# Llama 3's split is the regex of its tokenizer.json (tiktoken's cl100k-style pattern:
+# contractions, letters with one leading non-letter, numbers in runs of at most three digits,
+# punctuation, newlines, spaces). Its BPE ignores merges, and llama.cpp adds BOS unless the file
+# says not to and finds its end tokens by their text (the converter writes no EOT/EOM id).
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Qwen2's pre-tokenizer (Qwen2, Qwen2.5): its tokenizer.json's split, Llama 3's regex but with
-# each digit on its own ("\p{N}"), then the byte-level map without GPT-2's regex. Unlike Llama 3's,
-# its BPE applies the merges to every word, and its tokenizer.json normalizes text to NFC first
+_LLAMA3 = _SplitPreTokenizer(LLAMA3_SPLIT_PATTERN, ignore_merges=True, nfc=False, add_bos=True,
+                             end_of_generation=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"))
+# Qwen2's (Qwen2, Qwen2.5) is Llama 3's regex with each digit on its own ("\p{N}"); its BPE
+# applies the merges to every word, and its tokenizer.json normalizes text to NFC first
 # (transformers' Qwen2Tokenizer and its GGUF loader do; llama.cpp does not, so the two differ
 # only on text that is not already NFC, such as a decomposed "é": we follow the model's own).
-_QWEN2_PRE = "qwen2"
+# An Instruct file's EOS is <|im_end|>, a base one's <|endoftext|>; llama.cpp stops at both.
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# `tokenizer.ggml.pre` -> the regex its text is split by ahead of a byte-level map without regex.
-_SPLIT_PATTERN_BY_PRE = {**dict.fromkeys(_LLAMA3_PRE, LLAMA3_SPLIT_PATTERN), _QWEN2_PRE: QWEN2_SPLIT_PATTERN}
-# Qwen2's tokens that end a generation, which llama.cpp finds by their text (an Instruct file's
-# EOS is <|im_end|>, a base one's <|endoftext|>; Qwen2.5-Instruct's generation_config lists both).
-_QWEN2_END_OF_GENERATION = ("<|im_end|>", "<|endoftext|>")
-# Llama 3's tokens that end a generation, which llama.cpp finds by their text when the file
-# names no EOT/EOM id (its converter writes neither for Llama 3).
-_LLAMA3_END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+_QWEN2 = _SplitPreTokenizer(QWEN2_SPLIT_PATTERN, ignore_merges=False, nfc=True, add_bos=False,
+                            end_of_generation=("<|im_end|>", "<|endoftext|>"))
+# `tokenizer.ggml.pre` -> its split. llama.cpp's converter names Llama 3's "llama-bpe" ("llama3"
+# and "llama-v3" in older files; llama.cpp treats the three alike).
+_SPLIT_BY_PRE = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "qwen2": _QWEN2}
 
 
 @cache
@@ -248,25 +254,24 @@ class Tokenizer:
         }
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
         pre = meta.get("tokenizer.ggml.pre")
-        llama3 = pre in _LLAMA3_PRE
-        pattern = _SPLIT_PATTERN_BY_PRE.get(pre)
-        if pattern is None and digit_split is None and pre not in _DIGIT_SPLIT_BY_PRE:
-            supported = sorted([*(p for p in _DIGIT_SPLIT_BY_PRE if p), *_SPLIT_PATTERN_BY_PRE])
+        regex = _SPLIT_BY_PRE.get(pre)
+        if regex is None and digit_split is None and pre not in _DIGIT_SPLIT_BY_PRE:
+            supported = sorted([*(p for p in _DIGIT_SPLIT_BY_PRE if p), *_SPLIT_BY_PRE])
             raise ValueError(
                 f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre): pipeshift "
                 f"tokenizes {', '.join(map(repr, supported))}"
             )
-        if pattern is not None and digit_split is not None:
+        if regex is not None and digit_split is not None:
             raise ValueError(f"digit_split applies to GPT-2-style pre-tokenizers, not {pre!r}")
-        backend = BackendTokenizer(
-            models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3)
-        )
-        if pre == _QWEN2_PRE:
+        backend = BackendTokenizer(models.BPE(
+            vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=regex is not None and regex.ignore_merges
+        ))
+        if regex is not None and regex.nfc:
             backend.normalizer = normalizers.NFC()
         add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-        if pattern is not None:
+        if regex is not None:
             split = [
-                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.Split(Regex(regex.pattern), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
             ]
         else:
@@ -308,15 +313,11 @@ class Tokenizer:
         )
         # llama.cpp ends a generation at EOS, EOT (Llama 3's <|eot_id|>) and EOM alike.
         stops = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
-        if llama3:
-            stops += [vocab[t] for t in _LLAMA3_END_OF_GENERATION if t in vocab]
-        elif pre == _QWEN2_PRE:
-            stops += [vocab[t] for t in _QWEN2_END_OF_GENERATION if t in vocab]
+        stops += [vocab[t] for t in (regex.end_of_generation if regex is not None else ()) if t in vocab]
         return cls(
             backend,
             special,
-            # Llama 3's BOS is added unless the file says otherwise (llama.cpp's default for it).
-            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),
+            add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", regex is not None and regex.add_bos)),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
             stop_token_ids=tuple(stops),
