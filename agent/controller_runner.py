@@ -250,8 +250,8 @@ class ControllerRunner:
         """Writes the apply it started to the store as `pipeshift apply` writes its own: its row
         now, its outcome and the configuration it made (source `controller`) once it ends, then
         the devices it gave back or took, so `pipeshift history` lists them rather than finding
-        drift later. Returns the thread that
-        waits for the end (None without a store, or when the store fails)."""
+        drift later. Returns the thread that waits for the end (None without a store, or when
+        the store fails)."""
         if self.store is None:
             return None
         from planner.deployment_state import ApplyRecorder

@@ -34,9 +34,7 @@ class Projection(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if self.bias is None:
             return x @ self.weight_t
-        if x.dim() == 2:
-            return torch.addmm(self.bias, x, self.weight_t)
-        return x @ self.weight_t + self.bias
+        return torch.addmm(self.bias, x, self.weight_t)  # x: [T, in], the stage's flat tokens
 
     def dense_weight(self) -> torch.Tensor:
         """Returns W as a plain [out, in] tensor, whatever layout it is stored in."""
