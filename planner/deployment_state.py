@@ -15,6 +15,7 @@ from planner.configuration import Configuration, read_json_file
 from planner.spec import Spec
 from planner.store import Store
 from planner.store.models import ConfigurationRow, PlanRow
+from planner.store.records import stage_layout
 
 if TYPE_CHECKING:
     from planner.admin_client import AdminClient
@@ -25,10 +26,6 @@ PROGRESS_WRITE_S = 1.0  # how often an apply's row is rewritten while it runs
 
 def lock_name(server: str) -> str:
     return f"deployment at {server.rstrip('/')}"
-
-
-def layout(pipelines: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
-    return [[(s["device"], int(s["start"]), int(s["end"])) for s in p["stages"]] for p in pipelines]
 
 
 @dataclass
@@ -57,7 +54,7 @@ def refresh(store: Store, deployment: dict[str, Any], client: AdminClient | None
     )
     served = deployment["configuration"]["pipelines"]
     recorded = store.current()
-    if recorded is not None and layout(recorded.pipelines) == layout(served):
+    if recorded is not None and stage_layout(recorded.pipelines) == stage_layout(served):
         return Refreshed(recorded, None, filled)
     drift = None
     if recorded is not None:

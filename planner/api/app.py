@@ -40,9 +40,9 @@ from planner.api.models import (
     Problem,
     RollbackRequest,
 )
-from planner.deployment_state import layout
 from planner.operations import ApplyRun, OperationError, plan_change, save_plan
 from planner.store import Store, UnknownId
+from planner.store.records import stage_layout
 
 TOKEN_VARIABLE = "PIPESHIFT_API_TOKEN"
 
@@ -148,7 +148,7 @@ def create_planner_app(store: Store, server: str, admin_token: str | None = None
             devices = [{"name": d.name, "kind": d.kind, "state": d.state, "node": d.node} for d in store.devices()]
             return Cluster(server=server, reachable=False, error=str(exc), devices=devices, configuration=recorded)
         serving = deployment["configuration"]["pipelines"]
-        drift = current is not None and layout(current.pipelines) != layout(serving)
+        drift = current is not None and stage_layout(current.pipelines) != stage_layout(serving)
         return Cluster(server=server, reachable=True, model=deployment.get("model"), epoch=deployment["epoch"],
                        devices=deployment["devices"], serving=serving, configuration=recorded, drift=drift)
 

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from planner.api.spec_body import AnySpecBody
-from planner.store.models import ApplyRow, ConfigurationRow, PlanRow, Source
+from planner.store.models import ApplyRow, ConfigurationRow, PlanRow, Source, as_utc
 
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back the store's UTC times without their zone.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-UtcTime = Annotated[datetime, AfterValidator(_utc)]
+UtcTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class Problem(BaseModel):

@@ -33,6 +33,7 @@ from planner.store.models import (
     DeviceRow,
     LockRow,
     PlanRow,
+    as_utc,
     utc_now,
 )
 
@@ -115,14 +116,10 @@ def _add_configuration(s: Session, model: str, pipelines: list[Any], source: str
     return row
 
 
-def _stages(pipelines: list[Any]) -> list[list[tuple[str, int, int]]]:
-    """Returns the (device, start, end) of every stage, pipeline by pipeline: what serves."""
+def stage_layout(pipelines: list[Any]) -> list[list[tuple[str, int, int]]]:
+    """Returns the (device, start, end) of every stage, pipeline by pipeline: what serves, to
+    compare configurations by."""
     return [[(st["device"], int(st["start"]), int(st["end"])) for st in p["stages"]] for p in pipelines]
-
-
-def _utc(moment: datetime) -> datetime:
-    """Returns `moment` as an aware UTC time (SQLite gives back naive ones)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _server_time(unix_s: Any, earliest: datetime) -> datetime:
@@ -131,7 +128,7 @@ def _server_time(unix_s: Any, earliest: datetime) -> datetime:
     now = utc_now()
     if not isinstance(unix_s, int | float):
         return now
-    return min(max(datetime.fromtimestamp(unix_s, UTC), _utc(earliest)), now)
+    return min(max(datetime.fromtimestamp(unix_s, UTC), as_utc(earliest)), now)
 
 
 def _when(moment: datetime) -> str:
@@ -326,7 +323,7 @@ class Store:
         if lineage is not None:
             since = since.where(ConfigurationRow.lineage == lineage)
         for c in s.scalars(since):  # a refresh recorded it already (as `observed`)
-            if c.epoch == epoch and _stages(c.pipelines) == _stages(target):
+            if c.epoch == epoch and stage_layout(c.pipelines) == stage_layout(target):
                 return c, None
         newest = _newest(s, lineage)
         if newest is not None and start is not None and newest.id != start.id:
