@@ -23,6 +23,17 @@ def tiny_llama_config(**overrides: Any) -> Any:
     return transformers.LlamaConfig(**(TINY_LLAMA | overrides))
 
 
+def randomize_biases(model, std: float = 0.5) -> None:
+    """Draws every bias of a transformers model from N(0, std): transformers starts them at zero,
+    where a lost bias would not show."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, std)
+
+
 def save_tokenizer(directory, gguf_path, template: str | None) -> None:
     """SmolLM2's tokenizer (and `template` as its chat template), saved by transformers' own
     save_pretrained."""

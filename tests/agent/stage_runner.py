@@ -26,3 +26,9 @@ class InProcessPipeline:
             meta = build_attention_metadata(kv, request_ids, start_pos, num_new)
             h = stage(h, meta, kv)
         return self.stages[-1].logits(h if all_rows else h[meta.last_rows])
+
+    def decoded(self, ids: torch.Tensor, head: int) -> list[torch.Tensor]:
+        """Prefills `ids[:head]` as one request, then feeds the rest one token at a time through
+        the cache; returns the logits of each token fed so (positions head..len(ids)-1)."""
+        self.step(["r"], [0], [head], ids[:head])
+        return [self.step(["r"], [pos], [1], ids[pos : pos + 1])[0] for pos in range(head, len(ids))]

@@ -20,6 +20,7 @@ from agent.loaders import load_stage_weights, load_weights, resolve_model
 from agent.model import LlamaStage
 from cost_models.layer_work import matmul_params_per_layer
 from tests.agent.stage_runner import InProcessPipeline
+from tests.tiny_llama import randomize_biases
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,13 +35,6 @@ SPLITS = {
     "2-stage": [(0, 1), (1, 3)],
     "3-stage": [(0, 1), (1, 2), (2, 3)],
 }
-
-
-def randomize_biases(model) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
 
 
 def save_model(directory: Path, kind: str, **overrides):
@@ -110,10 +104,8 @@ def test_decode_through_the_paged_cache_matches_transformers(saved):
     _, source, ids, reference = saved
     pipe = InProcessPipeline(source, SPLITS["2-stage"], block_size=4)
     head = len(ids) - 3
-    pipe.step(["r"], [0], [head], ids[:head])
-    for pos in range(head, len(ids)):
-        logits = pipe.step(["r"], [pos], [1], ids[pos : pos + 1])
-        assert (logits[0] - reference[pos]).abs().max().item() <= TOLERANCE
+    for pos, logits in enumerate(pipe.decoded(ids, head), start=head):
+        assert (logits - reference[pos]).abs().max().item() <= TOLERANCE
 
 
 def _logits(stage: LlamaStage, ids: torch.Tensor) -> torch.Tensor:

@@ -79,10 +79,8 @@ def test_decode_through_the_paged_cache_matches_transformers(written):
     ids = token_ids()
     pipe = InProcessPipeline(source, SPLITS["2-stage"], block_size=4)
     head = N_TOKENS - 3
-    pipe.step(["r"], [0], [head], ids[:head])
-    for pos in range(head, N_TOKENS):
-        logits = pipe.step(["r"], [pos], [1], ids[pos : pos + 1])
-        assert (logits[0] - reference[pos]).abs().max().item() <= TOLERANCE
+    for pos, logits in enumerate(pipe.decoded(ids, head), start=head):
+        assert (logits - reference[pos]).abs().max().item() <= TOLERANCE
 
 
 def test_q_and_k_rows_are_not_unpermuted_as_llamas_are(written):

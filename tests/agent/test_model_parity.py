@@ -44,10 +44,8 @@ def test_decode_with_paged_cache_matches_full_forward(model_source, prompt_ids, 
     """Prefill most of the prompt, then feed the rest one token at a time through the cache."""
     pipe = InProcessPipeline(model_source, [(0, 12), (12, 30)], block_size=4)
     head = len(prompt_ids) - 3
-    pipe.step(["r"], [0], [head], torch.tensor(prompt_ids[:head]))
-    for pos in range(head, len(prompt_ids)):
-        logits = pipe.step(["r"], [pos], [1], torch.tensor([prompt_ids[pos]]))
-        assert (logits[0] - reference_logits[pos]).abs().max().item() <= TOLERANCE
+    for pos, logits in enumerate(pipe.decoded(torch.tensor(prompt_ids), head), start=head):
+        assert (logits - reference_logits[pos]).abs().max().item() <= TOLERANCE
 
 
 def test_mixed_batch_of_prefill_and_decode(model_source, prompt_ids, reference_logits):

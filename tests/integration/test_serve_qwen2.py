@@ -13,7 +13,7 @@ import torch
 from agent.engine import EngineConfig, PipelineEngine
 from agent.engine_api import SamplingParams
 from planner.configuration import Configuration
-from tests.tiny_llama import TINY_LLAMA, save_tokenizer
+from tests.tiny_llama import TINY_LLAMA, randomize_biases, save_tokenizer
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -29,10 +29,7 @@ def model_dir(tmp_path_factory, gguf_path):
     torch.manual_seed(0)
     shape = {k: v for k, v in TINY_LLAMA.items()} | {"num_hidden_layers": 4}
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
+    randomize_biases(model)
     model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(directory, gguf_path, None)
     return directory, model

@@ -19,7 +19,7 @@ from agent.engine_api import SamplingParams
 from agent.tokenizer import read_tokenizer_metadata
 from planner.configuration import Configuration
 from tests.agent.gguf_writing import write_qwen2_gguf
-from tests.tiny_llama import TINY_LLAMA
+from tests.tiny_llama import TINY_LLAMA, randomize_biases
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -35,10 +35,7 @@ def qwen2_gguf(tmp_path_factory, gguf_path):
     torch.manual_seed(0)
     shape = TINY_LLAMA | {"num_hidden_layers": 4, "vocab_size": len(meta["tokenizer.ggml.tokens"])}
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
+    randomize_biases(model)
 
     def add_tokenizer(writer) -> None:
         writer.add_tokenizer_model("gpt2")
