@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import pre_tokenizers
 
 from agent.tokenizer import Tokenizer, _bytes_to_unicode
-from tests.agent.gguf_writing import byte_level_split, train_bpe, write_tokenizer_gguf
+from tests.agent.gguf_writing import train_bpe, write_tokenizer_gguf
 from tests.tiny_llama import tiny_llama_config
 
 gguf = pytest.importorskip("gguf")
@@ -58,10 +57,6 @@ TEXTS = [
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi 123<|eot_id|>",
     "text<|end_of_text|>more<|eom_id|>\n",
 ]
-
-
-def llama3_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return byte_level_split(META_PATTERN)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from agent.tokenizer import Tokenizer, _bytes_to_unicode, read_tokenizer_metadata
@@ -48,10 +48,6 @@ TEXTS = [
     "<|im_start|>user\n你好，世界！<|im_end|>\n<|im_start|>assistant\n",
     "x<|endoftext|>y",
 ]
-
-
-def qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return byte_level_split(QWEN2_PATTERN)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +96,7 @@ def reference(trained) -> BackendTokenizer:
         fuse_unk=False, byte_fallback=False,
     ))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = qwen2_pre_tokenizer()
+    tok.pre_tokenizer = byte_level_split(QWEN2_PATTERN)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return tok
