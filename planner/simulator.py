@@ -28,20 +28,18 @@ configuration uses, and during a prefetch the devices of both.
 
 from __future__ import annotations
 
-import csv
 import heapq
 import math
 import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from planner.controller import ControllerPolicy, ControllerState
 from planner.serving_costs import PipelineCosts
 from planner.spec import Spec, SpecError
+from planner.trace import Trace, load_trace  # noqa: F401  (load_trace: the simulator's input)
 
 ROUTE_CHOICES = 4
 
@@ -55,122 +53,6 @@ def shape(config: Sequence[Stages]) -> str:
     for p in config:
         counts[len(p)] = counts.get(len(p), 0) + 1
     return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
-
-
-@dataclass
-class Trace:
-    arrival_s: list[float]
-    prompt: list[int]
-    output: list[int]
-
-    def __len__(self) -> int:
-        return len(self.arrival_s)
-
-    @property
-    def duration_s(self) -> float:
-        return self.arrival_s[-1] - self.arrival_s[0] if self.arrival_s else 0.0
-
-    def subset(self, indices: Sequence[int], shift_s: float = 0.0) -> Trace:
-        """Returns the requests at `indices`, in that order, arriving `shift_s` earlier."""
-        return Trace(
-            [self.arrival_s[i] - shift_s for i in indices],
-            [self.prompt[i] for i in indices],
-            [self.output[i] for i in indices],
-        )
-
-
-# The columns a trace CSV may use: Azure's LLM inference traces (an ISO timestamp per request),
-# or the spec traces' own (seconds from any origin), as data/specs/traces/chat-sample.csv.
-TRACE_FORMATS = (
-    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
-    ("arrival_s", "prompt_tokens", "output_tokens"),
-)
-
-
-def load_trace(path: str | Path, rate_scale: float = 1.0, duration_s: float | None = None) -> Trace:
-    """Returns the requests of a trace CSV, arrivals from 0 s, inter-arrival times divided by
-    `rate_scale`, cut after `duration_s`. The columns are Azure's (TIMESTAMP, ContextTokens,
-    GeneratedTokens) or arrival_s, prompt_tokens, output_tokens (TRACE_FORMATS). Raises
-    SpecError saying what is wrong: a missing file or column, a row that does not parse."""
-    p = Path(path)
-    if not (math.isfinite(rate_scale) and rate_scale > 0):
-        raise SpecError([f"the rate scale must be a positive number, got {rate_scale}"])
-    try:
-        with p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except FileNotFoundError:
-        raise SpecError([f"{p}: trace file not found; check the path"]) from None
-    except UnicodeDecodeError:
-        raise SpecError([f"{p}: not a text CSV file; give a trace CSV"]) from None
-    except (OSError, csv.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SpecError([f"{p}: cannot read the trace: {reason}"]) from None
-    if not columns:
-        raise SpecError([f"{p}: trace has no requests"])
-    fmt = next((f for f in TRACE_FORMATS if set(f) <= set(columns)), None)
-    if fmt is None:
-        wanted = " or ".join(", ".join(f) for f in TRACE_FORMATS)
-        raise SpecError([f"{p}: needs the columns {wanted}; it has {', '.join(columns)}"])
-    if not rows:
-        raise SpecError([f"{p}: trace has no requests"])
-    time_col, prompt_col, output_col = fmt
-    t: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    for line, r in enumerate(rows, start=2):
-        try:
-            t.append(_arrival_s(r.get(time_col), time_col))
-            prompts.append(max(1, _token_count(r.get(prompt_col), prompt_col)))
-            outputs.append(max(1, _token_count(r.get(output_col), output_col)))
-        except ValueError as exc:
-            raise SpecError([f"{p}:{line}: {exc}; fix or remove the row"]) from None
-    order = sorted(range(len(t)), key=t.__getitem__)
-    t0 = t[order[0]]
-    out = Trace([], [], [])
-    for i in order:
-        a = (t[i] - t0) / rate_scale
-        if duration_s is not None and a > duration_s:
-            break
-        out.arrival_s.append(a)
-        out.prompt.append(prompts[i])
-        out.output.append(outputs[i])
-    return out
-
-
-def _arrival_s(value: str | None, column: str) -> float:
-    """Returns a trace row's arrival in seconds: an ISO date and time (TIMESTAMP, to the
-    microsecond) or a number of seconds (arrival_s)."""
-    if value is None or not value.strip():
-        raise ValueError(f"{column} is missing")
-    text = value.strip()
-    if column == "TIMESTAMP":
-        try:
-            return datetime.fromisoformat(text[:26]).timestamp()
-        except ValueError:
-            raise ValueError(
-                f"{column} {text!r} is not a date and time such as 2023-11-16 18:15:46.680"
-            ) from None
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"{column} {text!r} is not a number of seconds") from None
-    if not math.isfinite(seconds):
-        raise ValueError(f"{column} {text!r} is not a number of seconds")
-    return seconds
-
-
-def _token_count(value: str | None, column: str) -> int:
-    if value is None or not value.strip():
-        raise ValueError(f"{column} is missing")
-    try:
-        n = int(value.strip())
-    except ValueError:
-        raise ValueError(f"{column} {value.strip()!r} is not a whole number of tokens") from None
-    if n < 0:
-        raise ValueError(f"{column} {n} is negative")
-    return n
 
 
 class SimPipeline:

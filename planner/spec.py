@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -322,8 +321,9 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
+        from planner.trace import read_csv_rows  # planner.trace reads SpecError from here
+
+        _, rows = read_csv_rows(path)
     if not rows:
         raise SpecError([f"{path}: trace has no requests"])
     # The Azure LLM inference traces name the columns ContextTokens / GeneratedTokens.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,43 @@ def test_plot_without_matplotlib_says_what_to_install_before_simulating(capsys, 
     code, _, err = simulate(capsys, "--trace", str(AZURE), "--duration", "10", "--plot", str(tmp_path / "p"))
     assert code == 1 and "pip install 'pipeshift[plot]'" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_spreadsheet_export_is_read_as_written(tmp_path) -> None:
+    # A byte-order mark before the header, spaces after the commas and CRLF line ends made
+    # the header's names "\ufeffTIMESTAMP" and " ContextTokens", and the trace was refused.
+    path = tmp_path / "trace.csv"
+    path.write_bytes(
+        "\ufeffTIMESTAMP, ContextTokens, GeneratedTokens\r\n"
+        "2023-11-16 18:15:46.6805900,374,44\r\n2023-11-16 18:15:50.9951690,396,109\r\n".encode()
+    )
+    trace = load_trace(path)
+    assert trace.prompt == [374, 396] and trace.output == [44, 109]
+    assert trace.arrival_s[1] == pytest.approx(4.314579)
+
+
+def test_times_without_an_offset_are_utc_whatever_the_local_zone(tmp_path, monkeypatch) -> None:
+    # Azure's 2024 traces write +00:00; a time without an offset was read in the machine's
+    # local zone, so rows with and without one were hours apart outside UTC, and a naive
+    # trace over a daylight-saving change gained or lost an hour.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        path = tmp_path / "trace.csv"
+        path.write_text(
+            HEADER + "2024-03-10 06:59:59.5,10,1\n2024-03-10 07:00:00.5+00:00,10,1\n"
+            "2024-03-10 07:00:01.5,10,1\n"
+        )
+        assert load_trace(path).arrival_s == pytest.approx([0.0, 1.0, 2.0])
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_spec_workload_trace_from_a_spreadsheet_is_read(tmp_path) -> None:
+    from planner.spec import _trace_lengths
+
+    path = tmp_path / "trace.csv"
+    path.write_bytes("\ufeffTIMESTAMP, ContextTokens, GeneratedTokens\r\n2023-11-16 18:15:46.68,300,20\r\n".encode())
+    prompt, output = _trace_lengths(path)
+    assert (prompt.mean, output.mean) == (300.0, 20.0)
