@@ -97,7 +97,10 @@ def fill_interrupted(store: Store, client: AdminClient, model: str) -> list[str]
             continue
         done, new = filled
         produced = f", configuration {new.id} (serial {new.serial}, epoch {new.epoch})" if new is not None else ""
-        lines.append(f"apply {done.id}, interrupted when its process ({done.holder}) ended, was filled from the "
+        # A detached apply (`device drain --no-wait`) was left to the server on purpose.
+        how = ("left to the server when its process" if row.state == "detached"
+               else "interrupted when its process")
+        lines.append(f"apply {done.id}, {how} ({done.holder}) ended, was filled from the "
                      f"server's record of apply {done.server_apply_id}: {done.outcome}{produced}")
     return lines
 

@@ -75,12 +75,19 @@ def _add(args: argparse.Namespace, run) -> int:
     except AdminError as exc:
         raise OperationError(str(exc), 503 if exc.status is None or exc.status >= 500 else exc.status) from None
     print(answer["message"])
-    run.refresh_devices()
+    _print_filled(run.refresh_devices())
     return 0
+
+
+def _print_filled(lines: list[str]) -> None:
+    """Says which applies a refresh completed from the server's record, as plan and apply do."""
+    for line in lines:
+        print(f"Note: {line}.")
 
 
 def _drain(args: argparse.Namespace, run) -> int:
     answer = run.drain(args.device)
+    _print_filled(run.filled)
     print(answer["message"])
     record = answer.get("apply")
     if record is None:
@@ -92,7 +99,7 @@ def _drain(args: argparse.Namespace, run) -> int:
                   "(`pipeshift plan --server`, apply, device) fills it in from the server's record.")
         return 0
     final, _ = run.follow()
-    run.refresh_devices()  # the device is `drained` now, or serving again
+    _print_filled(run.refresh_devices())  # the device is `drained` now, or serving again
     if final["outcome"] != "applied":
         print(f"pipeshift device drain: the apply ended {final['outcome']}: {final.get('error') or ''}; "
               f"{args.device} keeps serving", file=sys.stderr)

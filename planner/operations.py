@@ -180,15 +180,16 @@ class ApplyRun:
             self.server_apply_id = started["id"]
         return answer
 
-    def refresh_devices(self) -> None:
+    def refresh_devices(self) -> list[str]:
         """Records the devices' states as the server reports them now (drained, spare, ...);
-        nothing when there is no store or the server does not answer."""
+        nothing when there is no store or the server does not answer. Returns the lines of the
+        interrupted or detached applies the refresh completed (`Refreshed.filled`)."""
         if self.store is None:
-            return
+            return []
         try:
-            refresh(self.store, self.client.deployment(), self.client)
+            return refresh(self.store, self.client.deployment(), self.client).filled
         except AdminError:
-            pass
+            return []
 
     @property
     def drift(self) -> str | None:

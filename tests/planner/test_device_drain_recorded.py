@@ -170,7 +170,9 @@ def test_a_drain_not_followed_is_recorded_and_the_next_refresh_fills_it_in(store
     server.get_apply("apply-2-abcdef")
     monkeypatch.setattr(AdminClient, "applies", lambda client: [{**DONE, "finished_at": None}])
     assert device(store_url, "add", "worker-1") == 0
-    capsys.readouterr()
+    added = capsys.readouterr()
+    # it was left to the server on purpose, not interrupted
+    assert f"apply {row_id}, left to the server when its process" in added.out + added.err
     events = [e for e in history(store_url, capsys) if e["type"] != "device"]
     assert [(e["type"], e.get("outcome") or e.get("source")) for e in events] == [
         ("configuration", "observed"), ("apply", "applied"), ("configuration", "drain")]
