@@ -59,13 +59,12 @@ from planner.controller import ControllerPolicy  # noqa: E402
 from planner.simulator import (  # noqa: E402
     SimResult,
     Stages,
-    Trace,
-    load_trace,
     shape,
     simulate,
     within_context,
 )
 from planner.spec import Spec, load_spec, parse_spec  # noqa: E402
+from planner.trace import Trace, load_trace  # noqa: E402
 
 TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
 GOODPUT_TIE = 0.01

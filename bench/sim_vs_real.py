@@ -35,8 +35,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.simulator import Trace, load_trace, simulate  # noqa: E402
+from planner.simulator import simulate  # noqa: E402
 from planner.spec import parse_spec  # noqa: E402
+from planner.trace import Trace, load_trace  # noqa: E402
 
 TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
 PROFILE = ROOT / "data/specs/profiles/cpu-amd-epyc-avx2.yaml"

@@ -87,8 +87,9 @@ def _positive(option: str):
 
 def run(args: argparse.Namespace) -> int:
     from cost_models.model_catalog import get_model_arch
-    from planner.simulator import load_trace, simulate, within_context
+    from planner.simulator import simulate, within_context
     from planner.spec import SpecError, load_spec
+    from planner.trace import load_trace
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(

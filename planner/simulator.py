@@ -1,6 +1,6 @@
 """A discrete-event simulation of a request trace over a planned deployment.
 
-    trace = load_trace(path, rate_scale=2.0)
+    trace = load_trace(path, rate_scale=2.0)  # planner/trace.py
     result = simulate(spec, trace, policy="auto")
 
 Events are arrivals, admissions (prefill) and completions, per pipeline; between two events
@@ -39,7 +39,7 @@ from typing import Any
 from planner.controller import ControllerPolicy, ControllerState
 from planner.serving_costs import PipelineCosts
 from planner.spec import Spec, SpecError
-from planner.trace import Trace, load_trace  # noqa: F401  (load_trace: the simulator's input)
+from planner.trace import Trace
 
 ROUTE_CHOICES = 4
 

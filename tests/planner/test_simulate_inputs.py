@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from planner.cli import main
-from planner.simulator import load_trace
 from planner.spec import SpecError
+from planner.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "data/specs/local-cpu-smollm2.yaml"

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from planner.cli import main
-from planner.simulator import load_trace, simulate
+from planner.simulator import simulate
 from planner.spec import load_spec
+from planner.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "data/specs/azure-conv-a100-l40s-llama31-8b.yaml"
@@ -60,7 +61,7 @@ def test_simulate_command_json(capsys, tmp_path) -> None:
 
 
 def test_auto_gives_devices_back_when_load_falls_and_takes_them_when_it_rises() -> None:
-    from planner.simulator import Trace
+    from planner.trace import Trace
 
     # 2 req/s for 10 minutes, then 11 req/s for 10 minutes; fixed lengths
     arrivals = [i / 2 for i in range(1200)] + [600 + i / 11 for i in range(6600)]
@@ -157,7 +158,8 @@ def test_a_request_whose_kv_a_change_drops_prefills_again_and_keeps_its_first_to
     import math
 
     from planner.serving_costs import PipelineCosts
-    from planner.simulator import SimPipeline, Trace, _advance, _Run
+    from planner.simulator import SimPipeline, _advance, _Run
+    from planner.trace import Trace
 
     spec = load_spec(SPEC)
     stages = [(spec.device_names()[0][0], 0, 32)]
