@@ -322,7 +322,9 @@ def _check_request(
     model = resolve_model(body.model, primary, aliases)
     problems = body.unsupported_fields()
     if problems:
-        raise APIError(" ".join(m for _, m in problems), param=problems[0][0])
+        # Each problem is a sentence of its own, so that several read apart.
+        message = " ".join(m if m.endswith(".") else m + "." for _, m in problems)
+        raise APIError(message, param=problems[0][0])
     for param in ("max_tokens", "max_completion_tokens"):
         check_output_limit(getattr(body, param, None), engine.max_context, param)
     return model

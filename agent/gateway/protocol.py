@@ -29,6 +29,12 @@ from pydantic import (
 
 MAX_STOP_SEQUENCES = 4
 TEXT_CHOICES = ("none", "auto")  # the tool_choice values a text answer satisfies
+TOOL_CHOICE_OF = {"tools": "tool_choice", "functions": "function_call"}
+# What a client that asks for a tool call to get JSON (a structured output) can send instead.
+STRUCTURED_OUTPUT = (
+    'for structured output send response_format {"type": "json_schema", "json_schema": '
+    '{"name": ..., "schema": ...}} instead, which is served.'
+)
 MAX_CHOICES = 16  # n: sequences per prompt, all admitted together
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 # The seed range vLLM accepts (int64); torch's generators overflow beyond it.
@@ -491,17 +497,26 @@ class ChatCompletionRequest(_GenerationRequest):
             problems.append(
                 ("top_logprobs", "top_logprobs needs logprobs: set logprobs to true as well")
             )
+        # One refusal for tool calling however many of its fields ask for it (a tool-calling
+        # client sends tools and tool_choice together), naming what does structured output.
         if self.tools or self.functions:
             param = "tools" if self.tools else "functions"
-            problems.append((param, "tool calling is not supported: leave tools out"))
-        for param in ("tool_choice", "function_call"):
-            choice = getattr(self, param)
-            if choice is not None and choice not in TEXT_CHOICES:
-                problems.append((
-                    param,
-                    f"{param} {choice!r} asks for a tool call, and tool calling is not supported: "
-                    f'leave {param} out or set it to "none" or "auto" (the answer is text)',
-                ))
+            problems.append((
+                param,
+                f"tool calling is not supported by this server: leave "
+                f"{param} out, and {TOOL_CHOICE_OF[param]} with it; {STRUCTURED_OUTPUT}",
+            ))
+        else:
+            for param in ("tool_choice", "function_call"):
+                choice = getattr(self, param)
+                if choice is not None and choice not in TEXT_CHOICES:
+                    problems.append((
+                        param,
+                        f"{param} {choice!r} asks for a tool call, and tool calling is not "
+                        f'supported: leave {param} out or set it to "none" or "auto" (the answer '
+                        f"is text); {STRUCTURED_OUTPUT}",
+                    ))
+                    break
         problems += _not_neutral(self, VLLM_CHAT_NEUTRAL_ONLY)
         return problems
 
