@@ -121,9 +121,39 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     return f"{field}: {msg} (got {shown}).", field
 
 
+def _without_tags(loc: tuple[Any, ...], body: Any) -> tuple[Any, ...]:
+    """Returns `loc` without the tags pydantic puts in it for a union chosen by its "type"
+    (response_format's): ("body", "response_format", "json_schema", "json_schema", "schema")
+    is the request's response_format.json_schema.schema.
+
+    A part is such a tag where the object it would index has that "type"; the path is walked
+    in the request `body` to see it.
+    """
+    kept: list[Any] = []
+    value = body
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            kept.append(part)
+            continue
+        if isinstance(value, dict) and isinstance(part, str) and value.get("type") == part:
+            value = {k: v for k, v in value.items() if k != "type"}  # the tag names this object
+            continue
+        kept.append(part)
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            value = None
+    return tuple(kept)
+
+
 def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     """Folds pydantic's error list into one readable message naming the field(s)."""
-    described = [_describe(e) for e in exc.errors()]
+    body = getattr(exc, "body", None)
+    described = [
+        _describe({**e, "loc": _without_tags(tuple(e.get("loc", ())), body)}) for e in exc.errors()
+    ]
     if not described:
         return APIError("The request is invalid.")
     messages = list(dict.fromkeys(m for m, _ in described))  # dedupe, keep order

@@ -39,3 +39,19 @@ def test_a_tool_call_request_is_one_400_that_points_to_response_format(client, e
     # What to do instead for structured output: the JSON schema format, which is served.
     assert '"type": "json_schema"' in message, message
     assert engine.calls == []
+
+
+@pytest.mark.parametrize(
+    ("response_format", "missing"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "Person"}}, "response_format.json_schema.schema"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+    ],
+)
+def test_a_json_schema_format_missing_a_field_names_it_as_sent(client, response_format, missing):
+    # A response_format hand-written for litellm's or llama-index's response_format argument
+    # that lost a key; the path in the error is the request's own, without pydantic's union tag
+    # (it said response_format.json_schema.json_schema.schema).
+    error = error_of(client.post(CHAT, json={"messages": USER, "response_format": response_format}), 400)
+    assert error["param"] == missing
+    assert error["message"] == f"{missing} is required."
