@@ -1,7 +1,8 @@
 """A Llama-family decoder that builds only the layers `[start, end)` of its stage.
 
 Llama-family: RMSNorm, rotary attention and a SwiGLU MLP, as Llama, Mistral and Qwen2 are;
-the attention projections may have biases (Qwen2's Q/K/V, Llama's four with attention_bias).
+the attention projections may have biases (Qwen2's Q/K/V, Llama's four with attention_bias),
+and some layers may attend a sliding window (Mistral's, Qwen2's; ModelArch.sliding_window).
 
 The layer list is full-length with empty placeholders elsewhere, so parameter names stay
 global (`layers.17.attn.q_proj.weight` is layer 17 on every stage) and a stage can gain or
@@ -78,6 +79,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
+        # A sliding layer attends through the metadata's window slots and masks.
+        self.window = arch.sliding_window if layer in arch.sliding_layers else None
         # Q, K, V fused (and their biases, if any)
         self.qkv = Projection(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
         self.o = Projection(arch.q_size, arch.hidden_size, bias=arch.o_bias)
@@ -95,39 +98,52 @@ class Attention(nn.Module):
         v = heads[:, n_qk:]
         kv.write(self.layer, meta.write_slots, k, v)
 
+        sliding = self.window is not None
+        if sliding and meta.window != self.window:  # full attention here would be silently wrong
+            raise RuntimeError(
+                f"layer {self.layer} attends a sliding window of {self.window} positions but its "
+                f"attention metadata was built for window {meta.window}"
+            )
         out = torch.empty((t, self.n_heads, self.head_dim), dtype=q.dtype, device=q.device)
         for span in meta.prefills:
             q_r = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, Nh, n, D]
-            if span.context_slots is None:  # no past: attend to the fresh keys, causally
+            slots, mask = span.attended(sliding)
+            if slots is None:  # no past: attend to the fresh keys, causally (or as the window masks)
                 k_r = k[span.rows].transpose(0, 1).unsqueeze(0)
                 v_r = v[span.rows].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True, enable_gqa=True)
-            else:
-                k_r, v_r = kv.gather(self.layer, span.context_slots)  # [Nkv, C, D]
                 o = F.scaled_dot_product_attention(
-                    q_r, k_r.unsqueeze(0), v_r.unsqueeze(0), attn_mask=span.mask, enable_gqa=True
+                    q_r, k_r, v_r, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+                )
+            else:
+                k_r, v_r = kv.gather(self.layer, slots)  # [Nkv, C, D]
+                o = F.scaled_dot_product_attention(
+                    q_r, k_r.unsqueeze(0), v_r.unsqueeze(0), attn_mask=mask, enable_gqa=True
                 )
             out[span.rows] = o[0].transpose(0, 1)
         if meta.decode_slots is not None:
-            out[meta.decode_rows] = self._decode_attention(q[meta.decode_rows], meta, kv)
+            slots, bias = meta.decode_inputs(sliding)
+            out[meta.decode_rows] = self._decode_attention(q[meta.decode_rows], slots, bias, kv)
         return self.o(out.reshape(t, self.n_heads * self.head_dim))
 
 
-    def _decode_attention(self, q: torch.Tensor, meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
-        """Returns attention [B, Nh, D] of one new token per request over its cached context.
+    def _decode_attention(
+        self, q: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor, kv: PagedKVCache
+    ) -> torch.Tensor:
+        """Returns attention [B, Nh, D] of one new token per request over the cached keys of
+        `slots` [B, C] (bias [1, B, 1, C]: -inf where padded).
 
         Query heads are grouped under their KV head ([Nkv, B, G, D]) and K/V are gathered
         head-major ([Nkv, B, C, D], contiguous), so two batched matmuls do the work without
         expanding KV heads: the cost stays linear in the KV bytes read.
         """
-        b, c = meta.decode_slots.shape
-        k, v = kv.gather(self.layer, meta.decode_slots.flatten())
+        b, c = slots.shape
+        k, v = kv.gather(self.layer, slots.flatten())
         k = k.view(self.n_kv_heads, b, c, self.head_dim)
         v = v.view(self.n_kv_heads, b, c, self.head_dim)
         group = self.n_heads // self.n_kv_heads
         q = q.view(b, self.n_kv_heads, group, self.head_dim).transpose(0, 1)  # [Nkv, B, G, D]
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # [Nkv, B, G, C]
-        probs = torch.softmax(scores + meta.decode_bias.to(scores.dtype), dim=-1)
+        probs = torch.softmax(scores + bias.to(scores.dtype), dim=-1)
         return torch.matmul(probs, v).transpose(0, 1).reshape(b, self.n_heads, self.head_dim)
 
 

@@ -129,7 +129,8 @@ def time_forward(
         kv.k[layer].fill_(0.01)
         kv.v[layer].fill_(0.01)
     rids = [f"r{i}" for i in range(batch)]
-    meta = build_attention_metadata(kv, rids, [start_pos] * batch, [n_new] * batch)
+    meta = build_attention_metadata(kv, rids, [start_pos] * batch, [n_new] * batch,
+                                    arch.window_of(stage.layer_range))
     if setup.device != "cpu":
         meta = _to_device(meta, setup.device)
     hidden = torch.randn(batch * n_new, arch.hidden_size, dtype=dtype, device=setup.device)
@@ -144,7 +145,7 @@ def _to_device(meta: Any, device: str) -> Any:
         return x.to(device) if isinstance(x, torch.Tensor) else x
 
     spans = [
-        dataclasses.replace(s, **{f: move(getattr(s, f)) for f in ("context_slots", "mask")})
+        dataclasses.replace(s, **{f.name: move(getattr(s, f.name)) for f in dataclasses.fields(s)})
         for s in meta.prefills
     ]
     fields = {

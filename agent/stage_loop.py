@@ -152,7 +152,7 @@ class StageLoop:
     def step(self, header: dict, inputs: torch.Tensor):
         ids, start, n_new = header["ids"], header["start"], header["n_new"]
         kv, stage = self.host.kv, self.host.stage
-        meta = build_attention_metadata(kv, ids, start, n_new)
+        meta = build_attention_metadata(kv, ids, start, n_new, stage.arch.window_of(self.layers))
         hidden = stage(inputs, meta, kv, self.layers)
         forks = header.get("fork") or {}
         for rid, members in forks.items():

@@ -53,6 +53,12 @@ class ModelArch:
     # the output projection (Llama with attention_bias).
     qkv_bias: bool = False
     o_bias: bool = False
+    # Sliding-window attention (Mistral; Qwen2 with use_sliding_window): in the layers of
+    # `sliding_layers`, a query at position i attends the keys at positions j with
+    # i - sliding_window < j <= i, as transformers' sliding mask. None (and no layers) when the
+    # model has no window, or one that never binds within max_context.
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
     family: str = "llama"
     source: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -60,6 +66,20 @@ class ModelArch:
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if (self.sliding_window is None) != (not self.sliding_layers):
+            raise ValueError(
+                f"{self.name}: sliding_window {self.sliding_window} and sliding_layers "
+                f"{list(self.sliding_layers)} must be given together"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"{self.name}: sliding_window {self.sliding_window} is not a positive window")
+
+    def window_of(self, layers: range) -> int | None:
+        """The sliding window if any of `layers` uses it, else None: what a stage running
+        `layers` builds its windowed attention masks for."""
+        if self.sliding_window is None or not any(i in layers for i in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:
@@ -101,6 +121,7 @@ class ModelArch:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["rope_scaling"] = None if self.rope_scaling is None else vars(self.rope_scaling)
         out["aliases"] = list(self.aliases)
+        out["sliding_layers"] = list(self.sliding_layers)
         if self.rope_freq_factors is not None:
             out["rope_freq_factors"] = list(self.rope_freq_factors)
         return out
@@ -111,8 +132,10 @@ def arch_from_dict(entry: dict[str, Any]) -> ModelArch:
     scaling = entry.pop("rope_scaling", None)
     aliases = tuple(entry.pop("aliases", ()) or ())
     factors = entry.pop("rope_freq_factors", None)
+    sliding_layers = tuple(int(i) for i in entry.pop("sliding_layers", ()) or ())
     return ModelArch(
         **entry,
+        sliding_layers=sliding_layers,
         rope_scaling=RopeScaling(**scaling) if scaling else None,
         rope_freq_factors=tuple(float(f) for f in factors) if factors else None,
         aliases=aliases,

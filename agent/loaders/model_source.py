@@ -175,14 +175,21 @@ def gguf_unsupported(gguf_file: GGUFFile, head_dim: int, prefix: str = "llama") 
 
 
 # transformers model types whose decoder is exactly the one agent/model.py runs: RMSNorm,
-# rotary attention, a SwiGLU MLP. Mistral differs from Llama only by its sliding window, which
-# full attention equals up to the window's length; Qwen2 by biases on Q, K and V (and a sliding
-# window it rarely turns on, refused: which layers it applies to has varied between releases).
-# Llama's attention projections have biases when its config says attention_bias.
+# rotary attention, a SwiGLU MLP. Mistral differs from Llama only by its sliding window (in
+# every layer); Qwen2 by biases on Q, K and V, and a sliding window in the layers its config
+# names (see `sliding_window_of`). Llama's attention projections have biases when its config
+# says attention_bias.
 LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # What transformers' config classes take when config.json leaves num_key_value_heads out
 # (LlamaConfig: as many as the query heads).
 KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
+# What MistralConfig and Qwen2Config take when config.json leaves sliding_window out, and
+# Qwen2Config when it leaves max_window_layers out.
+SLIDING_WINDOW_DEFAULT = 4096
+MAX_WINDOW_LAYERS_DEFAULT = 28
+# Qwen2 `layer_types` entries: full or sliding attention ("attention" is transformers' older
+# name for full attention, which it still reads so).
+QWEN2_LAYER_TYPES = {"full_attention": False, "attention": False, "sliding_attention": True}
 # hidden_act values that are SiLU (transformers' ACT2FN).
 SILU_ACTIVATIONS = ("silu", "swish")
 PYTORCH_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -214,16 +221,6 @@ def check_llama_family(directory: Path, cfg: dict) -> None:
         raise ValueError(
             f"{where}: attention_bias is true for model_type 'mistral', which is not supported: "
             "transformers' Mistral has no attention biases (a Llama config with attention_bias is served)"
-        )
-    window = cfg.get("sliding_window")
-    max_positions = cfg.get("max_position_embeddings")
-    if (model_type == "qwen2" and cfg.get("use_sliding_window") and window is not None
-            and (max_positions is None or int(window) < int(max_positions))):
-        raise ValueError(
-            f"{where}: use_sliding_window is true with sliding_window {window} (shorter than "
-            f"max_position_embeddings {max_positions}, max_window_layers {cfg.get('max_window_layers')}), "
-            "which is not supported: pipeshift's attention is full, and serves Qwen2 with "
-            "use_sliding_window false"
         )
     act = cfg.get("hidden_act", "silu")
     if act not in SILU_ACTIVATIONS:
@@ -286,15 +283,14 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
     n_heads = int(cfg["num_attention_heads"])
     max_context = int(cfg.get("max_position_embeddings", 4096))
     model_type = cfg.get("model_type") or "llama"
-    window = cfg.get("sliding_window")
-    # Qwen2's window is off unless use_sliding_window (and refused when on); Mistral has no such flag.
-    if window is not None and cfg.get("use_sliding_window", model_type != "qwen2") and int(window) < max_context:
-        # Past the window such a model (Mistral) attends to fewer positions than full
-        # attention does: serve only the context where the two agree.
-        max_context = int(window)
+    n_layers = int(cfg["num_hidden_layers"])
+    window, sliding_layers = sliding_window_of(directory, cfg, n_layers)
+    if window is not None and window >= max_context:
+        # No query within the context reaches back a whole window: full attention everywhere.
+        window, sliding_layers = None, ()
     return ModelArch(
         name=cfg.get("_name_or_path") or directory.name,
-        n_layers=int(cfg["num_hidden_layers"]),
+        n_layers=n_layers,
         hidden_size=int(cfg["hidden_size"]),
         ffn_size=int(cfg["intermediate_size"]),
         n_heads=n_heads,
@@ -310,5 +306,65 @@ def arch_from_hf_config(directory: Path) -> ModelArch:
         # projection none; Llama's four have them when attention_bias is true.
         qkv_bias=model_type == "qwen2" or (model_type == "llama" and bool(cfg.get("attention_bias"))),
         o_bias=model_type == "llama" and bool(cfg.get("attention_bias")),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
         family=model_type,
     )
+
+
+def sliding_window_of(directory: Path, cfg: dict, n_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """Returns the sliding window of a config and the layers that use it, as transformers reads
+    them: (None, ()) when no layer slides. Raises ValueError for a window transformers would
+    not run or that this runtime does not.
+
+    Mistral slides in every layer whenever sliding_window is set (MistralConfig ignores
+    `layer_types`). Qwen2's window is on only with use_sliding_window; its layers are those
+    `layer_types` calls "sliding_attention" or, without layer_types, the layers from
+    max_window_layers on (Qwen2Config's derivation).
+    """
+    where = f"{directory}/config.json"
+    model_type = cfg.get("model_type") or "llama"
+    if model_type not in ("mistral", "qwen2"):  # transformers' Llama has no window
+        return None, ()
+    window = cfg.get("sliding_window", SLIDING_WINDOW_DEFAULT)
+    if model_type == "mistral":
+        sliding = [window is not None] * n_layers
+    else:
+        if not cfg.get("use_sliding_window", False):
+            window = None  # as Qwen2Config: the window is off, whatever sliding_window says
+        sliding = qwen2_sliding_layers(where, cfg, n_layers, window)
+        if any(sliding) and window is None:
+            raise ValueError(
+                f"{where}: layer_types names sliding_attention layers but the window is off "
+                f"(use_sliding_window {cfg.get('use_sliding_window', False)}, sliding_window "
+                f"{cfg.get('sliding_window')}), which transformers does not run either: set "
+                "use_sliding_window and sliding_window, or make those layers full_attention"
+            )
+    if window is None or not any(sliding):
+        return None, ()
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"{where}: sliding_window {window!r} is not supported: a window is a positive number of positions"
+        )
+    return window, tuple(i for i, s in enumerate(sliding) if s)
+
+
+def qwen2_sliding_layers(where: str, cfg: dict, n_layers: int, window: int | None) -> list[bool]:
+    """Which of a Qwen2's layers slide: from `layer_types` when the config has them, else as
+    Qwen2Config derives them (those from max_window_layers on, when the window is on)."""
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        first = int(cfg.get("max_window_layers", MAX_WINDOW_LAYERS_DEFAULT))
+        return [window is not None and i >= first for i in range(n_layers)]
+    unknown = sorted({t for t in layer_types if t not in QWEN2_LAYER_TYPES})
+    if unknown:
+        raise ValueError(
+            f"{where}: layer_types {unknown} are not supported: pipeshift runs Qwen2 layers of "
+            "full_attention and sliding_attention"
+        )
+    if len(layer_types) != n_layers:
+        raise ValueError(
+            f"{where}: layer_types names {len(layer_types)} layers for num_hidden_layers {n_layers}, "
+            "which transformers does not run either"
+        )
+    return [QWEN2_LAYER_TYPES[t] for t in layer_types]

@@ -23,7 +23,8 @@ class InProcessPipeline:
         """Returns logits of each request's last token (or of every token with all_rows)."""
         h = tokens
         for stage, kv in zip(self.stages, self.caches, strict=True):
-            meta = build_attention_metadata(kv, request_ids, start_pos, num_new)
+            window = stage.arch.window_of(stage.layer_range)
+            meta = build_attention_metadata(kv, request_ids, start_pos, num_new, window)
             h = stage(h, meta, kv)
         return self.stages[-1].logits(h if all_rows else h[meta.last_rows])
 

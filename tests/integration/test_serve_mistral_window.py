@@ -1,0 +1,72 @@
+"""A Mistral safetensors directory with a sliding window shorter than the prompts, served by the
+real engine on 2 worker processes over its whole context: two requests of different lengths,
+generated together, each reaching several windows past its start, give transformers' greedy
+tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from agent.engine import EngineConfig, PipelineEngine
+from agent.engine_api import SamplingParams
+from tests.tiny_llama import TINY_LLAMA, save_tokenizer
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+WINDOW = 8
+NEW_TOKENS = 16
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived an old"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, gguf_path):
+    """A tiny random Mistral with SmolLM2's tokenizer, saved the way transformers saves models."""
+    directory = tmp_path_factory.mktemp("tiny-mistral")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**(TINY_LLAMA | {"num_hidden_layers": 4}), sliding_window=WINDOW)
+    model = transformers.MistralForCausalLM(config).float().eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(directory, gguf_path, None)
+    return directory, model
+
+
+def test_mistral_with_a_window_serves_transformers_tokens_past_it(model_dir):
+    directory, hf_model = model_dir
+    engine = PipelineEngine(EngineConfig(model=str(directory), n_devices=2, kv_cache_bytes=8 << 20)).start()
+    try:
+        assert engine.arch.sliding_window == WINDOW
+        assert engine.max_context == TINY_LLAMA["max_position_embeddings"]
+        prompts = [engine.encode_prompt(text) for text in PROMPTS]
+
+        async def greedy(name: str, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+            async for ev in engine.generate(name, prompt, params):
+                tokens += ev.token_ids
+            return tokens
+
+        async def both() -> list[list[int]]:
+            return list(await asyncio.gather(*(greedy(f"r{i}", p) for i, p in enumerate(prompts))))
+
+        ours = asyncio.run(both())
+    finally:
+        engine.stop()
+    assert len(prompts[1]) > WINDOW  # one prefill already past the window
+    assert ours == [hf_greedy(hf_model, prompt) for prompt in prompts]
+    # Full attention would have chosen otherwise: the window is what the tokens agree on.
+    hf_model.config.sliding_window = None
+    try:
+        assert ours != [hf_greedy(hf_model, prompt) for prompt in prompts]
+    finally:
+        hf_model.config.sliding_window = WINDOW
+
+
+def hf_greedy(hf_model, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
