@@ -13,6 +13,7 @@ which are then equal. KV is kept for the whole context either way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,18 @@ class AttentionMetadata:
     # their bias.
     window_decode_slots: torch.Tensor | None = None
     window_decode_bias: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """Returns this metadata with every tensor on `device` (a GPU stage's): it is built
+        on the CPU, from the cache's block tables."""
+        def move(record):
+            return dataclasses.replace(record, **{
+                f.name: value.to(device, non_blocking=True)
+                for f in dataclasses.fields(record)
+                if isinstance(value := getattr(record, f.name), torch.Tensor)
+            })
+
+        return dataclasses.replace(move(self), prefills=[move(span) for span in self.prefills])
 
     def decode_inputs(self, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The (slots, bias) a layer's decode attention reads."""
@@ -103,7 +116,7 @@ def build_attention_metadata(
     window_decode_slots = window_decode_bias = None
     if window is not None and any(len(s) > window for s in decode_slot_rows):
         window_decode_slots, window_decode_bias = padded_slots([s[-window:] for s in decode_slot_rows])
-    return AttentionMetadata(
+    meta = AttentionMetadata(
         positions=torch.cat(positions),
         write_slots=torch.cat(write_slots),
         last_rows=torch.tensor(last_rows, dtype=torch.long),
@@ -115,6 +128,7 @@ def build_attention_metadata(
         window_decode_slots=window_decode_slots,
         window_decode_bias=window_decode_bias,
     )
+    return meta if kv.device.type == "cpu" else meta.to(kv.device)
 
 
 def add_window(span: PrefillSpan, context_slots: torch.Tensor, start: int, end: int, window: int) -> None:

@@ -131,29 +131,9 @@ def time_forward(
     rids = [f"r{i}" for i in range(batch)]
     meta = build_attention_metadata(kv, rids, [start_pos] * batch, [n_new] * batch,
                                     arch.window_of(stage.layer_range))
-    if setup.device != "cpu":
-        meta = _to_device(meta, setup.device)
     hidden = torch.randn(batch * n_new, arch.hidden_size, dtype=dtype, device=setup.device)
     with torch.inference_mode():
         return _median_s(lambda: stage(hidden, meta, kv), setup)
-
-
-def _to_device(meta: Any, device: str) -> Any:
-    import torch
-
-    def move(x: Any) -> Any:
-        return x.to(device) if isinstance(x, torch.Tensor) else x
-
-    spans = [
-        dataclasses.replace(s, **{f.name: move(getattr(s, f.name)) for f in dataclasses.fields(s)})
-        for s in meta.prefills
-    ]
-    fields = {
-        f.name: move(getattr(meta, f.name))
-        for f in dataclasses.fields(meta)
-        if f.name != "prefills"
-    }
-    return dataclasses.replace(meta, prefills=spans, **fields)
 
 
 def measure_grid(
