@@ -416,6 +416,12 @@ class ChatMessage(BaseModel):
             for p in content:
                 _check_unicode(p["text"], "content")
             return content
+        if content is None:  # OpenAI's assistant turn that only calls tools
+            raise ValueError(
+                "content is null: every message needs its text, a string or a list of "
+                '{"type": "text", "text": ...} parts (an assistant turn of tool_calls alone is not '
+                "supported: tool calling is not)"
+            )
         raise ValueError(
             'content must be a string or a list of {"type": "text", "text": ...} parts '
             "(images and audio are not supported)"

@@ -182,6 +182,12 @@ CASES = [
         "messages[0].content",
         ["messages[0].content must be a string or a list of", "images and audio are not supported"],
     ),
+    (
+        CHAT,  # an assistant turn that only called tools, as the openai client sends it back
+        {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": []}, *USER]},
+        "messages[1].content",
+        ["messages[1].content is null", "tool_calls alone is not supported"],
+    ),
     (CHAT, {"messages": USER, "stop": 5}, "stop", ["stop must be a string or a list of up to 4"]),
     (CHAT, {"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty", ["less than or equal to 2"]),
     (COMPLETIONS, {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty", ["greater than or equal to 0.01"]),
