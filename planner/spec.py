@@ -151,6 +151,17 @@ class Slo(_Strict):
     tpot_ms: float | None = Field(None, gt=0)
     tpot_percentile: float = Field(99, gt=0, le=100)
 
+    @field_validator("ttft_percentile", "tpot_percentile")
+    @classmethod
+    def _out_of_100(cls, value: float) -> float:
+        # 0.99 would be the 0.99th percentile: a fraction written for p99, never an SLO's aim
+        if value < 1:
+            raise ValueError(
+                f"{value:g} is out of 100, the {value:g}th percentile; give the percentile out "
+                "of 100 (99 for p99)"
+            )
+        return value
+
 
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")  # a plan's JSON output may be fed back
@@ -319,15 +330,16 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
     if not path.exists():
         raise SpecError([f"{path}: trace file not found; give a path relative to the spec"])
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _jsonl_rows(path)
     else:
         from planner.trace import read_csv_rows  # planner.trace reads SpecError from here
 
-        _, rows = read_csv_rows(path)
+        _, csv_rows = read_csv_rows(path)
+        rows = list(enumerate(csv_rows, start=2))  # line 1 is the header
     if not rows:
         raise SpecError([f"{path}: trace has no requests"])
     # The Azure LLM inference traces name the columns ContextTokens / GeneratedTokens.
-    for row in rows:
+    for _, row in rows:
         for ours, theirs in (
             ("prompt_tokens", "ContextTokens"),
             ("output_tokens", "GeneratedTokens"),
@@ -336,10 +348,9 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
                 row[ours] = row[theirs]
 
     def dist(key: str) -> LengthDistribution:
-        try:
-            values = sorted(float(r[key]) for r in rows)
-        except (KeyError, ValueError):
-            raise SpecError([f"{path}: every row needs a numeric `{key}`"]) from None
+        if all(key not in r for _, r in rows):
+            raise SpecError([f"{path}: every row needs a numeric `{key}`"])
+        values = sorted(_token_count(path, line, key, r.get(key)) for line, r in rows)
 
         def q(p: float) -> float:
             return values[min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1)]
@@ -354,6 +365,49 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
         )
 
     return dist("prompt_tokens"), dist("output_tokens")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Returns (line number, object) for each non-blank line of a JSONL trace; raises SpecError
+    naming the line that is not a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: not a text (UTF-8) file; give the trace as JSONL or CSV"]) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read the trace: {exc.strerror}"]) from None
+    rows = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise SpecError([
+                f"{path}:{line}: not a JSON object such as "
+                '{"prompt_tokens": 120, "output_tokens": 40}; fix or remove the line'
+            ])
+        rows.append((line, row))
+    return rows
+
+
+def _token_count(path: Path, line: int, key: str, value: Any) -> float:
+    """Returns a trace row's token count (at least 1, as the simulator counts an empty prompt);
+    raises SpecError naming the row when it is missing or not a count."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise SpecError([f"{path}:{line}: {key} is missing; fix or remove the row"])
+    try:
+        n = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        n = math.nan
+    if not (math.isfinite(n) and n >= 0):
+        shown = value.strip() if isinstance(value, str) else value
+        raise SpecError([
+            f"{path}:{line}: {key} {shown!r} is not a number of tokens; fix or remove the row"
+        ])
+    return max(1.0, n)
 
 
 # --- YAML with line numbers ---------------------------------------------------------------

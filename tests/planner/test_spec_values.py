@@ -84,3 +84,59 @@ def test_a_binary_spec_file_is_an_error_message(capsys, tmp_path: Path) -> None:
         load_spec(path)
     assert main(["plan", "-f", str(path)]) == 1
     assert "not a text (UTF-8) file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["ttft_percentile", "tpot_percentile"])
+def test_a_percentile_given_as_a_fraction_is_refused(field: str) -> None:
+    # 0.99 was taken as the 0.99th percentile: the plan was made at the median's lengths and
+    # judged against an SLO almost every request meets
+    text = spec().replace("tpot_ms: 100}", f"tpot_ms: 100, {field}: 0.99}}")
+    with pytest.raises(SpecError) as raised:
+        parse_spec(text, "s.yaml")
+    assert f"s.yaml:7: slo.{field}: 0.99 is out of 100" in str(raised.value)
+    assert "99 for p99" in str(raised.value)
+    assert parse_spec(text.replace("0.99", "99.9"), "s.yaml").slo.model_dump()[field] == 99.9
+
+
+TRACE_SPEC = """\
+model: SmolLM2-135M
+devices: [{kind: H100-SXM, count: 2}]
+workload: {trace: TRACE}
+slo: {ttft_ms: 10000, tpot_ms: 100}
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "expected"),
+    [
+        ("t.jsonl", '{"prompt_tokens": 10, "output_tokens": 5}\n{"prompt_tokens": 10,\n',
+         "t.jsonl:2: not a JSON object"),
+        ("t.jsonl", '{"prompt_tokens": 10, "output_tokens": 5}\n[10, 5]\n', "t.jsonl:2: not a JSON object"),
+        ("t.jsonl", '{"prompt_tokens": null, "output_tokens": 5}\n', "t.jsonl:1: prompt_tokens is missing"),
+        ("t.csv", "prompt_tokens,output_tokens\n10,5\n10\n", "t.csv:3: output_tokens is missing"),
+        ("t.csv", "prompt_tokens,output_tokens\n0,5\n-10,5\n", "t.csv:3: prompt_tokens '-10' is not"),
+        ("t.csv", "prompt_tokens,output_tokens\nnan,5\n", "t.csv:2: prompt_tokens 'nan' is not"),
+        ("t.jsonl", b"\xff\xfe\x00garbage", "t.jsonl: not a text"),
+    ],
+)
+def test_a_workload_trace_row_that_does_not_parse_is_an_error_message(
+    capsys, tmp_path: Path, name: str, rows: str | bytes, expected: str
+) -> None:
+    # each was a traceback (JSONDecodeError, TypeError, UnicodeDecodeError or pydantic's
+    # ValidationError) out of `pipeshift plan`
+    trace = tmp_path / name
+    trace.write_bytes(rows if isinstance(rows, bytes) else rows.encode())
+    path = tmp_path / "spec.yaml"
+    path.write_text(TRACE_SPEC.replace("TRACE", name))
+    assert main(["plan", "-f", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_workload_trace_in_jsonl_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_bytes(
+        '\ufeff{"prompt_tokens": 300, "output_tokens": 20}\n\n{"prompt_tokens": 0, "output_tokens": 40}\n'.encode()
+    )
+    (tmp_path / "spec.yaml").write_text(TRACE_SPEC.replace("TRACE", "t.jsonl"))
+    prompt, output = load_spec(tmp_path / "spec.yaml").lengths()
+    assert (prompt.mean, output.mean) == (150.5, 30.0)  # an empty prompt counts as one token
