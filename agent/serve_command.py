@@ -298,17 +298,29 @@ def model_aliases(engine, requested: str) -> list[str]:
 
 
 def run(args) -> int:
-    from agent.gateway.app import create_app
-    from agent.gateway.server import run_server
-    from planner.configuration import ConfigurationError
+    from agent.gateway.server import listening_socket
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = load_controller_spec(args)
         settings = controller_settings(args, spec)
+        # Bound before any worker starts: a port another process holds is said at once.
+        sock = listening_socket(args.host, args.port)
     except ValueError as exc:
         print(f"pipeshift serve: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        args.port = sock.getsockname()[1]  # the port chosen, with --port 0
+        return serve(args, spec, settings, sock)
+    finally:
+        sock.close()
+
+
+def serve(args, spec, settings, sock) -> int:
+    from agent.gateway.app import create_app
+    from agent.gateway.server import run_server
+    from planner.configuration import ConfigurationError
+
     store = None
     if args.planner_api:
         store = open_planner_store(args)
@@ -340,7 +352,7 @@ def run(args) -> int:
             print(f"pipeshift serve: error: {exc}", file=sys.stderr)
             return 2
         try:
-            run_server(app, args.host, args.port)
+            run_server(app, args.host, args.port, sock=sock)
         finally:
             runner.stop()
     finally:

@@ -42,7 +42,7 @@ def check_exposure(host: str, token: str | None, what: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.gateway.server import run_server
+    from agent.gateway.server import listening_socket, run_server
     from planner.api import create_planner_app
     from planner.api.app import TOKEN_VARIABLE
     from planner.init_command import open_store_or_say
@@ -56,9 +56,18 @@ def run(args: argparse.Namespace) -> int:
     if store is None:
         return 1
     try:
-        print(f"pipeshift planner: API at http://{args.host}:{args.port}/v1 (OpenAPI at /openapi.json), "
+        sock = listening_socket(args.host, args.port)
+    except ValueError as exc:
+        store.close()
+        print(f"pipeshift planner: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        port = sock.getsockname()[1]
+        print(f"pipeshift planner: API at http://{args.host}:{port}/v1 (OpenAPI at /openapi.json), "
               f"changing the deployment at {args.server}", flush=True)
-        run_server(create_planner_app(store, args.server, args.admin_token, token), args.host, args.port)
+        run_server(create_planner_app(store, args.server, args.admin_token, token), args.host, port,
+                   sock=sock)
     finally:
+        sock.close()
         store.close()
     return 0

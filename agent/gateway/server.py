@@ -7,6 +7,7 @@ or async through `async with`) can talk to it over real loopback HTTP with any c
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import threading
@@ -27,13 +28,57 @@ def is_loopback(host: str) -> bool:
         return host in ("localhost", "testclient")
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Returns a socket bound to `host`:`port` for `run_server`, so that a command finds out
+    that it cannot listen there before it starts anything; raises ValueError saying why not and
+    what to do (a port another process holds, a host that is not this machine's)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        raise ValueError(
+            f"cannot listen on {host}: no such host; give an address of this host "
+            "(--host 127.0.0.1, or 0.0.0.0 for every interface)"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"cannot listen on {where}: the port is in use (another pipeshift server or "
+                "another program holds it): stop that process or choose another --port"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise ValueError(
+                f"cannot listen on {where}: permission denied (ports below 1024 need "
+                "privileges): choose another --port"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(
+                f"cannot listen on {where}: {host} is not an address of this host; give one "
+                "that is (--host 127.0.0.1, or 0.0.0.0 for every interface)"
+            ) from None
+        raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serves `app` until SIGINT/SIGTERM; returns after a graceful shutdown."""
+    """Serves `app` until SIGINT/SIGTERM; returns after a graceful shutdown. With `sock` (from
+    `listening_socket`) it serves on that socket, else it binds `host`:`port` itself."""
     # One worker process: the engine lives in this process, so it cannot be forked.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
 
 
 class ServerThread:

@@ -1,0 +1,56 @@
+"""`pipeshift serve` and `pipeshift planner` on a port another process already holds: one line
+saying so and what to do, before any worker starts; it was uvicorn's `[Errno 98] error while
+attempting to bind` after the model had loaded on every worker and the server had printed the
+address as its own (where the other process answered)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+import agent.serve_command as serve_command
+from agent.gateway.server import listening_socket
+from planner.cli import main
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    yield holder.getsockname()[1]
+    holder.close()
+
+
+def test_serve_on_a_taken_port_says_so_before_starting_workers(capsys, monkeypatch, taken_port: int) -> None:
+    def start_engine(args):
+        raise AssertionError("the workers started although the port was taken")
+
+    monkeypatch.setattr(serve_command, "start_engine", start_engine)
+    assert main(["serve", "--port", str(taken_port)]) == 2
+    err = capsys.readouterr().err
+    assert f"pipeshift serve: error: cannot listen on 127.0.0.1:{taken_port}: the port is in use" in err
+    assert "choose another --port" in err and "Traceback" not in err
+
+
+def test_the_planner_api_on_a_taken_port_says_so(capsys, monkeypatch, tmp_path, taken_port: int) -> None:
+    monkeypatch.setenv("PIPESHIFT_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    assert main(["init"]) == 0
+    assert main(["planner", "--port", str(taken_port)]) == 1
+    err = capsys.readouterr().err
+    assert f"pipeshift planner: error: cannot listen on 127.0.0.1:{taken_port}: the port is in use" in err
+
+
+def test_a_host_that_is_not_this_machines_is_named() -> None:
+    with pytest.raises(ValueError, match="no-such-host.invalid.*give an address of this host"):
+        listening_socket("no-such-host.invalid", 0)
+
+
+def test_a_free_port_is_bound_for_the_server() -> None:
+    sock = listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.getsockname()[1] > 0
+    finally:
+        sock.close()
