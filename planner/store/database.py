@@ -56,7 +56,15 @@ def make_engine(url: str) -> Engine:
     or one whose driver is not installed, saying what to do."""
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NoStore(
+                f"cannot make the folder {folder} of the store {shown(url)} "
+                f"({exc.strerror or exc}): give a store in a folder you can write, with "
+                f"--database-url or {URL_VARIABLE} (or XDG_DATA_HOME for the default one)"
+            ) from None
     try:
         return create_engine(parsed)
     except NoSuchModuleError:

@@ -50,3 +50,22 @@ def test_show_plot_without_matplotlib_says_what_to_install(capsys, monkeypatch, 
     assert main(["show", row.id, "--plot", str(plot), "--database-url", url]) == 1
     assert "pip install 'pipeshift[plot]'" in capsys.readouterr().err
     assert not plot.exists()
+
+
+@pytest.mark.parametrize("through", ["--database-url", "XDG_DATA_HOME"])
+def test_a_store_folder_that_cannot_be_made_says_so(capsys, monkeypatch, tmp_path, through) -> None:
+    # It was a FileNotFoundError / NotADirectoryError traceback out of mkdir.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = []
+    if through == "XDG_DATA_HOME":
+        monkeypatch.delenv("PIPESHIFT_DATABASE_URL", raising=False)
+        monkeypatch.setenv("XDG_DATA_HOME", str(blocker / "share"))
+    else:
+        args = ["--database-url", f"sqlite:///{blocker / 'sub' / 'store.db'}"]
+    assert main(["init", *args]) == 1
+    err = capsys.readouterr().err
+    assert "pipeshift init: error: cannot make the folder" in err
+    assert str(blocker) in err and "PIPESHIFT_DATABASE_URL" in err and "Traceback" not in err
+    assert main(["history", *args]) == 1
+    assert "run `pipeshift init`" in capsys.readouterr().err
