@@ -88,6 +88,15 @@ VLLM_CHAT_NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
              "echoes the prompt)"),
 }
 
+# OpenAI's chat fields that would change what the answer is (audio out, web search): accepted at
+# their neutral value and refused otherwise, so that a client never gets text alone in silence.
+OPENAI_CHAT_NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
+    "modalities": (["text"], 'audio output is not supported: leave modalities out or set it to '
+                   '["text"]'),
+    "audio": (None, "audio output is not supported: leave audio out"),
+    "web_search_options": (None, "web search is not supported: leave web_search_options out"),
+}
+
 
 def _neutral(value: Any) -> Callable[[dict[str, Any]], None]:
     return _only(value) if value is None else _only(value, None)
@@ -469,6 +478,10 @@ class ChatCompletionRequest(_GenerationRequest):
     add_generation_prompt: Any = Field(default=None, json_schema_extra=_neutral(True))
     continue_final_message: Any = Field(default=None, json_schema_extra=_neutral(False))
     echo: Any = Field(default=None, json_schema_extra=_neutral(False))
+    # OpenAI's, accepted only at their neutral value (OPENAI_CHAT_NEUTRAL_ONLY).
+    modalities: Any = Field(default=None, json_schema_extra=_neutral(["text"]))
+    audio: Any = Field(default=None, json_schema_extra=_neutral(None))
+    web_search_options: Any = Field(default=None, json_schema_extra=_neutral(None))
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -524,6 +537,7 @@ class ChatCompletionRequest(_GenerationRequest):
                     ))
                     break
         problems += _not_neutral(self, VLLM_CHAT_NEUTRAL_ONLY)
+        problems += _not_neutral(self, OPENAI_CHAT_NEUTRAL_ONLY)
         return problems
 
 

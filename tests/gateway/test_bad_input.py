@@ -176,6 +176,11 @@ CASES = [
     (CHAT, {"messages": USER, "continue_final_message": True}, "continue_final_message", ["not supported"]),
     (CHAT, {"messages": USER, "echo": True}, "echo", ["/v1/completions echoes"]),
     (CHAT, {"messages": USER, "use_beam_search": 0}, "use_beam_search", ["beam search"]),  # 0 is not false
+    # OpenAI's that would change the answer: audio out and web search were silently dropped
+    (CHAT, {"messages": USER, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+     "modalities", ["audio output is not supported", 'set it to ["text"]']),
+    (CHAT, {"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, "audio", ["leave audio out"]),
+    (CHAT, {"messages": USER, "web_search_options": {}}, "web_search_options", ["web search is not supported"]),
     (
         CHAT,
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
@@ -275,6 +280,7 @@ NEUTRAL_VLLM_FIELDS = {
     (COMPLETIONS, {"prompt": "Hi", **NEUTRAL_VLLM_FIELDS}),
     (CHAT, {"messages": USER, **NEUTRAL_VLLM_FIELDS, "add_generation_prompt": True,
             "continue_final_message": False, "echo": False}),
+    (CHAT, {"messages": USER, "modalities": ["text"], "audio": None, "web_search_options": None}),
 ])
 def test_vllm_extensions_at_their_neutral_value_are_served(
     client: TestClient, path: str, body: dict[str, Any]
