@@ -620,7 +620,17 @@ def load_spec(path: str | Path) -> Spec:
     try:
         text = p.read_text()
     except OSError as exc:
-        raise SpecError([f"{p}: cannot read the spec: {exc.strerror}"]) from None
+        raise SpecError([f"{p}: cannot read the spec: {exc.strerror}{_example_hint(p, exc)}"]) from None
     except UnicodeDecodeError:
         raise SpecError([f"{p}: not a text (UTF-8) file; give the spec as YAML"]) from None
     return parse_spec(text, source=str(p), base_dir=str(p.parent))
+
+
+def _example_hint(path: Path, exc: OSError) -> str:
+    """Returns how to copy the example a missing spec is named after (the README's
+    data/specs/NAME.yaml, read where no checkout is), else nothing."""
+    from cost_models.paths import specs_dir
+
+    if not isinstance(exc, FileNotFoundError) or not (specs_dir() / f"{path.stem}.yaml").is_file():
+        return ""
+    return f"; {path.stem} is an example pipeshift ships: `pipeshift examples {path.stem} --to .` copies it here"

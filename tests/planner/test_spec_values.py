@@ -140,3 +140,16 @@ def test_a_workload_trace_in_jsonl_with_a_byte_order_mark_is_read(tmp_path: Path
     (tmp_path / "spec.yaml").write_text(TRACE_SPEC.replace("TRACE", "t.jsonl"))
     prompt, output = load_spec(tmp_path / "spec.yaml").lengths()
     assert (prompt.mean, output.mean) == (150.5, 30.0)  # an empty prompt counts as one token
+
+
+def test_a_missing_spec_named_as_a_shipped_example_says_how_to_copy_it(capsys, tmp_path: Path) -> None:
+    # The README's `pipeshift apply -f data/specs/local-cpu-smollm2.yaml` outside the checkout
+    # (a wheel install) said only "No such file or directory".
+    missing = tmp_path / "data" / "specs" / "local-cpu-smollm2.yaml"
+    assert main(["plan", "-f", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing}: cannot read the spec: No such file or directory" in err
+    assert "`pipeshift examples local-cpu-smollm2 --to .` copies it" in err
+    with pytest.raises(SpecError) as raised:
+        load_spec(tmp_path / "my-cluster.yaml")
+    assert "pipeshift examples" not in str(raised.value)
