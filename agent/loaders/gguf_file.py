@@ -7,10 +7,11 @@ Format: magic "GGUF", version, tensor count, KV count, KV pairs, tensor infos, a
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,24 @@ class TensorInfo:
     shape: tuple[int, ...]  # numpy order (rows last dim first is GGUF's; reversed here)
     ggml_type: int
     offset_bytes: int  # absolute offset in the file
+
+
+@cache
+def undequantizable(ggml_type: int) -> str | None:
+    """Why a tensor of GGML type `ggml_type` cannot be read (None: it can): the installed gguf
+    package does not know the type, or cannot dequantize it (probed on one zero block)."""
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+    except ValueError:
+        return f"type {ggml_type}, which the gguf package does not know"
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return f"type {qtype.name}, which the gguf package cannot dequantize"
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,30 @@ class GGUFFile:
         data_start = -(-self._pos // alignment) * alignment
         for name, shape, ggml_type, offset in infos:
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset)
+
+    def unreadable(self, name: str) -> str | None:
+        """Why tensor `name` cannot be dequantized from this file (None: it can): a type the gguf
+        package cannot dequantize, rows that are not whole blocks of its type, or data past the
+        end of the file (a truncated download)."""
+        import gguf
+
+        info = self.tensors[name]
+        reason = undequantizable(info.ggml_type)
+        if reason is not None:
+            return f"it is stored as {reason}"
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        row_elems = info.shape[-1] if info.shape else 1
+        if row_elems % block_size:
+            return f"its rows of {row_elems} values are not whole {qtype.name} blocks of {block_size}"
+        n_bytes = math.prod(info.shape) // block_size * type_size
+        if info.offset_bytes + n_bytes > self._file_size:
+            return "its data runs past the end of the file (an incomplete download?)"
+        return None
+
+    @cached_property
+    def _file_size(self) -> int:
+        return self.path.stat().st_size
 
     @cached_property
     def _mmap(self) -> np.memmap:

@@ -83,6 +83,7 @@ def arch_from_gguf(path: Path) -> ModelArch:
             f"{path.name}: architecture {prefix!r} is not supported: pipeshift serves GGUF files of "
             f"architecture {' or '.join(map(repr, GGUF_ARCHITECTURES))}"
         )
+    check_gguf_tensor_types(gguf_file)
     n_heads = int(field(f"{prefix}.attention.head_count"))
     hidden = int(field(f"{prefix}.embedding_length"))
     names = set(gguf_file.tensors)
@@ -130,6 +131,27 @@ def arch_from_gguf(path: Path) -> ModelArch:
         qkv_bias=qkv_bias,
         family=prefix,
     )
+
+
+def check_gguf_tensor_types(gguf_file: GGUFFile) -> None:
+    """Raises ValueError naming the first tensor that cannot be dequantized (a type the gguf
+    package cannot dequantize, rows not whole blocks, data past the end of the file), so that it
+    is refused before any worker starts rather than failing in a worker as it loads its stage.
+    Every type llama.cpp's quantize writes that gguf dequantizes is served (see README)."""
+    for name in gguf_file.tensors:
+        reason = gguf_file.unreadable(name)
+        if reason is None:
+            continue
+        if "past the end" in reason:
+            advice = "download the file again"
+        elif "does not know" in reason:
+            advice = "upgrade the gguf package (pip install -U gguf), which may know it"
+        else:
+            advice = (
+                "convert the model with llama.cpp's llama-quantize to a supported type "
+                "(F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...)"
+            )
+        raise ValueError(f"{gguf_file.path.name}: tensor {name} cannot be read: {reason}: {advice}")
 
 
 def gguf_rope_freq_factors(gguf_file: GGUFFile) -> tuple[float, ...] | None:
