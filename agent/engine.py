@@ -497,6 +497,13 @@ class PipelineEngine:
         sched = self.scheduler
         need = sched.blocks_needed(n, params.max_tokens)
         capacity = sched.capacity_blocks
+        if need > capacity and not params.max_tokens_asked:  # the prompt alone fills the pool
+            raise EngineError(
+                f"prompt has {n} tokens; each stage's KV cache holds {capacity * sched.block_size} "
+                "tokens and must also hold the answer: shorten the prompt or start the server "
+                "with a larger --kv-cache-mb",
+                param="prompt",
+            )
         if need > capacity:
             raise EngineError(
                 f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) needs {need * sched.block_size} "
@@ -515,6 +522,8 @@ class PipelineEngine:
     async def generate(self, request_id: str, prompt_ids: list[int] | list[list[int]],
                        params: SamplingParams) -> AsyncGenerator[TokenEvent, None]:
         prompts = prompt_batch(prompt_ids)
+        sched = self.scheduler
+        params = fit_default_output(params, [len(p) for p in prompts], sched.capacity_blocks, sched.block_size)
         for prompt in prompts:
             self.check_request(prompt, params)
         loop = asyncio.get_running_loop()
@@ -866,6 +875,21 @@ class PipelineEngine:
 
 HUNG_CPU_SHARE = 0.01  # a step using less than this share of a core is not computing
 HUNG_HARD_LIMIT = 10  # a step longer than this many hang timeouts is hung however busy
+
+
+def fit_default_output(
+    params: SamplingParams, prompt_lengths: list[int], capacity_blocks: int, block_size: int
+) -> SamplingParams:
+    """Returns `params` with a default max_tokens (the client set none) lowered to what a stage's
+    KV pool of `capacity_blocks` holds beside the longest prompt, for its n sequences admitted
+    together. A max_tokens the client asked for, a default that fits, or a prompt that alone
+    fills the pool is left as it is (check_request refuses what cannot be served)."""
+    if params.max_tokens_asked:
+        return params
+    room = capacity_blocks // max(1, params.n) * block_size - max(prompt_lengths, default=0)
+    if 0 < room < params.max_tokens:
+        return replace(params, max_tokens=room)
+    return params
 
 
 def is_hung(busy_for_s: float, busy_cpu_s: float | None, hang_timeout_s: float) -> bool:

@@ -36,6 +36,9 @@ class SamplingParams:
     # None: none; k: each prompt token's logprob (from the same float32 logits, unprocessed)
     # and the k most likely at its position
     prompt_logprobs: int | None = None
+    # False: the client set no max_tokens and max_tokens is the server's default, which the
+    # engine lowers to what its KV cache holds for the prompt (agent/engine.py fit_default_output)
+    max_tokens_asked: bool = True
 
     def wire(self) -> dict[str, Any]:
         """Returns what the last stage's sampler needs, leaving out what is at its neutral value."""

@@ -92,6 +92,7 @@ def sampling_params(
             param=prompt_param,
             code="context_length_exceeded",
         )
+    asked = max_tokens is not None
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
     elif max_tokens > room:
@@ -121,6 +122,7 @@ def sampling_params(
         grammar=grammar,
         n=n,
         prompt_logprobs=prompt_logprobs,
+        max_tokens_asked=asked,
     )
 
 
