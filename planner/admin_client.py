@@ -158,6 +158,11 @@ class AdminClient:
             except json.JSONDecodeError:
                 payload = {}
             message = (payload.get("error") or {}).get("message") or f"HTTP {exc.code}"
+            if exc.code == 401:  # the server has an --admin-token: say how a command sends it
+                message += (
+                    "; the token given (--token or PIPESHIFT_ADMIN_TOKEN) is not the server's"
+                    if self.token else "; give the server's token with --token or PIPESHIFT_ADMIN_TOKEN"
+                )
             raise AdminError(message, exc.code, payload) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
