@@ -86,9 +86,10 @@ class WorkloadBody(_Body):
 
 class SloBody(_Body):
     ttft_ms: float | None = Field(None, gt=0, le=1e9)
-    ttft_percentile: float = Field(99, gt=0, le=100)
+    # out of 100, as the YAML's (planner/spec.py Slo): 0.99 would be a fraction meant as p99
+    ttft_percentile: float = Field(99, ge=1, le=100)
     tpot_ms: float | None = Field(None, gt=0, le=1e9)
-    tpot_percentile: float = Field(99, gt=0, le=100)
+    tpot_percentile: float = Field(99, ge=1, le=100)
 
 
 class SpecBody(_Body):

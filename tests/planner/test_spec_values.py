@@ -153,3 +153,15 @@ def test_a_missing_spec_named_as_a_shipped_example_says_how_to_copy_it(capsys, t
     with pytest.raises(SpecError) as raised:
         load_spec(tmp_path / "my-cluster.yaml")
     assert "pipeshift examples" not in str(raised.value)
+
+
+@pytest.mark.parametrize("field", ["ttft_percentile", "tpot_percentile"])
+def test_the_planner_api_states_that_a_percentile_is_out_of_100(field: str) -> None:
+    # a body with 0.99 passed its schema and was answered 409 "does not hold together"
+    from pydantic import ValidationError
+
+    from planner.api.spec_body import SloBody
+
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        SloBody.model_validate({field: 0.99})
+    assert SloBody.model_json_schema()["properties"][field]["minimum"] == 1
