@@ -246,6 +246,10 @@ def engine_config_from_args(args):
         raise ValueError(f"--max-devices {max_devices} is below the {devices} devices the server starts with")
     if args.micro_batches is not None and args.micro_batches < 1:
         raise ValueError(f"--micro-batches must be at least 1, got {args.micro_batches}")
+    for option, value in (("--max-batch-size", args.max_batch_size), ("--block-size", args.block_size),
+                          ("--threads-per-worker", args.threads_per_worker)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     if args.kv_cache_mb < 1:
         raise ValueError(f"--kv-cache-mb must be at least 1, got {args.kv_cache_mb}")
     if args.memory_budget is not None and args.memory_budget < 1:

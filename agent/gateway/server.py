@@ -32,6 +32,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """Returns a socket bound to `host`:`port` for `run_server`, so that a command finds out
     that it cannot listen there before it starts anything; raises ValueError saying why not and
     what to do (a port another process holds, a host that is not this machine's)."""
+    if not 0 <= port <= 65535:  # getaddrinfo would wrap 99999 round to 34463
+        raise ValueError(f"--port must be 0 to 65535, got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -54,3 +54,24 @@ def test_a_free_port_is_bound_for_the_server() -> None:
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_a_port_outside_the_range_is_refused_not_wrapped(capsys, monkeypatch, port: str) -> None:
+    # 99999 was bound as 34463 (99999 - 65536) and the server printed that address
+    def start_engine(args):
+        raise AssertionError("the workers started on a port the user did not give")
+
+    monkeypatch.setattr(serve_command, "start_engine", start_engine)
+    assert main(["serve", "--port", port]) == 2
+    assert f"--port must be 0 to 65535, got {port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--max-batch-size", "--block-size", "--threads-per-worker"])
+def test_a_count_below_one_is_refused_before_any_worker_starts(option: str) -> None:
+    # --max-batch-size 0 started a server whose micro-batches could hold no request
+    from planner.cli import build_parser
+
+    args = build_parser().parse_args(["serve", option, "0"])
+    with pytest.raises(ValueError, match=f"{option} must be at least 1, got 0"):
+        serve_command.engine_config_from_args(args)
