@@ -40,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         spec = copy_example(source, Path(args.to))
-    except FileExistsError as exc:
-        print(f"pipeshift examples: error: {exc} exists and differs; remove it or choose "
-              "another --to", file=sys.stderr)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.errno is None:  # _copy_bytes: other bytes there
+            print(f"pipeshift examples: error: {exc} exists and differs; remove it or choose "
+                  "another --to", file=sys.stderr)
+        else:
+            print(f"pipeshift examples: error: cannot write {exc.filename or args.to} "
+                  f"({exc.strerror or exc}): choose another --to", file=sys.stderr)
         return 1
     print(f"Wrote {spec}. Plan it with:\n\n  pipeshift plan -f {spec}")
     return 0

@@ -58,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from planner.timeline_plot import plot_timeline
 
-        plot_timeline(apply, args.plot)
+        try:
+            plot_timeline(apply, args.plot)
+        except OSError as exc:
+            print(f"pipeshift show: error: cannot write {args.plot} ({exc.strerror or exc}): give "
+                  "--plot a file in a folder you can write", file=sys.stderr)
+            return 1
         print(f"Wrote the timeline of apply {row.id} to {args.plot}")
         return 0
     print(json.dumps(apply, indent=2) if args.json else render_apply(apply))

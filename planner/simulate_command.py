@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -97,6 +98,16 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.plot:  # made before simulating, so that a path it cannot use loses no simulation
+        try:
+            Path(args.plot).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"pipeshift simulate: error: cannot make the folder {args.plot} for --plot "
+                f"({exc.strerror or exc}): --plot takes a folder to write its PNG files into",
+                file=sys.stderr,
+            )
+            return 1
     try:
         spec = _one_model(load_spec(args.file), args.model)
         trace = load_trace(args.trace, args.rate_scale, args.duration)
@@ -117,8 +128,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from planner.simulation_plot import plot_simulation
 
-        for path in plot_simulation(result, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+        try:
+            for path in plot_simulation(result, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
+        except OSError as exc:
+            print(f"pipeshift simulate: error: cannot write the plots into {args.plot} "
+                  f"({exc.strerror or exc}): give --plot a folder you can write", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
