@@ -357,6 +357,9 @@ def serve(args, spec, settings, sock) -> int:
             return 2
         try:
             run_server(app, args.host, args.port, sock=sock)
+        except ValueError as exc:  # another server started on the port meanwhile
+            print(f"pipeshift serve: error: {exc}", file=sys.stderr)
+            return 2
         finally:
             runner.stop()
     finally:

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
               f"changing the deployment at {args.server}", flush=True)
         run_server(create_planner_app(store, args.server, args.admin_token, token), args.host, port,
                    sock=sock)
+    except ValueError as exc:  # another server started on the port meanwhile
+        print(f"pipeshift planner: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         sock.close()
         store.close()

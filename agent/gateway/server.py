@@ -49,24 +49,29 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        where = f"{host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise ValueError(
-                f"cannot listen on {where}: the port is in use (another pipeshift server or "
-                "another program holds it): stop that process or choose another --port"
-            ) from None
-        if exc.errno == errno.EACCES:
-            raise ValueError(
-                f"cannot listen on {where}: permission denied (ports below 1024 need "
-                "privileges): choose another --port"
-            ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ValueError(
-                f"cannot listen on {where}: {host} is not an address of this host; give one "
-                "that is (--host 127.0.0.1, or 0.0.0.0 for every interface)"
-            ) from None
-        raise ValueError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise cannot_listen(host, port, exc) from None
     return sock
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> ValueError:
+    """Returns the error that says why `host`:`port` cannot be listened on, and what to do."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ValueError(
+            f"cannot listen on {where}: the port is in use (another pipeshift server or "
+            "another program holds it): stop that process or choose another --port"
+        )
+    if exc.errno == errno.EACCES:
+        return ValueError(
+            f"cannot listen on {where}: permission denied (ports below 1024 need "
+            "privileges): choose another --port"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ValueError(
+            f"cannot listen on {where}: {host} is not an address of this host; give one "
+            "that is (--host 127.0.0.1, or 0.0.0.0 for every interface)"
+        )
+    return ValueError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 def run_server(
@@ -80,7 +85,14 @@ def run_server(
     `listening_socket`) it serves on that socket, else it binds `host`:`port` itself."""
     # One worker process: the engine lives in this process, so it cannot be forked.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1)
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    except OSError as exc:
+        # Bound but not yet listening, `sock` shares its port with another server starting
+        # at the same moment; the one that listens first keeps it.
+        if sock is None or exc.errno != errno.EADDRINUSE:
+            raise
+        raise cannot_listen(host, port, exc) from None
 
 
 class ServerThread:

@@ -75,3 +75,22 @@ def test_a_count_below_one_is_refused_before_any_worker_starts(option: str) -> N
     args = build_parser().parse_args(["serve", option, "0"])
     with pytest.raises(ValueError, match=f"{option} must be at least 1, got 0"):
         serve_command.engine_config_from_args(args)
+
+
+def test_a_server_that_took_the_port_while_this_one_started_is_said_too() -> None:
+    # Two servers starting at once both bind (neither listens yet); the second to listen failed
+    # with uvicorn's OSError traceback, after its workers had started.
+    from fastapi import FastAPI
+
+    from agent.gateway.server import run_server
+
+    first = listening_socket("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    second = listening_socket("127.0.0.1", port)
+    try:
+        first.listen()
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            run_server(FastAPI(), "127.0.0.1", port, log_level="warning", sock=second)
+    finally:
+        first.close()
+        second.close()
