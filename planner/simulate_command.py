@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
         help="simulate a request trace over the planned deployment",
-        description="Replay a request trace (a CSV with the columns TIMESTAMP, ContextTokens, "
-        "GeneratedTokens as Azure's traces, or arrival_s, prompt_tokens, output_tokens) over "
+        description="Replay a request trace (a CSV or JSON Lines with the columns TIMESTAMP, "
+        "ContextTokens, GeneratedTokens as Azure's traces, or arrival_s, prompt_tokens, output_tokens) over "
         "the spec's planned deployment; report TTFT/TPOT percentiles, SLO goodput, "
         "device-hours and reconfigurations.",
     )

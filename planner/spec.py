@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -327,30 +326,33 @@ def _as_dist(value: LengthDistribution | int | None) -> LengthDistribution:
 
 
 def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
+    from planner.trace import (  # reads SpecError here
+        TRACE_FORMATS,
+        find_columns,
+        read_rows,
+        token_count,
+    )
+
     if not path.exists():
         raise SpecError([f"{path}: trace file not found; give a path relative to the spec"])
-    if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    else:
-        from planner.trace import read_csv_rows  # planner.trace reads SpecError from here
-
-        _, csv_rows = read_csv_rows(path)
-        rows = list(enumerate(csv_rows, start=2))  # line 1 is the header
+    columns, rows = read_rows(path)
     if not rows:
         raise SpecError([f"{path}: trace has no requests"])
-    # The Azure LLM inference traces name the columns ContextTokens / GeneratedTokens.
-    for _, row in rows:
-        for ours, theirs in (
-            ("prompt_tokens", "ContextTokens"),
-            ("output_tokens", "GeneratedTokens"),
-        ):
-            if ours not in row and theirs in row:
-                row[ours] = row[theirs]
+    # Only the lengths are read: the prompt and output columns of either format, no arrivals.
+    named = next((n for f in TRACE_FORMATS if (n := find_columns(columns, f[1:])) is not None), None)
+    if named is None:
+        wanted = " or ".join(", ".join(f[1:]) for f in TRACE_FORMATS)
+        raise SpecError([f"{path}: every row needs the token counts {wanted}; it has {', '.join(columns)}"])
 
-    def dist(key: str) -> LengthDistribution:
-        if all(key not in r for _, r in rows):
-            raise SpecError([f"{path}: every row needs a numeric `{key}`"])
-        values = sorted(_token_count(path, line, key, r.get(key)) for line, r in rows)
+    def dist(column: str) -> LengthDistribution:
+        values = []
+        for line, row in rows:
+            try:
+                # at least 1, as the simulator counts an empty prompt
+                values.append(float(max(1, token_count(row.get(column), column))))
+            except ValueError as exc:
+                raise SpecError([f"{path}:{line}: {exc}; fix or remove the row"]) from None
+        values.sort()
 
         def q(p: float) -> float:
             return values[min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1)]
@@ -364,50 +366,7 @@ def _trace_lengths(path: Path) -> tuple[LengthDistribution, LengthDistribution]:
             max=values[-1],
         )
 
-    return dist("prompt_tokens"), dist("output_tokens")
-
-
-def _jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Returns (line number, object) for each non-blank line of a JSONL trace; raises SpecError
-    naming the line that is not a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
-    except UnicodeDecodeError:
-        raise SpecError([f"{path}: not a text (UTF-8) file; give the trace as JSONL or CSV"]) from None
-    except OSError as exc:
-        raise SpecError([f"{path}: cannot read the trace: {exc.strerror}"]) from None
-    rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            raise SpecError([
-                f"{path}:{line}: not a JSON object such as "
-                '{"prompt_tokens": 120, "output_tokens": 40}; fix or remove the line'
-            ])
-        rows.append((line, row))
-    return rows
-
-
-def _token_count(path: Path, line: int, key: str, value: Any) -> float:
-    """Returns a trace row's token count (at least 1, as the simulator counts an empty prompt);
-    raises SpecError naming the row when it is missing or not a count."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise SpecError([f"{path}:{line}: {key} is missing; fix or remove the row"])
-    try:
-        n = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        n = math.nan
-    if not (math.isfinite(n) and n >= 0):
-        shown = value.strip() if isinstance(value, str) else value
-        raise SpecError([
-            f"{path}:{line}: {key} {shown!r} is not a number of tokens; fix or remove the row"
-        ])
-    return max(1.0, n)
+    return dist(named[0]), dist(named[1])
 
 
 # --- YAML with line numbers ---------------------------------------------------------------

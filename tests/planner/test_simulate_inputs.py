@@ -51,7 +51,7 @@ def test_the_trace_format_the_example_specs_ship_is_read_too(capsys) -> None:
     [
         (HEADER + "2023-11-16 18:15:46.68,374,4\n2023-11-16 18:15:47.68,374\n", ":3: GeneratedTokens is missing"),
         (HEADER + "yesterday,374,4\n", ":2: TIMESTAMP 'yesterday' is not a date and time"),
-        (HEADER + "2023-11-16 18:15:46.68,-5,4\n", ":2: ContextTokens -5 is negative"),
+        (HEADER + "2023-11-16 18:15:46.68,-5,4\n", ":2: ContextTokens '-5' is not a number of tokens: it is negative"),
         (HEADER + "2023-11-16 18:15:46.68,37.5,4\n", "ContextTokens '37.5' is not a whole number"),
         ("arrival_s,prompt_tokens,output_tokens\nsoon,10,10\n", "arrival_s 'soon' is not a number of seconds"),
         ("when,prompt\n1,2\n", "needs the columns TIMESTAMP, ContextTokens, GeneratedTokens or arrival_s"),
@@ -75,7 +75,7 @@ def test_a_missing_or_binary_trace_file_is_refused_with_a_message(capsys, tmp_pa
     binary = tmp_path / "trace.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     code, _, err = simulate(capsys, "--trace", str(binary))
-    assert code == 1 and "not a text CSV file" in err
+    assert code == 1 and "not a text (UTF-8) file" in err
     code, _, err = simulate(capsys, "--trace", str(tmp_path))
     assert code == 1 and "cannot read the trace" in err
 
@@ -140,3 +140,35 @@ def test_a_spec_workload_trace_from_a_spreadsheet_is_read(tmp_path) -> None:
     path.write_bytes("\ufeffTIMESTAMP, ContextTokens, GeneratedTokens\r\n2023-11-16 18:15:46.68,300,20\r\n".encode())
     prompt, output = _trace_lengths(path)
     assert (prompt.mean, output.mean) == (300.0, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        # a spreadsheet in a comma-decimal locale exports with semicolons
+        ("semicolons.csv", "TIMESTAMP;ContextTokens;GeneratedTokens\n2023-11-16 18:15:46.68;374;44\n"
+                           "2023-11-16 18:15:47.68;396;109\n"),
+        ("tabs.tsv", "arrival_s\tprompt_tokens\toutput_tokens\n0.0\t374\t44\n1.0\t396\t109\n"),
+        ("lower.csv", "timestamp,contexttokens,generatedtokens\n2023-11-16 18:15:46.68,374,44\n"
+                      "2023-11-16 18:15:47.68,396,109\n"),
+        # JSON Lines, as a spec's workload.trace already took it (simulate refused it)
+        ("trace.jsonl", '{"arrival_s": 0, "prompt_tokens": 374, "output_tokens": 44}\n\n'
+                        '{"arrival_s": 1.0, "prompt_tokens": 396, "output_tokens": 109.0}\n'),
+    ],
+)
+def test_traces_in_other_delimiters_cases_and_json_lines_are_read(capsys, tmp_path, name, text) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    trace = load_trace(path)
+    assert (trace.arrival_s, trace.prompt, trace.output) == ([0.0, 1.0], [374, 396], [44, 109])
+    code, out, err = simulate(capsys, "--trace", str(path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["requests"] == 2
+
+
+def test_a_json_lines_row_names_its_line(tmp_path) -> None:
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 3, "output_tokens": 4}\n\n'
+                    '{"arrival_s": 1, "prompt_tokens": 2.5, "output_tokens": 4}\n')
+    with pytest.raises(SpecError, match=r"trace.jsonl:3: prompt_tokens '2.5' is not a whole number"):
+        load_trace(path)

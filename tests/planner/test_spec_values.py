@@ -165,3 +165,10 @@ def test_the_planner_api_states_that_a_percentile_is_out_of_100(field: str) -> N
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         SloBody.model_validate({field: 0.99})
     assert SloBody.model_json_schema()["properties"][field]["minimum"] == 1
+
+
+def test_a_workload_trace_in_azure_columns_with_semicolons_is_read(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("TIMESTAMP;ContextTokens;GeneratedTokens\nx;300;20\nx;100;40\n")
+    (tmp_path / "spec.yaml").write_text(TRACE_SPEC.replace("TRACE", "t.csv"))
+    prompt, output = load_spec(tmp_path / "spec.yaml").lengths()
+    assert (prompt.mean, output.mean) == (200.0, 30.0)  # only the lengths are read
