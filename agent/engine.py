@@ -519,6 +519,13 @@ class PipelineEngine:
                 param="n",
             )
 
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens (prompt and output) one request can have now: the model's context,
+        or fewer where the largest pipeline's KV pool holds fewer (it changes with applies)."""
+        sched = self.scheduler
+        return min(self.max_context, sched.capacity_blocks * sched.block_size)
+
     async def generate(self, request_id: str, prompt_ids: list[int] | list[list[int]],
                        params: SamplingParams) -> AsyncGenerator[TokenEvent, None]:
         prompts = prompt_batch(prompt_ids)

@@ -120,6 +120,11 @@ class Engine(Protocol):
     model_name: str
     max_context: int
 
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens one request can have now (the context, or what the KV cache holds)."""
+        ...
+
     def encode_prompt(self, prompt: str) -> list[int]: ...
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...

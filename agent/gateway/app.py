@@ -141,7 +141,7 @@ def create_app(
     primary, aliases = names[0], names[1:]
 
     def model_card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=started, max_model_len=engine.max_context)
+        return ModelCard(id=name, created=started, max_model_len=engine.max_model_len)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

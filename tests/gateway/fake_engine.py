@@ -38,6 +38,11 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     events_sent: int = 0
     abort_seen: threading.Event = field(default_factory=threading.Event)
+    kv_tokens: int | None = None  # what the KV cache holds for one request (None: the context)
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.max_context, self.kv_tokens or self.max_context)
     chats: list[list[dict[str, str]]] = field(default_factory=list)
 
     def encode_prompt(self, prompt: str) -> list[int]:

@@ -25,6 +25,9 @@ def test_models_lists_the_served_model_and_its_aliases(client: TestClient) -> No
     # aliases repeating the name (the CLI passes the requested name as one) are listed once
     again = TestClient(create_app(FakeEngine(), aliases=["fake-model", "a", "a"]))
     assert [m["id"] for m in again.get("/v1/models").json()["data"]] == ["fake-model", "a"]
+    # where the KV cache holds less than the context, that is the longest request
+    small = TestClient(create_app(FakeEngine(kv_tokens=48)))
+    assert small.get("/v1/models").json()["data"][0]["max_model_len"] == 48
 
 
 def test_served_model_names_replace_the_models_own_names() -> None:

@@ -115,3 +115,23 @@ def test_bad_input_against_the_real_server(one_worker):
     assert status == 404 and "smollm2-135m" in body["error"]["message"].lower()
     status, body = completion(max_tokens=4, temperature=0)  # and it still serves
     assert status == 200 and body["usage"]["completion_tokens"] <= 4
+
+
+def test_models_reports_the_longest_request_the_kv_cache_holds(one_worker):
+    """`max_model_len` is what one request may have (prompt and output), as vLLM's: where the
+    KV cache holds less than the context, the cache's size. It said the context (8192) while a
+    worker holding the whole model holds 5,824 tokens, and such requests were refused."""
+    import httpx
+
+    with httpx.Client(base_url=one_worker.base_url, timeout=60) as client:
+        longest = client.get("/v1/models").json()["data"][0]["max_model_len"]
+        assert 0 < longest < 8192 and longest % 16 == 0  # whole KV blocks
+        body = {"model": "smollm2-135m", "prompt": "hi", "max_tokens": 1}
+        prompt_tokens = client.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+        too_long = client.post("/v1/completions", json={**body, "max_tokens": longest - prompt_tokens + 1})
+        assert too_long.status_code == 400, too_long.text
+        # exactly the longest is admitted: its stream starts (and is closed after one event)
+        with client.stream("POST", "/v1/completions",
+                           json={**body, "max_tokens": longest - prompt_tokens, "stream": True}) as fits:
+            assert fits.status_code == 200
+            assert next(fits.iter_lines()).startswith("data: {")
