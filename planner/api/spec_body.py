@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from cost_models.device_catalog import load_device_catalog
 from cost_models.model_catalog import load_model_catalog
@@ -156,4 +156,14 @@ class PoolSpecBody(_Body):
         return _validated(data)
 
 
-AnySpecBody = SpecBody | PoolSpecBody
+def _form(body: object) -> str:
+    """Which form a spec body is: with `models`, several models on one pool; else one model.
+    Choosing before validating keeps a mistake in one form from being reported as the other
+    form's missing and extra fields as well."""
+    return "PoolSpecBody" if isinstance(body, dict) and "models" in body else "SpecBody"
+
+
+AnySpecBody = Annotated[
+    Annotated[SpecBody, Tag("SpecBody")] | Annotated[PoolSpecBody, Tag("PoolSpecBody")],
+    Discriminator(_form),
+]
