@@ -112,7 +112,7 @@ def _apply(args: argparse.Namespace, store, saved: dict[str, Any] | None, rollba
                           target=lambda deployment: build_target(args, deployment),
                           max_overhead=args.max_overhead,
                           recompute_overflow=getattr(args, "recompute_overflow", False))
-        for line in run.filled:
+        for line in run.notes:
             print(f"Note: {line}.\n")
         if run.drift:
             print(f"Note: {run.drift}.\n")

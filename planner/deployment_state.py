@@ -33,13 +33,95 @@ class Refreshed:
     current: ConfigurationRow
     drift: str | None  # what differs from the record, when something does
     filled: list[str] = field(default_factory=list)  # interrupted applies completed from the server
+    moved: str | None = None  # the deployment answers at another address than the one recorded
+
+    @property
+    def notes(self) -> list[str]:
+        """What a command says before its own output: the deployment moved, applies filled in."""
+        return [self.moved, *self.filled] if self.moved else self.filled
+
+
+PROBE_S = 2.0  # how long a refresh waits for the recorded server when another one is read
+
+
+def deployment_address(server: str) -> str:
+    """Returns the server's admin URL as the store records it: `http://host:port`, scheme and
+    host in lower case, no trailing slash."""
+    from planner.admin_client import server_url
+
+    url = server_url(server)
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}{sep}{host.lower()}{slash}{path}"
+
+
+def _workers(deployment: dict[str, Any]) -> list[tuple[str, int]] | None:
+    """Returns the (name, pid) of every worker of a deployment, None when it does not say them."""
+    devices = deployment.get("devices") if isinstance(deployment, dict) else None
+    if not devices or any(not isinstance(d, dict) or not isinstance(d.get("pid"), int) for d in devices):
+        return None
+    return sorted((str(d.get("name")), d["pid"]) for d in devices)
+
+
+def _recorded_answers(recorded: str, deployment: dict[str, Any], client: AdminClient) -> str:
+    """Asks the server the store recorded the deployment at (`recorded`) for its deployment, once
+    and briefly. Returns `same` when it is `deployment`, read with `client` (the same workers: one
+    server under two addresses), `other` when another deployment answers there, `gone` when
+    nothing pipeshift answers there."""
+    from planner.admin_client import AdminClient, AdminError
+
+    try:
+        there = AdminClient(recorded, client.token, timeout_s=PROBE_S).deployment()
+    except AdminError as exc:
+        # nothing listens, or something that is not a pipeshift admin API took the port
+        return "gone" if exc.status is None or exc.status == 404 else "other"
+    except ValueError:  # an answer that is not JSON: not a pipeshift server
+        return "gone"
+    workers = _workers(there)
+    return "same" if workers is not None and workers == _workers(deployment) else "other"
+
+
+def other_deployment(recorded: str, here: str) -> str:
+    """Says that the store holds another deployment's history, and how to keep the two apart."""
+    return (f"this store holds the history of the deployment at {recorded}, which still answers; {here} is "
+            "another deployment, so nothing was recorded: give it a store of its own "
+            "(`pipeshift init --database-url sqlite:///PATH/other.db`, then that --database-url, or "
+            "PIPESHIFT_DATABASE_URL, with every command for it)")
+
+
+def locate(store: Store, deployment: dict[str, Any], client: AdminClient | None) -> tuple[str | None, str | None]:
+    """Returns where the store records the `deployment` read with `client` (None without a client:
+    where its configurations are) and, when it moved there, from where. Raises OperationError
+    (409) when the store's current configuration was recorded at another server that still
+    answers with another deployment; records nothing."""
+    here = deployment_address(client.server) if client is not None else None
+    recorded = store.current()
+    if here is None or recorded is None or recorded.server is None or recorded.server == here:
+        return here, None
+    answer = _recorded_answers(recorded.server, deployment, client)
+    if answer == "other":
+        from planner.operations import OperationError
+
+        raise OperationError(other_deployment(recorded.server, here), 409)
+    if answer == "same":  # one deployment, two addresses: the store keeps the one it has
+        return recorded.server, None
+    return here, f"moved from {recorded.server}, which no longer answers, to {here}"
 
 
 def refresh(store: Store, deployment: dict[str, Any], client: AdminClient | None = None) -> Refreshed:
     """Makes the store's current configuration the one the server serves (recording it when it
     differs) and its devices the server's; says what drifted from the record. With the server's
     `client`, first fills in the applies a killed process left interrupted that the server has
-    finished since (`fill_interrupted`), so that what they produced is not reported as drift."""
+    finished since (`fill_interrupted`), so that what they produced is not reported as drift.
+
+    A store is the history of one deployment. With the `client`, a refresh from another server
+    than the one the current configuration was recorded at asks that one (briefly) whether it
+    still answers: when another deployment does, the refresh records nothing and raises
+    OperationError (409) saying how to give this one a store of its own; when nothing does, the
+    deployment moved (a restart at another address): the refresh records it at the new address,
+    with a note saying where it moved from. A configuration recorded without a server (before
+    migration 0005) adopts the client's."""
+    at, moved = locate(store, deployment, client)
     filled = fill_interrupted(store, client, deployment.get("model", "?")) if client is not None else []
     store.record_devices(
         [
@@ -54,18 +136,23 @@ def refresh(store: Store, deployment: dict[str, Any], client: AdminClient | None
     )
     served = deployment["configuration"]["pipelines"]
     recorded = store.current()
-    if recorded is not None and stage_layout(recorded.pipelines) == stage_layout(served):
+    if recorded is not None and stage_layout(recorded.pipelines) == stage_layout(served) and moved is None:
+        if recorded.server is None and at is not None:
+            recorded = store.adopt_server(recorded.id, at)
         return Refreshed(recorded, None, filled)
     drift = None
-    if recorded is not None:
+    if recorded is not None and stage_layout(recorded.pipelines) != stage_layout(served):
         drift = (
             f"the deployment serves epoch {deployment['epoch']} with a configuration other than the one "
             f"recorded last (serial {recorded.serial}); recorded it as serial {recorded.serial + 1}"
         )
     row = store.record_configuration(
-        deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"]
+        deployment.get("model", "?"), served, "observed", epoch=deployment["epoch"], server=at,
+        note=f"the deployment {moved}" if moved else None,
     )
-    return Refreshed(row, drift, filled)
+    if moved:
+        moved = f"the deployment this store records {moved}; recorded it there as serial {row.serial}"
+    return Refreshed(row, drift, filled, moved)
 
 
 def fill_interrupted(store: Store, client: AdminClient, model: str) -> list[str]:

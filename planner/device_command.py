@@ -71,6 +71,10 @@ def _add(args: argparse.Namespace, run) -> int:
     from planner.operations import OperationError
 
     try:
+        if run.store is not None:  # a store holding another deployment's history: refused before adding
+            from planner.deployment_state import locate
+
+            locate(run.store, run.client.deployment(), run.client)
         answer = run.client.add_device(args.device, args.kind)
     except AdminError as exc:
         raise OperationError(str(exc), 503 if exc.status is None or exc.status >= 500 else exc.status) from None
@@ -87,7 +91,7 @@ def _print_filled(lines: list[str]) -> None:
 
 def _drain(args: argparse.Namespace, run) -> int:
     answer = run.drain(args.device)
-    _print_filled(run.filled)
+    _print_filled(run.notes)
     print(answer["message"])
     record = answer.get("apply")
     if record is None:

@@ -1,6 +1,8 @@
 """`pipeshift history [--decisions] [--json]`: the configurations, applies and device changes (a
 device joining, drained, given back, gone) of the store, oldest first; with --decisions, every
-decision of the live controller too (acting or not, its reason and predicted figures)."""
+decision of the live controller too (acting or not, its reason and predicted figures). A store is
+one deployment's history: a configuration says the server it was seen at when that is not the
+one before's (the first, and after the deployment moved)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not events:
         print("The store is empty: `pipeshift plan` records the serving configuration.")
         return 0
+    server = None  # a configuration's server is printed when it is not the one before's
     for e, group in _grouped(events):
         when = e["at"][:19].replace("T", " ")
         if e["type"] == "device":
@@ -48,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         elif e["type"] == "decision":
             print(decision_line(when, e))
         elif e["type"] == "configuration":
-            print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<10} {layout(e['pipelines'])}")
+            at = f"  at {e['server']}" if e.get("server") and e["server"] != server else ""
+            server = e.get("server") or server
+            print(f"{when}  configuration {e['id']:<4} serial {e['serial']:<3} {e['source']:<10} {layout(e['pipelines'])}"
+                  f"{at}" + (f"  ({e['note']})" if e.get("note") else ""))
         else:
             result = e["outcome"] or e["state"]
             moved = f"{e['bytes_moved'] / 2**20:.1f} MiB" if e["bytes_moved"] else "-"

@@ -183,17 +183,30 @@ class ApplyRun:
     def refresh_devices(self) -> list[str]:
         """Records the devices' states as the server reports them now (drained, spare, ...);
         nothing when there is no store or the server does not answer. Returns the lines of the
-        interrupted or detached applies the refresh completed (`Refreshed.filled`)."""
+        interrupted or detached applies the refresh completed (`Refreshed.filled`), after the
+        line saying the deployment moved, when it did (`Refreshed.moved`). Raises
+        OperationError (409) when the store holds another deployment's history."""
         if self.store is None:
             return []
         try:
-            return refresh(self.store, self.client.deployment(), self.client).filled
+            refreshed = refresh(self.store, self.client.deployment(), self.client)
         except AdminError:
             return []
+        return refreshed.notes
 
     @property
     def drift(self) -> str | None:
         return self.refreshed.drift if self.refreshed is not None else None
+
+    @property
+    def moved(self) -> str | None:
+        """The deployment answers at another address than the store recorded (it moved)."""
+        return self.refreshed.moved if self.refreshed is not None else None
+
+    @property
+    def notes(self) -> list[str]:
+        """The refresh's notes: the deployment moved, interrupted applies filled in."""
+        return self.refreshed.notes if self.refreshed is not None else []
 
     @property
     def filled(self) -> list[str]:

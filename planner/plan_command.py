@@ -170,13 +170,14 @@ def _plan_change(args: argparse.Namespace, store, url: str) -> int:
     if args.json:
         # one JSON object, as without --server: the target, the server's diff and its text
         print(json.dumps({
-            "server": server, "drift": change.refreshed.drift or None, "filled": change.refreshed.filled,
+            "server": server, "drift": change.refreshed.drift or None, "moved": change.refreshed.moved,
+            "filled": change.refreshed.filled,
             "feasible": feasible,
             "has_changes": change.has_changes, "target": change.target.to_json(),
             "plan": change.dry["plan"], "text": change.dry["text"], "saved_to": saved_to,
         }, indent=2))
     else:
-        for line in change.refreshed.filled:
+        for line in change.refreshed.notes:
             print(f"Note: {line}.\n")
         if change.refreshed.drift:
             print(f"Note: {change.refreshed.drift}.\n")

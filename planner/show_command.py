@@ -84,6 +84,10 @@ def show_current(store, as_json: bool) -> int:
     print(f"configuration {current.id} (serial {current.serial} of lineage {current.lineage}), "
           f"{current.source} at {current.created_at:%Y-%m-%d %H:%M:%S}, epoch {current.epoch}")
     print(f"  model {current.model}")
+    if current.server:
+        print(f"  server: {current.server}")
+    if current.note:
+        print(f"  note: {current.note}")
     for i, pipeline in enumerate(current.pipelines):
         print(f"  pipeline {i}: {layout([pipeline])}")
     return 0

@@ -13,9 +13,9 @@ It calls the functions the CLI calls (planner/operations.py). Mutations need
 `Authorization: Bearer TOKEN` when a token is configured (PIPESHIFT_API_TOKEN); without one
 they are taken from this host only, and `pipeshift planner` refuses to listen elsewhere.
 Refusals answer `{"detail": "..."}`: 400 a body that is not JSON, 401 no token, 403 not this host, 404 unknown id,
-409 lock held, stale plan, or a spec this deployment cannot serve (other model, other
-number of devices, infeasible), 422 bad body (FastAPI's list of fields), 503 the deployment
-does not answer.
+409 lock held, stale plan, a spec this deployment cannot serve (other model, other
+number of devices, infeasible), or a store holding another deployment's history, 422 bad
+body (FastAPI's list of fields), 503 the deployment does not answer.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def create_planner_app(store: Store, server: str, admin_token: str | None = None
         if not change.dry["feasible"]:
             raise OperationError(f"the deployment cannot carry out this plan:\n{change.dry['text']}", 409)
         row = save_plan(store, change, body.spec.model_dump(mode="json", exclude_none=True))
-        out = PlanOut.of(row, change.refreshed.drift)
+        out = PlanOut.of(row, change.refreshed.drift, change.refreshed.moved)
         return JSONResponse(out.model_dump(mode="json"), status_code=201, headers={"Location": f"/v1/plans/{row.id}"})
 
     @app.get("/v1/plans/{plan_id}", responses=_answers(404))
@@ -103,13 +103,14 @@ def create_planner_app(store: Store, server: str, admin_token: str | None = None
             if not run.has_changes:
                 run.close()
                 return JSONResponse(ApplyStarted(apply=None, has_changes=False, text=dry["text"],
-                                                 drift=run.drift).model_dump(mode="json"))
+                                                 drift=run.drift, moved=run.moved).model_dump(mode="json"))
             row = run.start()
         except BaseException:
             run.close()
             raise
         run.follow_in_background()
-        out = ApplyStarted(apply=ApplyOut.of(row), has_changes=True, text=dry["text"], drift=run.drift)
+        out = ApplyStarted(apply=ApplyOut.of(row), has_changes=True, text=dry["text"], drift=run.drift,
+                           moved=run.moved)
         return JSONResponse(out.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/applies/{row.id}"})
 
     @app.post("/v1/applies", status_code=202, response_model=ApplyStarted,

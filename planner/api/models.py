@@ -71,6 +71,10 @@ class ConfigurationOut(BaseModel):
     epoch: int | None
     source: Source
     predicted: dict[str, Any] | None
+    server: str | None = Field(
+        default=None, description="the admin URL of the deployment it was observed or applied at "
+        "(None: recorded before 0005)")
+    note: str | None = Field(default=None, description="why it was recorded, when not plain (the deployment moved)")
     created_at: UtcTime
 
     @classmethod
@@ -85,6 +89,8 @@ class ConfigurationOut(BaseModel):
             epoch=row.epoch,
             source=row.source,
             predicted=row.predicted,
+            server=row.server,
+            note=row.note,
             created_at=row.created_at,
         )
 
@@ -100,10 +106,12 @@ class PlanOut(BaseModel):
     prediction: dict[str, Any]
     text: str = Field(description="the plan as `pipeshift plan` prints it")
     drift: str | None = None
+    moved: str | None = Field(default=None, description="the deployment answered at another address than "
+                              "the store recorded, which no longer answers: recorded as moved")
     created_at: UtcTime
 
     @classmethod
-    def of(cls, row: PlanRow, drift: str | None = None) -> PlanOut:
+    def of(cls, row: PlanRow, drift: str | None = None, moved: str | None = None) -> PlanOut:
         return cls(
             id=row.id,
             against_configuration_id=row.against_id,
@@ -115,6 +123,7 @@ class PlanOut(BaseModel):
             prediction=row.prediction,
             text=row.text,
             drift=drift,
+            moved=moved,
             created_at=row.created_at,
         )
 
@@ -173,6 +182,8 @@ class ApplyStarted(BaseModel):
     has_changes: bool
     text: str = Field(description="the change as `pipeshift apply` prints it")
     drift: str | None = None
+    moved: str | None = Field(default=None, description="the deployment answered at another address than "
+                              "the store recorded, which no longer answers: recorded as moved")
 
 
 class ConfigurationList(BaseModel):
@@ -184,6 +195,8 @@ class HistoryEvent(BaseModel):
     type: Literal["configuration", "apply", "device", "decision"]
     id: int | str
     at: str
+    server: str | None = Field(default=None, description="a configuration's: the admin URL of the deployment "
+                               "it was observed or applied at (None: recorded before 0005)")
 
 
 class History(BaseModel):

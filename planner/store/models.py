@@ -65,7 +65,9 @@ class DeviceEventRow(Base):
 class ConfigurationRow(Base):
     """One configuration a deployment served or was told to serve. Configurations of one
     deployment share a lineage and count up by serial; a plan names the pair it was made
-    against, so a plan made against an older serial is stale."""
+    against, so a plan made against an older serial is stale. A store is the history of one
+    deployment: each configuration names the server it was seen at, and a refresh from another
+    server that is not that deployment moved is refused (planner/deployment_state.py)."""
 
     __tablename__ = "configurations"
     __table_args__ = (UniqueConstraint("lineage", "serial", name="uq_configurations_lineage_serial"),)
@@ -80,6 +82,10 @@ class ConfigurationRow(Base):
     predicted: Mapped[dict[str, Any] | None]  # the planner's figures for it
     spec: Mapped[dict[str, Any] | None]  # the spec it was planned from
     source: Mapped[str] = mapped_column(String(20))  # a Source
+    # The admin URL of the deployment it was observed or applied at (None: recorded before 0005,
+    # or by the serving process itself, until a command adopts the address it reaches it at).
+    server: Mapped[str | None] = mapped_column(String(500))
+    note: Mapped[str | None] = mapped_column(Text)  # why it was recorded, when not plain (the deployment moved)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 
 

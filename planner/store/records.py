@@ -8,6 +8,8 @@ server has finished that apply (`fill_interrupted`). A lock row says who may cha
 now.
 Every decision of a serving process's controller is a row too, acting or not, and so is every
 change of the fleet a refresh sees (a device joining, drained, given back, gone).
+A store is one deployment's history: each configuration names the server it was seen at
+(`refresh` refuses another deployment's, planner/deployment_state.py).
 """
 
 from __future__ import annotations
@@ -100,14 +102,17 @@ def _get(s: Session, row_type: type, key: Any, missing: str) -> Any:
 
 def _add_configuration(s: Session, model: str, pipelines: list[Any], source: str, epoch: int | None = None,
                        predicted: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
-                       lineage: str | None = None, created_at: datetime | None = None) -> ConfigurationRow:
-    """Adds a configuration after the newest of its lineage, in the transaction `s`."""
+                       lineage: str | None = None, created_at: datetime | None = None,
+                       server: str | None = None, note: str | None = None) -> ConfigurationRow:
+    """Adds a configuration after the newest of its lineage, in the transaction `s`; at the
+    parent's server unless `server` is given (the deployment does not move by being changed)."""
     parent = _newest(s, lineage)
     row = ConfigurationRow(
         lineage=lineage or (parent.lineage if parent else str(uuid.uuid4())),
         serial=(parent.serial + 1) if parent else 1,
         parent_id=parent.id if parent else None,
         model=model, pipelines=pipelines, epoch=epoch, predicted=predicted, spec=spec, source=source,
+        server=server or (parent.server if parent else None), note=note,
     )
     if created_at is not None:
         row.created_at = created_at
@@ -193,11 +198,22 @@ class Store:
 
     def record_configuration(self, model: str, pipelines: list[Any], source: str, epoch: int | None = None,
                              predicted: dict[str, Any] | None = None, spec: dict[str, Any] | None = None,
-                             lineage: str | None = None) -> ConfigurationRow:
+                             lineage: str | None = None, server: str | None = None,
+                             note: str | None = None) -> ConfigurationRow:
         """Adds a configuration after the newest of its lineage (a new lineage when none is
-        given and the store has none)."""
+        given and the store has none), at `server` (default: its parent's)."""
         with self.transaction() as s:
-            return _add_configuration(s, model, pipelines, source, epoch, predicted, spec, lineage)
+            return _add_configuration(s, model, pipelines, source, epoch, predicted, spec, lineage,
+                                      server=server, note=note)
+
+    def adopt_server(self, configuration_id: int, server: str) -> ConfigurationRow:
+        """Gives a configuration recorded without a server (before migration 0005, or by the
+        serving process itself) the server a refresh found it serving at."""
+        with self.transaction() as s:
+            row = _get(s, ConfigurationRow, configuration_id, f"no configuration {configuration_id}")
+            if row.server is None:
+                row.server = server
+            return row
 
     def configuration(self, configuration_id: int) -> ConfigurationRow:
         with self.transaction() as s:
@@ -421,7 +437,7 @@ class Store:
             events.append((c.created_at, 0, {
                 "type": "configuration", "id": c.id, "serial": c.serial, "lineage": c.lineage,
                 "source": c.source, "epoch": c.epoch, "at": c.created_at.isoformat(),
-                "pipelines": c.pipelines, "model": c.model,
+                "pipelines": c.pipelines, "model": c.model, "server": c.server, "note": c.note,
             }))
         for a in self.applies():
             events.append((a.started_at, 1, {

@@ -16,7 +16,7 @@ A_DEVICE = ("INSERT INTO devices (name, kind, node, state, first_seen, last_seen
 def test_the_upgrade_from_0002_adds_the_note_and_keeps_the_applies(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     config = store_made_at(url, "0002", AN_APPLY)
-    assert init_schema(url) == ("0002", "0004")
+    assert init_schema(url) == ("0002", "0005")
     store = open_store(url)
     try:
         row = store.apply("a-1")
@@ -32,7 +32,7 @@ def test_the_upgrade_from_0003_adds_device_events_and_sources_and_keeps_the_rows
     no source (`history` lists it as `apply`)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     config = store_made_at(url, "0003", AN_APPLY, A_DEVICE)
-    assert init_schema(url) == ("0003", "0004")
+    assert init_schema(url) == ("0003", "0005")
     store = open_store(url)
     try:
         assert (store.apply("a-1").source, store.apply("a-1").bytes_moved) == (None, 4096)

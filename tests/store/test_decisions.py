@@ -30,7 +30,7 @@ def test_the_upgrade_from_0001_adds_decisions_and_keeps_what_the_store_held(sqli
         "INSERT INTO configurations (lineage, serial, model, pipelines, source, created_at) "
         "VALUES ('l', 1, 'SmolLM2-135M', :p, 'observed', '2026-11-28 10:00:00')",
         {"p": json.dumps(TWO_STAGES["pipelines"])}))
-    assert init_schema(sqlite_url) == ("0001", "0004")
+    assert init_schema(sqlite_url) == ("0001", "0005")
     store = open_store(sqlite_url)
     try:
         assert [c.pipelines for c in store.configurations()] == [TWO_STAGES["pipelines"]]

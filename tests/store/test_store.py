@@ -32,8 +32,8 @@ def store(database_url):
 def test_a_missing_store_says_to_run_init_and_init_is_idempotent(database_url):
     with pytest.raises(NoStore, match="run `pipeshift init`"):
         open_store(database_url)
-    assert init_schema(database_url) == (None, "0004")
-    assert init_schema(database_url) == ("0004", "0004")
+    assert init_schema(database_url) == (None, "0005")
+    assert init_schema(database_url) == ("0005", "0005")
     open_store(database_url).close()
 
 
