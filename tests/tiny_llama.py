@@ -16,6 +16,19 @@ TINY_LLAMA = dict(
 )
 
 
+# 3 layers, a small vocabulary: the random decoders (Llama, Mistral, Qwen2) whose logits tests
+# split over 1, 2 and 3 stages (THREE_LAYER_SPLITS)
+THREE_LAYERS = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
+)
+THREE_LAYER_SPLITS = {
+    "1-stage": [(0, 3)],
+    "2-stage": [(0, 1), (1, 3)],
+    "3-stage": [(0, 1), (1, 2), (2, 3)],
+}
+
+
 def tiny_llama_config(**overrides: Any) -> Any:
     """Returns transformers' LlamaConfig of TINY_LLAMA with `overrides`."""
     import transformers

@@ -20,21 +20,13 @@ from agent.loaders import load_stage_weights, load_weights, resolve_model
 from agent.model import LlamaStage
 from cost_models.layer_work import matmul_params_per_layer
 from tests.agent.stage_runner import InProcessPipeline
-from tests.tiny_llama import randomize_biases
+from tests.tiny_llama import THREE_LAYER_SPLITS, THREE_LAYERS, randomize_biases
 
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4  # as tests/agent/test_model_parity.py
 N_TOKENS = 24
-SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
-)
-SPLITS = {
-    "1-stage": [(0, 3)],
-    "2-stage": [(0, 1), (1, 3)],
-    "3-stage": [(0, 1), (1, 2), (2, 3)],
-}
+SHAPE, SPLITS = THREE_LAYERS, THREE_LAYER_SPLITS
 
 
 def save_model(directory: Path, kind: str, **overrides):

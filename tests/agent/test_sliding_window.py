@@ -26,21 +26,14 @@ from agent.kv_cache import KVCacheSpec, PagedKVCache
 from agent.loaders import load_stage_weights, resolve_model
 from agent.model import LlamaStage
 from tests.agent.stage_runner import InProcessPipeline
+from tests.tiny_llama import THREE_LAYER_SPLITS, THREE_LAYERS
 
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4  # as tests/agent/test_model_parity.py
 WINDOW = 8
 N_TOKENS = 30  # several windows
-SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
-)
-SPLITS = {
-    "1-stage": [(0, 3)],
-    "2-stage": [(0, 1), (1, 3)],
-    "3-stage": [(0, 1), (1, 2), (2, 3)],
-}
+SHAPE, SPLITS = THREE_LAYERS, THREE_LAYER_SPLITS
 # kind -> (transformers config, the layers that slide)
 MODELS = {
     "mistral": (lambda: transformers.MistralConfig(**SHAPE, sliding_window=WINDOW), (0, 1, 2)),

@@ -16,3 +16,15 @@ def write_spec(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, capsys) -> str:
+    """A new store made by `pipeshift init` (what it printed is read away)."""
+    from planner.cli import main
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["init", "--database-url", url]) == 0
+    capsys.readouterr()
+    return url
+

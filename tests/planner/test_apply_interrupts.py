@@ -7,7 +7,6 @@ replies (the live server is tests/integration/test_control_plane.py's)."""
 from __future__ import annotations
 
 import builtins
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,14 +31,11 @@ def ctrl_c(*args: Any, **kwargs: Any) -> Any:
 
 
 @pytest.fixture
-def store_url(tmp_path: Path, monkeypatch, capsys) -> str:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    assert main(["init", "--database-url", url]) == 0
-    capsys.readouterr()
+def store_url(store_url: str, monkeypatch) -> str:
     monkeypatch.setattr(AdminClient, "deployment", lambda self: DEPLOYMENT)
     monkeypatch.setattr(AdminClient, "plan", lambda self, target, *a, **k: {
         "plan": {"has_changes": True}, "text": "  ~ pipeline 0 ...", "feasible": True})
-    return url
+    return store_url
 
 
 def apply(url: str) -> int:

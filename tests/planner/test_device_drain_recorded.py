@@ -8,10 +8,7 @@ tests/integration/test_device_drain_live.py's)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from planner.admin_client import AdminClient, AdminError
 from planner.cli import main
@@ -64,14 +61,6 @@ class FakeServer:
         self.deployment = {**AFTER, "devices": [*AFTER["devices"][:1], {"name": device, "state": "spare"},
                                                 AFTER["devices"][2]]}
         return {"added": [device], "started": False, "message": f"{device} is available again"}
-
-
-@pytest.fixture
-def store_url(tmp_path: Path, capsys) -> str:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    assert main(["init", "--database-url", url]) == 0
-    capsys.readouterr()
-    return url
 
 
 def device(url: str, *args: str) -> int:

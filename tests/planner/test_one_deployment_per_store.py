@@ -57,14 +57,6 @@ class Servers:
 
 
 @pytest.fixture
-def store_url(tmp_path: Path, capsys) -> str:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    assert main(["init", "--database-url", url]) == 0
-    capsys.readouterr()
-    return url
-
-
-@pytest.fixture
 def spec(tmp_path: Path) -> str:
     path = tmp_path / "spec.yaml"
     path.write_text(SPEC)

@@ -9,7 +9,7 @@ import pytest
 
 from cost_models.paths import specs_dir
 from planner.cli import main
-from planner.store import init_schema, open_store
+from tests.store.recorded import store_with_one_apply
 
 pytest.importorskip("matplotlib")
 
@@ -35,16 +35,9 @@ def test_simulate_plot_into_a_file_says_it_takes_a_folder(capsys, blocker) -> No
 
 def test_show_plot_where_it_cannot_be_written_says_so(capsys, monkeypatch, tmp_path, blocker) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    init_schema(url)
-    store = open_store(url)
-    first = store.record_configuration(
-        "SmolLM2-135M", [{"stages": [{"device": "worker-0", "start": 0, "end": 30}]}], "observed"
-    )
-    row = store.begin_apply(None, first.id)
-    store.finish_apply(row.id, "applied", bytes_moved=1)
-    store.close()
+    apply_id = store_with_one_apply(url)
     target = blocker / "timeline.png"
-    assert main(["show", row.id, "--plot", str(target), "--database-url", url]) == 1
+    assert main(["show", apply_id, "--plot", str(target), "--database-url", url]) == 1
     err = capsys.readouterr().err
     assert f"pipeshift show: error: cannot write {target}" in err and "Traceback" not in err
 

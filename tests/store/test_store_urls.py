@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 
 from planner.cli import main
-from planner.store import NoStore, init_schema, open_store
+from planner.store import NoStore, open_store
+from tests.store.recorded import store_with_one_apply
 
 
 @pytest.mark.parametrize(
@@ -34,20 +35,13 @@ def test_a_bad_store_url_says_what_a_store_url_looks_like(capsys, url, expected)
 def test_show_plot_without_matplotlib_says_what_to_install(capsys, monkeypatch, tmp_path) -> None:
     # It printed a ModuleNotFoundError traceback: the import it guarded did not import matplotlib.
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    init_schema(url)
-    store = open_store(url)
-    first = store.record_configuration(
-        "SmolLM2-135M", [{"stages": [{"device": "worker-0", "start": 0, "end": 30}]}], "observed"
-    )
-    row = store.begin_apply(None, first.id)
-    store.finish_apply(row.id, "applied", bytes_moved=1)
-    store.close()
+    apply_id = store_with_one_apply(url)
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
     )
     plot = tmp_path / "timeline.png"
-    assert main(["show", row.id, "--plot", str(plot), "--database-url", url]) == 1
+    assert main(["show", apply_id, "--plot", str(plot), "--database-url", url]) == 1
     assert "pip install 'pipeshift[plot]'" in capsys.readouterr().err
     assert not plot.exists()
 
