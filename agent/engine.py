@@ -68,6 +68,8 @@ class EngineConfig:
     threads_per_worker: int = 1
     device: str = "cpu"  # worker device type (local mode runs CPU workers)
     max_batch_size: int = 32
+    # the most tokens (prompt and output) a request may have; None: the model's context
+    max_model_len: int | None = None
     max_prefill_tokens: int = 512
     micro_batches: int | None = None  # in flight per pipeline; None: see PipelineEngine.micro_batches
     max_overhead: float = 0.05  # how much a reconfiguration's background copies may slow serving
@@ -181,7 +183,7 @@ class PipelineEngine:
         self.source = resolve_model(config.model)
         self.arch = self.source.arch
         self.model_name = self.source.name
-        self.max_context = self.arch.max_context
+        self.max_context = served_context(self.arch.max_context, config.max_model_len)
         self.tokenizer = load_tokenizer(self.source.format, self.source.path)
         self._initial = config.initial_pipelines(self.arch.n_layers)
         self.memory_budget_bytes = config.memory_budget_bytes or default_memory_budget_bytes(config.n_devices)
@@ -882,6 +884,20 @@ class PipelineEngine:
 
 HUNG_CPU_SHARE = 0.01  # a step using less than this share of a core is not computing
 HUNG_HARD_LIMIT = 10  # a step longer than this many hang timeouts is hung however busy
+
+
+def served_context(model_context: int, max_model_len: int | None) -> int:
+    """Returns the context requests are served in: the model's, or a shorter `max_model_len`
+    (a request then reserves KV for fewer tokens, and more of them fit side by side); raises
+    ValueError for one the model cannot serve."""
+    if max_model_len is None:
+        return model_context
+    if not 2 <= max_model_len <= model_context:
+        raise ValueError(
+            f"--max-model-len {max_model_len} is not served: the model's context is {model_context} "
+            f"tokens; give 2 to {model_context}, or leave it out for the whole context"
+        )
+    return max_model_len
 
 
 def fit_default_output(

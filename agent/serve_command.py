@@ -55,6 +55,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, default_devices: int |
         "--max-batch-size", type=int, default=32, help="requests per micro-batch, at most"
     )
     parser.add_argument(
+        "--max-model-len", type=int, default=None, metavar="TOKENS",
+        help="the most tokens (prompt and output) one request may have, as vLLM's option: a "
+        "context shorter than the model's, so that requests reserve less KV (default: the model's)",
+    )
+    parser.add_argument(
         "--micro-batches",
         type=int,
         default=None,
@@ -266,6 +271,7 @@ def engine_config_from_args(args):
         block_size=args.block_size,
         threads_per_worker=args.threads_per_worker,
         max_batch_size=args.max_batch_size,
+        max_model_len=getattr(args, "max_model_len", None),
         micro_batches=args.micro_batches,
         max_overhead=args.max_overhead,
     )
