@@ -1,7 +1,9 @@
 """A Mistral safetensors directory with a sliding window shorter than the prompts, served by the
 real engine on 2 worker processes over its whole context: two requests of different lengths,
 generated together, each reaching several windows past its start, give transformers' greedy
-tokens."""
+tokens. A Qwen2 whose sliding and full layers alternate gives them too after live applies move
+a sliding layer to the stage of full ones and back (each stage builds the window's masks for
+the layers it holds then)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from agent.engine import EngineConfig, PipelineEngine
 from agent.engine_api import SamplingParams
+from planner.configuration import Configuration
 from tests.tiny_llama import TINY_LLAMA, save_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -70,3 +73,47 @@ def hf_greedy(hf_model, prompt: list[int]) -> list[int]:
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def alternating_qwen2(tmp_path_factory, gguf_path):
+    """A tiny random Qwen2 whose layers 1 and 3 slide, saved with SmolLM2's tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-qwen2-window")
+    torch.manual_seed(1)
+    config = transformers.Qwen2Config(
+        **(TINY_LLAMA | {"num_hidden_layers": 4}), use_sliding_window=True, sliding_window=WINDOW,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"])
+    model = transformers.Qwen2ForCausalLM(config).float().eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(directory, gguf_path, None)
+    return directory, model
+
+
+def test_sliding_layers_moved_live_keep_their_window(alternating_qwen2):
+    directory, hf_model = alternating_qwen2
+    engine = PipelineEngine(EngineConfig(model=str(directory), n_devices=2, stages=[(0, 1), (1, 4)],
+                                         kv_cache_bytes=8 << 20)).start()
+    try:
+        assert engine.arch.sliding_layers == (1, 3)
+        prompt = engine.encode_prompt(PROMPTS[1])
+        before = _greedy(engine, "before", prompt)
+        for stages in ("0:2,2:4", "0:1,1:4"):  # sliding layer 1 joins full layer 0's stage, and back
+            target = Configuration.from_stages_text(stages, ["worker-0", "worker-1"])
+            record = engine.reconfig.start(target, max_overhead=1.0)
+            assert record.done.wait(120) and record.outcome == "applied", record.error
+            assert _greedy(engine, f"after {stages}", prompt) == before
+    finally:
+        engine.stop()
+    assert before == hf_greedy(hf_model, prompt)
+
+
+def _greedy(engine: PipelineEngine, name: str, prompt: list[int]) -> list[int]:
+    async def run() -> list[int]:
+        tokens: list[int] = []
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        async for ev in engine.generate(name, prompt, params):
+            tokens += ev.token_ids
+        return tokens
+
+    return asyncio.run(run())
+
