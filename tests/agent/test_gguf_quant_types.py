@@ -245,3 +245,18 @@ def test_a_truncated_file_is_refused_naming_the_tensor_cut_short(tmp_path):
     message = str(refusal.value)
     assert "blk.1.ffn_norm.weight cannot be read: its data runs past the end of the file" in message
     assert "download the file again" in message
+
+
+def test_rows_that_are_not_whole_blocks_of_their_type_are_refused_by_name(tmp_path):
+    name = "blk.1.ffn_up.weight"
+    cols = shapes()[name][1]
+    path = Path(write_with_type_id(tmp_path / "model.gguf", name, int(T.Q8_0), cols // 32 * 34))
+    data = bytearray(path.read_bytes())  # then the row length says 16 values fewer: not 32s
+    key = len(name).to_bytes(8, "little") + name.encode()
+    at = data.index(key) + len(key)
+    data[at + 4 : at + 12] = (cols - 16).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as refusal:
+        resolve_model(str(path))
+    assert f"tensor {name} cannot be read: its rows of {cols - 16} values are not whole Q8_0 blocks of 32" in str(
+        refusal.value)
