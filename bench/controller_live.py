@@ -4,9 +4,9 @@ client against `pipeshift serve --controller auto`, and the same segment against
 starting configuration (`--controller off`). Prints per phase and in all: requests, failures,
 SLO goodput, TTFT/TPOT p50/p90, and the controller's decisions with their reasons; writes JSON.
 
-    python -m bench.controller_live [--out bench/out/controller_live.json] [--scale 1.0]
+    python -m bench.controller_live [--out bench/out/controller_live.json] [--scale 1.0] [--start-stages 0:15,15:30]
 
-SmolLM2-135M on 3 CPU workers, starting from 0:15,15:30 with one spare. The SLOs are the
+SmolLM2-135M on 3 CPU workers, starting from 0:15,15:30 with one spare (--start-stages). The SLOs are the
 local example spec's (TTFT 5 s, TPOT 1 s); goodput counts the requests that met both, per
 second of the segment.
 """
@@ -33,8 +33,8 @@ PHASES = (
     ("long", 40.0, 0.25, 320, 32),
     ("burst", 40.0, 2.2, 48, 32),
 )
-START = ("--devices", "3", "--stages", "0:15,15:30", "--kv-cache-mb", "256", "--max-overhead", "0.25",
-         "--max-batch-size", "8")
+START_STAGES = "0:15,15:30"  # two of the three workers; --start-stages changes it
+SERVE = ("--devices", "3", "--kv-cache-mb", "256", "--max-overhead", "0.25", "--max-batch-size", "8")
 CONTROLLER = ("--controller-interval", "5", "--workload-window", "20", "--controller-dwell", "20",
               "--controller-horizon", "60")
 
@@ -117,12 +117,12 @@ def figures(requests: list[Request], seconds: float) -> dict:
     }
 
 
-def run(policy: str, tokenizer, scale: float) -> dict:
+def run(policy: str, tokenizer, scale: float, stages: str = START_STAGES) -> dict:
     from planner.admin_client import AdminClient
 
     trace = make_trace(tokenizer, scale)
     mode = ("--controller", "auto", *CONTROLLER) if policy == "auto" else ("--controller", "off")
-    with ServeProcess(*START, *mode) as server:
+    with ServeProcess(*SERVE, "--stages", stages, *mode) as server:
         began = time.time()
         asyncio.run(replay(server.base_url, trace))
         admin = AdminClient(server.base_url)
@@ -157,12 +157,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/out/controller_live.json")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's arrival rate")
+    parser.add_argument("--start-stages", default=START_STAGES,
+                        help=f"the starting configuration's stages on workers 0.. (default {START_STAGES}; "
+                        "0:30 starts on one worker, two spare)")
     args = parser.parse_args()
     from agent.loaders import resolve_model
     from agent.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(resolve_model("smollm2-135m").path)
-    results = {policy: run(policy, tokenizer, args.scale) for policy in ("static", "auto")}
+    results = {policy: run(policy, tokenizer, args.scale, args.start_stages) for policy in ("static", "auto")}
     print(f"{'policy':7} {'phase':6} {'reqs':>4} {'fail':>4} {'met':>4} {'goodput/s':>9} "
           f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9} {'TPOT p90':>9}")
     for policy, r in results.items():
