@@ -32,21 +32,29 @@ class TensorInfo:
     offset_bytes: int  # absolute offset in the file
 
 
+# What to do about a tensor that cannot be read, by why.
+CONVERT = ("convert the model with llama.cpp's llama-quantize to a supported type "
+           "(F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...)")
+UPGRADE_GGUF = "upgrade the gguf package (pip install -U gguf), which may know it"
+DOWNLOAD_AGAIN = "download the file again"
+
+
 @cache
-def undequantizable(ggml_type: int) -> str | None:
-    """Why a tensor of GGML type `ggml_type` cannot be read (None: it can): the installed gguf
-    package does not know the type, or cannot dequantize it (probed on one zero block)."""
+def undequantizable(ggml_type: int) -> tuple[str, str] | None:
+    """Why a tensor of GGML type `ggml_type` cannot be read, and what to do (None: it can): the
+    installed gguf package does not know the type, or cannot dequantize it (probed on one zero
+    block)."""
     import gguf
 
     try:
         qtype = gguf.GGMLQuantizationType(ggml_type)
     except ValueError:
-        return f"type {ggml_type}, which the gguf package does not know"
+        return f"type {ggml_type}, which the gguf package does not know", UPGRADE_GGUF
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     try:
         gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
     except NotImplementedError:
-        return f"type {qtype.name}, which the gguf package cannot dequantize"
+        return f"type {qtype.name}, which the gguf package cannot dequantize", CONVERT
     return None
 
 
@@ -131,24 +139,24 @@ class GGUFFile:
         for name, shape, ggml_type, offset in infos:
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset)
 
-    def unreadable(self, name: str) -> str | None:
-        """Why tensor `name` cannot be dequantized from this file (None: it can): a type the gguf
-        package cannot dequantize, rows that are not whole blocks of its type, or data past the
-        end of the file (a truncated download)."""
+    def unreadable(self, name: str) -> tuple[str, str] | None:
+        """Why tensor `name` cannot be dequantized from this file, and what to do (None: it
+        can): a type the gguf package cannot dequantize, rows that are not whole blocks of its
+        type, or data past the end of the file (a truncated download)."""
         import gguf
 
         info = self.tensors[name]
-        reason = undequantizable(info.ggml_type)
-        if reason is not None:
-            return f"it is stored as {reason}"
+        refused = undequantizable(info.ggml_type)
+        if refused is not None:
+            return f"it is stored as {refused[0]}", refused[1]
         qtype = gguf.GGMLQuantizationType(info.ggml_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         row_elems = info.shape[-1] if info.shape else 1
         if row_elems % block_size:
-            return f"its rows of {row_elems} values are not whole {qtype.name} blocks of {block_size}"
+            return f"its rows of {row_elems} values are not whole {qtype.name} blocks of {block_size}", CONVERT
         n_bytes = math.prod(info.shape) // block_size * type_size
         if info.offset_bytes + n_bytes > self._file_size:
-            return "its data runs past the end of the file (an incomplete download?)"
+            return "its data runs past the end of the file (an incomplete download?)", DOWNLOAD_AGAIN
         return None
 
     @cached_property

@@ -139,19 +139,10 @@ def check_gguf_tensor_types(gguf_file: GGUFFile) -> None:
     is refused before any worker starts rather than failing in a worker as it loads its stage.
     Every type llama.cpp's quantize writes that gguf dequantizes is served (see README)."""
     for name in gguf_file.tensors:
-        reason = gguf_file.unreadable(name)
-        if reason is None:
-            continue
-        if "past the end" in reason:
-            advice = "download the file again"
-        elif "does not know" in reason:
-            advice = "upgrade the gguf package (pip install -U gguf), which may know it"
-        else:
-            advice = (
-                "convert the model with llama.cpp's llama-quantize to a supported type "
-                "(F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...)"
-            )
-        raise ValueError(f"{gguf_file.path.name}: tensor {name} cannot be read: {reason}: {advice}")
+        refused = gguf_file.unreadable(name)
+        if refused is not None:
+            reason, advice = refused
+            raise ValueError(f"{gguf_file.path.name}: tensor {name} cannot be read: {reason}: {advice}")
 
 
 def gguf_rope_freq_factors(gguf_file: GGUFFile) -> tuple[float, ...] | None:
