@@ -79,19 +79,20 @@ def _add(args: argparse.Namespace, run) -> int:
     except AdminError as exc:
         raise OperationError(str(exc), 503 if exc.status is None or exc.status >= 500 else exc.status) from None
     print(answer["message"])
-    _print_filled(run.refresh_devices())
+    _print_notes(run.refresh_devices())
     return 0
 
 
-def _print_filled(lines: list[str]) -> None:
-    """Says which applies a refresh completed from the server's record, as plan and apply do."""
+def _print_notes(lines: list[str]) -> None:
+    """Says what a refresh noted (the deployment moved, applies completed from the server's
+    record), as plan and apply do."""
     for line in lines:
         print(f"Note: {line}.")
 
 
 def _drain(args: argparse.Namespace, run) -> int:
     answer = run.drain(args.device)
-    _print_filled(run.notes)
+    _print_notes(run.notes)
     print(answer["message"])
     record = answer.get("apply")
     if record is None:
@@ -103,7 +104,7 @@ def _drain(args: argparse.Namespace, run) -> int:
                   "(`pipeshift plan --server`, apply, device) fills it in from the server's record.")
         return 0
     final, _ = run.follow()
-    _print_filled(run.refresh_devices())  # the device is `drained` now, or serving again
+    _print_notes(run.refresh_devices())  # the device is `drained` now, or serving again
     if final["outcome"] != "applied":
         print(f"pipeshift device drain: the apply ended {final['outcome']}: {final.get('error') or ''}; "
               f"{args.device} keeps serving", file=sys.stderr)
