@@ -24,16 +24,21 @@ NEW_TOKENS = 16
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived an old"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gguf_path):
-    """A tiny random Mistral with SmolLM2's tokenizer, saved the way transformers saves models."""
-    directory = tmp_path_factory.mktemp("tiny-mistral")
-    torch.manual_seed(0)
-    config = transformers.MistralConfig(**(TINY_LLAMA | {"num_hidden_layers": 4}), sliding_window=WINDOW)
-    model = transformers.MistralForCausalLM(config).float().eval()
+def saved(directory, gguf_path, model_class, config, seed: int):
+    """Saves a tiny random `model_class` of `config` with SmolLM2's tokenizer, the way
+    transformers saves models; returns (directory, the model)."""
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
     model.save_pretrained(directory, safe_serialization=True)
     save_tokenizer(directory, gguf_path, None)
     return directory, model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, gguf_path):
+    """A tiny random Mistral with its window in every layer."""
+    config = transformers.MistralConfig(**(TINY_LLAMA | {"num_hidden_layers": 4}), sliding_window=WINDOW)
+    return saved(tmp_path_factory.mktemp("tiny-mistral"), gguf_path, transformers.MistralForCausalLM, config, 0)
 
 
 def test_mistral_with_a_window_serves_transformers_tokens_past_it(model_dir):
@@ -43,18 +48,7 @@ def test_mistral_with_a_window_serves_transformers_tokens_past_it(model_dir):
         assert engine.arch.sliding_window == WINDOW
         assert engine.max_context == TINY_LLAMA["max_position_embeddings"]
         prompts = [engine.encode_prompt(text) for text in PROMPTS]
-
-        async def greedy(name: str, prompt: list[int]) -> list[int]:
-            tokens: list[int] = []
-            params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-            async for ev in engine.generate(name, prompt, params):
-                tokens += ev.token_ids
-            return tokens
-
-        async def both() -> list[list[int]]:
-            return list(await asyncio.gather(*(greedy(f"r{i}", p) for i, p in enumerate(prompts))))
-
-        ours = asyncio.run(both())
+        ours = _greedy(engine, "r", prompts)
     finally:
         engine.stop()
     assert len(prompts[1]) > WINDOW  # one prefill already past the window
@@ -77,16 +71,11 @@ def hf_greedy(hf_model, prompt: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def alternating_qwen2(tmp_path_factory, gguf_path):
-    """A tiny random Qwen2 whose layers 1 and 3 slide, saved with SmolLM2's tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-qwen2-window")
-    torch.manual_seed(1)
+    """A tiny random Qwen2 whose layers 1 and 3 slide."""
     config = transformers.Qwen2Config(
         **(TINY_LLAMA | {"num_hidden_layers": 4}), use_sliding_window=True, sliding_window=WINDOW,
         layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"])
-    model = transformers.Qwen2ForCausalLM(config).float().eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory, gguf_path, None)
-    return directory, model
+    return saved(tmp_path_factory.mktemp("tiny-qwen2-window"), gguf_path, transformers.Qwen2ForCausalLM, config, 1)
 
 
 def test_sliding_layers_moved_live_keep_their_window(alternating_qwen2):
@@ -96,24 +85,27 @@ def test_sliding_layers_moved_live_keep_their_window(alternating_qwen2):
     try:
         assert engine.arch.sliding_layers == (1, 3)
         prompt = engine.encode_prompt(PROMPTS[1])
-        before = _greedy(engine, "before", prompt)
+        (before,) = _greedy(engine, "before", [prompt])
         for stages in ("0:2,2:4", "0:1,1:4"):  # sliding layer 1 joins full layer 0's stage, and back
             target = Configuration.from_stages_text(stages, ["worker-0", "worker-1"])
             record = engine.reconfig.start(target, max_overhead=1.0)
             assert record.done.wait(120) and record.outcome == "applied", record.error
-            assert _greedy(engine, f"after {stages}", prompt) == before
+            assert _greedy(engine, f"after {stages}", [prompt]) == [before]
     finally:
         engine.stop()
     assert before == hf_greedy(hf_model, prompt)
 
 
-def _greedy(engine: PipelineEngine, name: str, prompt: list[int]) -> list[int]:
-    async def run() -> list[int]:
+def _greedy(engine: PipelineEngine, name: str, prompts: list[list[int]]) -> list[list[int]]:
+    """Each prompt's NEW_TOKENS greedy tokens, the prompts generated together."""
+    async def one(i: int, prompt: list[int]) -> list[int]:
         tokens: list[int] = []
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-        async for ev in engine.generate(name, prompt, params):
+        async for ev in engine.generate(f"{name}-{i}", prompt, params):
             tokens += ev.token_ids
         return tokens
 
-    return asyncio.run(run())
+    async def together() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
+    return asyncio.run(together())
