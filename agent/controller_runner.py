@@ -95,23 +95,35 @@ def finite(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def deployment_spec(template: Any, devices: list[str]) -> Any:
-    """Returns `template` with one device per name in `devices` (its first group's kind, node
-    "local"): the planner then names stages as the workers are named."""
+    """Returns `template` with one device per name in `devices` (its first group's kind and
+    node): the planner then names stages as the workers are named. The workers are local, so
+    they share one host: the first group's node, whose `cpu_cores` the spec may give (the other
+    nodes and the links are dropped)."""
     from planner.spec import DeviceGroup
 
-    kind = template.devices[0].kind
-    group = DeviceGroup(kind=kind, count=len(devices), node="local", names=list(devices))
-    return template.model_copy(update={"devices": [group], "nodes": None, "links": [], "current": None})
+    first = template.devices[0]
+    hosts = [n for n in template.nodes or [] if n.name == first.node]
+    node = first.node if hosts else "local"
+    group = DeviceGroup(kind=first.kind, count=len(devices), node=node, names=list(devices))
+    return template.model_copy(update={"devices": [group], "nodes": hosts or None, "links": [], "current": None})
 
 
-def default_spec(model: str, n_devices: int) -> Any:
+def default_spec(model: str, n_devices: int, cpu_cores: int | None = None,
+                 threads_per_worker: int = 1) -> Any:
     """Returns the spec of a local CPU deployment of `model` (the catalog's name) with the
-    example spec's SLOs (data/specs/local-cpu-smollm2.yaml): TTFT 5 s, TPOT 1 s."""
+    example spec's SLOs (data/specs/local-cpu-smollm2.yaml): TTFT 5 s, TPOT 1 s. With
+    `cpu_cores` (this host's), the workers share them as the planner prices it: four busy
+    workers on two cores run at half speed each, and a spare worker costs nothing."""
     from planner.spec import Spec
 
+    nodes = None
+    if cpu_cores is not None:
+        nodes = [{"name": "local", "nic_gbps": 10, "cpu_cores": cpu_cores,
+                  "threads_per_worker": threads_per_worker}]
     return Spec.model_validate({
         "model": model, "dtype": "fp32",
         "devices": [{"kind": "cpu", "count": max(n_devices, 1), "node": "local"}],
+        "nodes": nodes,
         "workload": {"request_rate_per_s": 0.5, "prompt_tokens": {"mean": 128}, "output_tokens": {"mean": 64},
                      "batch": 4},
         "slo": {"ttft_ms": 5000, "tpot_ms": 1000},

@@ -190,7 +190,9 @@ def start_controller(app, engine, args, spec, settings, store=None):
             except KeyError:
                 continue
         if model is not None:
-            spec = default_spec(model, len(engine.worker_info))
+            # the workers are this host's processes: they share its cores
+            spec = default_spec(model, len(engine.worker_info), os.cpu_count() or 1,
+                                args.threads_per_worker)
         elif settings.mode != "off":
             raise ValueError(
                 f"--controller {settings.mode} plans with the model catalog, which has no "

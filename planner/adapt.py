@@ -66,6 +66,7 @@ from planner.controller import (
     Decision,
     Outlook,
     decide,
+    lost,
 )
 from planner.evaluate import build_pipeline
 from planner.operating_batch import operating_batches
@@ -75,6 +76,7 @@ from planner.serving_costs import PipelineCosts
 from planner.solve import plan
 from planner.spec import (
     CurrentConfig,
+    DeviceGroup,
     LengthDistribution,
     PipelineSpec,
     Spec,
@@ -216,8 +218,9 @@ def outlook(
     sequences hold at most KV tokens). A pipeline whose KV holds no request counts nothing."""
     capacity = 0.0
     slo = spec.slo
-    for stages in pipelines:
-        costs = PipelineCosts.of(spec, list(stages), problem.batch)
+    for i, stages in enumerate(pipelines):
+        beside = [p for j, p in enumerate(pipelines) if j != i]
+        costs = PipelineCosts.of(spec, list(stages), problem.batch, beside)
         active = costs.admitted(window.prompt.mean, window.output.mean)
         if active < 1:
             continue
@@ -300,7 +303,39 @@ def candidates(spec: Spec, current: Sequence[Stages] | None, time_limit_s: float
     if spec.current is not None:  # the migration term favours staying close; look afar too
         fresh = spec.model_copy(update={"current": None})
         found += [c for c in _plans(fresh, runs[:1], time_limit_s) if c not in found]
+    pool = full_speed_pool(spec, current)
+    if pool is not None:  # the planner priced every worker busy; plan where that is exact too
+        found += [c for c in _plans(pool, runs, time_limit_s) if c not in found]
     return found
+
+
+def full_speed_pool(spec: Spec, current: Sequence[Stages] | None) -> Spec | None:
+    """Returns the spec cut to the CPU workers each shared host runs at full speed, R = cores /
+    threads_per_worker of them (those serving now first), where a host lists more; else None.
+
+    The planner prices a shared host's workers all busy (planner/topology.py), so on a host of
+    2 cores listing 4 workers it sees each at half speed and plans 4 where 2 serve as much: on
+    this pool the price is exact."""
+    hosts = {n.name: n for n in spec.nodes or [] if n.cpu_cores is not None}
+    kinds = spec_device_kinds(spec)
+    named = spec.device_names()
+    serving = {d for p in current or [] for d, _, _ in p}
+    keep, cut = [], False
+    for node, host in hosts.items():
+        runnable = max(1, host.cpu_cores // host.threads_per_worker)
+        workers = [n for n, k, nd in named if nd == node and kinds[k].vendor == "cpu"]
+        workers.sort(key=lambda n: n not in serving)  # stable: spec order otherwise
+        keep += workers[:runnable]
+        cut = cut or len(workers) > runnable
+    if not cut:
+        return None
+    shared = {n for n, k, nd in named if nd in hosts and kinds[k].vendor == "cpu"}
+    groups = [
+        DeviceGroup(kind=k, count=1, node=nd, names=[n])
+        for n, k, nd in named
+        if n in keep or n not in shared
+    ]
+    return spec.model_copy(update={"devices": groups, "current": None})
 
 
 def throughput_plans(spec: Spec, time_limit_s: float) -> list[list[Stages]]:
@@ -462,8 +497,11 @@ def propose(
 
 
 def _better(o: Outlook, best: Outlook, policy: ControllerPolicy) -> bool:
-    """Returns whether `o` beats `best`: a higher value; at an equal value (an overload where
-    nothing meets the SLOs, on as many devices), more capacity."""
+    """Returns whether `o` beats `best`: a higher value, at an equal value more capacity;
+    where neither meets the SLOs (an overload), a higher overload value (planner/controller.py:
+    what it serves, late, less its devices)."""
+    if lost(o) and lost(best):
+        return o.overload_value(policy) > best.overload_value(policy) + 1e-9
     if abs(o.value(policy) - best.value(policy)) <= 1e-9:
         return (o.capacity_rps or 0.0) > (best.capacity_rps or 0.0) + 1e-9
     return o.value(policy) > best.value(policy)
@@ -479,6 +517,6 @@ def recompute_request_s(
         sum_r [prefetch_s + prefill_s(tokens_r) * (1 + in_flight / pipelines)]"""
     if not tokens:
         return 0.0
-    costs = PipelineCosts.of(spec, target[0], spec.workload.batch)
+    costs = PipelineCosts.of(spec, target[0], spec.workload.batch, target[1:])
     beside = in_flight / max(len(target), 1)
     return sum(prefetch_s + costs.prefill_s(t, 1)[1] * (1 + beside) for t in tokens if t > 0)

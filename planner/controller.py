@@ -33,10 +33,15 @@ is reported either way.
 
 In an overload that meets no SLO whichever configuration serves (both goodputs under
 OVERLOAD_GOODPUT_SHARE of the capacity), goodput cannot tell configurations apart, but the one
-that serves more drains the queue sooner once the load eases. There the candidate (on no more
-devices) is applied when its capacity is higher by the hysteresis share and the extra
-requests it serves over the horizon, (capacity_candidate - capacity_current) * H, pay for the
-change; dwell does not hold it.
+that serves more drains the queue sooner once the load eases. There a configuration is worth
+what it serves, late, less its devices,
+
+    overload_value = capacity_rps - device_cost_rps * devices,
+
+and the candidate is applied when its capacity is higher by the hysteresis share and the
+extra value over the horizon, (overload_value_candidate - overload_value_current) * H, pays for
+the change; dwell does not hold it. So a surge past what the deployment serves takes devices
+again when each serves more than it costs.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ class Outlook:
 
     def value(self, policy: ControllerPolicy) -> float:
         return self.goodput_rps - policy.device_cost_rps * self.devices
+
+    def overload_value(self, policy: ControllerPolicy) -> float:
+        """What it is worth where nothing meets the SLOs (module doc): what it serves, late."""
+        return (self.capacity_rps or 0.0) - policy.device_cost_rps * self.devices
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,7 @@ def decide(
 
     if state.applying:
         return out(False, "an apply is under way; never two at once")
-    if _lost(current) and _lost(candidate) and candidate.devices <= current.devices:
+    if lost(current) and lost(candidate):
         return _drain_faster(current, candidate, cost, policy, out)
     if delta <= 0:
         return out(False, f"no gain: value {v_new:.3f} <= current {v_cur:.3f} req/s")
@@ -178,18 +187,20 @@ def decide(
     )
 
 
-def _lost(o: Outlook) -> bool:
+def lost(o: Outlook) -> bool:
     """Returns whether nothing meets the SLOs on `o`: an overload that has left a queue."""
     return o.capacity_rps is not None and o.goodput_rps <= OVERLOAD_GOODPUT_SHARE * o.capacity_rps
 
 
 def _drain_faster(current: Outlook, candidate: Outlook, cost: float, policy: ControllerPolicy,
                   out: Any) -> Decision:
-    """The overload rule (module doc): more capacity on no more devices, if it pays back."""
+    """The overload rule (module doc): more capacity, worth more than its devices cost, if it
+    pays back."""
     c_cur, c_new = current.capacity_rps or 0.0, candidate.capacity_rps or 0.0
-    gain = (c_new - c_cur) * policy.payback_horizon_s
-    figures = f"capacity {c_cur:.3f} -> {c_new:.3f} req/s"
-    if c_new <= c_cur * (1 + policy.min_relative_gain):
+    delta = candidate.overload_value(policy) - current.overload_value(policy)
+    gain = delta * policy.payback_horizon_s
+    figures = f"capacity {c_cur:.3f} -> {c_new:.3f} req/s on {current.devices} -> {candidate.devices} devices"
+    if c_new <= c_cur * (1 + policy.min_relative_gain) or delta <= 0:
         return out(False, f"overload, no configuration meets the SLOs; {figures} is no real gain")
     if policy.payback and gain <= cost:
         return out(False, f"overload: {figures} does not pay back: serves {gain:.1f} more requests "
@@ -197,4 +208,4 @@ def _drain_faster(current: Outlook, candidate: Outlook, cost: float, policy: Con
     decision = out(True, f"overload, no configuration meets the SLOs: {figures} drains the queue "
                          f"sooner; serves {gain:.1f} more requests over {policy.payback_horizon_s:g} s, "
                          f"costs {cost:.1f}")
-    return replace(decision, gain=gain, payback_s=cost / (c_new - c_cur))
+    return replace(decision, gain=gain, payback_s=cost / delta)

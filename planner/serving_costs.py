@@ -10,9 +10,10 @@ cached, for the simulator and the controller's predictions.
 Every time comes from the planner's cost models as build_problem uses them: per kind
 cost_models/profiled_latency.operating_costs (a measured profile where the spec gives one, the
 roofline with the spec's calibration elsewhere; CPU workers that share a host's `cpu_cores`
-slowed as the planner prices them, planner/topology.planning_shares, except that this
-pipeline's own stages count busy only while they have work: min(S, active) in decode), and
-latency.hop_s. With S stages, S micro-batches of
+slowed by host_sharing.contention(B), where this pipeline's own stages count busy only while
+they have work, min(S, active) in decode, and the host's other workers count busy: the other
+pipelines' when the configuration is given (`beside`), else every other worker there, as
+planner/topology.planning_shares prices a pool), and latency.hop_s. With S stages, S micro-batches of
 ceil(active / S) sequences are in flight (planner/problem.py), so a decode step for all of
 them takes max(S * bottleneck, sum of stages). A prefill keeps the pipeline busy for its
 slowest stage; its first token comes after every stage. Contexts are costed in buckets of
@@ -22,6 +23,7 @@ CONTEXT_BUCKET tokens (rounded up); prompts linearly between multiples of PROMPT
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -87,8 +89,8 @@ class PipelineCosts:
     _prefills: dict[tuple[int, int], tuple[float, float]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
-    # CPU hosts this pipeline's stages share: node -> (host, worker bandwidth, the node's other
-    # CPU workers, priced busy as the planner prices them)
+    # CPU hosts this pipeline's stages share: node -> (host, worker bandwidth, the other CPU
+    # workers there that count busy: `of`)
     hosts: dict[str, tuple[Host, float, int]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
@@ -97,7 +99,17 @@ class PipelineCosts:
     )
 
     @classmethod
-    def of(cls, spec: Spec, stages: list[tuple[str, int, int]], batch: int) -> PipelineCosts:
+    def of(
+        cls,
+        spec: Spec,
+        stages: list[tuple[str, int, int]],
+        batch: int,
+        beside: Sequence[Sequence[tuple[str, int, int]]] | None = None,
+    ) -> PipelineCosts:
+        """Returns the costs of `stages` at `batch` sequences per micro-batch. On a shared CPU
+        host the other workers count busy: those of the pipelines `beside` it in its
+        configuration when given (spare workers idle), else every other CPU worker the spec
+        puts there, as the planner prices a pool before it knows the configuration."""
         arch = get_model_arch(spec.model)
         profiles = spec_profiles(spec)
         kinds = {k: _kind(k, profiles.get(k.lower())) for _, k, _ in spec.device_names()}
@@ -119,7 +131,11 @@ class PipelineCosts:
                 mine = sum(1 for n, _, _ in stages if by_name[n][1] == node)
                 if node in node_host and mine:
                     bandwidth = max(k.memory_bandwidth_bytes_per_s for k in kinds_here)
-                    hosts[node] = (node_host[node], bandwidth, len(kinds_here) - mine)
+                    if beside is None:
+                        others = len(kinds_here) - mine
+                    else:
+                        others = sum(1 for p in beside for n, _, _ in p if by_name[n][1] == node)
+                    hosts[node] = (node_host[node], bandwidth, others)
         out, kv_tokens = [], math.inf
         kv_tok = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(spec.dtype_bytes))
         for i, (name, start, end) in enumerate(stages):
@@ -159,8 +175,8 @@ class PipelineCosts:
 
     def stages_busy(self, busy: int) -> tuple[StageCost, ...]:
         """Returns the stages costed with `busy` of this pipeline's stages working at once: on
-        a shared CPU host, contention(min(busy, its stages there) + the host's other workers)
-        (planner/topology.py prices those others busy, as the planner does)."""
+        a shared CPU host, contention(min(busy, its stages there) + the host's other busy
+        workers, as `of` counts them)."""
         busy = min(busy, self.n_stages)
         out = self._by_busy.get(busy)
         if out is None:

@@ -295,3 +295,29 @@ def test_an_apply_of_auto_is_in_the_store_as_an_apply_of_the_cli(tmp_path, monke
         assert decision.apply_id == "apply-1"
     finally:
         store.close()
+
+
+def test_on_a_host_of_two_cores_a_surge_takes_two_workers_not_four() -> None:
+    """Local workers share this host's cores (serve passes them to the spec): on 2 cores, a
+    third and fourth replica would only split them, so a surge takes a second worker and no
+    more; a spare worker costs nothing, so one replica alone runs at full speed. With a core
+    per worker the same surge takes all four."""
+    from agent.controller_runner import deployment_spec
+
+    def target(cores: int | None, start: str, rate: float) -> list[list[tuple[str, int, int]]]:
+        settings = ControllerSettings(mode="propose", interval_s=5, policy=POLICY, time_limit_s=2)
+        spec = default_spec("SmolLM2-135M", 4, cores)
+        decision = ControllerRunner(Reconfig(start), burst(rate), spec, settings).step(now_s=1000.0)
+        assert decision.act, decision.reason
+        return [[(s["device"], s["start"], s["end"]) for s in p["stages"]]
+                for p in decision.target["pipelines"]]
+
+    assert sorted(target(2, "0:30", 3.0)) == [[("worker-0", 0, 30)], [("worker-1", 0, 30)]]
+    # past what even two serve, it still takes the second (capacity, not goodput, tells)
+    assert len(target(2, "0:30", 8.0)) == 2
+    assert len(target(2, "0:15,15:30", 8.0)) == 2
+    assert len(target(None, "0:30", 8.0)) == 4
+    # the planning spec keeps the host the template describes
+    planned = deployment_spec(default_spec("SmolLM2-135M", 4, 2), WORKERS[:3])
+    assert [n.cpu_cores for n in planned.nodes] == [2]
+    assert {node for _, _, node in planned.device_names()} == {"local"}

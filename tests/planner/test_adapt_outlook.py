@@ -149,3 +149,38 @@ def test_in_an_overload_the_controller_keeps_its_devices() -> None:
     assert window.peak_rate_per_s >= 29.0 and abs(window.rate_per_s - 12.0) < 1e-9
     proposal = propose(spec, window, current, [], 1000.0, idle, ControllerPolicy())
     assert proposal.target_outlook.devices >= len(names)
+
+
+def test_spare_cpu_workers_cost_nothing_and_busy_ones_share_the_cores() -> None:
+    """On a host of 2 cores listing 4 CPU workers, one replica runs alone at full speed (the
+    spares idle), two replicas fill the cores, and four only split them: the outlook prices
+    each configuration with its own busy workers, not every worker the host lists."""
+    from planner.adapt import WorkloadWindow, outlook, window_spec
+    from planner.build_problem import build_problem
+    from planner.spec import parse_spec
+
+    def spec_of(count: int):
+        return parse_spec(
+            f"model: SmolLM2-135M\ndtype: fp32\ndevices: [{{kind: cpu, count: {count}, node: local}}]\n"
+            "nodes: [{name: local, nic_gbps: 10, cpu_cores: 2}]\n"
+            "workload: {prompt_tokens: 64, output_tokens: 32, batch: 4}\n"
+            "slo: {ttft_ms: 5000, tpot_ms: 1000}\n",
+            "t",
+            ".",
+        )
+
+    window = WorkloadWindow.of([64] * 20, [32] * 20, 0.5)
+    four = window_spec(spec_of(4), window, None)
+    names = [n for n, _, _ in four.device_names()]
+    problem = build_problem(four)
+
+    def capacity(spec, pipelines) -> float:
+        return outlook(spec, problem, pipelines, window).capacity_rps
+
+    one = capacity(four, [[(names[0], 0, 30)]])
+    alone = window_spec(spec_of(1), window, None)
+    assert one == capacity(alone, [[(alone.device_names()[0][0], 0, 30)]])
+    two = capacity(four, [[(names[0], 0, 30)], [(names[1], 0, 30)]])
+    assert abs(two - 2 * one) < 1e-6 * one
+    all_four = capacity(four, [[(n, 0, 30)] for n in names])
+    assert two * 0.8 < all_four <= two * 1.05

@@ -107,8 +107,9 @@ def test_flapping_prevented_while_naive_rule_flaps() -> None:
 
 def test_in_an_overload_that_meets_no_slo_more_capacity_is_applied_when_it_pays() -> None:
     """Goodput 0 on both sides says nothing; the configuration that serves more drains the
-    queue sooner. It must raise the capacity by the hysteresis share, on no more devices,
-    and the extra requests it serves over the horizon must pay for the change."""
+    queue sooner. It must raise the capacity by the hysteresis share, serve more than any
+    devices it adds cost, and the extra requests it serves over the horizon must pay for the
+    change."""
     lost = Outlook(0.0, 6, capacity_rps=8.0)
     recent = ControllerState(last_apply_end_s=900)
     d = decide(1000, recent, lost, Outlook(0.0, 6, capacity_rps=10.0), CHEAP, 10.0, POLICY)
@@ -119,8 +120,14 @@ def test_in_an_overload_that_meets_no_slo_more_capacity_is_applied_when_it_pays(
     dear = ChangeCost(stall_s=30, touched_requests=80, prefetch_s=600, in_flight_requests=80)
     costly = decide(1000, IDLE, lost, Outlook(0.0, 6, capacity_rps=10.0), dear, 1.0, POLICY)
     assert not costly.act and "does not pay back" in costly.reason
+    # a surge takes devices again where each serves more than it costs
     more_devices = decide(1000, IDLE, lost, Outlook(0.0, 8, capacity_rps=20.0), CHEAP, 10.0, POLICY)
-    assert not more_devices.act  # that is a question of value (device cost), not of draining
+    assert more_devices.act and "6 -> 8 devices" in more_devices.reason
+    assert more_devices.gain == 12.0 * 600
+    priced = ControllerPolicy(payback_horizon_s=600, min_relative_gain=0.05, device_cost_rps=1.5)
+    dear_devices = decide(1000, IDLE, lost, Outlook(0.0, 8, capacity_rps=10.5), CHEAP, 10.0, priced)
+    assert not dear_devices.act and "no real gain" in dear_devices.reason  # +2.5 req/s for 3.0
+    assert decide(1000, IDLE, lost, Outlook(0.0, 8, capacity_rps=12.0), CHEAP, 10.0, priced).act
     # where the candidate meets some SLOs, the usual rule judges it
     some = decide(1000, IDLE, lost, Outlook(3.0, 6, capacity_rps=10.0), CHEAP, 10.0, POLICY)
     assert some.act and "drains" not in some.reason
