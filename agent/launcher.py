@@ -10,7 +10,27 @@ import multiprocessing
 import os
 from typing import Protocol
 
-from agent.worker import main as worker_main
+FORK_SERVER_PRELOAD = ["agent.worker_preload"]
+
+
+def start_fork_server(threads_per_worker: int = 1) -> None:
+    """Starts the fork server that `LocalLauncher` forks workers from, without waiting for it:
+    it imports torch and warms up (seconds) while this process goes on importing and starting
+    the rest, instead of after. `LocalLauncher` uses it as it is, or starts it if not yet."""
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    # OpenMP reads it when the fork server imports torch; only the fork server is given it
+    # here (`LocalLauncher.start` sets it for this process as before).
+    unset = "OMP_NUM_THREADS" not in os.environ
+    if unset:
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if unset:
+            del os.environ["OMP_NUM_THREADS"]
 
 
 class Launcher(Protocol):
@@ -56,7 +76,7 @@ class LocalLauncher:
         if self.devices and worker_id >= len(self.devices):
             raise ValueError(f"no device for worker {worker_id}: this launcher was given {len(self.devices)}")
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["agent.worker_preload"])
+        ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
         device = self.devices[worker_id] if self.devices else "cpu"
         argv = [
             "--control", self.control_address,
@@ -64,6 +84,8 @@ class LocalLauncher:
             "--threads", str(self.threads_per_worker),
             "--device", device,
         ]
+        from agent.worker import main as worker_main  # torch: imported by whoever launches
+
         process = ctx.Process(target=worker_main, args=(argv,), name=f"pipeshift-worker-{worker_id}", daemon=True)
         process.start()
         self.processes[worker_id] = process

@@ -310,6 +310,11 @@ def model_aliases(engine, requested: str) -> list[str]:
 
 
 def run(args) -> int:
+    from agent.launcher import start_fork_server
+
+    # The workers' fork server imports torch while this process imports the gateway and
+    # starts the engine, rather than after.
+    start_fork_server(args.threads_per_worker)
     from agent.gateway.server import listening_socket
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
