@@ -31,7 +31,7 @@ class ServeProcess:
                 with urllib.request.urlopen(f"{self.base_url}/health", timeout=2):
                     return
             except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
+                time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"pipeshift serve did not become healthy in {startup_timeout_s} s")
 
