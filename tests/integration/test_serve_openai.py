@@ -51,20 +51,22 @@ async def _stream_all(base_url: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def transformers_texts(hf_model, gguf_path) -> list[str]:
-    """transformers' greedy continuation of each prompt, from the same prompt token ids."""
+    """transformers' greedy continuation of each prompt, from the same prompt token ids: all
+    prompts in one batch, padded on the left and masked (as transformers batches generation)."""
     from agent.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf(gguf_path)
-    texts = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        with torch.no_grad():
-            out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-            )
-        texts.append(tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
-    return texts
+    encoded = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids, attention_mask=mask, max_new_tokens=MAX_TOKENS, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        )
+    return [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True) for row in out]
 
 
 @pytest.fixture(scope="module")
