@@ -1,5 +1,5 @@
 """The live controller on the real CPU deployment: a trace segment whose mix shifts (short
-prompts, then long ones, then a burst) replayed open-loop through the official `openai`
+prompts, then long ones, then a burst, then quiet again) replayed open-loop through the official `openai`
 client against `pipeshift serve --controller auto`, and the same segment against the static
 starting configuration (`--controller off`). Prints per phase and in all: requests, failures,
 SLO goodput, TTFT/TPOT p50/p90, and the controller's decisions with their reasons; writes JSON.
@@ -32,6 +32,7 @@ PHASES = (
     ("short", 40.0, 0.4, 32, 32),
     ("long", 40.0, 0.25, 320, 32),
     ("burst", 40.0, 2.2, 48, 32),
+    ("quiet", 40.0, 0.4, 32, 32),  # the burst is over: devices may go back
 )
 START_STAGES = "0:15,15:30"  # two of the three workers; --start-stages changes it
 SERVE = ("--devices", "3", "--kv-cache-mb", "256", "--max-overhead", "0.25", "--max-batch-size", "8")
@@ -148,6 +149,19 @@ def run(policy: str, tokenizer, scale: float, stages: str = START_STAGES) -> dic
     return result
 
 
+def device_seconds(result: dict, start_stages: str, total_s: float) -> float:
+    """Returns the worker-seconds the configuration held over the segment's `total_s`: the
+    start's workers until the first applied change, each applied target's after it."""
+    held, at, out = len(start_stages.split(",")), 0.0, 0.0
+    for a in result["applies"]:
+        if a["outcome"] != "applied" or a["t_s"] >= total_s:
+            continue
+        out += held * (max(a["t_s"], 0.0) - at)
+        at = max(a["t_s"], 0.0)
+        held = sum(len(p["stages"]) for p in a["target"]["pipelines"])
+    return out + held * (total_s - at)
+
+
 def describe(config: dict) -> str:
     return "; ".join("[" + ",".join(f"{s['device']}:{s['start']}-{s['end']}" for s in p["stages"]) + "]"
                      for p in config["pipelines"])
@@ -183,6 +197,11 @@ def main() -> None:
     for a in auto["applies"]:
         print(f"  apply {a['id']} at t={a['t_s']} s: {a['outcome']}, stall {a['stall_ms']} ms, "
               f"{a['total_s'] and round(a['total_s'], 2)} s in all")
+    total_s = sum(p[1] for p in PHASES)
+    for r in results.values():
+        r["device_seconds"] = round(device_seconds(r, args.start_stages, total_s), 1)
+    print(f"  worker-seconds over the {total_s:g} s segment: auto {auto['device_seconds']}, "
+          f"static {results['static']['device_seconds']}")
     applied = sum(a["outcome"] == "applied" for a in auto["applies"])
     ratio = auto["all"]["goodput_rps"] / max(results["static"]["all"]["goodput_rps"], 1e-9)
     print(f"\nauto reconfigured {applied} time(s); failed requests {auto['all']['failed']}; "
