@@ -223,7 +223,8 @@ class ControllerRunner:
                 "recompute_requests": proposal.change.recompute_requests,
             },
             workload={
-                "rate_per_s": window.rate_per_s, "prompt_tokens_mean": window.prompt.mean,
+                "rate_per_s": window.rate_per_s, "recent_rate_per_s": window.recent_rate_per_s,
+                "prompt_tokens_mean": window.prompt.mean,
                 "prompt_tokens_p90": window.prompt.p90, "output_tokens_mean": window.output.mean,
                 "output_tokens_p90": window.output.p90, "running": running, "waiting": waiting,
             },

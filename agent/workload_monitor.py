@@ -223,9 +223,9 @@ class WorkloadMonitor:
         seconds = self.seconds(now_s)
         outputs = [f.output_tokens for f in finished if not f.failed]
         window = WorkloadWindow.of([a.prompt_tokens for a in arrivals], outputs, seconds,
-                                   [a.t_s for a in arrivals])
+                                   [a.t_s for a in arrivals], now_s)
         if not arrivals:
-            window = replace(window, rate_per_s=0.0, peak_rate_per_s=0.0)
+            window = replace(window, rate_per_s=0.0, peak_rate_per_s=0.0, recent_rate_per_s=0.0)
         return window
 
     def requests_in_window(self, now_s: float | None = None) -> int:

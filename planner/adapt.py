@@ -8,7 +8,9 @@ both configurations' goodput, price the change with the diff planner, ask the de
 The simulator's `auto` policy calls `propose`; the live controller is to call it too, so the
 rule is never copied. Goodput of a configuration under a window (`outlook`): each pipeline
 whose predicted TTFT and TPOT (planner/evaluate.py, at the window's percentiles) meet the SLOs
-has capacity C (planner/serving_costs.py); the deployment's capacity is their sum. With
+has capacity C (planner/serving_costs.py); the deployment's capacity is their sum. The
+rate is the window's expected one (WorkloadWindow.expected_rate_per_s: its mean, or its last
+quarter's where higher, so that a rise counts at once and a fall only on the whole window). With
 rho = rate / C, the share of requests that meet their SLOs is 1 up to UTILISATION (U), falls
 linearly to SATURATED_SHARE (f1) at rho = 1 as the queue's tail passes the TTFT SLO, and past
 C the queue grows at (rate - C): a request waits longer than the TTFT SLO once the backlog
@@ -94,6 +96,8 @@ Stages = list[tuple[str, int, int]]
 
 
 PEAK_BIN_S = 60.0  # the peak rate is the busiest bin of this length in the window
+# the rate a window is judged at is its mean, or that of its last quarter where higher
+RECENT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class WorkloadWindow:
     output: LengthDistribution
     seconds: float = 0.0  # how much time the window spans (0: unknown)
     peak_rate_per_s: float = 0.0  # the busiest PEAK_BIN_S of it (0: unknown, use the rate)
+    recent_rate_per_s: float = 0.0  # its last RECENT_SHARE (0: unknown, use the rate)
     backlog: int = 0  # requests waiting now, not yet admitted
     backlog_within_s: float = 0.0  # the time to serve them in (the decision interval)
 
@@ -113,11 +118,17 @@ class WorkloadWindow:
         outputs: Sequence[int],
         seconds: float,
         arrivals_s: Sequence[float] | None = None,
+        end_s: float | None = None,
     ) -> WorkloadWindow:
         """Returns the window of `prompts` that arrived over `seconds` (at `arrivals_s`, which
         give the peak: the most arrivals in one of the PEAK_BIN_S bins that end at the
-        window's end and lie inside it)."""
+        window's end and lie inside it; and, with the window's end `end_s`, the recent rate:
+        the arrivals of its last RECENT_SHARE over that span)."""
         rate = max(len(prompts), 1) / seconds
+        recent = 0.0
+        if arrivals_s is not None and end_s is not None and seconds > 0:
+            span = seconds * RECENT_SHARE
+            recent = sum(1 for a in arrivals_s if a > end_s - span) / span
         peak = rate
         if arrivals_s and seconds >= PEAK_BIN_S:
             end = max(arrivals_s)
@@ -128,7 +139,7 @@ class WorkloadWindow:
                 if 0 <= k < bins:
                     counts[k] += 1
             peak = max(rate, max(counts) / PEAK_BIN_S)
-        return cls(rate, _dist(prompts), _dist(outputs), seconds, peak)
+        return cls(rate, _dist(prompts), _dist(outputs), seconds, peak, recent)
 
     def with_backlog(self, waiting: int, within_s: float) -> WorkloadWindow:
         """Returns the window with `waiting` requests queued now, to serve within `within_s`
@@ -142,14 +153,21 @@ class WorkloadWindow:
         return self.backlog / self.backlog_within_s if self.backlog_within_s > 0 else 0.0
 
     @property
+    def expected_rate_per_s(self) -> float:
+        """Returns the arrival rate the next interval is judged at: the window's mean, or its
+        last RECENT_SHARE's where that is higher. A rise counts on the first evidence, as
+        capacity is added; a fall only once the whole window shows it, as devices go back."""
+        return max(self.rate_per_s, self.recent_rate_per_s)
+
+    @property
     def demand_rate_per_s(self) -> float:
-        """Returns the arrival rate plus the rate that serves the backlog in time."""
-        return self.rate_per_s + self.backlog_rate_per_s
+        """Returns the expected arrival rate plus the rate that serves the backlog in time."""
+        return self.expected_rate_per_s + self.backlog_rate_per_s
 
     @property
     def busiest_rate_per_s(self) -> float:
-        """Returns the peak rate (or the mean where the window has none), plus the backlog's."""
-        return max(self.rate_per_s, self.peak_rate_per_s) + self.backlog_rate_per_s
+        """Returns the peak rate (or the expected rate where higher), plus the backlog's."""
+        return max(self.expected_rate_per_s, self.peak_rate_per_s) + self.backlog_rate_per_s
 
     def mean_request_s(self, tpot_s: float, ttft_s: float) -> float:
         """Returns how long a request occupies the deployment: TTFT + output * TPOT."""
@@ -237,7 +255,7 @@ def outlook(
         capacity += costs.capacity_rps(window.prompt.mean, window.output.mean)
     devices = sum(len(p) for p in pipelines)
     return Outlook(
-        goodput_rps=goodput_rps(window.rate_per_s, capacity, spec, window.backlog),
+        goodput_rps=goodput_rps(window.expected_rate_per_s, capacity, spec, window.backlog),
         devices=devices,
         capacity_rps=capacity,
     )

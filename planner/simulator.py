@@ -335,7 +335,7 @@ def simulate(
         if hi - lo < 10:
             return
         window = WorkloadWindow.of(
-            trace.prompt[lo:hi], trace.output[lo:hi], seconds, trace.arrival_s[lo:hi]
+            trace.prompt[lo:hi], trace.output[lo:hi], seconds, trace.arrival_s[lo:hi], t
         )
         # the backlog is demand too: what waits now must be served within the next interval
         window = window.with_backlog(sum(len(p.queue) for p in pipes), control_interval_s)
@@ -353,6 +353,7 @@ def simulate(
                 "act": d.act,
                 "reason": d.reason,
                 "rate_rps": round(window.rate_per_s, 3),
+                "recent_rate_rps": round(window.recent_rate_per_s, 3),
                 "backlog": window.backlog,
                 "value_current": round(d.value_current, 4),
                 "value_target": round(d.value_candidate, 4),

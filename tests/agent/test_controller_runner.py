@@ -321,3 +321,30 @@ def test_on_a_host_of_two_cores_a_surge_takes_two_workers_not_four() -> None:
     planned = deployment_spec(default_spec("SmolLM2-135M", 4, 2), WORKERS[:3])
     assert [n.cpu_cores for n in planned.nodes] == [2]
     assert {node for _, _, node in planned.device_names()} == {"local"}
+
+
+def test_a_burst_in_the_window_last_quarter_takes_a_worker_before_the_mean_shows_it() -> None:
+    """15 s at 0.4 req/s, then 5 s at 3 req/s: the window's mean (1.05 req/s) is well within
+    one worker, its last quarter is not. Capacity is added on that first evidence."""
+    from agent.workload_monitor import Finished
+
+    def monitor(arrivals: list[float]) -> WorkloadMonitor:
+        clock = [0.0]
+        m = WorkloadMonitor(window_s=20, clock=lambda: clock[0])
+        for t in arrivals:
+            clock[0] = t
+            m.admitted(20)
+            m.finished(Finished(t, t - 1, 20, 32, 0.2, 0.05, 0, False))
+        clock[0] = 20.0
+        return m
+
+    quiet = [i * 2.5 for i in range(6)]
+    rising = monitor(quiet + [15 + i / 3 for i in range(1, 16)])
+    even = monitor([i * 20 / 21 for i in range(21)])  # the same 21 requests, evenly
+    settings = ControllerSettings(mode="propose", interval_s=5, policy=POLICY, time_limit_s=2)
+    spec = default_spec("SmolLM2-135M", 4, 2)
+    decision = ControllerRunner(Reconfig("0:30"), rising, spec, settings).step(now_s=1000.0)
+    assert decision.act and len(decision.target["pipelines"]) == 2, decision.reason
+    assert decision.workload["recent_rate_per_s"] == pytest.approx(3.0)
+    calm = ControllerRunner(Reconfig("0:30"), even, spec, settings).step(now_s=1000.0)
+    assert not calm.act, calm.reason

@@ -184,3 +184,19 @@ def test_spare_cpu_workers_cost_nothing_and_busy_ones_share_the_cores() -> None:
     assert abs(two - 2 * one) < 1e-6 * one
     all_four = capacity(four, [[(n, 0, 30)] for n in names])
     assert two * 0.8 < all_four <= two * 1.05
+
+
+def test_a_rise_counts_on_the_last_quarter_of_the_window_a_fall_only_on_all_of_it() -> None:
+    from planner.adapt import WorkloadWindow
+
+    quiet = [i * 2.5 for i in range(6)]  # 0.4 req/s over the first 15 s
+    burst = [15 + i / 3 for i in range(1, 16)]  # 3 req/s over the last 5 s
+    rising = WorkloadWindow.of([32] * 21, [32] * 21, 20.0, quiet + burst, end_s=20.0)
+    assert abs(rising.rate_per_s - 21 / 20) < 1e-9
+    assert rising.recent_rate_per_s == 3.0 and rising.expected_rate_per_s == 3.0
+    assert rising.demand_rate_per_s == 3.0
+    falling = WorkloadWindow.of([32] * 21, [32] * 21, 20.0, [t / 3 for t in range(15)] +
+                                [5 + i * 2.5 for i in range(6)], end_s=20.0)
+    assert falling.recent_rate_per_s < falling.rate_per_s == falling.expected_rate_per_s
+    # without the window's end there is no recent rate: the mean
+    assert WorkloadWindow.of([32] * 21, [32] * 21, 20.0, quiet + burst).expected_rate_per_s == 21 / 20
