@@ -225,7 +225,7 @@ class WorkloadMonitor:
         window = WorkloadWindow.of([a.prompt_tokens for a in arrivals], outputs, seconds,
                                    [a.t_s for a in arrivals], now_s)
         if not arrivals:
-            window = replace(window, rate_per_s=0.0, peak_rate_per_s=0.0, recent_rate_per_s=0.0)
+            window = replace(window, rate_per_s=0.0, peak_rate_per_s=0.0)
         return window
 
     def requests_in_window(self, now_s: float | None = None) -> int:

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cost_models.device_catalog import DeviceKind
+from cost_models.host_sharing import runnable_workers
 from cost_models.memory import (
     embedding_bytes,
     head_bytes,
@@ -85,6 +86,7 @@ from planner.spec import (
     StageSpec,
     spec_profiles,
 )
+from planner.topology import node_hosts
 
 UTILISATION = 0.75  # past this share of capacity, queueing eats the SLOs
 SATURATED_SHARE = 0.5  # share of requests meeting the SLOs at exactly full capacity
@@ -236,9 +238,8 @@ def outlook(
     sequences hold at most KV tokens). A pipeline whose KV holds no request counts nothing."""
     capacity = 0.0
     slo = spec.slo
-    for i, stages in enumerate(pipelines):
-        beside = [p for j, p in enumerate(pipelines) if j != i]
-        costs = PipelineCosts.of(spec, list(stages), problem.batch, beside)
+    for stages in pipelines:
+        costs = PipelineCosts.of(spec, list(stages), problem.batch, pipelines)
         active = costs.admitted(window.prompt.mean, window.output.mean)
         if active < 1:
             continue
@@ -334,25 +335,17 @@ def full_speed_pool(spec: Spec, current: Sequence[Stages] | None) -> Spec | None
     The planner prices a shared host's workers all busy (planner/topology.py), so on a host of
     2 cores listing 4 workers it sees each at half speed and plans 4 where 2 serve as much: on
     this pool the price is exact."""
-    hosts = {n.name: n for n in spec.nodes or [] if n.cpu_cores is not None}
     kinds = spec_device_kinds(spec)
     named = spec.device_names()
     serving = {d for p in current or [] for d, _, _ in p}
-    keep, cut = [], False
-    for node, host in hosts.items():
-        runnable = max(1, host.cpu_cores // host.threads_per_worker)
+    dropped: list[str] = []
+    for node, host in node_hosts(spec.nodes or []).items():
         workers = [n for n, k, nd in named if nd == node and kinds[k].vendor == "cpu"]
         workers.sort(key=lambda n: n not in serving)  # stable: spec order otherwise
-        keep += workers[:runnable]
-        cut = cut or len(workers) > runnable
-    if not cut:
+        dropped += workers[runnable_workers(host):]
+    if not dropped:
         return None
-    shared = {n for n, k, nd in named if nd in hosts and kinds[k].vendor == "cpu"}
-    groups = [
-        DeviceGroup(kind=k, count=1, node=nd, names=[n])
-        for n, k, nd in named
-        if n in keep or n not in shared
-    ]
+    groups = [DeviceGroup(kind=k, count=1, node=nd, names=[n]) for n, k, nd in named if n not in dropped]
     return spec.model_copy(update={"devices": groups, "current": None})
 
 
@@ -535,6 +528,6 @@ def recompute_request_s(
         sum_r [prefetch_s + prefill_s(tokens_r) * (1 + in_flight / pipelines)]"""
     if not tokens:
         return 0.0
-    costs = PipelineCosts.of(spec, target[0], spec.workload.batch, target[1:])
+    costs = PipelineCosts.of(spec, target[0], spec.workload.batch, target)
     beside = in_flight / max(len(target), 1)
     return sum(prefetch_s + costs.prefill_s(t, 1)[1] * (1 + beside) for t in tokens if t > 0)

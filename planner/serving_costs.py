@@ -12,7 +12,7 @@ cost_models/profiled_latency.operating_costs (a measured profile where the spec 
 roofline with the spec's calibration elsewhere; CPU workers that share a host's `cpu_cores`
 slowed by host_sharing.contention(B), where this pipeline's own stages count busy only while
 they have work, min(S, active) in decode, and the host's other workers count busy: the other
-pipelines' when the configuration is given (`beside`), else every other worker there, as
+pipelines' when the configuration is given, else every other worker there, as
 planner/topology.planning_shares prices a pool), and latency.hop_s. With S stages, S micro-batches of
 ceil(active / S) sequences are in flight (planner/problem.py), so a decode step for all of
 them takes max(S * bottleneck, sum of stages). A prefill keeps the pipeline busy for its
@@ -104,12 +104,12 @@ class PipelineCosts:
         spec: Spec,
         stages: list[tuple[str, int, int]],
         batch: int,
-        beside: Sequence[Sequence[tuple[str, int, int]]] | None = None,
+        configuration: Sequence[Sequence[tuple[str, int, int]]] | None = None,
     ) -> PipelineCosts:
         """Returns the costs of `stages` at `batch` sequences per micro-batch. On a shared CPU
-        host the other workers count busy: those of the pipelines `beside` it in its
-        configuration when given (spare workers idle), else every other CPU worker the spec
-        puts there, as the planner prices a pool before it knows the configuration."""
+        host the other workers count busy: the other stages there of the `configuration` it
+        belongs to when given (spare workers idle), else every other CPU worker the spec puts
+        there, as the planner prices a pool before it knows the configuration."""
         arch = get_model_arch(spec.model)
         profiles = spec_profiles(spec)
         kinds = {k: _kind(k, profiles.get(k.lower())) for _, k, _ in spec.device_names()}
@@ -131,11 +131,11 @@ class PipelineCosts:
                 mine = sum(1 for n, _, _ in stages if by_name[n][1] == node)
                 if node in node_host and mine:
                     bandwidth = max(k.memory_bandwidth_bytes_per_s for k in kinds_here)
-                    if beside is None:
-                        others = len(kinds_here) - mine
+                    if configuration is None:
+                        there = len(kinds_here)
                     else:
-                        others = sum(1 for p in beside for n, _, _ in p if by_name[n][1] == node)
-                    hosts[node] = (node_host[node], bandwidth, others)
+                        there = sum(1 for p in configuration for n, _, _ in p if by_name[n][1] == node)
+                    hosts[node] = (node_host[node], bandwidth, there - mine)
         out, kv_tokens = [], math.inf
         kv_tok = kv_bytes_per_token_per_layer(arch, kv_dtype_bytes_for(spec.dtype_bytes))
         for i, (name, start, end) in enumerate(stages):

@@ -55,13 +55,6 @@ def shape(config: Sequence[Stages]) -> str:
     return " + ".join(f"{n}x{s}" for s, n in sorted(counts.items(), reverse=True)) + " stages"
 
 
-def costs_in(spec: Spec, stages: Stages, config: Sequence[Stages], batch: int) -> PipelineCosts:
-    """Returns the costs of the pipeline `stages` of `config`, beside its other pipelines
-    (on a shared CPU host they are the workers that compete with it; spare ones idle)."""
-    beside = [p for p in config if p is not stages]
-    return PipelineCosts.of(spec, stages, batch, beside)
-
-
 class SimPipeline:
     """One pipeline's queue, active sequences and clock. A sequence admitted at decode step
     a with context c has context c + (steps - a) now; `ctx_base` sums c - a over the active."""
@@ -298,7 +291,7 @@ def simulate(
     batch = spec.workload.batch
     n = len(trace)
     run = _Run(trace, [o - 1 for o in trace.output], [math.nan] * n, [math.nan] * n, [False] * n)
-    pipes = [SimPipeline(st, costs_in(spec, st, config, batch), 0.0) for st in config]
+    pipes = [SimPipeline(st, PipelineCosts.of(spec, st, batch, config), 0.0) for st in config]
     rng = random.Random(seed)
     state = ControllerState()
     decisions: list[dict[str, Any]] = []
@@ -406,7 +399,7 @@ def simulate(
         new_pipes, moved = [], list(evicted)
         for st in target:
             kept = old.pop(tuple(st), None)
-            costs = costs_in(spec, st, target, batch)  # a kept one's neighbours may change
+            costs = PipelineCosts.of(spec, st, batch, target)  # a kept one's neighbours may change
             if kept is not None:
                 kept.costs = costs
             new_pipes.append(kept or SimPipeline(st, costs, ts))
