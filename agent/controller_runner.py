@@ -229,10 +229,11 @@ class ControllerRunner:
                 "output_tokens_p90": window.output.p90, "running": running, "waiting": waiting,
             },
         )
+        recompute = proposal.recompute_overflow  # the change is applied as propose priced it
         if record.act and self.settings.mode == "auto":
-            self._apply(record, target)
+            self._apply(record, target, recompute)
         elif record.act:
-            record.plan_id = self._save_plan(record, target)
+            record.plan_id = self._save_plan(record, target, recompute)
         self._store_decision(record)
         self.decisions.append(record)
         self.verdicts[record.verdict] += 1
@@ -244,15 +245,15 @@ class ControllerRunner:
                  f"; apply {record.apply_id}" if record.apply_id else (f"; {record.error}" if record.error else ""))
         return record
 
-    def _apply(self, record: DecisionRecord, target: Any) -> None:
-        """Starts the apply the way `POST /admin/v1/applies` does (never beside another)."""
+    def _apply(self, record: DecisionRecord, target: Any, recompute_overflow: bool) -> None:
+        """Starts the apply the way `POST /admin/v1/applies` does (never beside another), as
+        propose priced it: dropping the KV that does not fit only where it did."""
         from agent.reconfigurations import ApplyRefused
         from planner.configuration import ConfigurationError
 
-        record.plan_id = self._save_plan(record, target)
+        record.plan_id = self._save_plan(record, target, recompute_overflow)
         try:
-            started = self.reconfig.start(  # as propose priced it
-                target, recompute_overflow=self.settings.policy.recompute_overflow)
+            started = self.reconfig.start(target, recompute_overflow=recompute_overflow)
         except (ApplyRefused, ConfigurationError) as exc:
             record.error = getattr(exc, "message", str(exc))
             return
@@ -292,7 +293,7 @@ class ControllerRunner:
         thread.start()
         return thread
 
-    def _save_plan(self, record: DecisionRecord, target: Any) -> str | None:
+    def _save_plan(self, record: DecisionRecord, target: Any, recompute_overflow: bool) -> str | None:
         """Writes the decision's plan to the store (None without one, or when it fails)."""
         if self.store is None:
             return None
@@ -301,7 +302,7 @@ class ControllerRunner:
 
         try:
             refreshed = refresh(self.store, deployment_json(self.reconfig.engine, self.fleet))
-            plan = self.reconfig.plan(target, recompute_overflow=self.settings.policy.recompute_overflow)
+            plan = self.reconfig.plan(target, recompute_overflow=recompute_overflow)
             diff = plan.to_json()
             row = self.store.save_plan(refreshed.current, target.to_json()["pipelines"], diff,
                                        {**diff.get("prediction", {}), "controller": record.to_json()},

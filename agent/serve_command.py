@@ -132,7 +132,12 @@ def register(subparsers) -> None:
                         help="goodput (req/s) a device must add to be worth holding (default 0.5)")
     parser.add_argument("--controller-recompute", action="store_true",
                         help="let the controller's changes drop the KV of running requests that memory cannot "
-                             "hold through them, to recompute it (default: it changes only where the KV fits)")
+                             "hold through them, to recompute it (default: only out of a configuration that loses "
+                             "requests, below)")
+    parser.add_argument("--controller-recompute-when-losing", type=float, default=None, metavar="SHARE",
+                        help="where the serving configuration is predicted to lose more than this share of the "
+                             "requests, the controller's changes may drop KV that does not fit (default 0.1; "
+                             "1 never)")
     from planner.init_command import add_database_argument
 
     add_database_argument(parser)
@@ -151,11 +156,16 @@ def controller_settings(args, spec):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    policy = ControllerPolicy()
+    losing = getattr(args, "controller_recompute_when_losing", None)
+    if losing is not None and not 0 <= losing <= 1:
+        raise ValueError(f"--controller-recompute-when-losing is a share of the requests from 0 to 1 "
+                         f"(1: never), got {losing}")
     changes = {"min_dwell_s": args.controller_dwell, "payback_horizon_s": args.controller_horizon,
-               "device_cost_rps": args.controller_device_cost}
-    policy = replace(policy, **{k: v for k, v in changes.items() if v is not None},
+               "device_cost_rps": args.controller_device_cost, "recompute_when_losing": losing}
+    policy = replace(ControllerPolicy(), **{k: v for k, v in changes.items() if v is not None},
                      recompute_overflow=bool(getattr(args, "controller_recompute", False)))
+    if losing == 1:
+        policy = replace(policy, recompute_when_losing=None)  # never
     return ControllerSettings(mode=mode, interval_s=args.controller_interval, policy=policy)
 
 

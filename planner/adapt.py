@@ -186,6 +186,7 @@ class Proposal:
     prefetch_s: float  # background loads and KV pre-copy before the switch
     stall_s: float
     recompute: list[int] = field(default_factory=list)  # in_flight indices whose KV is dropped
+    recompute_overflow: bool = False  # the change was planned (and must be applied) dropping KV that does not fit
 
 
 def _dist(values: Sequence[int]) -> LengthDistribution:
@@ -451,13 +452,14 @@ def propose(
         for i, (p, tokens) in enumerate(in_flight)
     ]
     kinds = spec_device_kinds(spec)
+    may_recompute = policy.may_recompute(cur_outlook, window.expected_rate_per_s)
     rp = plan_reconfiguration(
         configuration(current),
         configuration(best),
         device_infos(spec, kinds),
         fp,
         requests,
-        recompute_overflow=policy.recompute_overflow,
+        recompute_overflow=may_recompute,
         kinds=kinds,
     )
     # requests still queued hold no KV: only those with positions computed recompute anything
@@ -504,6 +506,7 @@ def propose(
         prefetch_s=prefetch_s,
         stall_s=pred.stall_ms / 1000,
         recompute=dropped,
+        recompute_overflow=may_recompute,
     )
 
 

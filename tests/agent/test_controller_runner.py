@@ -97,7 +97,9 @@ def test_auto_applies_a_change_that_pays_back_and_never_two_at_once() -> None:
     first = control.step(now_s=1000.0)
     assert first.act and first.apply_id == "apply-1" and first.error is None
     assert reconfig.started and len(reconfig.started[0].pipelines) > 1  # replicas for the burst
-    assert reconfig.recompute_overflow is False  # the policy's default: change only where KV fits
+    # the policy's default: KV that does not fit may be dropped out of a configuration losing
+    # requests, as one pipeline is in this burst (test_serve_takes_the_mode_from_the_flag_or_the_spec)
+    assert reconfig.recompute_overflow is True
     assert first.predicted["goodput_target_rps"] > first.predicted["goodput_current_rps"]
     assert "gains" in first.reason and first.workload["rate_per_s"] == pytest.approx(5.0)
     second = control.step(now_s=1001.0)  # the first apply still runs
@@ -148,6 +150,18 @@ def test_serve_takes_the_mode_from_the_flag_or_the_spec() -> None:
     control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), ControllerSettings(
         mode="auto", interval_s=5, policy=replace(POLICY, recompute_overflow=True), time_limit_s=2))
     assert control.step(now_s=1000.0).act and reconfig.recompute_overflow is True
+    # by default only out of a configuration that loses requests: a burst of 5 req/s on one
+    # pipeline does; with --controller-recompute-when-losing 1 the runner never asks
+    for flags, asked in (([], True), (["--controller-recompute-when-losing", "1"], False)):
+        policy = controller_settings(parser.parse_args(["serve", *flags]), None).policy
+        assert policy.recompute_when_losing == (0.1 if asked else None)
+        reconfig = Reconfig("0:15,15:30")
+        control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), ControllerSettings(
+            mode="auto", interval_s=5, policy=replace(policy, min_dwell_s=30, payback_horizon_s=60),
+            time_limit_s=2))
+        assert control.step(now_s=1000.0).act and reconfig.recompute_overflow is asked
+    with pytest.raises(ValueError, match="--controller-recompute-when-losing is a share"):
+        controller_settings(parser.parse_args(["serve", "--controller-recompute-when-losing", "2"]), None)
     assert controller_settings(parser.parse_args(["serve", "--controller", "auto"]), spec).mode == "auto"
     with pytest.raises(ValueError, match="--controller-interval must be positive"):
         controller_settings(parser.parse_args(["serve", "--controller-interval", "0"]), None)

@@ -131,3 +131,19 @@ def test_in_an_overload_that_meets_no_slo_more_capacity_is_applied_when_it_pays(
     # where the candidate meets some SLOs, the usual rule judges it
     some = decide(1000, IDLE, lost, Outlook(3.0, 6, capacity_rps=10.0), CHEAP, 10.0, POLICY)
     assert some.act and "drains" not in some.reason
+
+
+def test_kv_that_does_not_fit_is_dropped_only_out_of_a_configuration_that_loses_requests() -> None:
+    """A change whose KV memory cannot hold may drop some of it (to recompute) always with
+    recompute_overflow; by default only when the serving configuration is predicted to meet
+    the SLOs for less than 90 % of the demand: there its requests' KV would keep it on what
+    loses them."""
+    policy = ControllerPolicy()
+    assert policy.recompute_when_losing == 0.1 and not policy.recompute_overflow
+    assert not policy.may_recompute(Outlook(9.5, 8), demand_rps=10.0)  # loses 5 %
+    assert policy.may_recompute(Outlook(8.5, 8), demand_rps=10.0)  # loses 15 %
+    assert not policy.may_recompute(Outlook(0.0, 8), demand_rps=0.0)  # nothing asked
+    never = ControllerPolicy(recompute_when_losing=None)
+    assert not never.may_recompute(Outlook(0.0, 8), demand_rps=10.0)
+    always = ControllerPolicy(recompute_overflow=True, recompute_when_losing=None)
+    assert always.may_recompute(Outlook(10.0, 8), demand_rps=10.0)

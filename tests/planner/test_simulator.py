@@ -190,8 +190,9 @@ def test_a_request_whose_kv_a_change_drops_prefills_again_and_keeps_its_first_to
 
 def test_a_change_memory_forbids_is_made_when_the_controller_may_recompute_the_overflow() -> None:
     """13B at batch 64, the first 480 s of the phased trace at x1.65 (bench/adapt.py): with
-    the KV full, the change the controller wants does not fit, and it is refused; with
-    ControllerPolicy.recompute_overflow it is made, dropping the KV of some requests."""
+    the KV full, the change the controller wants does not fit, and it is refused (where it may
+    never drop KV); with ControllerPolicy.recompute_overflow it is made, dropping the KV of
+    some requests."""
     from bench.adapt import TRACE, case_spec, phased
     from cost_models.model_catalog import get_model_arch
     from planner.controller import ControllerPolicy
@@ -201,12 +202,41 @@ def test_a_change_memory_forbids_is_made_when_the_controller_may_recompute_the_o
     trace, _ = within_context(load_trace(TRACE, rate_scale=1.65), get_model_arch(spec.model).max_context)
     trace = phased(trace, 600)
     trace = trace.subset([i for i, a in enumerate(trace.arrival_s) if a < 480])
-    kept = simulate(spec, trace, "auto", controller=ControllerPolicy())
+    kept = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
     assert kept.reconfigurations == []
     assert any(d["reason"].startswith("memory forbids the change") for d in kept.decisions)
-    made = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_overflow=True))
+    made = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_overflow=True,
+                                                                     recompute_when_losing=None))
     assert [r.recomputed > 0 for r in made.reconfigurations] == [True]
     acted = [d for d in made.decisions if d["act"]]
     assert acted[0]["recompute_requests"] == made.reconfigurations[0].recomputed
     assert not any(d["reason"].startswith("memory forbids") for d in made.decisions)
     assert made.slo_attainment > 0.5
+
+
+def test_out_of_a_configuration_that_loses_requests_the_controller_drops_kv_to_change() -> None:
+    """13B at batch 64, the first 300 s of the phased trace at x2.2 (bench/adapt.py), starting
+    on eight replicas, where memory cannot hold the running requests' KV through the change to
+    L40S pairs. At 60 s the replicas still meet the SLOs for 90 % of the demand and the change
+    is refused; at 120 s they are predicted to lose more, and by default the change is made,
+    dropping the KV that does not fit. A policy that never drops KV stays where it is."""
+    from bench.adapt import TRACE, case_spec, phased
+    from cost_models.model_catalog import get_model_arch
+    from planner.controller import ControllerPolicy
+    from planner.simulator import within_context
+
+    spec = case_spec("13b-b64")
+    trace, _ = within_context(load_trace(TRACE, rate_scale=2.2), get_model_arch(spec.model).max_context)
+    trace = phased(trace, 600)
+    trace = trace.subset([i for i, a in enumerate(trace.arrival_s) if a < 300])
+    stuck = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
+    assert stuck.reconfigurations == []
+    assert all(d["reason"].startswith("memory forbids the change") for d in stuck.decisions)
+    made = simulate(spec, trace, "auto", controller=ControllerPolicy())
+    first, second = made.decisions[:2]
+    assert not first["act"] and first["reason"].startswith("memory forbids the change")
+    assert first["value_current"] + 0.5 * 8 >= 0.9 * max(first["rate_rps"], first["recent_rate_rps"])
+    assert second["act"] and second["t_s"] == 120.0
+    assert second["value_current"] + 0.5 * 8 < 0.9 * max(second["rate_rps"], second["recent_rate_rps"])
+    assert [r.recomputed > 0 for r in made.reconfigurations] == [True]
+    assert second["recompute_requests"] == made.reconfigurations[0].recomputed
