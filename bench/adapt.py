@@ -2,7 +2,7 @@
 chosen in hindsight, and against a controller without the payback rule.
 
     python bench/adapt.py [--cases 8b:1.5,13b:1.5,13b:1.65] [--window 300] [--phased S]
-                          [--recompute] [--speed] [--out FILE]
+                          [--recompute never|losing|always] [--speed] [--out FILE]
 
 For each case (spec, rate scale) the Azure conversational trace (data/traces/) has its
 inter-arrival times divided by the rate scale (the hour is compressed; nothing else changes),
@@ -30,9 +30,12 @@ trace's own extremes (prompt <= 600 with output >= 300; prompt >= 1,500 with out
 drawn from its requests, arrivals unchanged: the sharpest mix shift the trace's requests
 make, to bound what a controller could gain if the mix swung.
 
-`--recompute` lets the controller's changes drop the KV of running requests that memory cannot
-hold through them (ControllerPolicy.recompute_overflow, `serve --controller-recompute`); by
-default a change whose KV does not fit is not made.
+`--recompute` says when the controller's changes may drop the KV of running requests that
+memory cannot hold through them, to recompute it: `losing` (the default, as `serve`): only out
+of a configuration predicted to lose more than 10 % of the requests
+(ControllerPolicy.recompute_when_losing); `always` (ControllerPolicy.recompute_overflow,
+`serve --controller-recompute`); `never` (`serve --controller-recompute-when-losing 1`): a change
+whose KV does not fit is not made.
 
 `--speed` also times one hour of the trace (rate x10) over 64 GPUs (16 A100 + 48 L40S,
 Llama-3.1-8B), static and auto. Prints tables; writes JSON (default bench/out/adapt.json).
@@ -68,6 +71,11 @@ from planner.trace import Trace, load_trace  # noqa: E402
 
 TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
 GOODPUT_TIE = 0.01
+RECOMPUTE: dict[str, dict[str, Any]] = {  # --recompute: the policy's fields for each choice
+    "never": {"recompute_overflow": False, "recompute_when_losing": None},
+    "losing": {},  # the policy's default
+    "always": {"recompute_overflow": True},
+}
 SPECS = {
     "8b": ROOT / "data/specs/azure-conv-a100-l40s-llama31-8b.yaml",
     "13b": ROOT / "data/specs/azure-conv-a100-l40s-llama2-13b.yaml",
@@ -208,7 +216,7 @@ def run_case(
     rate_scale: float,
     window_s: float,
     phase_s: float | None = None,
-    recompute: bool = False,
+    recompute: str = "losing",
 ) -> dict[str, Any]:
     spec = case_spec(key)
     trace, dropped = within_context(
@@ -227,8 +235,9 @@ def run_case(
         key=lambda r: r.result.device_hours,
     )
     bound = hindsight_per_window(spec, trace, configs, statics.index(best), window_s)
-    rule = ControllerPolicy(recompute_overflow=recompute)
-    naive_rule = replace(ControllerPolicy.without_payback(), recompute_overflow=recompute)
+    kv = RECOMPUTE[recompute]
+    rule = replace(ControllerPolicy(), **kv)
+    naive_rule = replace(ControllerPolicy.without_payback(), **kv)
     auto = Row("auto", simulate(spec, trace, "auto", controller=rule, window_s=window_s))
     naive = Row(
         "no payback", simulate(spec, trace, "auto", controller=naive_rule, window_s=window_s)
@@ -361,8 +370,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--recompute",
-        action="store_true",
-        help="let the controller's changes drop KV that does not fit, to recompute it",
+        choices=sorted(RECOMPUTE),
+        default="losing",
+        help="when the controller's changes may drop KV that does not fit (module doc)",
     )
     ap.add_argument("--speed", action="store_true", help="also time 1 h over 64 GPUs")
     ap.add_argument("--out", default=str(ROOT / "bench/out/adapt.json"))

@@ -23,7 +23,10 @@ mean_request_s requests):
             + recompute_request_s) / mean_request_s                     [requests]
 
 (`recompute_request_s`: what the requests whose KV the change drops lose, when memory cannot
-hold every request's KV through it; planner/adapt.recompute_request_s.)
+hold every request's KV through it; planner/adapt.recompute_request_s.) A change may drop KV
+only out of a configuration predicted to meet the SLOs for less than 1 - `recompute_when_losing`
+of the expected rate (or always, with `recompute_overflow`): elsewhere a change whose KV does
+not fit is not made, as windows that straddle a shift in the mix overstate what it gains.
 
 It acts when, in this order: no apply is under way (never two at once); the last apply ended
 at least `min_dwell_s` ago (dwell); the value rises by at least `min_relative_gain` of the
