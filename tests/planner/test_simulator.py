@@ -188,20 +188,27 @@ def test_a_request_whose_kv_a_change_drops_prefills_again_and_keeps_its_first_to
     assert p.active == 0 and p.kv_reserved == 0
 
 
+def phased_13b_b64(rate_scale: float, until_s: float):
+    """Returns bench/adapt.py's 13b-b64 spec and the first `until_s` of its phased trace at
+    `rate_scale` (lengths alternating every 600 s)."""
+    from bench.adapt import TRACE, case_spec, phased
+    from cost_models.model_catalog import get_model_arch
+    from planner.simulator import within_context
+
+    spec = case_spec("13b-b64")
+    trace, _ = within_context(load_trace(TRACE, rate_scale=rate_scale), get_model_arch(spec.model).max_context)
+    trace = phased(trace, 600)
+    return spec, trace.subset([i for i, a in enumerate(trace.arrival_s) if a < until_s])
+
+
 def test_a_change_memory_forbids_is_made_when_the_controller_may_recompute_the_overflow() -> None:
     """13B at batch 64, the first 480 s of the phased trace at x1.65 (bench/adapt.py): with
     the KV full, the change the controller wants does not fit, and it is refused (where it may
     never drop KV); with ControllerPolicy.recompute_overflow it is made, dropping the KV of
     some requests."""
-    from bench.adapt import TRACE, case_spec, phased
-    from cost_models.model_catalog import get_model_arch
     from planner.controller import ControllerPolicy
-    from planner.simulator import within_context
 
-    spec = case_spec("13b-b64")
-    trace, _ = within_context(load_trace(TRACE, rate_scale=1.65), get_model_arch(spec.model).max_context)
-    trace = phased(trace, 600)
-    trace = trace.subset([i for i, a in enumerate(trace.arrival_s) if a < 480])
+    spec, trace = phased_13b_b64(rate_scale=1.65, until_s=480)
     kept = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
     assert kept.reconfigurations == []
     assert any(d["reason"].startswith("memory forbids the change") for d in kept.decisions)
@@ -220,15 +227,9 @@ def test_out_of_a_configuration_that_loses_requests_the_controller_drops_kv_to_c
     L40S pairs. At 60 s the replicas still meet the SLOs for 90 % of the demand and the change
     is refused; at 120 s they are predicted to lose more, and by default the change is made,
     dropping the KV that does not fit. A policy that never drops KV stays where it is."""
-    from bench.adapt import TRACE, case_spec, phased
-    from cost_models.model_catalog import get_model_arch
     from planner.controller import ControllerPolicy
-    from planner.simulator import within_context
 
-    spec = case_spec("13b-b64")
-    trace, _ = within_context(load_trace(TRACE, rate_scale=2.2), get_model_arch(spec.model).max_context)
-    trace = phased(trace, 600)
-    trace = trace.subset([i for i, a in enumerate(trace.arrival_s) if a < 300])
+    spec, trace = phased_13b_b64(rate_scale=2.2, until_s=300)
     stuck = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
     assert stuck.reconfigurations == []
     assert all(d["reason"].startswith("memory forbids the change") for d in stuck.decisions)
