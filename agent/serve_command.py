@@ -164,8 +164,6 @@ def controller_settings(args, spec):
                "device_cost_rps": args.controller_device_cost, "recompute_when_losing": losing}
     policy = replace(ControllerPolicy(), **{k: v for k, v in changes.items() if v is not None},
                      recompute_overflow=bool(getattr(args, "controller_recompute", False)))
-    if losing == 1:
-        policy = replace(policy, recompute_when_losing=None)  # never
     return ControllerSettings(mode=mode, interval_s=args.controller_interval, policy=policy)
 
 

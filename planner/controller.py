@@ -65,7 +65,7 @@ class ControllerPolicy:
     scale_down_window_s: float = 300.0  # devices go back only on a window this long (adapt.may_shed)
     recompute_overflow: bool = False  # a change may drop KV that does not fit (reconfig.py)
     # ... and where the serving configuration is predicted to lose more than this share of the
-    # requests (their KV would keep it on what loses them); None: never
+    # requests (their KV would keep it on what loses them); None or 1: never
     recompute_when_losing: float | None = 0.1
 
     def may_recompute(self, current: Outlook, demand_rps: float) -> bool:

@@ -154,7 +154,7 @@ def test_serve_takes_the_mode_from_the_flag_or_the_spec() -> None:
     # pipeline does; with --controller-recompute-when-losing 1 the runner never asks
     for flags, asked in (([], True), (["--controller-recompute-when-losing", "1"], False)):
         policy = controller_settings(parser.parse_args(["serve", *flags]), None).policy
-        assert policy.recompute_when_losing == (0.1 if asked else None)
+        assert policy.recompute_when_losing == (0.1 if asked else 1.0)  # 1: no configuration loses more
         reconfig = Reconfig("0:15,15:30")
         control = ControllerRunner(reconfig, burst(5.0), default_spec("SmolLM2-135M", 4), ControllerSettings(
             mode="auto", interval_s=5, policy=replace(policy, min_dwell_s=30, payback_horizon_s=60),
