@@ -115,7 +115,7 @@ class ApplyRun:
         """Returns the server's dry run of the change to the saved plan `plan_id`, the recorded
         configuration `configuration_id`, or `target(deployment)` (an admin API target body);
         `recompute_overflow`: running requests whose KV memory cannot hold through the change
-        recompute it instead of the apply being refused.
+        recompute it instead of the apply being refused (always for a saved plan that does so).
         Holds the lock from here until `close` (taken first, as Terraform does, so that what
         is planned is what is applied)."""
         self.max_overhead = max_overhead
@@ -126,6 +126,9 @@ class ApplyRun:
                 plan_row = self._store().plan(plan_id)
                 self._store().check_fresh(plan_row)
                 self.plan_id, self.body = plan_row.id, {"target": {"pipelines": plan_row.target}}
+                # a saved plan is applied as it was made: where it drops KV that does not fit
+                # (a controller's proposal may), so does its apply
+                recompute_overflow = recompute_overflow or bool(plan_row.diff.get("recompute"))
             elif configuration_id is not None:
                 self.body = {"target": {"pipelines": self._store().configuration(configuration_id).pipelines}}
             else:

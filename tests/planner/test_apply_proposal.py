@@ -27,16 +27,19 @@ DONE = {"id": "apply-1-abcdef", "state": "done", "outcome": "applied", "error": 
         "measured": {"bytes_moved": 1, "prefetch_s": 1.0, "precopy_s": 0.0, "stall_ms": 0.5}}
 
 
-@pytest.fixture
-def proposed(tmp_path: Path, monkeypatch, capsys) -> tuple[str, str, list]:
-    """A store holding the controller's proposal CURRENT -> TARGET; returns (url, plan id, applied)."""
+@pytest.fixture(params=[[], ["r3"]], ids=["kv-fits", "drops-kv"])
+def proposed(request, tmp_path: Path, monkeypatch, capsys) -> tuple[str, str, list]:
+    """A store holding the controller's proposal CURRENT -> TARGET, once whose KV fits and once
+    that drops a request's KV (the controller may, out of a configuration losing requests);
+    returns (url, plan id, applied)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     assert main(["init", "--database-url", url]) == 0
     capsys.readouterr()
     store = open_store(url)
     try:
         current = refresh(store, DEPLOYMENT).current
-        plan = store.save_plan(current, TARGET["pipelines"], {"has_changes": True}, {}, "  ~ pipeline 0 ...")
+        plan = store.save_plan(current, TARGET["pipelines"], {"has_changes": True, "recompute": request.param},
+                               {}, "  ~ pipeline 0 ...")
         store.record_decision(3, "propose", True, "value 0.2 -> 0.7 req/s", CURRENT, TARGET,
                               {"goodput_current_rps": 1.2, "goodput_target_rps": 1.2, "stall_ms": 2.0}, {},
                               plan_id=plan.id)
@@ -65,6 +68,13 @@ def test_history_says_how_to_apply_a_proposal_and_apply_takes_its_id(proposed, m
     assert main(["apply", plan_id, "--server", "127.0.0.1:1", "--database-url", url]) == 0
     assert "Apply complete: epoch 2 serves." in capsys.readouterr().out
     assert applied[0]["target"] == TARGET
+    # applied as it was made: a plan that drops KV that does not fit asks the server to
+    store = open_store(url)
+    try:
+        drops_kv = bool(store.plan(plan_id).diff["recompute"])
+    finally:
+        store.close()
+    assert applied[0].get("recompute_overflow", False) is drops_kv
 
 
 def test_an_id_the_store_does_not_hold_says_where_ids_come_from(proposed, capsys) -> None:
