@@ -72,7 +72,7 @@ from planner.trace import Trace, load_trace  # noqa: E402
 TRACE = ROOT / "data/traces/AzureLLMInferenceTrace_conv.csv"
 GOODPUT_TIE = 0.01
 RECOMPUTE: dict[str, dict[str, Any]] = {  # --recompute: the policy's fields for each choice
-    "never": {"recompute_overflow": False, "recompute_when_losing": None},
+    "never": {"recompute_overflow": False, "recompute_when_losing": 1.0},
     "losing": {},  # the policy's default
     "always": {"recompute_overflow": True},
 }

@@ -65,17 +65,14 @@ class ControllerPolicy:
     scale_down_window_s: float = 300.0  # devices go back only on a window this long (adapt.may_shed)
     recompute_overflow: bool = False  # a change may drop KV that does not fit (reconfig.py)
     # ... and where the serving configuration is predicted to lose more than this share of the
-    # requests (their KV would keep it on what loses them); None or 1: never
-    recompute_when_losing: float | None = 0.1
+    # requests (their KV would keep it on what loses them); 1: never
+    recompute_when_losing: float = 0.1
 
     def may_recompute(self, current: Outlook, demand_rps: float) -> bool:
         """Returns whether a change from `current` may drop KV that memory cannot hold through
         it: always with `recompute_overflow`; otherwise only out of a configuration predicted to
         meet the SLOs for less than 1 - `recompute_when_losing` of the `demand_rps` it is asked."""
-        if self.recompute_overflow:
-            return True
-        share = self.recompute_when_losing
-        return share is not None and current.goodput_rps < (1 - share) * demand_rps
+        return self.recompute_overflow or current.goodput_rps < (1 - self.recompute_when_losing) * demand_rps
 
     @classmethod
     def without_payback(cls, device_cost_rps: float = 0.5) -> ControllerPolicy:

@@ -143,7 +143,7 @@ def test_kv_that_does_not_fit_is_dropped_only_out_of_a_configuration_that_loses_
     assert not policy.may_recompute(Outlook(9.5, 8), demand_rps=10.0)  # loses 5 %
     assert policy.may_recompute(Outlook(8.5, 8), demand_rps=10.0)  # loses 15 %
     assert not policy.may_recompute(Outlook(0.0, 8), demand_rps=0.0)  # nothing asked
-    never = ControllerPolicy(recompute_when_losing=None)
+    never = ControllerPolicy(recompute_when_losing=1.0)
     assert not never.may_recompute(Outlook(0.0, 8), demand_rps=10.0)
-    always = ControllerPolicy(recompute_overflow=True, recompute_when_losing=None)
+    always = ControllerPolicy(recompute_overflow=True, recompute_when_losing=1.0)
     assert always.may_recompute(Outlook(10.0, 8), demand_rps=10.0)

@@ -209,11 +209,11 @@ def test_a_change_memory_forbids_is_made_when_the_controller_may_recompute_the_o
     from planner.controller import ControllerPolicy
 
     spec, trace = phased_13b_b64(rate_scale=1.65, until_s=480)
-    kept = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
+    kept = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=1.0))
     assert kept.reconfigurations == []
     assert any(d["reason"].startswith("memory forbids the change") for d in kept.decisions)
     made = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_overflow=True,
-                                                                     recompute_when_losing=None))
+                                                                     recompute_when_losing=1.0))
     assert [r.recomputed > 0 for r in made.reconfigurations] == [True]
     acted = [d for d in made.decisions if d["act"]]
     assert acted[0]["recompute_requests"] == made.reconfigurations[0].recomputed
@@ -230,7 +230,7 @@ def test_out_of_a_configuration_that_loses_requests_the_controller_drops_kv_to_c
     from planner.controller import ControllerPolicy
 
     spec, trace = phased_13b_b64(rate_scale=2.2, until_s=300)
-    stuck = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=None))
+    stuck = simulate(spec, trace, "auto", controller=ControllerPolicy(recompute_when_losing=1.0))
     assert stuck.reconfigurations == []
     assert all(d["reason"].startswith("memory forbids the change") for d in stuck.decisions)
     made = simulate(spec, trace, "auto", controller=ControllerPolicy())
